@@ -1,0 +1,194 @@
+//! Command-line flags and `GASPARD_*` environment variables, turned into one
+//! validated [`Config`].
+
+use clap::Parser;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Serve a handler plugin on a TCP port, spreading requests over worker processes.
+///
+/// Requests are a 4-byte big-endian length followed by that many bytes; the
+/// reply is the handler's bytes followed by a clean close. A failed request
+/// ends with a connection reset and a log line that says why.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "gaspard",
+    version,
+    after_help = "Example:\n  gaspard --handler target/release/libecho.so --port 10123\n  \
+                  printf '\\0\\0\\0\\5hello' | nc 127.0.0.1 10123"
+)]
+pub struct Cli {
+    /// The handler plugin: a shared library exporting `gaspar_handler_entry`.
+    #[arg(long, env = "GASPARD_HANDLER", value_name = "PATH")]
+    pub handler: PathBuf,
+
+    /// TCP port to listen on (0 picks a free one and logs it).
+    #[arg(long, env = "GASPARD_PORT", default_value_t = 10123)]
+    pub port: u16,
+
+    /// Address to listen on. Exposing the port beyond this host is a deliberate choice.
+    #[arg(
+        long,
+        env = "GASPARD_BIND",
+        default_value = "127.0.0.1",
+        value_name = "ADDR"
+    )]
+    pub bind: IpAddr,
+
+    /// Number of worker processes [default: the CPUs available to gaspard].
+    #[arg(long, env = "GASPARD_WORKERS", value_name = "N")]
+    pub workers: Option<NonZeroUsize>,
+
+    /// A string passed to the handler's init in every worker.
+    #[arg(
+        long,
+        env = "GASPARD_HANDLER_CONFIG",
+        default_value = "",
+        value_name = "STRING"
+    )]
+    pub handler_config: String,
+
+    /// Log level: error, warn, info, debug, trace [default: RUST_LOG, else info].
+    #[arg(long, env = "GASPARD_LOG_LEVEL", value_name = "LEVEL")]
+    pub log_level: Option<log::LevelFilter>,
+
+    /// Load and validate the handler, print what was found, and exit (like `nginx -t`).
+    #[arg(long, env = "GASPARD_CHECK")]
+    pub check: bool,
+
+    /// Largest request accepted, in bytes (suffixes K, M, G); a larger announced
+    /// length is reset before anything is allocated.
+    #[arg(long, env = "GASPARD_MAX_REQUEST_SIZE", default_value = "64M", value_parser = parse_size, value_name = "BYTES")]
+    pub max_request_size: u64,
+
+    /// Seconds a request may run in a worker before it is failed and the worker
+    /// replaced (0: no limit).
+    #[arg(
+        long,
+        env = "GASPARD_TIMEOUT",
+        default_value_t = 30.0,
+        value_name = "SECS"
+    )]
+    pub timeout: f64,
+
+    /// Length of the kernel's queue of connections not yet accepted.
+    #[arg(
+        long,
+        env = "GASPARD_BACKLOG",
+        default_value_t = 4096,
+        value_name = "N"
+    )]
+    pub backlog: i32,
+
+    /// Seconds a graceful stop waits for accepted requests before giving up on them.
+    #[arg(
+        long,
+        env = "GASPARD_SHUTDOWN_TIMEOUT",
+        default_value_t = 30.0,
+        value_name = "SECS"
+    )]
+    pub shutdown_timeout: f64,
+
+    /// Directory for the private worker sockets [default: $RUNTIME_DIRECTORY, else a new temporary one].
+    #[arg(long, env = "GASPARD_RUNTIME_DIR", value_name = "DIR")]
+    pub runtime_dir: Option<PathBuf>,
+}
+
+/// Parses `1024`, `64K`, `16M`, `1G` (binary multiples).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last() {
+        Some((at, 'k' | 'K')) => (&text[..at], 10),
+        Some((at, 'm' | 'M')) => (&text[..at], 20),
+        Some((at, 'g' | 'G')) => (&text[..at], 30),
+        _ => (text, 0),
+    };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 4096, 64K or 16M"))?;
+    value
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// Everything the daemon needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub handler: PathBuf,
+    pub handler_config: String,
+    pub listen: SocketAddr,
+    pub workers: usize,
+    pub max_request_size: u32,
+    /// `None`: requests may run forever.
+    pub timeout: Option<Duration>,
+    pub backlog: i32,
+    pub shutdown_timeout: Duration,
+    pub runtime_dir: Option<PathBuf>,
+}
+
+impl Config {
+    pub fn from_cli(cli: &Cli) -> Result<Config, String> {
+        let seconds = |name: &str, value: f64| {
+            Duration::try_from_secs_f64(value)
+                .map_err(|_| format!("--{name} must be a number of seconds >= 0, not {value}"))
+        };
+        let timeout = seconds("timeout", cli.timeout)?;
+        // The frame header is 32 bits, so no request can be larger anyway.
+        let max_request_size = u32::try_from(cli.max_request_size).map_err(|_| {
+            format!(
+                "--max-request-size {} exceeds the protocol's limit of {} bytes",
+                cli.max_request_size,
+                u32::MAX
+            )
+        })?;
+        Ok(Config {
+            handler: cli.handler.clone(),
+            handler_config: cli.handler_config.clone(),
+            listen: SocketAddr::new(cli.bind, cli.port),
+            workers: cli.workers.map_or_else(default_workers, NonZeroUsize::get),
+            max_request_size,
+            timeout: (!timeout.is_zero()).then_some(timeout),
+            backlog: cli.backlog.max(1),
+            shutdown_timeout: seconds("shutdown-timeout", cli.shutdown_timeout)?,
+            runtime_dir: cli
+                .runtime_dir
+                .clone()
+                .or_else(|| std::env::var_os("RUNTIME_DIRECTORY").map(PathBuf::from)),
+        })
+    }
+}
+
+/// The CPUs this process may run on (affinity and cgroup quota included).
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, NonZeroUsize::get)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("16m"), Ok(16 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn zero_timeout_means_none_and_size_must_fit_the_header() {
+        let cli = Cli::parse_from(["gaspard", "--handler", "x.so", "--timeout", "0"]);
+        let config = Config::from_cli(&cli).unwrap();
+        assert_eq!(config.timeout, None);
+        assert_eq!(config.listen.to_string(), "127.0.0.1:10123");
+        let cli = Cli::parse_from(["gaspard", "--handler", "x.so", "--max-request-size", "5G"]);
+        assert!(Config::from_cli(&cli)
+            .unwrap_err()
+            .contains("--max-request-size"));
+    }
+}

@@ -1,0 +1,192 @@
+//! One client connection: read one request, wait for its reply, write the
+//! reply in full, close. Each step returns what should happen next; the
+//! connection knows nothing about workers or zmq.
+
+use crate::dispatcher::RequestId;
+use crate::protocol::{Decoded, FrameError, RequestDecoder};
+use mio::net::TcpStream;
+use std::io::{self, Read, Write};
+use std::time::Instant;
+
+/// Extra bytes a client may send after its request before it is cut off.
+/// gaspar ignored them; a trailing newline from a shell pipeline is common.
+const MAX_TRAILING: usize = 64 * 1024;
+
+/// Where a connection is in its life.
+#[derive(Debug)]
+pub enum State<R> {
+    Reading(RequestDecoder),
+    /// The request is with the dispatcher.
+    Waiting(RequestId),
+    Writing {
+        reply: R,
+        written: usize,
+    },
+}
+
+/// What the event loop should do after a connection made progress.
+#[derive(Debug)]
+pub enum Next {
+    /// Nothing yet: wait for the next readiness event.
+    Wait,
+    /// A whole request arrived.
+    Request(Vec<u8>),
+    /// Close cleanly: the reply is written, or the request was empty.
+    Close,
+    /// Close with a reset, logging `reason`.
+    Reset(String),
+    /// The client went away; there is nobody to tell.
+    Gone(io::Error),
+}
+
+pub struct Connection<R> {
+    pub stream: TcpStream,
+    pub state: State<R>,
+    pub opened: Instant,
+    trailing: usize,
+}
+
+impl<R: AsRef<[u8]>> Connection<R> {
+    pub fn new(stream: TcpStream, max_request: u32, now: Instant) -> Connection<R> {
+        Connection {
+            stream,
+            state: State::Reading(RequestDecoder::new(max_request)),
+            opened: now,
+            trailing: 0,
+        }
+    }
+
+    /// Reads what the socket has. `scratch` is a loop-wide buffer that saves
+    /// a syscall per small request (header and body in one read).
+    pub fn on_readable(&mut self, scratch: &mut [u8]) -> Next {
+        loop {
+            let decoder = match &mut self.state {
+                State::Reading(decoder) => decoder,
+                _ => return self.discard_trailing(scratch),
+            };
+            // A large body is read straight into place, without the scratch copy.
+            let direct = decoder
+                .body_missing()
+                .is_some_and(|missing| missing >= scratch.len());
+            let buffer = if direct {
+                decoder.body_spare()
+            } else {
+                &mut scratch[..]
+            };
+            let n = match self.stream.read(buffer) {
+                Ok(0) => {
+                    if direct {
+                        decoder.body_filled(0);
+                    }
+                    return if decoder.started() {
+                        Next::Reset("closed its side before sending the whole request".into())
+                    } else {
+                        Next::Close
+                    };
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if direct {
+                        decoder.body_filled(0);
+                    }
+                    return Next::Wait;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    if direct {
+                        decoder.body_filled(0);
+                    }
+                    continue;
+                }
+                Err(e) => return Next::Gone(e),
+            };
+            if direct {
+                if let Some(payload) = decoder.body_filled(n) {
+                    return Next::Request(payload);
+                }
+                continue;
+            }
+            match decoder.feed(&scratch[..n]) {
+                Ok(Decoded::Incomplete) => continue,
+                Ok(Decoded::Empty) => return Next::Close,
+                Ok(Decoded::Request { payload, consumed }) => {
+                    self.trailing = n - consumed;
+                    return Next::Request(payload);
+                }
+                Err(e @ FrameError::TooLarge { .. }) => return Next::Reset(e.to_string()),
+            }
+        }
+    }
+
+    /// After the request: bytes are read and dropped (so that closing does not
+    /// turn into a reset), up to a limit.
+    fn discard_trailing(&mut self, scratch: &mut [u8]) -> Next {
+        loop {
+            match self.stream.read(scratch) {
+                // Half-closed by the client: it still wants its reply.
+                Ok(0) => return Next::Wait,
+                Ok(n) => {
+                    self.trailing += n;
+                    if self.trailing > MAX_TRAILING {
+                        return Next::Reset(format!(
+                            "sent more than {MAX_TRAILING} bytes after its request"
+                        ));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Wait,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Next::Gone(e),
+            }
+        }
+    }
+
+    /// Takes the reply and starts writing it.
+    pub fn reply(&mut self, reply: R) -> Next {
+        self.state = State::Writing { reply, written: 0 };
+        self.on_writable()
+    }
+
+    /// Writes as much of the reply as the socket takes.
+    pub fn on_writable(&mut self) -> Next {
+        let State::Writing { reply, written } = &mut self.state else {
+            return Next::Wait;
+        };
+        let bytes = reply.as_ref();
+        while *written < bytes.len() {
+            match self.stream.write(&bytes[*written..]) {
+                Ok(0) => return Next::Gone(io::ErrorKind::WriteZero.into()),
+                Ok(n) => *written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Wait,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Next::Gone(e),
+            }
+        }
+        Next::Close
+    }
+
+    /// The request this connection waits for, if any.
+    pub fn waiting_for(&self) -> Option<RequestId> {
+        match self.state {
+            State::Waiting(id) => Some(id),
+            _ => None,
+        }
+    }
+
+    /// Ends the connection cleanly: pending input is drained so the kernel
+    /// sends FIN after the reply rather than a reset, then the socket closes.
+    pub fn close(mut self, scratch: &mut [u8]) {
+        for _ in 0..16 {
+            if !matches!(self.stream.read(scratch), Ok(n) if n > 0) {
+                break;
+            }
+        }
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+    }
+
+    /// Ends the connection with a reset (RST), which tells the client its
+    /// request failed.
+    pub fn reset(self) {
+        let socket = socket2::SockRef::from(&self.stream);
+        // SO_LINGER with a zero timeout makes close() send RST.
+        let _ = socket.set_linger(Some(std::time::Duration::ZERO));
+    }
+}

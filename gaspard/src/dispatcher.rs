@@ -1,0 +1,295 @@
+//! Requests between a client and a worker: ids, the FIFO queue, which worker
+//! holds which request, and deadlines.
+//!
+//! A worker takes at most `credit` requests at a time (1 by default), so a
+//! request never waits behind a long one while another worker is idle, and
+//! when a worker dies exactly the requests it held fail.
+//!
+//! The dispatcher knows connections only by an opaque key and workers only by
+//! slot number; it does no I/O.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+pub type RequestId = u64;
+
+/// Where a request is.
+#[derive(Debug)]
+enum Place {
+    /// Waiting for a worker, with its payload.
+    Queued(Vec<u8>),
+    /// Sent to the worker in this slot; its deadline, if any.
+    Running {
+        slot: usize,
+        deadline: Option<Instant>,
+    },
+}
+
+#[derive(Debug)]
+struct Request {
+    /// The client's connection key; `None` once the client has gone, so the
+    /// reply is discarded but the worker's credit still returns.
+    client: Option<usize>,
+    place: Place,
+}
+
+#[derive(Debug, Default)]
+struct WorkerLoad {
+    ready: bool,
+    held: Vec<RequestId>,
+}
+
+/// A request to hand to a worker now.
+#[derive(Debug)]
+pub struct Assignment {
+    pub slot: usize,
+    pub id: RequestId,
+    pub payload: Vec<u8>,
+}
+
+pub struct Dispatcher {
+    requests: HashMap<RequestId, Request>,
+    /// Ids in arrival order; ids no longer queued are skipped lazily.
+    queue: VecDeque<RequestId>,
+    queued: usize,
+    workers: Vec<WorkerLoad>,
+    credit: usize,
+    timeout: Option<Duration>,
+    next_id: RequestId,
+    /// Where the search for an idle worker starts, so work spreads over all of them.
+    cursor: usize,
+}
+
+impl Dispatcher {
+    pub fn new(workers: usize, credit: usize, timeout: Option<Duration>) -> Dispatcher {
+        Dispatcher {
+            requests: HashMap::new(),
+            queue: VecDeque::new(),
+            queued: 0,
+            workers: (0..workers).map(|_| WorkerLoad::default()).collect(),
+            credit: credit.max(1),
+            timeout,
+            next_id: 1,
+            cursor: 0,
+        }
+    }
+
+    /// Queues a client's request.
+    pub fn submit(&mut self, client: usize, payload: Vec<u8>) -> RequestId {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.requests.insert(
+            id,
+            Request {
+                client: Some(client),
+                place: Place::Queued(payload),
+            },
+        );
+        self.queue.push_back(id);
+        self.queued += 1;
+        id
+    }
+
+    /// Requests waiting for a worker.
+    pub fn queued(&self) -> usize {
+        self.queued
+    }
+
+    /// Requests accepted and not yet answered (queued or running).
+    pub fn outstanding(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// The next request to send and the worker to send it to, if a request is
+    /// queued and a worker has credit. The caller must either send it or give
+    /// it back with [`Self::unassign`].
+    pub fn next_assignment(&mut self, now: Instant) -> Option<Assignment> {
+        let slot = self.idle_worker()?;
+        loop {
+            let id = self.queue.pop_front()?;
+            let Some(request) = self.requests.get_mut(&id) else {
+                continue; // cancelled while queued
+            };
+            let deadline = self.timeout.map(|t| now + t);
+            let Place::Queued(payload) =
+                std::mem::replace(&mut request.place, Place::Running { slot, deadline })
+            else {
+                unreachable!("only queued requests are in the queue");
+            };
+            self.queued -= 1;
+            self.workers[slot].held.push(id);
+            self.cursor = (slot + 1) % self.workers.len();
+            return Some(Assignment { slot, id, payload });
+        }
+    }
+
+    /// Puts back an assignment that could not be sent, at the head of the queue.
+    pub fn unassign(&mut self, assignment: Assignment) {
+        let Assignment { slot, id, payload } = assignment;
+        self.workers[slot].held.retain(|&held| held != id);
+        if let Some(request) = self.requests.get_mut(&id) {
+            request.place = Place::Queued(payload);
+            self.queue.push_front(id);
+            self.queued += 1;
+        }
+    }
+
+    fn idle_worker(&self) -> Option<usize> {
+        let n = self.workers.len();
+        (0..n)
+            .map(|i| (self.cursor + i) % n)
+            .find(|&slot| self.workers[slot].ready && self.workers[slot].held.len() < self.credit)
+    }
+
+    /// A worker can take requests.
+    pub fn worker_ready(&mut self, slot: usize) {
+        self.workers[slot].ready = true;
+    }
+
+    /// A worker's reply arrived: returns the client to answer, if it is still
+    /// there. `None` also for ids that are unknown (already failed).
+    pub fn complete(&mut self, id: RequestId) -> Option<usize> {
+        let request = self.requests.remove(&id)?;
+        if let Place::Running { slot, .. } = request.place {
+            self.workers[slot].held.retain(|&held| held != id);
+        }
+        request.client
+    }
+
+    /// The worker in `slot` is gone (died, or is being killed): it takes no
+    /// more requests, and every request it held fails. Returns their clients.
+    pub fn worker_lost(&mut self, slot: usize) -> Vec<usize> {
+        let load = &mut self.workers[slot];
+        load.ready = false;
+        std::mem::take(&mut load.held)
+            .into_iter()
+            .filter_map(|id| self.requests.remove(&id)?.client)
+            .collect()
+    }
+
+    /// The client of `id` went away: a queued request is dropped, a running
+    /// one's reply will be discarded.
+    pub fn client_gone(&mut self, id: RequestId) {
+        let Some(request) = self.requests.get_mut(&id) else {
+            return;
+        };
+        match request.place {
+            Place::Queued(_) => {
+                self.requests.remove(&id);
+                self.queued -= 1;
+            }
+            Place::Running { .. } => request.client = None,
+        }
+    }
+
+    /// Fails every queued request (no worker will take them). Returns their clients.
+    pub fn fail_queued(&mut self) -> Vec<usize> {
+        let mut clients = Vec::new();
+        for id in self.queue.drain(..) {
+            if let Some(request) = self.requests.remove(&id) {
+                clients.extend(request.client);
+            }
+        }
+        self.queued = 0;
+        clients
+    }
+
+    /// Slots holding a request whose deadline has passed.
+    pub fn overdue(&self, now: Instant) -> Vec<usize> {
+        let mut slots: Vec<usize> = self
+            .requests
+            .values()
+            .filter_map(|request| match request.place {
+                Place::Running {
+                    slot,
+                    deadline: Some(deadline),
+                } if deadline <= now => Some(slot),
+                _ => None,
+            })
+            .collect();
+        slots.sort_unstable();
+        slots.dedup();
+        slots
+    }
+
+    /// The earliest deadline of a running request, for the loop's timeout.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.workers
+            .iter()
+            .flat_map(|load| &load.held)
+            .filter_map(|id| match self.requests.get(id)?.place {
+                Place::Running { deadline, .. } => deadline,
+                Place::Queued(_) => None,
+            })
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_worker_never_waits_behind_a_busy_one() {
+        let mut d = Dispatcher::new(2, 1, None);
+        d.worker_ready(0);
+        d.worker_ready(1);
+        let now = Instant::now();
+        let a = d.submit(10, b"a".to_vec());
+        let b = d.submit(11, b"b".to_vec());
+        let c = d.submit(12, b"c".to_vec());
+        let first = d.next_assignment(now).unwrap();
+        let second = d.next_assignment(now).unwrap();
+        assert_eq!((first.id, second.id), (a, b));
+        assert_ne!(first.slot, second.slot);
+        assert!(
+            d.next_assignment(now).is_none(),
+            "both workers hold their credit"
+        );
+        assert_eq!(d.complete(b), Some(11));
+        let third = d.next_assignment(now).unwrap();
+        assert_eq!((third.id, third.slot), (c, second.slot));
+    }
+
+    #[test]
+    fn a_lost_worker_fails_exactly_its_requests() {
+        let mut d = Dispatcher::new(2, 1, None);
+        d.worker_ready(0);
+        d.worker_ready(1);
+        let now = Instant::now();
+        d.submit(1, vec![]);
+        d.submit(2, vec![]);
+        d.submit(3, vec![]);
+        let on0 = d.next_assignment(now).unwrap();
+        let _on1 = d.next_assignment(now).unwrap();
+        assert_eq!(d.worker_lost(on0.slot), vec![1]);
+        assert_eq!(d.outstanding(), 2);
+        assert!(
+            d.next_assignment(now).is_none(),
+            "the lost worker takes nothing"
+        );
+        assert_eq!(
+            d.complete(on0.id),
+            None,
+            "a late reply from the dead worker is ignored"
+        );
+    }
+
+    #[test]
+    fn gone_clients_cost_nothing() {
+        let mut d = Dispatcher::new(1, 1, Some(Duration::from_secs(1)));
+        d.worker_ready(0);
+        let now = Instant::now();
+        let running = d.submit(1, vec![]);
+        let queued = d.submit(2, vec![]);
+        let assignment = d.next_assignment(now).unwrap();
+        d.client_gone(queued);
+        d.client_gone(running);
+        assert_eq!(d.queued(), 0);
+        assert_eq!(d.next_deadline(), Some(now + Duration::from_secs(1)));
+        assert_eq!(d.overdue(now + Duration::from_secs(2)), vec![0]);
+        assert_eq!(d.complete(assignment.id), None, "the reply is discarded");
+        assert!(d.next_assignment(now).is_none());
+        assert_eq!(d.outstanding(), 0);
+    }
+}

@@ -1,0 +1,20 @@
+//! gaspard: a daemon that takes CPU-heavy work off a busy event loop and
+//! spreads it over every core.
+//!
+//! Clients send gaspar's framed requests over TCP; one mio loop
+//! ([`daemon`]) reads them ([`connection`], [`protocol`]), queues them
+//! ([`dispatcher`]) and hands them over zmq ([`channel`]) to worker processes
+//! ([`supervisor`], [`worker`]) that run a handler plugin ([`plugin`]).
+//! `docs/architecture.md` tells the whole story.
+
+pub mod channel;
+pub mod check;
+pub mod config;
+pub mod connection;
+pub mod daemon;
+pub mod dispatcher;
+pub mod logging;
+pub mod plugin;
+pub mod protocol;
+pub mod supervisor;
+pub mod worker;

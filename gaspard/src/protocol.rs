@@ -1,0 +1,219 @@
+//! gaspar's wire protocol, as pure functions: a request is a 4-byte unsigned
+//! big-endian length followed by that many bytes; the reply is raw bytes
+//! followed by a clean close. See `docs/protocol.md`.
+//!
+//! Nothing here does I/O, so the decoder can be tested and fuzzed on its own.
+
+/// Bytes in the length header.
+pub const HEADER_LEN: usize = 4;
+
+/// Bytes read into a request body per step, so that memory grows with the
+/// bytes actually received rather than with the length a client announces.
+const BODY_STEP: usize = 64 * 1024;
+
+/// Encodes a request: the header, then the payload.
+pub fn pack(payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).expect("a gaspar request is at most 4 GiB - 1");
+    let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// Why a request cannot be accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error(
+        "announced a request of {announced} bytes, over the limit of {limit} (--max-request-size)"
+    )]
+    TooLarge { announced: u32, limit: u32 },
+}
+
+/// What the decoder has after being fed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// More bytes are needed.
+    Incomplete,
+    /// The client asked for nothing: gaspar closes such a connection without a reply.
+    Empty,
+    /// A whole request. `consumed` says how much of the last input it used;
+    /// anything after it is not part of this request.
+    Request { payload: Vec<u8>, consumed: usize },
+}
+
+/// Decodes one request from bytes as they arrive.
+#[derive(Debug)]
+pub struct RequestDecoder {
+    limit: u32,
+    header: [u8; HEADER_LEN],
+    header_len: usize,
+    /// Set once the header is complete: the body so far and its full length.
+    body: Option<(Vec<u8>, usize)>,
+    /// Where the room handed out by `body_spare` begins.
+    spare_start: usize,
+}
+
+impl RequestDecoder {
+    pub fn new(limit: u32) -> RequestDecoder {
+        RequestDecoder {
+            limit,
+            header: [0; HEADER_LEN],
+            header_len: 0,
+            body: None,
+            spare_start: 0,
+        }
+    }
+
+    /// Whether any byte of a request has arrived.
+    pub fn started(&self) -> bool {
+        self.header_len > 0
+    }
+
+    /// Feeds bytes that arrived; may be called with any split of the stream.
+    pub fn feed(&mut self, mut input: &[u8]) -> Result<Decoded, FrameError> {
+        let total = input.len();
+        if self.body.is_none() {
+            let take = (HEADER_LEN - self.header_len).min(input.len());
+            self.header[self.header_len..self.header_len + take].copy_from_slice(&input[..take]);
+            self.header_len += take;
+            input = &input[take..];
+            if self.header_len < HEADER_LEN {
+                return Ok(Decoded::Incomplete);
+            }
+            let announced = u32::from_be_bytes(self.header);
+            if announced > self.limit {
+                return Err(FrameError::TooLarge {
+                    announced,
+                    limit: self.limit,
+                });
+            }
+            if announced == 0 {
+                return Ok(Decoded::Empty);
+            }
+            let len = announced as usize;
+            self.body = Some((Vec::with_capacity(len.min(BODY_STEP)), len));
+        }
+        let (body, len) = self.body.as_mut().expect("set above");
+        let take = (*len - body.len()).min(input.len());
+        body.extend_from_slice(&input[..take]);
+        if body.len() < *len {
+            return Ok(Decoded::Incomplete);
+        }
+        let consumed = total - (input.len() - take);
+        let (payload, _) = self.body.take().expect("set above");
+        self.header_len = 0;
+        Ok(Decoded::Request { payload, consumed })
+    }
+
+    /// How many body bytes are still missing, once the header is known. A
+    /// caller may read a large body straight into [`Self::body_spare`] instead
+    /// of going through [`Self::feed`].
+    pub fn body_missing(&self) -> Option<usize> {
+        self.body.as_ref().map(|(body, len)| len - body.len())
+    }
+
+    /// Room at the end of the body, at most `BODY_STEP` bytes, to read into;
+    /// then call [`Self::body_filled`] with the count read.
+    pub fn body_spare(&mut self) -> &mut [u8] {
+        let (body, len) = self.body.as_mut().expect("header is complete");
+        let start = body.len();
+        self.spare_start = start;
+        let step = (*len - start).min(BODY_STEP);
+        body.resize(start + step, 0);
+        &mut body[start..]
+    }
+
+    /// Records `n` bytes read into [`Self::body_spare`]; returns the request
+    /// when it is complete.
+    pub fn body_filled(&mut self, n: usize) -> Option<Vec<u8>> {
+        let (body, len) = self.body.as_mut().expect("header is complete");
+        // body_spare() grew the vector by up to a step; keep what was read.
+        body.truncate(self.spare_start + n);
+        if body.len() < *len {
+            return None;
+        }
+        self.header_len = 0;
+        self.body.take().map(|(body, _)| body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_in_pieces(stream: &[u8], piece: usize) -> Result<Decoded, FrameError> {
+        let mut decoder = RequestDecoder::new(1 << 20);
+        for chunk in stream.chunks(piece) {
+            match decoder.feed(chunk)? {
+                Decoded::Incomplete => continue,
+                done => return Ok(done),
+            }
+        }
+        Ok(Decoded::Incomplete)
+    }
+
+    #[test]
+    fn any_split_of_the_stream_decodes_the_same_request() {
+        let mut stream = pack(b"hello world");
+        stream.extend_from_slice(b"trailing");
+        for piece in 1..stream.len() {
+            match decode_in_pieces(&stream, piece).unwrap() {
+                Decoded::Request { payload, .. } => assert_eq!(payload, b"hello world"),
+                other => panic!("piece {piece}: {other:?}"),
+            }
+        }
+        let mut decoder = RequestDecoder::new(100);
+        assert_eq!(
+            decoder.feed(&stream).unwrap(),
+            Decoded::Request {
+                payload: b"hello world".to_vec(),
+                consumed: 15
+            }
+        );
+    }
+
+    #[test]
+    fn zero_length_is_empty_and_oversize_is_refused_on_the_header() {
+        assert_eq!(
+            RequestDecoder::new(10).feed(&[0, 0, 0, 0]).unwrap(),
+            Decoded::Empty
+        );
+        let err = RequestDecoder::new(10).feed(&[0, 0, 0, 11]).unwrap_err();
+        assert_eq!(
+            err,
+            FrameError::TooLarge {
+                announced: 11,
+                limit: 10
+            }
+        );
+        let err = RequestDecoder::new(u32::MAX - 1)
+            .feed(&[0xff; 4])
+            .unwrap_err();
+        assert!(err.to_string().contains("4294967295 bytes"));
+    }
+
+    #[test]
+    fn large_bodies_can_be_read_in_place() {
+        let payload: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let mut decoder = RequestDecoder::new(1 << 20);
+        assert_eq!(
+            decoder.feed(&pack(&payload)[..10]).unwrap(),
+            Decoded::Incomplete
+        );
+        let mut offset = 6;
+        loop {
+            let missing = decoder.body_missing().unwrap();
+            assert_eq!(missing, payload.len() - offset);
+            let spare = decoder.body_spare();
+            // Short reads, as a socket gives them.
+            let n = spare.len().min(1000);
+            spare[..n].copy_from_slice(&payload[offset..offset + n]);
+            offset += n;
+            if let Some(done) = decoder.body_filled(n) {
+                assert_eq!(done, payload);
+                break;
+            }
+        }
+        assert!(!decoder.started());
+    }
+}

@@ -1,0 +1,282 @@
+//! Starting, watching, killing and restarting worker processes.
+//!
+//! A worker is started by fork+exec of gaspard's own binary in worker mode
+//! (see `worker.rs`): a clean process with no inherited zmq threads, and the
+//! same path for the first start and every restart. Each start is a new
+//! *incarnation* with its own number, endpoint and PUSH socket, so nothing of a
+//! dead worker can be mistaken for its replacement.
+//!
+//! The supervisor owns processes only; the dispatcher owns the requests.
+
+use crate::worker::WorkerArgs;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The first restart delay after a worker fails young; it doubles per failure.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Restarts are never spaced further apart than this.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// A worker that served this long has proven the handler works: a later death
+/// restarts at once and resets the back-off.
+const HEALTHY_AFTER: Duration = Duration::from_secs(5);
+
+/// What a slot is doing.
+#[derive(Debug)]
+pub enum SlotState {
+    /// Started; waiting for its Ready message.
+    Starting { child: Child, incarnation: u64 },
+    /// Serving.
+    Ready {
+        child: Child,
+        incarnation: u64,
+        pid: u32,
+    },
+    /// Waiting to be restarted after failures.
+    Backoff { until: Instant },
+    /// Stopped on purpose (shutdown).
+    Stopped,
+}
+
+/// One worker position, kept across restarts.
+#[derive(Debug)]
+pub struct Slot {
+    pub state: SlotState,
+    started_at: Instant,
+    /// Consecutive failures without a healthy run in between.
+    failures: u32,
+}
+
+/// Why a worker went away.
+#[derive(Debug, Clone)]
+pub struct Death {
+    pub slot: usize,
+    pub incarnation: u64,
+    pub status: ExitStatus,
+    /// It never reported Ready.
+    pub before_ready: bool,
+}
+
+pub struct Supervisor {
+    program: PathBuf,
+    template: WorkerArgs,
+    /// The daemon's log filter, so workers log at the same level.
+    log_filter: String,
+    next_incarnation: u64,
+    pub slots: Vec<Slot>,
+}
+
+impl Supervisor {
+    pub fn new(
+        program: PathBuf,
+        template: WorkerArgs,
+        workers: usize,
+        log_filter: &str,
+    ) -> Supervisor {
+        let now = Instant::now();
+        let slots = (0..workers)
+            .map(|_| Slot {
+                state: SlotState::Backoff { until: now },
+                started_at: now,
+                failures: 0,
+            })
+            .collect();
+        Supervisor {
+            program,
+            template,
+            log_filter: log_filter.to_string(),
+            next_incarnation: 1,
+            slots,
+        }
+    }
+
+    /// Starts a worker in `slot`. Returns its incarnation.
+    pub fn start(&mut self, slot: usize) -> std::io::Result<u64> {
+        let incarnation = self.next_incarnation;
+        self.next_incarnation += 1;
+        let args = WorkerArgs {
+            incarnation,
+            ..self.template.clone()
+        };
+        let child = Command::new(&self.program)
+            .args(args.to_args())
+            .stdin(Stdio::null())
+            .env(crate::logging::FILTER_ENV, &self.log_filter)
+            // Its own process group: a terminal's Ctrl-C reaches the daemon
+            // alone, which then stops the workers in order.
+            .process_group(0)
+            .spawn()?;
+        log::debug!(
+            "worker {incarnation} started in slot {slot} (pid {})",
+            child.id()
+        );
+        let slot = &mut self.slots[slot];
+        slot.state = SlotState::Starting { child, incarnation };
+        slot.started_at = Instant::now();
+        Ok(incarnation)
+    }
+
+    /// The slot whose current incarnation is `incarnation`.
+    pub fn slot_of(&self, incarnation: u64) -> Option<usize> {
+        self.slots.iter().position(|slot| match &slot.state {
+            SlotState::Starting { incarnation: i, .. }
+            | SlotState::Ready { incarnation: i, .. } => *i == incarnation,
+            _ => false,
+        })
+    }
+
+    /// Marks a starting worker as serving.
+    pub fn mark_ready(&mut self, slot: usize, pid: u32) {
+        let state = std::mem::replace(&mut self.slots[slot].state, SlotState::Stopped);
+        self.slots[slot].state = match state {
+            SlotState::Starting { child, incarnation } => SlotState::Ready {
+                child,
+                incarnation,
+                pid,
+            },
+            other => other,
+        };
+    }
+
+    /// Collects every worker that has exited. Call on SIGCHLD.
+    pub fn reap(&mut self) -> Vec<Death> {
+        let mut deaths = Vec::new();
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            let (child, incarnation, before_ready) = match &mut slot.state {
+                SlotState::Starting { child, incarnation } => (child, *incarnation, true),
+                SlotState::Ready {
+                    child, incarnation, ..
+                } => (child, *incarnation, false),
+                _ => continue,
+            };
+            let status = match child.try_wait() {
+                Ok(Some(status)) => status,
+                Ok(None) => continue,
+                Err(e) => {
+                    log::error!("cannot wait for worker {incarnation}: {e}");
+                    continue;
+                }
+            };
+            deaths.push(Death {
+                slot: index,
+                incarnation,
+                status,
+                before_ready,
+            });
+            let now = Instant::now();
+            if !before_ready && now - slot.started_at >= HEALTHY_AFTER {
+                slot.failures = 0;
+            }
+            let delay = if slot.failures == 0 {
+                Duration::ZERO
+            } else {
+                FIRST_BACKOFF
+                    .saturating_mul(1 << (slot.failures - 1).min(16))
+                    .min(MAX_BACKOFF)
+            };
+            slot.failures = slot.failures.saturating_add(1);
+            slot.state = SlotState::Backoff { until: now + delay };
+        }
+        deaths
+    }
+
+    /// The delay a slot in back-off waits, for the log.
+    pub fn backoff_of(&self, slot: usize) -> Option<Duration> {
+        match self.slots[slot].state {
+            SlotState::Backoff { until } => Some(until.saturating_duration_since(Instant::now())),
+            _ => None,
+        }
+    }
+
+    /// Slots whose back-off has run out, to be started again.
+    pub fn due(&self, now: Instant) -> Vec<usize> {
+        (0..self.slots.len())
+            .filter(
+                |&i| matches!(self.slots[i].state, SlotState::Backoff { until } if until <= now),
+            )
+            .collect()
+    }
+
+    /// The earliest back-off deadline, for the loop's timeout.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.slots
+            .iter()
+            .filter_map(|slot| match slot.state {
+                SlotState::Backoff { until } => Some(until),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Sends `signal` to the worker in `slot`, if it is running.
+    pub fn signal(&self, slot: usize, signal: Signal) {
+        let child = match &self.slots[slot].state {
+            SlotState::Starting { child, .. } | SlotState::Ready { child, .. } => child,
+            _ => return,
+        };
+        // The child is not reaped until `reap` sees it exit, so the pid is still ours.
+        if let Err(e) = kill(Pid::from_raw(child.id() as i32), signal) {
+            log::warn!("cannot send {signal} to worker pid {}: {e}", child.id());
+        }
+    }
+
+    /// Whether any worker process is still running.
+    pub fn any_running(&self) -> bool {
+        self.slots.iter().any(|slot| {
+            matches!(
+                slot.state,
+                SlotState::Starting { .. } | SlotState::Ready { .. }
+            )
+        })
+    }
+
+    /// Stops every worker: SIGTERM, then SIGKILL after `grace`, and waits for
+    /// all of them so that none outlives the daemon.
+    pub fn stop_all(&mut self, grace: Duration) {
+        for slot in 0..self.slots.len() {
+            self.signal(slot, Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        loop {
+            self.reap();
+            if !self.any_running() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                for slot in 0..self.slots.len() {
+                    self.signal(slot, Signal::SIGKILL);
+                }
+                for slot in &mut self.slots {
+                    if let SlotState::Starting { child, .. } | SlotState::Ready { child, .. } =
+                        &mut slot.state
+                    {
+                        let _ = child.wait();
+                    }
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for slot in &mut self.slots {
+            slot.state = SlotState::Stopped;
+        }
+    }
+}
+
+/// Describes an exit status for the log: "exited with status 3", "killed by SIGSEGV".
+pub fn describe(status: &ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = status.code() {
+        format!("exited with status {code}")
+    } else if let Some(signal) = status.signal() {
+        match Signal::try_from(signal) {
+            Ok(signal) => format!("was killed by {signal}"),
+            Err(_) => format!("was killed by signal {signal}"),
+        }
+    } else {
+        status.to_string()
+    }
+}

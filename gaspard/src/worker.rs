@@ -1,0 +1,162 @@
+//! The worker process: `gaspard` re-executed with the hidden `__worker`
+//! argument. It loads the handler, tells the daemon it is ready, then serves
+//! requests one at a time until it is killed or the daemon disappears.
+//!
+//! It knows nothing about TCP clients: requests come in on its own PULL
+//! socket and replies go out on the daemon's shared PULL socket.
+
+use crate::channel::{self, Kind};
+use crate::plugin::Plugin;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// The argument that selects worker mode.
+pub const WORKER_ARG: &str = "__worker";
+
+/// Exit code of a worker whose handler could not be loaded.
+pub const EXIT_INIT_FAILED: u8 = 3;
+
+/// What the daemon tells a worker on its command line.
+#[derive(Debug, Clone)]
+pub struct WorkerArgs {
+    pub runtime_dir: PathBuf,
+    pub incarnation: u64,
+    pub daemon_pid: i32,
+    pub handler: PathBuf,
+    pub handler_config: String,
+}
+
+impl WorkerArgs {
+    /// The command-line arguments after the program name.
+    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
+        vec![
+            WORKER_ARG.into(),
+            self.runtime_dir.clone().into(),
+            self.incarnation.to_string().into(),
+            self.daemon_pid.to_string().into(),
+            self.handler.clone().into(),
+            self.handler_config.clone().into(),
+        ]
+    }
+
+    /// Parses what [`Self::to_args`] wrote (after `__worker`).
+    pub fn parse(mut args: impl Iterator<Item = std::ffi::OsString>) -> Result<WorkerArgs, String> {
+        let mut next = |what: &str| args.next().ok_or_else(|| format!("worker: missing {what}"));
+        let runtime_dir = PathBuf::from(next("runtime dir")?);
+        let number = |text: std::ffi::OsString, what: &str| {
+            text.to_str()
+                .and_then(|t| t.parse::<u64>().ok())
+                .ok_or_else(|| format!("worker: bad {what}"))
+        };
+        let incarnation = number(next("incarnation")?, "incarnation")?;
+        let daemon_pid = number(next("daemon pid")?, "daemon pid")? as i32;
+        let handler = PathBuf::from(next("handler")?);
+        let handler_config = next("handler config")?
+            .into_string()
+            .map_err(|_| "worker: handler config is not UTF-8".to_string())?;
+        Ok(WorkerArgs {
+            runtime_dir,
+            incarnation,
+            daemon_pid,
+            handler,
+            handler_config,
+        })
+    }
+}
+
+/// A reply buffer the handler writes into and zmq sends without a copy.
+struct ReplyBuffer(zmq::Message);
+
+impl AsMut<[u8]> for ReplyBuffer {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
+
+/// The worker's main function.
+pub fn run(args: WorkerArgs) -> ExitCode {
+    // Die with the daemon, even on kill -9; if it is already gone, stop now.
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
+        log::warn!("worker: cannot ask to die with the daemon: {e}");
+    }
+    if nix::unistd::getppid().as_raw() != args.daemon_pid {
+        return ExitCode::FAILURE;
+    }
+    match serve(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("worker {}: {e:#}", args.incarnation);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
+    let ctx = zmq::Context::new();
+    let replies = channel::socket(&ctx, zmq::PUSH)?;
+    // Replies the daemon has not read yet are worth a short wait at exit.
+    replies.set_linger(1000)?;
+    replies.connect(&channel::replies_endpoint(&args.runtime_dir))?;
+
+    let mut plugin = match Plugin::load(&args.handler, &args.handler_config) {
+        Ok(plugin) => plugin,
+        Err(e) => {
+            let reason = e.to_string();
+            channel::try_send(
+                &replies,
+                &channel::header(Kind::InitFailed, args.incarnation),
+                reason.as_bytes().into(),
+            )?;
+            drop(replies);
+            drop(ctx);
+            std::process::exit(EXIT_INIT_FAILED.into());
+        }
+    };
+    let requests = channel::socket(&ctx, zmq::PULL)?;
+    requests.bind(&channel::worker_endpoint(
+        &args.runtime_dir,
+        args.incarnation,
+    ))?;
+    log::debug!(
+        "worker {} (pid {}): handler {:?} ready",
+        args.incarnation,
+        std::process::id(),
+        plugin.name()
+    );
+    replies.send(
+        &channel::header(Kind::Ready, args.incarnation)[..],
+        zmq::SNDMORE,
+    )?;
+    replies.send(std::process::id().to_string().as_bytes(), 0)?;
+
+    let mut id_frame = zmq::Message::new();
+    let mut payload = zmq::Message::new();
+    loop {
+        requests.recv(&mut id_frame, 0)?;
+        if !id_frame.get_more() {
+            log::error!(
+                "worker {}: dropped a request with no payload frame",
+                args.incarnation
+            );
+            continue;
+        }
+        requests.recv(&mut payload, 0)?;
+        let Ok(id) = <[u8; 8]>::try_from(&id_frame[..]).map(u64::from_le_bytes) else {
+            log::error!(
+                "worker {}: dropped a request with a malformed id",
+                args.incarnation
+            );
+            continue;
+        };
+        let outcome = plugin.handle(&payload, |len| {
+            Some(ReplyBuffer(zmq::Message::with_size(len)))
+        });
+        let (kind, body) = match outcome {
+            Ok(Some(reply)) => (Kind::Reply, reply.0),
+            Ok(None) => (Kind::Reply, zmq::Message::new()),
+            Err(error) => (Kind::Failed, zmq::Message::from(error.as_bytes())),
+        };
+        replies.send(&channel::header(kind, id)[..], zmq::SNDMORE)?;
+        replies.send(body, 0)?;
+    }
+}
