@@ -1,0 +1,400 @@
+//! The integration-test harness: builds the workspace once, starts the real
+//! `gaspard` binary with real handler plugins on a random port, and talks to
+//! it over real TCP. Every process a test starts is stopped when its guard
+//! drops, even when an assertion fails.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub use gaspard::protocol::pack;
+
+/// How long a daemon may take to start serving before a test gives up.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The directory holding `gaspard` and the handler libraries, built once per
+/// test run. `cargo test` alone does not build cdylib outputs or binaries of
+/// other packages, so the harness runs `cargo build` itself.
+pub fn artifacts() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // The test executable lives in <target>/<profile>/deps/.
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test executable is in <target>/<profile>/deps")
+            .to_path_buf();
+        let target_dir = profile_dir.parent().expect("profile dir has a parent");
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let mut build = Command::new(option_env!("CARGO").unwrap_or("cargo"));
+        build
+            .args(["build", "--workspace", "--quiet", "--manifest-path"])
+            .arg(&manifest)
+            .arg("--target-dir")
+            .arg(target_dir);
+        if profile_dir.file_name().is_some_and(|name| name == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(status.success(), "cargo build --workspace failed");
+        profile_dir
+    })
+}
+
+/// The `gaspard` executable.
+pub fn gaspard_bin() -> PathBuf {
+    artifacts().join("gaspard")
+}
+
+/// A handler library by name: `handler("echo")` is `libecho.so`.
+pub fn handler(name: &str) -> PathBuf {
+    let path = artifacts().join(format!("lib{name}.so"));
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// Lines a process wrote to stderr, collected by a thread.
+#[derive(Clone, Default)]
+pub struct Log(Arc<(Mutex<Vec<String>>, Condvar)>);
+
+impl Log {
+    fn collect(self, stream: impl Read + Send + 'static) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                if std::env::var_os("GASPARD_TEST_ECHO_LOG").is_some() {
+                    eprintln!("{line}");
+                }
+                let (lines, changed) = &*self.0;
+                lines.lock().unwrap().push(line);
+                changed.notify_all();
+            }
+        })
+    }
+
+    /// Every line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.0 .0.lock().unwrap().clone()
+    }
+
+    /// Whether some line contains `needle`.
+    pub fn contains(&self, needle: &str) -> bool {
+        self.lines().iter().any(|line| line.contains(needle))
+    }
+
+    /// Waits until a line contains `needle`; returns it.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let (lines, changed) = &*self.0;
+        let mut guard = lines.lock().unwrap();
+        loop {
+            if let Some(line) = guard.iter().find(|line| line.contains(needle)) {
+                return Some(line.clone());
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            guard = changed.wait_timeout(guard, left).unwrap().0;
+        }
+    }
+}
+
+/// A running daemon, stopped (and reaped) on drop.
+pub struct Daemon {
+    child: Child,
+    pub addr: SocketAddr,
+    pub log: Log,
+    /// The private runtime directory's parent, a fresh temporary directory.
+    pub runtime_parent: tempfile::TempDir,
+    log_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Starts `gaspard` with `args` (plus `--port 0` and a private runtime
+/// directory). Fails the test if it does not start serving.
+pub fn start(handler_name: &str, args: &[&str]) -> Daemon {
+    try_start(handler_name, args).unwrap_or_else(|(status, log)| {
+        panic!(
+            "gaspard did not start ({status:?}):\n{}",
+            log.lines().join("\n")
+        )
+    })
+}
+
+/// Like [`start`], but returns the exit status and log if it does not serve.
+pub fn try_start(handler_name: &str, args: &[&str]) -> Result<Daemon, (Option<ExitStatus>, Log)> {
+    try_start_with_env(handler_name, args, &[])
+}
+
+/// Like [`try_start`], with extra environment variables for the daemon.
+pub fn try_start_with_env(
+    handler_name: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Result<Daemon, (Option<ExitStatus>, Log)> {
+    let runtime_parent = tempfile::tempdir().expect("temporary directory");
+    let mut child = Command::new(gaspard_bin())
+        .arg("--handler")
+        .arg(handler(handler_name))
+        .args(["--port", "0", "--log-level", "debug", "--runtime-dir"])
+        .arg(runtime_parent.path())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start gaspard");
+    let log = Log::default();
+    let log_thread = log.clone().collect(child.stderr.take().unwrap());
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Some(line) = log.wait_for("listening on ", Duration::from_millis(50)) {
+            let addr = line
+                .split("listening on ")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|addr| addr.parse().ok())
+                .expect("the listening line names the address");
+            return Ok(Daemon {
+                child,
+                addr,
+                log,
+                runtime_parent,
+                log_thread: Some(log_thread),
+            });
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let _ = log_thread.join();
+            return Err((Some(status), log));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err((None, log));
+        }
+    }
+}
+
+impl Daemon {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// The daemon's worker processes (its live children).
+    pub fn workers(&self) -> Vec<i32> {
+        children_of(self.pid())
+    }
+
+    /// Waits until the daemon has `n` live workers, all different from `not`.
+    pub fn wait_for_workers(&self, n: usize, not: &[i32], timeout: Duration) -> Vec<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let workers = self.workers();
+            if workers.len() == n && workers.iter().all(|pid| !not.contains(pid)) {
+                return workers;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} workers, have {workers:?}\n{}",
+                self.log.lines().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid, which is not reaped yet.
+        unsafe { libc::kill(self.pid(), signal) };
+    }
+
+    /// Waits for the daemon to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for gaspard") {
+                if let Some(thread) = self.log_thread.take() {
+                    let _ = thread.join();
+                }
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends one request and reads the reply.
+    pub fn request(&self, payload: &[u8]) -> io::Result<Vec<u8>> {
+        request(self.addr, payload)
+    }
+
+    /// The ipc files and directories left in the runtime directory's parent.
+    pub fn runtime_leftovers(&self) -> Vec<PathBuf> {
+        walk(self.runtime_parent.path())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.signal(libc::SIGTERM);
+            if self.wait_exit(Duration::from_secs(10)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            found.extend(walk(&path));
+            found.push(path);
+        }
+    }
+    found
+}
+
+/// Sends one gaspar request and reads the reply until the server closes.
+/// A reset comes back as `ErrorKind::ConnectionReset`.
+pub fn request(addr: SocketAddr, payload: &[u8]) -> io::Result<Vec<u8>> {
+    let mut stream = connect(addr)?;
+    stream.write_all(&pack(payload))?;
+    read_reply(&mut stream)
+}
+
+/// A connection with a generous read timeout, so a hang fails the test
+/// instead of stalling it.
+pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    Ok(stream)
+}
+
+/// Reads until the server closes the connection.
+pub fn read_reply(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply)?;
+    Ok(reply)
+}
+
+/// Sends raw bytes (no framing added), half-closes, and reads the reply.
+pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> io::Result<Vec<u8>> {
+    let mut stream = connect(addr)?;
+    stream.write_all(bytes)?;
+    stream.shutdown(Shutdown::Write)?;
+    read_reply(&mut stream)
+}
+
+/// Whether `result` is the reset that marks a failed request.
+pub fn is_reset(result: &io::Result<Vec<u8>>) -> bool {
+    matches!(result, Err(e) if e.kind() == io::ErrorKind::ConnectionReset)
+}
+
+/// Live (not zombie) processes whose parent is `pid`.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let mut children = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return children;
+    };
+    for entry in entries.flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Some((state, ppid)) = proc_state(child) {
+            if ppid == pid && state != 'Z' && state != 'X' {
+                children.push(child);
+            }
+        }
+    }
+    children.sort_unstable();
+    children
+}
+
+/// A process's state letter and parent pid, from /proc/PID/stat.
+pub fn proc_state(pid: i32) -> Option<(char, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie).
+pub fn is_alive(pid: i32) -> bool {
+    matches!(proc_state(pid), Some((state, _)) if state != 'Z' && state != 'X')
+}
+
+/// Waits until none of `pids` is alive; returns those still alive at the timeout.
+pub fn wait_gone(pids: &[i32], timeout: Duration) -> Vec<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let alive: Vec<i32> = pids.iter().copied().filter(|&pid| is_alive(pid)).collect();
+        if alive.is_empty() || Instant::now() > deadline {
+            return alive;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Compiles a C source into a shared library in `dir`, with gaspar.h on the
+/// include path: for handlers that exist only to be refused.
+pub fn compile_c_library(dir: &Path, name: &str, source: &str) -> PathBuf {
+    let src = dir.join(format!("{name}.c"));
+    let lib = dir.join(format!("lib{name}.so"));
+    std::fs::write(&src, source).expect("write C source");
+    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../handler-abi/include");
+    let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg("-I")
+        .arg(include)
+        .arg(&src)
+        .status()
+        .expect("run the C compiler");
+    assert!(status.success(), "compiling {name}.c failed");
+    lib
+}
+
+/// Runs `gaspard` with `args` until it exits (killing it after a minute, so
+/// a daemon that unexpectedly serves fails the test instead of hanging it).
+/// Returns (status, stdout, stderr); the status is `None` if it was killed.
+pub fn run_gaspard<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (Option<ExitStatus>, String, String) {
+    let mut child = Command::new(gaspard_bin())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run gaspard");
+    let out = Log::default();
+    let err = Log::default();
+    let out_thread = out.clone().collect(child.stdout.take().unwrap());
+    let err_thread = err.clone().collect(child.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for gaspard") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let _ = out_thread.join();
+    let _ = err_thread.join();
+    (status, out.lines().join("\n"), err.lines().join("\n"))
+}

@@ -1,0 +1,125 @@
+//! Refusing what is not a usable handler: `--check`, and the same at start-up.
+
+use gaspard_tests::{compile_c_library, handler, run_gaspard};
+use std::path::{Path, PathBuf};
+
+/// A real shared library that is not a gaspard handler: the C library this
+/// test process has loaded.
+fn libc_path() -> PathBuf {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .find(|path| path.contains("/libc.so") || path.contains("/libc-"))
+        .map(PathBuf::from)
+        .expect("libc is mapped")
+}
+
+fn check(path: &Path, extra: &[&str]) -> (Option<std::process::ExitStatus>, String, String) {
+    let mut args = vec!["--check".into(), "--handler".into(), path.as_os_str().to_owned()];
+    args.extend(extra.iter().map(Into::into));
+    run_gaspard(&args)
+}
+
+/// Starts the daemon proper on a handler that must be refused.
+fn start_refused(path: &Path, extra: &[&str]) -> String {
+    let mut args: Vec<std::ffi::OsString> = vec!["--handler".into(), path.into()];
+    args.extend(["--port", "0", "--workers", "2"].iter().map(Into::into));
+    args.extend(extra.iter().map(Into::into));
+    let (status, _, stderr) = run_gaspard(&args);
+    let status = status.expect("gaspard exits by itself instead of serving");
+    assert!(!status.success(), "refused handler, yet exit {status:?}");
+    assert_eq!(status.code(), Some(1), "an exit code, not a crash: {status:?}");
+    stderr
+}
+
+#[test]
+fn check_accepts_a_good_handler_and_says_what_it_found() {
+    for name in ["echo", "echo_c"] {
+        let path = handler(name);
+        let (status, stdout, stderr) = check(&path, &[]);
+        assert!(status.unwrap().success(), "{stderr}");
+        assert!(stdout.contains(&path.display().to_string()), "{stdout}");
+        assert!(stdout.contains("ok"), "{stdout}");
+        assert!(stdout.contains("handler ABI version 1"), "{stdout}");
+    }
+}
+
+#[test]
+fn check_refuses_a_library_that_is_not_a_handler() {
+    let libc = libc_path();
+    let (status, _, stderr) = check(&libc, &[]);
+    assert_eq!(status.unwrap().code(), Some(1));
+    assert!(stderr.contains("not a gaspard handler"), "{stderr}");
+    assert!(stderr.contains(&libc.display().to_string()) || stderr.contains("libc"), "{stderr}");
+}
+
+#[test]
+fn check_refuses_a_missing_file_and_a_file_that_is_not_a_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nowhere.so");
+    let (status, _, stderr) = check(&missing, &[]);
+    assert_eq!(status.unwrap().code(), Some(1));
+    assert!(stderr.contains("nowhere.so"), "{stderr}");
+    assert!(stderr.to_lowercase().contains("no such file"), "{stderr}");
+
+    let garbage = dir.path().join("garbage.so");
+    std::fs::write(&garbage, b"this is not an ELF file").unwrap();
+    let (status, _, stderr) = check(&garbage, &[]);
+    assert_eq!(status.unwrap().code(), Some(1));
+    assert!(stderr.contains("garbage.so: cannot load"), "{stderr}");
+}
+
+#[test]
+fn check_runs_init_with_the_handler_config() {
+    let path = handler("fault");
+    let (status, _, stderr) = check(&path, &["--handler-config", "fail"]);
+    assert_eq!(status.unwrap().code(), Some(1));
+    assert!(stderr.contains("init failed: init refused by configuration"), "{stderr}");
+}
+
+const WRONG_VERSION: &str = r#"
+#include "gaspar.h"
+static int handle(void *s, const uint8_t *r, size_t n, const gaspar_host *h) {
+    (void)s; (void)r; (void)n; (void)h; return 0;
+}
+static const gaspar_handler_v1 table = { 7, "future", 0, handle, 0 };
+const gaspar_handler_v1 *gaspar_handler_entry(void) { return &table; }
+"#;
+
+#[test]
+fn a_handler_of_another_abi_version_is_refused_with_both_versions_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = compile_c_library(dir.path(), "future", WRONG_VERSION);
+    let (status, _, stderr) = check(&lib, &[]);
+    assert_eq!(status.unwrap().code(), Some(1));
+    assert!(stderr.contains("handler ABI version 7"), "{stderr}");
+    assert!(stderr.contains("speaks version 1"), "{stderr}");
+    let stderr = start_refused(&lib, &[]);
+    assert!(stderr.contains("libfuture.so"), "{stderr}");
+    assert!(stderr.contains("handler ABI version 7"), "{stderr}");
+}
+
+#[test]
+fn the_daemon_refuses_bad_handlers_at_start_up_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.so");
+    let stderr = start_refused(&missing, &[]);
+    assert!(stderr.contains("missing.so"), "{stderr}");
+
+    let stderr = start_refused(&libc_path(), &[]);
+    let fatal: Vec<&str> = stderr.lines().filter(|l| l.starts_with("gaspard: ")).collect();
+    assert_eq!(fatal.len(), 1, "one fatal line: {stderr}");
+    assert!(fatal[0].contains("not a gaspard handler"), "{stderr}");
+}
+
+#[test]
+fn a_failing_or_crashing_init_stops_the_daemon_instead_of_looping() {
+    let fault = handler("fault");
+    let stderr = start_refused(&fault, &["--handler-config", "fail"]);
+    assert!(stderr.contains("init failed: init refused by configuration (fail)"), "{stderr}");
+    let stderr = start_refused(&fault, &["--handler-config", "panic"]);
+    assert!(stderr.contains("init panicked by configuration"), "{stderr}");
+    let stderr = start_refused(&fault, &["--handler-config", "segv"]);
+    assert!(stderr.contains("SIGSEGV"), "{stderr}");
+    assert!(stderr.contains("libfault.so"), "{stderr}");
+}

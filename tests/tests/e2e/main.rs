@@ -1,0 +1,9 @@
+//! End-to-end tests: the real `gaspard` binary, real handler plugins, real
+//! TCP on 127.0.0.1. One module per area.
+
+mod check;
+mod shell;
+mod failures;
+mod lifecycle;
+mod round_trip;
+mod workers;

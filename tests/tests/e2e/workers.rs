@@ -1,0 +1,66 @@
+//! Worker processes: how many, and that the work spreads over them.
+
+use gaspard_tests::{request, start, try_start_with_env};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[test]
+fn default_worker_count_is_the_available_cpus() {
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let daemon = start("echo", &[]);
+    assert_eq!(daemon.workers().len(), cpus);
+    assert!(daemon.log.contains(&format!("{cpus} workers")));
+}
+
+#[test]
+fn workers_flag_sets_the_count() {
+    let daemon = start("echo", &["--workers", "3"]);
+    assert_eq!(daemon.workers().len(), 3);
+}
+
+#[test]
+fn workers_count_is_read_from_the_environment_too() {
+    let daemon = try_start_with_env("echo", &[], &[("GASPARD_WORKERS", "3")])
+        .unwrap_or_else(|(status, log)| panic!("{status:?}: {:?}", log.lines()));
+    assert_eq!(daemon.workers().len(), 3);
+}
+
+#[test]
+fn different_workers_serve_requests() {
+    let daemon = start("fault", &["--workers", "2"]);
+    let workers = daemon.workers();
+    let mut served = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let pid: i32 = String::from_utf8(daemon.request(b"pid").unwrap())
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(workers.contains(&pid), "pid {pid} is not one of {workers:?}");
+        served.insert(pid);
+    }
+    assert_eq!(served.len(), 2, "both workers served: {served:?}");
+}
+
+#[test]
+fn an_idle_worker_never_waits_behind_a_long_request() {
+    let daemon = start("fault", &["--workers", "2"]);
+    let addr = daemon.addr;
+    let long_done = Arc::new(AtomicBool::new(false));
+    let done = long_done.clone();
+    let long = std::thread::spawn(move || {
+        let reply = request(addr, b"sleep:4000");
+        done.store(true, Ordering::SeqCst);
+        reply
+    });
+    // Give the long request time to reach a worker.
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..10 {
+        assert_eq!(daemon.request(b"echo:quick").unwrap(), b"quick");
+        assert!(
+            !long_done.load(Ordering::SeqCst),
+            "quick requests were answered while the long one ran"
+        );
+    }
+    assert_eq!(long.join().unwrap().unwrap(), b"slept");
+}
