@@ -36,7 +36,10 @@ pub fn artifacts() -> &'static Path {
             .arg(&manifest)
             .arg("--target-dir")
             .arg(target_dir);
-        if profile_dir.file_name().is_some_and(|name| name == "release") {
+        if profile_dir
+            .file_name()
+            .is_some_and(|name| name == "release")
+        {
             build.arg("--release");
         }
         let status = build.status().expect("run cargo build");
@@ -228,6 +231,19 @@ impl Daemon {
         }
     }
 
+    /// Waits (up to 10 s) for a log line containing `needle`; fails the test
+    /// with the whole log if none comes.
+    pub fn expect_log(&self, needle: &str) -> String {
+        self.log
+            .wait_for(needle, Duration::from_secs(10))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no log line contains {needle:?}:\n{}",
+                    self.log.lines().join("\n")
+                )
+            })
+    }
+
     /// Sends one request and reads the reply.
     pub fn request(&self, payload: &[u8]) -> io::Result<Vec<u8>> {
         request(self.addr, payload)
@@ -267,8 +283,20 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 /// A reset comes back as `ErrorKind::ConnectionReset`.
 pub fn request(addr: SocketAddr, payload: &[u8]) -> io::Result<Vec<u8>> {
     let mut stream = connect(addr)?;
-    stream.write_all(&pack(payload))?;
+    stream.write_all(&pack(payload)).map_err(torn_down)?;
     read_reply(&mut stream)
+}
+
+/// A server that resets the connection while the client is still sending
+/// makes the send fail with EPIPE, ECONNRESET or ENOTCONN, depending on
+/// timing; all of them are the reset that marks a failed request.
+fn torn_down(error: io::Error) -> io::Error {
+    match error.kind() {
+        io::ErrorKind::BrokenPipe
+        | io::ErrorKind::NotConnected
+        | io::ErrorKind::ConnectionReset => io::Error::new(io::ErrorKind::ConnectionReset, error),
+        _ => error,
+    }
 }
 
 /// A connection with a generous read timeout, so a hang fails the test
@@ -289,8 +317,8 @@ pub fn read_reply(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
 /// Sends raw bytes (no framing added), half-closes, and reads the reply.
 pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> io::Result<Vec<u8>> {
     let mut stream = connect(addr)?;
-    stream.write_all(bytes)?;
-    stream.shutdown(Shutdown::Write)?;
+    stream.write_all(bytes).map_err(torn_down)?;
+    stream.shutdown(Shutdown::Write).map_err(torn_down)?;
     read_reply(&mut stream)
 }
 
@@ -306,7 +334,11 @@ pub fn children_of(pid: i32) -> Vec<i32> {
         return children;
     };
     for entry in entries.flatten() {
-        let Some(child) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
         if let Some((state, ppid)) = proc_state(child) {

@@ -15,7 +15,11 @@ fn libc_path() -> PathBuf {
 }
 
 fn check(path: &Path, extra: &[&str]) -> (Option<std::process::ExitStatus>, String, String) {
-    let mut args = vec!["--check".into(), "--handler".into(), path.as_os_str().to_owned()];
+    let mut args = vec![
+        "--check".into(),
+        "--handler".into(),
+        path.as_os_str().to_owned(),
+    ];
     args.extend(extra.iter().map(Into::into));
     run_gaspard(&args)
 }
@@ -28,7 +32,11 @@ fn start_refused(path: &Path, extra: &[&str]) -> String {
     let (status, _, stderr) = run_gaspard(&args);
     let status = status.expect("gaspard exits by itself instead of serving");
     assert!(!status.success(), "refused handler, yet exit {status:?}");
-    assert_eq!(status.code(), Some(1), "an exit code, not a crash: {status:?}");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "an exit code, not a crash: {status:?}"
+    );
     stderr
 }
 
@@ -50,7 +58,10 @@ fn check_refuses_a_library_that_is_not_a_handler() {
     let (status, _, stderr) = check(&libc, &[]);
     assert_eq!(status.unwrap().code(), Some(1));
     assert!(stderr.contains("not a gaspard handler"), "{stderr}");
-    assert!(stderr.contains(&libc.display().to_string()) || stderr.contains("libc"), "{stderr}");
+    assert!(
+        stderr.contains(&libc.display().to_string()) || stderr.contains("libc"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -74,7 +85,10 @@ fn check_runs_init_with_the_handler_config() {
     let path = handler("fault");
     let (status, _, stderr) = check(&path, &["--handler-config", "fail"]);
     assert_eq!(status.unwrap().code(), Some(1));
-    assert!(stderr.contains("init failed: init refused by configuration"), "{stderr}");
+    assert!(
+        stderr.contains("init failed: init refused by configuration"),
+        "{stderr}"
+    );
 }
 
 const WRONG_VERSION: &str = r#"
@@ -107,7 +121,10 @@ fn the_daemon_refuses_bad_handlers_at_start_up_with_one_line() {
     assert!(stderr.contains("missing.so"), "{stderr}");
 
     let stderr = start_refused(&libc_path(), &[]);
-    let fatal: Vec<&str> = stderr.lines().filter(|l| l.starts_with("gaspard: ")).collect();
+    let fatal: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("gaspard: "))
+        .collect();
     assert_eq!(fatal.len(), 1, "one fatal line: {stderr}");
     assert!(fatal[0].contains("not a gaspard handler"), "{stderr}");
 }
@@ -116,9 +133,15 @@ fn the_daemon_refuses_bad_handlers_at_start_up_with_one_line() {
 fn a_failing_or_crashing_init_stops_the_daemon_instead_of_looping() {
     let fault = handler("fault");
     let stderr = start_refused(&fault, &["--handler-config", "fail"]);
-    assert!(stderr.contains("init failed: init refused by configuration (fail)"), "{stderr}");
+    assert!(
+        stderr.contains("init failed: init refused by configuration (fail)"),
+        "{stderr}"
+    );
     let stderr = start_refused(&fault, &["--handler-config", "panic"]);
-    assert!(stderr.contains("init panicked by configuration"), "{stderr}");
+    assert!(
+        stderr.contains("init panicked by configuration"),
+        "{stderr}"
+    );
     let stderr = start_refused(&fault, &["--handler-config", "segv"]);
     assert!(stderr.contains("SIGSEGV"), "{stderr}");
     assert!(stderr.contains("libfault.so"), "{stderr}");

@@ -8,10 +8,7 @@ fn a_handler_error_resets_the_connection_and_logs_why() {
     let daemon = start("fault", &["--workers", "1"]);
     let result = daemon.request(b"error:the disk is on fire");
     assert!(is_reset(&result), "{result:?}");
-    assert!(daemon
-        .log
-        .wait_for("handler failed: the disk is on fire", Duration::from_secs(5))
-        .is_some());
+    daemon.expect_log("handler failed: the disk is on fire");
     assert_eq!(daemon.request(b"echo:still here").unwrap(), b"still here");
 }
 
@@ -21,7 +18,7 @@ fn a_handler_panic_is_an_error_not_a_crash() {
     let worker = daemon.workers();
     let result = daemon.request(b"panic:oops");
     assert!(is_reset(&result), "{result:?}");
-    assert!(daemon.log.contains("handler panicked: oops"));
+    daemon.expect_log("handler panicked: oops");
     assert_eq!(daemon.workers(), worker, "the worker survived the panic");
 }
 
@@ -31,13 +28,20 @@ fn a_crashing_worker_fails_its_request_and_is_replaced() {
     let before = daemon.workers();
     for crash in [&b"segv"[..], b"abort", b"exit:7"] {
         let result = daemon.request(crash);
-        assert!(is_reset(&result), "{:?}: {result:?}", String::from_utf8_lossy(crash));
+        assert!(
+            is_reset(&result),
+            "{:?}: {result:?}",
+            String::from_utf8_lossy(crash)
+        );
     }
     let after = daemon.wait_for_workers(2, &[], Duration::from_secs(30));
-    assert_ne!(before, after, "crashed workers were replaced by new processes");
-    assert!(daemon.log.contains("was killed by SIGSEGV"));
-    assert!(daemon.log.contains("was killed by SIGABRT"));
-    assert!(daemon.log.contains("exited with status 7"));
+    assert_ne!(
+        before, after,
+        "crashed workers were replaced by new processes"
+    );
+    daemon.expect_log("was killed by SIGSEGV");
+    daemon.expect_log("was killed by SIGABRT");
+    daemon.expect_log("exited with status 7");
     assert_eq!(daemon.request(b"echo:alive").unwrap(), b"alive");
 }
 
@@ -47,7 +51,7 @@ fn a_request_past_the_timeout_is_reset_and_its_worker_replaced() {
     let before = daemon.workers();
     let result = daemon.request(b"sleep:30000");
     assert!(is_reset(&result), "{result:?}");
-    assert!(daemon.log.contains("ran past --timeout"));
+    daemon.expect_log("ran past --timeout");
     daemon.wait_for_workers(1, &before, Duration::from_secs(30));
     assert_eq!(daemon.request(b"echo:next").unwrap(), b"next");
 }

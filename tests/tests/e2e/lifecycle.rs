@@ -11,13 +11,20 @@ fn sigterm_stops_every_worker_and_removes_the_ipc_files() {
     assert_eq!(workers.len(), 3);
     let leftovers = daemon.runtime_leftovers();
     assert!(
-        leftovers.iter().any(|p| p.to_string_lossy().ends_with("replies.ipc")),
+        leftovers
+            .iter()
+            .any(|p| p.to_string_lossy().ends_with("replies.ipc")),
         "the runtime directory is where the test put it: {leftovers:?}"
     );
     daemon.signal(libc::SIGTERM);
-    let status = daemon.wait_exit(Duration::from_secs(30)).expect("gaspard exits");
+    let status = daemon
+        .wait_exit(Duration::from_secs(30))
+        .expect("gaspard exits");
     assert_eq!(status.code(), Some(0));
-    assert_eq!(wait_gone(&workers, Duration::from_secs(5)), Vec::<i32>::new());
+    assert_eq!(
+        wait_gone(&workers, Duration::from_secs(5)),
+        Vec::<i32>::new()
+    );
     assert_eq!(daemon.runtime_leftovers(), Vec::<std::path::PathBuf>::new());
 }
 
@@ -27,8 +34,13 @@ fn workers_die_with_the_daemon_even_on_kill_9() {
     let workers = daemon.workers();
     assert_eq!(workers.len(), 2);
     daemon.signal(libc::SIGKILL);
-    daemon.wait_exit(Duration::from_secs(10)).expect("gaspard is killed");
-    assert_eq!(wait_gone(&workers, Duration::from_secs(10)), Vec::<i32>::new());
+    daemon
+        .wait_exit(Duration::from_secs(10))
+        .expect("gaspard is killed");
+    assert_eq!(
+        wait_gone(&workers, Duration::from_secs(10)),
+        Vec::<i32>::new()
+    );
 }
 
 #[test]
@@ -39,7 +51,9 @@ fn sigterm_lets_a_running_request_finish() {
     std::thread::sleep(Duration::from_millis(200));
     daemon.signal(libc::SIGTERM);
     assert_eq!(slow.join().unwrap().unwrap(), b"slept");
-    let status = daemon.wait_exit(Duration::from_secs(30)).expect("gaspard exits");
+    let status = daemon
+        .wait_exit(Duration::from_secs(30))
+        .expect("gaspard exits");
     assert_eq!(status.code(), Some(0));
     // New connections are refused once stopping.
     assert!(gaspard_tests::request(addr, b"late").is_err());

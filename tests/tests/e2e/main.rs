@@ -2,8 +2,8 @@
 //! TCP on 127.0.0.1. One module per area.
 
 mod check;
-mod shell;
 mod failures;
 mod lifecycle;
 mod round_trip;
+mod shell;
 mod workers;

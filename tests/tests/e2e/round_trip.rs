@@ -15,7 +15,10 @@ fn echo_round_trips_1_byte_64_kib_and_16_mib() {
         let payload = pattern(len);
         let reply = daemon.request(&payload).expect("echo reply");
         assert_eq!(reply.len(), len, "reply length for a {len}-byte request");
-        assert!(reply == payload, "reply bytes differ for a {len}-byte request");
+        assert!(
+            reply == payload,
+            "reply bytes differ for a {len}-byte request"
+        );
     }
 }
 
@@ -91,6 +94,6 @@ fn an_oversized_header_is_reset_before_any_body_arrives() {
     // Only the header is sent: the refusal must not wait for the body.
     let result = raw_exchange(daemon.addr, &2048u32.to_be_bytes());
     assert!(is_reset(&result), "{result:?}");
-    assert!(daemon.log.contains("announced a request of 2048 bytes, over the limit of 1024"));
+    daemon.expect_log("announced a request of 2048 bytes, over the limit of 1024");
     assert_eq!(daemon.request(&[b'k'; 1024]).unwrap(), vec![b'k'; 1024]);
 }

@@ -12,7 +12,11 @@ fn a_shell_script_can_send_a_request_with_printf() {
         "exec 3<>/dev/tcp/127.0.0.1/{port}; printf '\\0\\0\\0\\5hello' >&3; cat <&3",
         port = daemon.addr.port()
     );
-    let output = Command::new("bash").arg("-c").arg(&script).output().unwrap();
+    let output = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
     assert!(output.status.success(), "{output:?}");
     assert_eq!(output.stdout, b"HELLO");
 

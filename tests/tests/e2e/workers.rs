@@ -10,7 +10,7 @@ fn default_worker_count_is_the_available_cpus() {
     let cpus = std::thread::available_parallelism().unwrap().get();
     let daemon = start("echo", &[]);
     assert_eq!(daemon.workers().len(), cpus);
-    assert!(daemon.log.contains(&format!("{cpus} workers")));
+    daemon.expect_log(&format!("{cpus} workers"));
 }
 
 #[test]
@@ -36,7 +36,10 @@ fn different_workers_serve_requests() {
             .unwrap()
             .parse()
             .unwrap();
-        assert!(workers.contains(&pid), "pid {pid} is not one of {workers:?}");
+        assert!(
+            workers.contains(&pid),
+            "pid {pid} is not one of {workers:?}"
+        );
         served.insert(pid);
     }
     assert_eq!(served.len(), 2, "both workers served: {served:?}");
