@@ -73,6 +73,54 @@ pub struct Cli {
     )]
     pub timeout: f64,
 
+    /// Seconds a client has to send its whole request, and to take its whole
+    /// reply, before it is dropped (0: no limit).
+    #[arg(
+        long,
+        env = "GASPARD_READ_TIMEOUT",
+        default_value_t = 60.0,
+        value_name = "SECS"
+    )]
+    pub read_timeout: f64,
+
+    /// Most client connections open at once; past it, accept pauses.
+    #[arg(
+        long,
+        env = "GASPARD_MAX_CONNECTIONS",
+        default_value_t = 16384,
+        value_name = "N"
+    )]
+    pub max_connections: usize,
+
+    /// Most requests waiting for a worker; past it, new requests are reset at once.
+    #[arg(
+        long,
+        env = "GASPARD_MAX_QUEUE",
+        default_value_t = 4096,
+        value_name = "N"
+    )]
+    pub max_queue: usize,
+
+    /// Replace a worker after it has served this many requests (0: never), for
+    /// handlers that leak.
+    #[arg(
+        long,
+        env = "GASPARD_MAX_REQUESTS",
+        default_value_t = 0,
+        value_name = "N"
+    )]
+    pub max_requests: u64,
+
+    /// Add a random 0..=N to each worker's --max-requests, so workers do not
+    /// all restart at once.
+    #[arg(
+        long,
+        env = "GASPARD_MAX_REQUESTS_JITTER",
+        default_value_t = 0,
+        value_name = "N"
+    )]
+    pub max_requests_jitter: u64,
+
     /// Length of the kernel's queue of connections not yet accepted.
     #[arg(
         long,
@@ -123,6 +171,13 @@ pub struct Config {
     pub max_request_size: u32,
     /// `None`: requests may run forever.
     pub timeout: Option<Duration>,
+    /// `None`: clients may take forever to send a request or take a reply.
+    pub read_timeout: Option<Duration>,
+    pub max_connections: usize,
+    pub max_queue: usize,
+    /// `None`: workers are never recycled.
+    pub max_requests: Option<u64>,
+    pub max_requests_jitter: u64,
     pub backlog: i32,
     pub shutdown_timeout: Duration,
     pub runtime_dir: Option<PathBuf>,
@@ -135,6 +190,7 @@ impl Config {
                 .map_err(|_| format!("--{name} must be a number of seconds >= 0, not {value}"))
         };
         let timeout = seconds("timeout", cli.timeout)?;
+        let read_timeout = seconds("read-timeout", cli.read_timeout)?;
         // The frame header is 32 bits, so no request can be larger anyway.
         let max_request_size = u32::try_from(cli.max_request_size).map_err(|_| {
             format!(
@@ -150,6 +206,11 @@ impl Config {
             workers: cli.workers.map_or_else(default_workers, NonZeroUsize::get),
             max_request_size,
             timeout: (!timeout.is_zero()).then_some(timeout),
+            read_timeout: (!read_timeout.is_zero()).then_some(read_timeout),
+            max_connections: cli.max_connections.max(1),
+            max_queue: cli.max_queue,
+            max_requests: (cli.max_requests > 0).then_some(cli.max_requests),
+            max_requests_jitter: cli.max_requests_jitter,
             backlog: cli.backlog.max(1),
             shutdown_timeout: seconds("shutdown-timeout", cli.shutdown_timeout)?,
             runtime_dir: cli

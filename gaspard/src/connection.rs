@@ -42,16 +42,18 @@ pub enum Next {
 pub struct Connection<R> {
     pub stream: TcpStream,
     pub state: State<R>,
-    pub opened: Instant,
+    /// When the client must have sent its request, or taken its reply, by
+    /// (--read-timeout); `None` while a worker has the request.
+    pub deadline: Option<Instant>,
     trailing: usize,
 }
 
 impl<R: AsRef<[u8]>> Connection<R> {
-    pub fn new(stream: TcpStream, max_request: u32, now: Instant) -> Connection<R> {
+    pub fn new(stream: TcpStream, max_request: u32, deadline: Option<Instant>) -> Connection<R> {
         Connection {
             stream,
             state: State::Reading(RequestDecoder::new(max_request)),
-            opened: now,
+            deadline,
             trailing: 0,
         }
     }
@@ -139,9 +141,11 @@ impl<R: AsRef<[u8]>> Connection<R> {
         }
     }
 
-    /// Takes the reply and starts writing it.
-    pub fn reply(&mut self, reply: R) -> Next {
+    /// Takes the reply and starts writing it; the client must take it all by
+    /// `deadline`.
+    pub fn reply(&mut self, reply: R, deadline: Option<Instant>) -> Next {
         self.state = State::Writing { reply, written: 0 };
+        self.deadline = deadline;
         self.on_writable()
     }
 
@@ -161,6 +165,16 @@ impl<R: AsRef<[u8]>> Connection<R> {
             }
         }
         Next::Close
+    }
+
+    /// What the connection was doing when its deadline passed, for the log.
+    pub fn stalled_doing(&self) -> &'static str {
+        match &self.state {
+            State::Reading(decoder) if decoder.started() => "sent part of a request",
+            State::Reading(_) => "sent no request",
+            State::Waiting(_) => "waited",
+            State::Writing { .. } => "did not take its whole reply",
+        }
     }
 
     /// The request this connection waits for, if any.

@@ -11,7 +11,8 @@ use crate::channel::{self, Kind};
 use crate::config::Config;
 use crate::connection::{Connection, Next, State};
 use crate::dispatcher::{Assignment, Dispatcher};
-use crate::supervisor::{self, Death, SlotState, Supervisor};
+use crate::logging::Throttle;
+use crate::supervisor::{self, Death, Recycling, SlotState, Supervisor};
 use crate::worker::WorkerArgs;
 use anyhow::{bail, Context as _};
 use mio::net::TcpListener;
@@ -47,6 +48,9 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 const WORKER_STOP_GRACE: Duration = Duration::from_secs(5);
 /// The loop-wide read buffer.
 const SCRATCH_LEN: usize = 64 * 1024;
+/// File descriptors kept back from client connections for everything else
+/// (zmq sockets, worker pipes, logs).
+const RESERVED_FDS: usize = 64;
 
 /// A reply as it came from the worker, written to the client without a copy.
 pub struct Reply(zmq::Message);
@@ -112,6 +116,14 @@ pub struct Daemon {
     /// Deadline for the first workers to become ready.
     startup_deadline: Option<Instant>,
     stop_now: bool,
+    /// Client connections allowed at once (--max-connections, within the fd limit).
+    max_connections: usize,
+    /// Accept is paused because `max_connections` are open.
+    at_capacity: bool,
+    /// When client deadlines (--read-timeout) were last checked.
+    last_sweep: Instant,
+    /// Warnings about clients, kept from flooding the log.
+    client_warnings: Throttle,
     // Last: removed after every socket in it is closed.
     _runtime_dir_guard: tempfile::TempDir,
 }
@@ -124,6 +136,17 @@ impl Daemon {
             bail!(
                 "--workers {} is more than the {MAX_WORKERS} supported",
                 config.workers
+            );
+        }
+        let fd_limit = raise_fd_limit();
+        let reserved = RESERVED_FDS + 4 * config.workers;
+        let max_connections = config
+            .max_connections
+            .min(fd_limit.saturating_sub(reserved).max(1));
+        if max_connections < config.max_connections {
+            log::warn!(
+                "--max-connections {} lowered to {max_connections}: the open file limit is {fd_limit}",
+                config.max_connections
             );
         }
         let handler = std::fs::canonicalize(&config.handler)
@@ -157,7 +180,11 @@ impl Daemon {
             handler: handler.clone(),
             handler_config: config.handler_config.clone(),
         };
-        let supervisor = Supervisor::new(program, template, config.workers, log_filter);
+        let recycling = Recycling {
+            max_requests: config.max_requests,
+            jitter: config.max_requests_jitter,
+        };
+        let supervisor = Supervisor::new(program, template, config.workers, log_filter, recycling);
         let dispatcher = Dispatcher::new(config.workers, WORKER_CREDIT, config.timeout);
         Ok(Daemon {
             handler,
@@ -179,6 +206,10 @@ impl Daemon {
             scratch: vec![0; SCRATCH_LEN],
             startup_deadline: config.timeout.map(|t| Instant::now() + t),
             stop_now: false,
+            max_connections,
+            at_capacity: false,
+            last_sweep: Instant::now(),
+            client_warnings: Throttle::default(),
             config,
             _runtime_dir_guard: dir_guard,
         })
@@ -289,6 +320,7 @@ impl Daemon {
             self.supervisor.next_deadline(),
             self.accept_paused_until,
             self.startup_deadline,
+            self.next_sweep(),
             match self.phase {
                 Phase::Draining { deadline } => Some(deadline),
                 _ => None,
@@ -304,6 +336,32 @@ impl Daemon {
 
     // ---- clients ----
 
+    /// When client deadlines should next be checked: a periodic sweep over
+    /// the open connections is cheaper than a timer per connection.
+    fn next_sweep(&self) -> Option<Instant> {
+        let timeout = self.config.read_timeout?;
+        if self.conns.is_empty() {
+            return None;
+        }
+        let every = (timeout / 8).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        Some(self.last_sweep + every)
+    }
+
+    /// Resets every client past its --read-timeout deadline.
+    fn sweep(&mut self, now: Instant) {
+        self.last_sweep = now;
+        let overdue: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, conn)| conn.deadline.is_some_and(|deadline| deadline <= now))
+            .map(|(key, _)| key)
+            .collect();
+        for key in overdue {
+            let doing = self.conns[key].stalled_doing();
+            self.close(key, Some(format!("{doing} within --read-timeout")));
+        }
+    }
+
     fn accept(&mut self) {
         if !self.accepting {
             return;
@@ -312,6 +370,15 @@ impl Daemon {
             return;
         };
         loop {
+            if self.conns.len() >= self.max_connections {
+                log::warn!(
+                    "{} connections open (--max-connections); accept paused until one closes",
+                    self.conns.len()
+                );
+                self.at_capacity = true;
+                self.pause_accept(None);
+                return;
+            }
             let (stream, _) = match listener.accept() {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -324,7 +391,7 @@ impl Daemon {
                         ACCEPT_PAUSE.as_millis(),
                         self.conns.len()
                     );
-                    self.pause_accept();
+                    self.pause_accept(Some(Instant::now() + ACCEPT_PAUSE));
                     return;
                 }
                 Err(e) => {
@@ -334,7 +401,8 @@ impl Daemon {
             };
             let entry = self.conns.vacant_entry();
             let token = Token(CONN_BASE + entry.key());
-            let mut conn = Connection::new(stream, self.config.max_request_size, Instant::now());
+            let deadline = self.config.read_timeout.map(|t| Instant::now() + t);
+            let mut conn = Connection::new(stream, self.config.max_request_size, deadline);
             // Both directions at once: edge-triggered, so no re-registering later.
             if let Err(e) = self.poll.registry().register(
                 &mut conn.stream,
@@ -348,17 +416,19 @@ impl Daemon {
         }
     }
 
-    fn pause_accept(&mut self) {
+    /// Stops accepting, until `until` or (if `None`) until a connection closes.
+    fn pause_accept(&mut self, until: Option<Instant>) {
         if let Some(listener) = self.listener.as_mut() {
             let _ = self.poll.registry().deregister(listener);
         }
         self.accepting = false;
-        self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+        self.accept_paused_until = until;
     }
 
     fn resume_accept(&mut self) {
         self.accept_paused_until = None;
-        if self.phase != Phase::Serving {
+        self.at_capacity = false;
+        if self.phase != Phase::Serving || self.accepting {
             return;
         }
         if let Some(listener) = self.listener.as_mut() {
@@ -393,8 +463,14 @@ impl Daemon {
         match next {
             Next::Wait => {}
             Next::Request(payload) => {
+                if let Some(refusal) = self.refusal() {
+                    self.close(key, Some(refusal));
+                    return;
+                }
                 let id = self.dispatcher.submit(key, payload);
-                self.conns[key].state = State::Waiting(id);
+                let conn = &mut self.conns[key];
+                conn.state = State::Waiting(id);
+                conn.deadline = None;
             }
             Next::Close => self.close(key, None),
             Next::Reset(reason) => self.close(key, Some(reason)),
@@ -403,6 +479,21 @@ impl Daemon {
                 self.close(key, Some(String::new()));
             }
         }
+    }
+
+    /// Why a new request cannot be taken, if it cannot: the queue is full,
+    /// or no worker can run it. Refusing at once beats queueing without end.
+    fn refusal(&self) -> Option<String> {
+        if self.supervisor.all_failing() {
+            return Some("no worker can take the request: the handler keeps failing".into());
+        }
+        if self.dispatcher.queued() >= self.config.max_queue && !self.dispatcher.has_idle_worker() {
+            return Some(format!(
+                "queue is full ({} requests waiting, --max-queue)",
+                self.dispatcher.queued()
+            ));
+        }
+        None
     }
 
     /// Removes a connection: cleanly when `reset` is `None`, else with a
@@ -423,10 +514,16 @@ impl Daemon {
                         .stream
                         .peer_addr()
                         .map_or_else(|_| "?".to_string(), |a| a.to_string());
-                    log::warn!("client {peer}: {reason}; connection reset");
+                    self.client_warnings.warn(
+                        Instant::now(),
+                        format_args!("client {peer}: {reason}; connection reset"),
+                    );
                 }
                 conn.reset();
             }
+        }
+        if self.at_capacity && self.conns.len() < self.max_connections {
+            self.resume_accept();
         }
     }
 
@@ -468,18 +565,23 @@ impl Daemon {
                 Err(e) => return Err(e).context("the workers' reply socket failed"),
             };
             match message.kind {
-                Kind::Reply => {
-                    if let Some(key) = self.dispatcher.complete(message.value) {
-                        if let Some(conn) = self.conns.get_mut(key) {
-                            let next = conn.reply(Reply(message.body));
-                            self.advance(key, next);
-                        }
+                Kind::Reply | Kind::Failed => {
+                    let Some((slot, client)) = self.dispatcher.complete(message.value) else {
+                        continue; // its worker was already given up on
+                    };
+                    if self.supervisor.note_served(slot) {
+                        self.retire(slot);
                     }
-                }
-                Kind::Failed => {
-                    let reason = String::from_utf8_lossy(&message.body);
-                    if let Some(key) = self.dispatcher.complete(message.value) {
+                    let Some(key) = client else {
+                        continue; // the client went away
+                    };
+                    if message.kind == Kind::Failed {
+                        let reason = String::from_utf8_lossy(&message.body).into_owned();
                         self.close(key, Some(format!("handler failed: {reason}")));
+                    } else if let Some(conn) = self.conns.get_mut(key) {
+                        let deadline = self.config.read_timeout.map(|t| Instant::now() + t);
+                        let next = conn.reply(Reply(message.body), deadline);
+                        self.advance(key, next);
                     }
                 }
                 Kind::Ready => self.on_worker_ready(message.value, &message.body)?,
@@ -537,6 +639,17 @@ impl Daemon {
         }
     }
 
+    /// Replaces a worker that reached --max-requests without failing anything:
+    /// it gets no new requests, and is stopped once it holds none.
+    fn retire(&mut self, slot: usize) {
+        self.supervisor.slots[slot].retiring = true;
+        self.dispatcher.worker_draining(slot);
+        if self.dispatcher.held(slot) == 0 {
+            self.drop_push(slot);
+            self.supervisor.signal(slot, Signal::SIGTERM);
+        }
+    }
+
     fn kill_worker(&mut self, slot: usize, signal: Signal) {
         self.lose_worker(slot, "its worker was stopped");
         self.supervisor.signal(slot, signal);
@@ -561,8 +674,17 @@ impl Daemon {
                 incarnation,
                 status,
                 before_ready,
+                retired,
+                restart_in: delay,
             } = death;
             let how = supervisor::describe(&status);
+            if retired {
+                log::info!(
+                    "worker {incarnation} (slot {slot}) recycled after reaching --max-requests"
+                );
+                self.lose_worker(slot, "its worker was recycled");
+                continue;
+            }
             if self.phase == Phase::Starting {
                 bail!(
                     "handler {}: worker {how} while loading the handler",
@@ -575,7 +697,6 @@ impl Daemon {
             if matches!(self.phase, Phase::Draining { .. }) {
                 continue;
             }
-            let delay = self.supervisor.backoff_of(slot).unwrap_or_default();
             let stage = if before_ready {
                 " before it was ready"
             } else {
@@ -591,6 +712,18 @@ impl Daemon {
                      restarting it in {} ms (back-off after repeated failures)",
                     delay.as_millis()
                 );
+            }
+        }
+        if self.supervisor.all_failing() {
+            let queued = self.dispatcher.fail_queued();
+            if !queued.is_empty() {
+                log::error!(
+                    "no worker can serve (the handler keeps failing); resetting {} queued requests",
+                    queued.len()
+                );
+            }
+            for key in queued {
+                self.close(key, Some(String::new()));
             }
         }
         Ok(())
@@ -635,6 +768,9 @@ impl Daemon {
         }
         if self.accept_paused_until.is_some_and(|at| now >= at) {
             self.resume_accept();
+        }
+        if self.next_sweep().is_some_and(|at| now >= at) {
+            self.sweep(now);
         }
         for slot in self.dispatcher.overdue(now) {
             log::error!(
@@ -684,6 +820,19 @@ fn bind(addr: std::net::SocketAddr, backlog: i32) -> anyhow::Result<TcpListener>
         .listen(backlog)
         .with_context(|| format!("cannot listen on {addr}"))?;
     Ok(TcpListener::from_std(socket.into()))
+}
+
+/// Raises the soft limit on open files to the hard limit, as busy servers
+/// need; returns the limit in force.
+fn raise_fd_limit() -> usize {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return usize::try_from(hard).unwrap_or(usize::MAX);
+    }
+    usize::try_from(soft).unwrap_or(usize::MAX)
 }
 
 /// Errors after which retrying accept at once would spin.

@@ -146,14 +146,30 @@ impl Dispatcher {
         self.workers[slot].ready = true;
     }
 
-    /// A worker's reply arrived: returns the client to answer, if it is still
-    /// there. `None` also for ids that are unknown (already failed).
-    pub fn complete(&mut self, id: RequestId) -> Option<usize> {
+    /// A worker's reply arrived. Returns the worker's slot and the client to
+    /// answer, if it is still there; `None` for ids already failed.
+    pub fn complete(&mut self, id: RequestId) -> Option<(usize, Option<usize>)> {
+        let Place::Running { slot, .. } = self.requests.get(&id)?.place else {
+            return None; // a worker cannot answer a request it was never given
+        };
         let request = self.requests.remove(&id)?;
-        if let Place::Running { slot, .. } = request.place {
-            self.workers[slot].held.retain(|&held| held != id);
-        }
-        request.client
+        self.workers[slot].held.retain(|&held| held != id);
+        Some((slot, request.client))
+    }
+
+    /// Whether a worker could take a request right now.
+    pub fn has_idle_worker(&self) -> bool {
+        self.idle_worker().is_some()
+    }
+
+    /// Stops giving a worker requests (it is being retired).
+    pub fn worker_draining(&mut self, slot: usize) {
+        self.workers[slot].ready = false;
+    }
+
+    /// How many requests the worker in `slot` holds.
+    pub fn held(&self, slot: usize) -> usize {
+        self.workers[slot].held.len()
     }
 
     /// The worker in `slot` is gone (died, or is being killed): it takes no
@@ -246,7 +262,7 @@ mod tests {
             d.next_assignment(now).is_none(),
             "both workers hold their credit"
         );
-        assert_eq!(d.complete(b), Some(11));
+        assert_eq!(d.complete(b), Some((second.slot, Some(11))));
         let third = d.next_assignment(now).unwrap();
         assert_eq!((third.id, third.slot), (c, second.slot));
     }
@@ -288,7 +304,11 @@ mod tests {
         assert_eq!(d.queued(), 0);
         assert_eq!(d.next_deadline(), Some(now + Duration::from_secs(1)));
         assert_eq!(d.overdue(now + Duration::from_secs(2)), vec![0]);
-        assert_eq!(d.complete(assignment.id), None, "the reply is discarded");
+        assert_eq!(
+            d.complete(assignment.id),
+            Some((0, None)),
+            "the reply is discarded"
+        );
         assert!(d.next_assignment(now).is_none());
         assert_eq!(d.outstanding(), 0);
     }

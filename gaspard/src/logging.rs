@@ -37,3 +37,30 @@ fn init_with(filter: &str) {
         .format_target(false)
         .init();
 }
+
+/// Keeps a flood of similar warnings (one per refused client under
+/// overload, say) to one line a second, with a count of those held back.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    last: Option<std::time::Instant>,
+    held_back: u64,
+}
+
+impl Throttle {
+    const WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
+    pub fn warn(&mut self, now: std::time::Instant, message: std::fmt::Arguments<'_>) {
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < Self::WINDOW)
+        {
+            self.held_back += 1;
+            return;
+        }
+        match std::mem::take(&mut self.held_back) {
+            0 => log::warn!("{message}"),
+            n => log::warn!("{message} ({n} similar held back since the last such line)"),
+        }
+        self.last = Some(now);
+    }
+}

@@ -20,9 +20,6 @@ use std::time::{Duration, Instant};
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Restarts are never spaced further apart than this.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// A worker that served this long has proven the handler works: a later death
-/// restarts at once and resets the back-off.
-const HEALTHY_AFTER: Duration = Duration::from_secs(5);
 
 /// What a slot is doing.
 #[derive(Debug)]
@@ -45,9 +42,14 @@ pub enum SlotState {
 #[derive(Debug)]
 pub struct Slot {
     pub state: SlotState,
-    started_at: Instant,
-    /// Consecutive failures without a healthy run in between.
+    /// Consecutive deaths without a served request in between.
     failures: u32,
+    /// Requests the current incarnation has served.
+    served: u64,
+    /// The current incarnation is recycled after this many requests.
+    request_limit: Option<u64>,
+    /// Being replaced on purpose (--max-requests): its exit is no failure.
+    pub retiring: bool,
 }
 
 /// Why a worker went away.
@@ -58,6 +60,17 @@ pub struct Death {
     pub status: ExitStatus,
     /// It never reported Ready.
     pub before_ready: bool,
+    /// It was retired on purpose, not a failure.
+    pub retired: bool,
+    /// When the slot's next worker starts (back-off after repeated failures).
+    pub restart_in: Duration,
+}
+
+/// When workers are recycled (--max-requests and its jitter).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Recycling {
+    pub max_requests: Option<u64>,
+    pub jitter: u64,
 }
 
 pub struct Supervisor {
@@ -65,6 +78,7 @@ pub struct Supervisor {
     template: WorkerArgs,
     /// The daemon's log filter, so workers log at the same level.
     log_filter: String,
+    recycling: Recycling,
     next_incarnation: u64,
     pub slots: Vec<Slot>,
 }
@@ -75,19 +89,23 @@ impl Supervisor {
         template: WorkerArgs,
         workers: usize,
         log_filter: &str,
+        recycling: Recycling,
     ) -> Supervisor {
         let now = Instant::now();
         let slots = (0..workers)
             .map(|_| Slot {
                 state: SlotState::Backoff { until: now },
-                started_at: now,
                 failures: 0,
+                served: 0,
+                request_limit: None,
+                retiring: false,
             })
             .collect();
         Supervisor {
             program,
             template,
             log_filter: log_filter.to_string(),
+            recycling,
             next_incarnation: 1,
             slots,
         }
@@ -113,9 +131,18 @@ impl Supervisor {
             "worker {incarnation} started in slot {slot} (pid {})",
             child.id()
         );
+        let jitter = match self.recycling.jitter {
+            0 => 0,
+            n => random_u64() % (n + 1),
+        };
         let slot = &mut self.slots[slot];
         slot.state = SlotState::Starting { child, incarnation };
-        slot.started_at = Instant::now();
+        slot.served = 0;
+        slot.retiring = false;
+        slot.request_limit = self
+            .recycling
+            .max_requests
+            .map(|n| n.saturating_add(jitter));
         Ok(incarnation)
     }
 
@@ -160,35 +187,57 @@ impl Supervisor {
                     continue;
                 }
             };
-            deaths.push(Death {
-                slot: index,
-                incarnation,
-                status,
-                before_ready,
-            });
-            let now = Instant::now();
-            if !before_ready && now - slot.started_at >= HEALTHY_AFTER {
-                slot.failures = 0;
-            }
-            let delay = if slot.failures == 0 {
+            let retired = slot.retiring;
+            let delay = if retired || slot.failures == 0 {
                 Duration::ZERO
             } else {
                 FIRST_BACKOFF
                     .saturating_mul(1 << (slot.failures - 1).min(16))
                     .min(MAX_BACKOFF)
             };
-            slot.failures = slot.failures.saturating_add(1);
-            slot.state = SlotState::Backoff { until: now + delay };
+            if !retired {
+                slot.failures = slot.failures.saturating_add(1);
+            }
+            slot.retiring = false;
+            slot.state = SlotState::Backoff {
+                until: Instant::now() + delay,
+            };
+            deaths.push(Death {
+                slot: index,
+                incarnation,
+                status,
+                before_ready,
+                retired,
+                restart_in: delay,
+            });
         }
         deaths
     }
 
-    /// The delay a slot in back-off waits, for the log.
-    pub fn backoff_of(&self, slot: usize) -> Option<Duration> {
-        match self.slots[slot].state {
-            SlotState::Backoff { until } => Some(until.saturating_duration_since(Instant::now())),
-            _ => None,
-        }
+    /// A worker answered a request (even with a handler error): the handler
+    /// works, so a later death restarts at once. Returns true when the worker
+    /// has reached its --max-requests and should be retired.
+    pub fn note_served(&mut self, slot: usize) -> bool {
+        let slot = &mut self.slots[slot];
+        slot.failures = 0;
+        slot.served += 1;
+        !slot.retiring && slot.request_limit.is_some_and(|limit| slot.served >= limit)
+    }
+
+    /// Requests the worker in `slot` has served.
+    pub fn served(&self, slot: usize) -> u64 {
+        self.slots[slot].served
+    }
+
+    /// Whether no worker can serve and every slot keeps failing (died twice
+    /// or more without serving a request): the handler crashes at init or on
+    /// every request, and restarts are backing off. One death is not enough:
+    /// a crash on one bad request restarts at once.
+    pub fn all_failing(&self) -> bool {
+        self.slots.iter().all(|slot| {
+            slot.failures >= 2
+                && !matches!(slot.state, SlotState::Ready { .. } | SlotState::Stopped)
+        })
     }
 
     /// Slots whose back-off has run out, to be started again.
@@ -264,6 +313,19 @@ impl Supervisor {
             slot.state = SlotState::Stopped;
         }
     }
+}
+
+/// A random number for jitter, from the standard library's per-process
+/// random hash keys (no dependency needed for this little).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish()
 }
 
 /// Describes an exit status for the log: "exited with status 3", "killed by SIGSEGV".

@@ -9,6 +9,8 @@ use crate::channel::{self, Kind};
 use crate::plugin::Plugin;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// The argument that selects worker mode.
 pub const WORKER_ARG: &str = "__worker";
@@ -129,10 +131,19 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
     )?;
     replies.send(std::process::id().to_string().as_bytes(), 0)?;
 
+    // SIGTERM asks for a graceful stop: finish the request at hand, then
+    // call the handler's shutdown. The blocking receive returns EINTR.
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
+
     let mut id_frame = zmq::Message::new();
     let mut payload = zmq::Message::new();
-    loop {
-        requests.recv(&mut id_frame, 0)?;
+    while !stop.load(Ordering::Relaxed) {
+        match requests.recv(&mut id_frame, 0) {
+            Ok(()) => {}
+            Err(zmq::Error::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
         if !id_frame.get_more() {
             log::error!(
                 "worker {}: dropped a request with no payload frame",
@@ -140,7 +151,12 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
             );
             continue;
         }
-        requests.recv(&mut payload, 0)?;
+        // The frames of a message arrive together; only a signal can delay this.
+        while let Err(e) = requests.recv(&mut payload, 0) {
+            if e != zmq::Error::EINTR {
+                return Err(e.into());
+            }
+        }
         let Ok(id) = <[u8; 8]>::try_from(&id_frame[..]).map(u64::from_le_bytes) else {
             log::error!(
                 "worker {}: dropped a request with a malformed id",
@@ -159,4 +175,7 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
         replies.send(&channel::header(kind, id)[..], zmq::SNDMORE)?;
         replies.send(body, 0)?;
     }
+    log::debug!("worker {}: stopping on request", args.incarnation);
+    drop(plugin);
+    Ok(())
 }

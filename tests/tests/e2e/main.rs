@@ -4,6 +4,7 @@
 mod check;
 mod failures;
 mod lifecycle;
+mod limits;
 mod round_trip;
 mod shell;
 mod workers;
