@@ -216,4 +216,75 @@ mod tests {
         }
         assert!(!decoder.started());
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Feeds `stream` to a decoder in the given chunk sizes, the way a
+        /// socket hands out bytes, mixing `feed` and in-place body reads.
+        fn decode(stream: &[u8], cuts: &[usize], limit: u32) -> Result<Decoded, FrameError> {
+            let mut decoder = RequestDecoder::new(limit);
+            let mut rest = stream;
+            let mut cuts = cuts.iter().cycle();
+            while !rest.is_empty() {
+                let n = (*cuts.next().unwrap()).clamp(1, rest.len());
+                let (chunk, tail) = rest.split_at(n);
+                rest = tail;
+                if decoder.body_missing().is_some_and(|missing| missing > 0) && n % 2 == 0 {
+                    let spare = decoder.body_spare();
+                    let m = n.min(spare.len());
+                    spare[..m].copy_from_slice(&chunk[..m]);
+                    rest = &stream[stream.len() - rest.len() - (n - m)..];
+                    if let Some(payload) = decoder.body_filled(m) {
+                        return Ok(Decoded::Request {
+                            payload,
+                            consumed: m,
+                        });
+                    }
+                    continue;
+                }
+                match decoder.feed(chunk)? {
+                    Decoded::Incomplete => {}
+                    done => return Ok(done),
+                }
+            }
+            Ok(Decoded::Incomplete)
+        }
+
+        proptest! {
+            #[test]
+            fn framed_payloads_decode_whole_under_any_split(
+                payload in proptest::collection::vec(any::<u8>(), 1..3000),
+                cuts in proptest::collection::vec(1usize..700, 1..20),
+            ) {
+                match decode(&pack(&payload), &cuts, 4096).unwrap() {
+                    Decoded::Request { payload: got, .. } => prop_assert_eq!(got, payload),
+                    other => prop_assert!(false, "{:?}", other),
+                }
+            }
+
+            #[test]
+            fn garbage_never_panics_and_never_exceeds_the_limit(
+                bytes in proptest::collection::vec(any::<u8>(), 0..2000),
+                cuts in proptest::collection::vec(1usize..300, 1..10),
+                limit in 0u32..1500,
+            ) {
+                match decode(&bytes, &cuts, limit) {
+                    Ok(Decoded::Request { payload, .. }) => {
+                        let announced = u32::from_be_bytes(bytes[..4].try_into().unwrap());
+                        prop_assert!(announced <= limit);
+                        prop_assert_eq!(payload.len(), announced as usize);
+                        prop_assert_eq!(&payload[..], &bytes[4..4 + announced as usize]);
+                    }
+                    Ok(Decoded::Empty) => prop_assert_eq!(&bytes[..4], &[0u8; 4][..]),
+                    Ok(Decoded::Incomplete) => {}
+                    Err(FrameError::TooLarge { announced, limit: l }) => {
+                        prop_assert!(announced > l);
+                        prop_assert_eq!(l, limit);
+                    }
+                }
+            }
+        }
+    }
 }
