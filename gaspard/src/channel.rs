@@ -6,8 +6,10 @@
 //! PUSH socket to the daemon's one PULL socket (`replies.ipc`) for replies.
 //! Both live in the private runtime directory.
 //!
-//! Messages are two frames: a 9-byte header (kind, then a little-endian u64)
-//! and a body. `ZMQ_FD` is edge-triggered: callers drain until `EAGAIN`.
+//! Messages are two frames. Daemon → worker: the request id (little-endian
+//! u64, 8 bytes), then the payload. Worker → daemon: a 9-byte header (a
+//! [`Kind`] byte, then a little-endian u64), then a body. `ZMQ_FD` is
+//! edge-triggered: callers drain until `EAGAIN`.
 
 use std::path::Path;
 

@@ -64,7 +64,8 @@ pub struct Cli {
     pub max_request_size: u64,
 
     /// Seconds a request may run in a worker before it is failed and the worker
-    /// replaced (0: no limit).
+    /// replaced (0: no limit). Also how long workers may take to load the
+    /// handler at start-up or on reload.
     #[arg(
         long,
         env = "GASPARD_TIMEOUT",
@@ -139,6 +140,18 @@ pub struct Cli {
     )]
     pub shutdown_timeout: f64,
 
+    /// After binding the port, run the daemon and its workers as this user.
+    #[arg(long, env = "GASPARD_USER", value_name = "USER")]
+    pub user: Option<String>,
+
+    /// After binding the port, run as this group [default: the user's group].
+    #[arg(long, env = "GASPARD_GROUP", value_name = "GROUP")]
+    pub group: Option<String>,
+
+    /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9123).
+    #[arg(long, env = "GASPARD_METRICS", value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+
     /// Directory for the private worker sockets [default: $RUNTIME_DIRECTORY, else a new temporary one].
     #[arg(long, env = "GASPARD_RUNTIME_DIR", value_name = "DIR")]
     pub runtime_dir: Option<PathBuf>,
@@ -181,6 +194,9 @@ pub struct Config {
     pub backlog: i32,
     pub shutdown_timeout: Duration,
     pub runtime_dir: Option<PathBuf>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Config {
@@ -216,9 +232,19 @@ impl Config {
             runtime_dir: cli
                 .runtime_dir
                 .clone()
-                .or_else(|| std::env::var_os("RUNTIME_DIRECTORY").map(PathBuf::from)),
+                .or_else(runtime_directory_from_systemd),
+            user: cli.user.clone(),
+            group: cli.group.clone(),
+            metrics: cli.metrics,
         })
     }
+}
+
+/// systemd's `$RUNTIME_DIRECTORY` (the first, if RuntimeDirectory= names several).
+fn runtime_directory_from_systemd() -> Option<PathBuf> {
+    let dirs = std::env::var_os("RUNTIME_DIRECTORY")?;
+    let first = dirs.to_str()?.split(':').next()?;
+    (!first.is_empty()).then(|| PathBuf::from(first))
 }
 
 /// The CPUs this process may run on (affinity and cgroup quota included).

@@ -45,6 +45,8 @@ pub struct Connection<R> {
     /// When the client must have sent its request, or taken its reply, by
     /// (--read-timeout); `None` while a worker has the request.
     pub deadline: Option<Instant>,
+    /// When the whole request had arrived, for the latency histogram.
+    pub received: Option<Instant>,
     trailing: usize,
 }
 
@@ -54,6 +56,7 @@ impl<R: AsRef<[u8]>> Connection<R> {
             stream,
             state: State::Reading(RequestDecoder::new(max_request)),
             deadline,
+            received: None,
             trailing: 0,
         }
     }
@@ -165,6 +168,14 @@ impl<R: AsRef<[u8]>> Connection<R> {
             }
         }
         Next::Close
+    }
+
+    /// Whether the client sent any byte of a request.
+    pub fn sent_anything(&self) -> bool {
+        match &self.state {
+            State::Reading(decoder) => decoder.started(),
+            _ => true,
+        }
     }
 
     /// What the connection was doing when its deadline passed, for the log.

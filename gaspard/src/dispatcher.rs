@@ -61,12 +61,12 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn new(workers: usize, credit: usize, timeout: Option<Duration>) -> Dispatcher {
+    pub fn new(credit: usize, timeout: Option<Duration>) -> Dispatcher {
         Dispatcher {
             requests: HashMap::new(),
             queue: VecDeque::new(),
             queued: 0,
-            workers: (0..workers).map(|_| WorkerLoad::default()).collect(),
+            workers: Vec::new(),
             credit: credit.max(1),
             timeout,
             next_id: 1,
@@ -136,13 +136,20 @@ impl Dispatcher {
 
     fn idle_worker(&self) -> Option<usize> {
         let n = self.workers.len();
+        if n == 0 {
+            return None;
+        }
         (0..n)
             .map(|i| (self.cursor + i) % n)
             .find(|&slot| self.workers[slot].ready && self.workers[slot].held.len() < self.credit)
     }
 
-    /// A worker can take requests.
+    /// A worker can take requests. Slots are numbered by the supervisor and
+    /// may grow (SIGTTIN, reloads).
     pub fn worker_ready(&mut self, slot: usize) {
+        if self.workers.len() <= slot {
+            self.workers.resize_with(slot + 1, WorkerLoad::default);
+        }
         self.workers[slot].ready = true;
     }
 
@@ -164,18 +171,22 @@ impl Dispatcher {
 
     /// Stops giving a worker requests (it is being retired).
     pub fn worker_draining(&mut self, slot: usize) {
-        self.workers[slot].ready = false;
+        if let Some(load) = self.workers.get_mut(slot) {
+            load.ready = false;
+        }
     }
 
     /// How many requests the worker in `slot` holds.
     pub fn held(&self, slot: usize) -> usize {
-        self.workers[slot].held.len()
+        self.workers.get(slot).map_or(0, |load| load.held.len())
     }
 
     /// The worker in `slot` is gone (died, or is being killed): it takes no
     /// more requests, and every request it held fails. Returns their clients.
     pub fn worker_lost(&mut self, slot: usize) -> Vec<usize> {
-        let load = &mut self.workers[slot];
+        let Some(load) = self.workers.get_mut(slot) else {
+            return Vec::new();
+        };
         load.ready = false;
         std::mem::take(&mut load.held)
             .into_iter()
@@ -247,7 +258,7 @@ mod tests {
 
     #[test]
     fn an_idle_worker_never_waits_behind_a_busy_one() {
-        let mut d = Dispatcher::new(2, 1, None);
+        let mut d = Dispatcher::new(1, None);
         d.worker_ready(0);
         d.worker_ready(1);
         let now = Instant::now();
@@ -269,7 +280,7 @@ mod tests {
 
     #[test]
     fn a_lost_worker_fails_exactly_its_requests() {
-        let mut d = Dispatcher::new(2, 1, None);
+        let mut d = Dispatcher::new(1, None);
         d.worker_ready(0);
         d.worker_ready(1);
         let now = Instant::now();
@@ -293,7 +304,7 @@ mod tests {
 
     #[test]
     fn gone_clients_cost_nothing() {
-        let mut d = Dispatcher::new(1, 1, Some(Duration::from_secs(1)));
+        let mut d = Dispatcher::new(1, Some(Duration::from_secs(1)));
         d.worker_ready(0);
         let now = Instant::now();
         let running = d.submit(1, vec![]);

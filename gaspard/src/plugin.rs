@@ -5,7 +5,9 @@
 //! The library is loaded once per worker process and never unloaded
 //! (unloading a Rust cdylib is unsound); reloading means new workers.
 
-use gaspard_handler_abi::{EntryFn, HandlerV1, Host, ABI_VERSION, ENTRY_SYMBOL, STATUS_OK};
+use gaspard_handler_abi::{
+    EntryFn, HandleFn, HandlerV1, Host, ABI_VERSION, ENTRY_SYMBOL, STATUS_OK,
+};
 use std::ffi::{c_void, CStr};
 use std::path::{Path, PathBuf};
 
@@ -22,6 +24,8 @@ pub enum PluginError {
         "handler {path}: built for handler ABI version {found}, this gaspard speaks version {ABI_VERSION}"
     )]
     AbiMismatch { path: PathBuf, found: u32 },
+    #[error("handler {path}: its table has no handle function")]
+    NoHandle { path: PathBuf },
     #[error("handler {path}: init failed: {reason}")]
     Init { path: PathBuf, reason: String },
 }
@@ -31,6 +35,7 @@ pub struct Plugin {
     // Keeps the code mapped; deliberately leaked on drop (see the module docs).
     _library: std::mem::ManuallyDrop<libloading::Library>,
     table: &'static HandlerV1,
+    handle: HandleFn,
     state: *mut c_void,
     name: String,
 }
@@ -76,13 +81,21 @@ unsafe extern "C" fn set_error<R, F>(ctx: *mut c_void, msg: *const u8, len: usiz
 impl Plugin {
     /// Loads the library at `path`, checks its ABI version and calls its init.
     pub fn load(path: &Path, config: &str) -> Result<Plugin, PluginError> {
-        let path_buf = || path.to_path_buf();
+        Plugin::load_as(path, path, config)
+    }
+
+    /// Like [`Plugin::load`], loading `path` but naming `shown` in errors (a
+    /// worker loads a snapshot of the operator's file).
+    pub fn load_as(path: &Path, shown: &Path, config: &str) -> Result<Plugin, PluginError> {
+        let path_buf = || shown.to_path_buf();
         // SAFETY: loading a library runs its initialisers; choosing to trust
         // the handler's code is the operator's decision made with --handler.
         let library = unsafe { libloading::Library::new(path) }.map_err(|e| PluginError::Load {
             path: path_buf(),
             reason: load_reason(e),
         })?;
+        // Never unloaded, not even when refused: dlclose of a Rust cdylib is unsound.
+        let library = std::mem::ManuallyDrop::new(library);
         // SAFETY: the ABI defines gaspar_handler_entry with this signature.
         let entry: EntryFn = unsafe { library.get::<EntryFn>(ENTRY_SYMBOL) }
             .map(|symbol| *symbol)
@@ -105,7 +118,8 @@ impl Plugin {
         // static data of a library we never unload.
         let table: &'static HandlerV1 = unsafe { &*table };
         let name = if table.name.is_null() {
-            path.file_stem()
+            shown
+                .file_stem()
                 .map_or_else(String::new, |s| s.to_string_lossy().into_owned())
         } else {
             // SAFETY: the ABI requires a NUL-terminated string.
@@ -113,14 +127,11 @@ impl Plugin {
                 .to_string_lossy()
                 .into_owned()
         };
-        let mut plugin = Plugin {
-            _library: std::mem::ManuallyDrop::new(library),
-            table,
-            state: std::ptr::null_mut(),
-            name,
-        };
+        let handle = table
+            .handle
+            .ok_or_else(|| PluginError::NoHandle { path: path_buf() })?;
+        let mut state = std::ptr::null_mut();
         if let Some(init) = table.init {
-            let mut state = std::ptr::null_mut();
             let (status, _, error) = with_host(
                 |_| None::<Vec<u8>>,
                 |host| {
@@ -136,9 +147,15 @@ impl Plugin {
                         .unwrap_or_else(|| format!("init returned {status}")),
                 });
             }
-            plugin.state = state;
         }
-        Ok(plugin)
+        // Only now: a handler whose init failed is not shut down.
+        Ok(Plugin {
+            _library: library,
+            table,
+            handle,
+            state,
+            name,
+        })
     }
 
     /// The handler's name, for logs.
@@ -154,7 +171,7 @@ impl Plugin {
         F: FnMut(usize) -> Option<R>,
     {
         let state = self.state;
-        let handle = self.table.handle;
+        let handle = self.handle;
         let (status, reply, error) = with_host(make_buffer, |host| {
             // SAFETY: the state init made, a request valid for the call, a valid host.
             unsafe { handle(state, request.as_ptr(), request.len(), host) }

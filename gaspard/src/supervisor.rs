@@ -6,17 +6,24 @@
 //! *incarnation* with its own number, endpoint and PUSH socket, so nothing of a
 //! dead worker can be mistaken for its replacement.
 //!
+//! Workers never load the operator's handler file directly: each *generation*
+//! of the handler is a snapshot copied into the private runtime directory. A
+//! worker that restarts loads its own generation's snapshot, so overwriting
+//! or breaking the file on disk cannot crash or change running workers; only
+//! a validated reload (SIGHUP) moves workers to a new generation.
+//!
 //! The supervisor owns processes only; the dispatcher owns the requests.
 
 use crate::worker::WorkerArgs;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// The first restart delay after a worker fails young; it doubles per failure.
+/// The first restart delay after repeated failures; it doubles per failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Restarts are never spaced further apart than this.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -34,7 +41,7 @@ pub enum SlotState {
     },
     /// Waiting to be restarted after failures.
     Backoff { until: Instant },
-    /// Stopped on purpose (shutdown).
+    /// No worker, and none to start: a free slot.
     Stopped,
 }
 
@@ -42,14 +49,30 @@ pub enum SlotState {
 #[derive(Debug)]
 pub struct Slot {
     pub state: SlotState,
+    /// The handler generation this slot's workers load.
+    pub generation: u64,
     /// Consecutive deaths without a served request in between.
     failures: u32,
     /// Requests the current incarnation has served.
     served: u64,
     /// The current incarnation is recycled after this many requests.
     request_limit: Option<u64>,
-    /// Being replaced on purpose (--max-requests): its exit is no failure.
-    pub retiring: bool,
+    /// Being stopped on purpose: its exit is no failure.
+    retiring: bool,
+    /// Not to be restarted once stopped (fewer workers, or replaced by a reload).
+    removing: bool,
+}
+
+impl Slot {
+    /// Whether a process runs (or is about to) in this slot.
+    pub fn is_live(&self) -> bool {
+        !matches!(self.state, SlotState::Stopped)
+    }
+
+    /// Whether it counts towards the worker count: live and staying.
+    pub fn is_active(&self) -> bool {
+        self.is_live() && !self.removing
+    }
 }
 
 /// Why a worker went away.
@@ -60,8 +83,10 @@ pub struct Death {
     pub status: ExitStatus,
     /// It never reported Ready.
     pub before_ready: bool,
-    /// It was retired on purpose, not a failure.
+    /// It was stopped on purpose, not a failure.
     pub retired: bool,
+    /// Its slot is now free (`false`: a worker restarts after `restart_in`).
+    pub removed: bool,
     /// When the slot's next worker starts (back-off after repeated failures).
     pub restart_in: Duration,
 }
@@ -79,56 +104,129 @@ pub struct Supervisor {
     /// The daemon's log filter, so workers log at the same level.
     log_filter: String,
     recycling: Recycling,
+    /// Handler snapshots by generation.
+    snapshots: BTreeMap<u64, PathBuf>,
     next_incarnation: u64,
     pub slots: Vec<Slot>,
 }
 
 impl Supervisor {
+    /// `template.handler` is the operator's file; workers load snapshots of it.
     pub fn new(
         program: PathBuf,
         template: WorkerArgs,
-        workers: usize,
         log_filter: &str,
         recycling: Recycling,
     ) -> Supervisor {
-        let now = Instant::now();
-        let slots = (0..workers)
-            .map(|_| Slot {
-                state: SlotState::Backoff { until: now },
-                failures: 0,
-                served: 0,
-                request_limit: None,
-                retiring: false,
-            })
-            .collect();
         Supervisor {
             program,
             template,
             log_filter: log_filter.to_string(),
             recycling,
+            snapshots: BTreeMap::new(),
             next_incarnation: 1,
-            slots,
+            slots: Vec::new(),
         }
+    }
+
+    /// Copies the handler file into the runtime directory as a new generation.
+    pub fn snapshot_handler(&mut self) -> std::io::Result<u64> {
+        let generation = self.snapshots.keys().next_back().map_or(1, |g| g + 1);
+        let snapshot = self
+            .template
+            .runtime_dir
+            .join(format!("handler-{generation}.so"));
+        std::fs::copy(&self.template.handler, &snapshot)?;
+        self.snapshots.insert(generation, snapshot);
+        Ok(generation)
+    }
+
+    /// Deletes the snapshots no slot uses any more, except `keep`.
+    pub fn forget_unused_snapshots(&mut self, keep: u64) {
+        let used: Vec<u64> = self
+            .slots
+            .iter()
+            .filter(|slot| slot.is_live())
+            .map(|slot| slot.generation)
+            .collect();
+        self.snapshots.retain(|generation, path| {
+            let keep = *generation == keep || used.contains(generation);
+            if !keep {
+                let _ = std::fs::remove_file(path.as_path());
+            }
+            keep
+        });
+    }
+
+    /// The operator's handler file.
+    pub fn handler_source(&self) -> &Path {
+        &self.template.handler
+    }
+
+    /// Adds a worker position for `generation` (reusing a free one) and
+    /// starts its worker. Returns the slot.
+    pub fn add(&mut self, generation: u64) -> std::io::Result<usize> {
+        let slot = match self.slots.iter().position(|slot| !slot.is_live()) {
+            Some(free) => free,
+            None => {
+                self.slots.push(Slot {
+                    state: SlotState::Stopped,
+                    generation,
+                    failures: 0,
+                    served: 0,
+                    request_limit: None,
+                    retiring: false,
+                    removing: false,
+                });
+                self.slots.len() - 1
+            }
+        };
+        let entry = &mut self.slots[slot];
+        entry.generation = generation;
+        entry.failures = 0;
+        entry.removing = false;
+        self.start(slot)?;
+        Ok(slot)
     }
 
     /// Starts a worker in `slot`. Returns its incarnation.
     pub fn start(&mut self, slot: usize) -> std::io::Result<u64> {
         let incarnation = self.next_incarnation;
         self.next_incarnation += 1;
+        let generation = self.slots[slot].generation;
+        let snapshot = self.snapshots.get(&generation).cloned().ok_or_else(|| {
+            std::io::Error::other(format!("no snapshot of handler generation {generation}"))
+        })?;
         let args = WorkerArgs {
             incarnation,
+            load_from: snapshot,
             ..self.template.clone()
         };
-        let child = Command::new(&self.program)
+        let mut command = Command::new(&self.program);
+        for name in crate::notify::DAEMON_ONLY_ENV {
+            command.env_remove(name);
+        }
+        let spawned = command
             .args(args.to_args())
             .stdin(Stdio::null())
             .env(crate::logging::FILTER_ENV, &self.log_filter)
+            .env(crate::worker::CONFIG_ENV, &self.template.handler_config)
             // Its own process group: a terminal's Ctrl-C reaches the daemon
             // alone, which then stops the workers in order.
             .process_group(0)
-            .spawn()?;
+            .spawn();
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                // Try again later rather than never.
+                self.slots[slot].state = SlotState::Backoff {
+                    until: Instant::now() + MAX_BACKOFF,
+                };
+                return Err(e);
+            }
+        };
         log::debug!(
-            "worker {incarnation} started in slot {slot} (pid {})",
+            "worker {incarnation} started in slot {slot} (pid {}, handler generation {generation})",
             child.id()
         );
         let jitter = match self.recycling.jitter {
@@ -168,6 +266,24 @@ impl Supervisor {
         };
     }
 
+    /// Marks a worker to be stopped on purpose; with `remove`, its slot is
+    /// freed afterwards instead of restarted. A slot with no process is
+    /// freed (or left to restart) at once.
+    pub fn retire(&mut self, slot: usize, remove: bool) {
+        let entry = &mut self.slots[slot];
+        entry.removing |= remove;
+        match entry.state {
+            SlotState::Starting { .. } | SlotState::Ready { .. } => entry.retiring = true,
+            SlotState::Backoff { .. } if entry.removing => entry.state = SlotState::Stopped,
+            _ => {}
+        }
+    }
+
+    /// Whether the worker in `slot` is being stopped on purpose.
+    pub fn is_retiring(&self, slot: usize) -> bool {
+        self.slots[slot].retiring
+    }
+
     /// Collects every worker that has exited. Call on SIGCHLD.
     pub fn reap(&mut self) -> Vec<Death> {
         let mut deaths = Vec::new();
@@ -188,7 +304,7 @@ impl Supervisor {
                 }
             };
             let retired = slot.retiring;
-            let delay = if retired || slot.failures == 0 {
+            let delay = if retired || slot.failures < 1 {
                 Duration::ZERO
             } else {
                 FIRST_BACKOFF
@@ -199,8 +315,12 @@ impl Supervisor {
                 slot.failures = slot.failures.saturating_add(1);
             }
             slot.retiring = false;
-            slot.state = SlotState::Backoff {
-                until: Instant::now() + delay,
+            slot.state = if slot.removing {
+                SlotState::Stopped
+            } else {
+                SlotState::Backoff {
+                    until: Instant::now() + delay,
+                }
             };
             deaths.push(Death {
                 slot: index,
@@ -208,6 +328,7 @@ impl Supervisor {
                 status,
                 before_ready,
                 retired,
+                removed: slot.removing,
                 restart_in: delay,
             });
         }
@@ -224,20 +345,15 @@ impl Supervisor {
         !slot.retiring && slot.request_limit.is_some_and(|limit| slot.served >= limit)
     }
 
-    /// Requests the worker in `slot` has served.
-    pub fn served(&self, slot: usize) -> u64 {
-        self.slots[slot].served
-    }
-
-    /// Whether no worker can serve and every slot keeps failing (died twice
-    /// or more without serving a request): the handler crashes at init or on
-    /// every request, and restarts are backing off. One death is not enough:
-    /// a crash on one bad request restarts at once.
+    /// Whether no worker can serve and every active slot keeps failing (died
+    /// twice or more without serving a request): the handler crashes at init
+    /// or on every request, and restarts are backing off. One death is not
+    /// enough: a crash on one bad request restarts at once.
     pub fn all_failing(&self) -> bool {
-        self.slots.iter().all(|slot| {
-            slot.failures >= 2
-                && !matches!(slot.state, SlotState::Ready { .. } | SlotState::Stopped)
-        })
+        let mut active = self.slots.iter().filter(|slot| slot.is_active()).peekable();
+        active.peek().is_some()
+            && active
+                .all(|slot| slot.failures >= 2 && !matches!(slot.state, SlotState::Ready { .. }))
     }
 
     /// Slots whose back-off has run out, to be started again.
@@ -286,6 +402,7 @@ impl Supervisor {
     /// all of them so that none outlives the daemon.
     pub fn stop_all(&mut self, grace: Duration) {
         for slot in 0..self.slots.len() {
+            self.retire(slot, true);
             self.signal(slot, Signal::SIGTERM);
         }
         let deadline = Instant::now() + grace;
@@ -312,6 +429,7 @@ impl Supervisor {
         for slot in &mut self.slots {
             slot.state = SlotState::Stopped;
         }
+        self.forget_unused_snapshots(0);
     }
 }
 
@@ -328,7 +446,7 @@ fn random_u64() -> u64 {
     hasher.finish()
 }
 
-/// Describes an exit status for the log: "exited with status 3", "killed by SIGSEGV".
+/// Describes an exit status for the log: "exited with status 3", "was killed by SIGSEGV".
 pub fn describe(status: &ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     if let Some(code) = status.code() {

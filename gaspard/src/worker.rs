@@ -15,6 +15,14 @@ use std::sync::Arc;
 /// The argument that selects worker mode.
 pub const WORKER_ARG: &str = "__worker";
 
+/// The handler config travels in the environment, which only the owner can
+/// read, rather than on the command line, which `ps` shows to everyone.
+pub const CONFIG_ENV: &str = "GASPARD_WORKER_HANDLER_CONFIG";
+
+/// How often a worker waiting for a request re-checks whether it was asked to
+/// stop: a SIGTERM that lands just before the wait must not be lost.
+const STOP_CHECK: i32 = 250;
+
 /// Exit code of a worker whose handler could not be loaded.
 pub const EXIT_INIT_FAILED: u8 = 3;
 
@@ -24,7 +32,10 @@ pub struct WorkerArgs {
     pub runtime_dir: PathBuf,
     pub incarnation: u64,
     pub daemon_pid: i32,
+    /// The operator's handler file, as named in messages.
     pub handler: PathBuf,
+    /// The snapshot of it that this worker loads.
+    pub load_from: PathBuf,
     pub handler_config: String,
 }
 
@@ -37,7 +48,7 @@ impl WorkerArgs {
             self.incarnation.to_string().into(),
             self.daemon_pid.to_string().into(),
             self.handler.clone().into(),
-            self.handler_config.clone().into(),
+            self.load_from.clone().into(),
         ]
     }
 
@@ -53,14 +64,14 @@ impl WorkerArgs {
         let incarnation = number(next("incarnation")?, "incarnation")?;
         let daemon_pid = number(next("daemon pid")?, "daemon pid")? as i32;
         let handler = PathBuf::from(next("handler")?);
-        let handler_config = next("handler config")?
-            .into_string()
-            .map_err(|_| "worker: handler config is not UTF-8".to_string())?;
+        let load_from = PathBuf::from(next("handler snapshot")?);
+        let handler_config = std::env::var(CONFIG_ENV).unwrap_or_default();
         Ok(WorkerArgs {
             runtime_dir,
             incarnation,
             daemon_pid,
             handler,
+            load_from,
             handler_config,
         })
     }
@@ -73,6 +84,12 @@ impl AsMut<[u8]> for ReplyBuffer {
     fn as_mut(&mut self) -> &mut [u8] {
         &mut self.0
     }
+}
+
+/// A zmq message of `len` bytes for the handler to fill; `None` (NULL to the
+/// handler) if it cannot be allocated, rather than a panic across the ABI.
+fn reply_buffer(len: usize) -> Option<ReplyBuffer> {
+    std::panic::catch_unwind(|| ReplyBuffer(zmq::Message::with_size(len))).ok()
 }
 
 /// The worker's main function.
@@ -100,7 +117,7 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
     replies.set_linger(1000)?;
     replies.connect(&channel::replies_endpoint(&args.runtime_dir))?;
 
-    let mut plugin = match Plugin::load(&args.handler, &args.handler_config) {
+    let mut plugin = match Plugin::load_as(&args.load_from, &args.handler, &args.handler_config) {
         Ok(plugin) => plugin,
         Err(e) => {
             let reason = e.to_string();
@@ -115,6 +132,7 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
         }
     };
     let requests = channel::socket(&ctx, zmq::PULL)?;
+    requests.set_rcvtimeo(STOP_CHECK)?;
     requests.bind(&channel::worker_endpoint(
         &args.runtime_dir,
         args.incarnation,
@@ -141,7 +159,7 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
     while !stop.load(Ordering::Relaxed) {
         match requests.recv(&mut id_frame, 0) {
             Ok(()) => {}
-            Err(zmq::Error::EINTR) => continue,
+            Err(zmq::Error::EINTR | zmq::Error::EAGAIN) => continue,
             Err(e) => return Err(e.into()),
         }
         if !id_frame.get_more() {
@@ -153,7 +171,7 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
         }
         // The frames of a message arrive together; only a signal can delay this.
         while let Err(e) = requests.recv(&mut payload, 0) {
-            if e != zmq::Error::EINTR {
+            if !matches!(e, zmq::Error::EINTR | zmq::Error::EAGAIN) {
                 return Err(e.into());
             }
         }
@@ -164,9 +182,7 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
             );
             continue;
         };
-        let outcome = plugin.handle(&payload, |len| {
-            Some(ReplyBuffer(zmq::Message::with_size(len)))
-        });
+        let outcome = plugin.handle(&payload, reply_buffer);
         let (kind, body) = match outcome {
             Ok(Some(reply)) => (Kind::Reply, reply.0),
             Ok(None) => (Kind::Reply, zmq::Message::new()),

@@ -42,9 +42,11 @@ typedef struct gaspar_handler_v1 {
     uint32_t abi_version; /* GASPAR_ABI_VERSION; always the first field */
     const char *name;     /* for logs; may be NULL */
     /* Optional (NULL: state stays NULL). config is the --handler-config string,
-     * not NUL-terminated. Store per-worker state in *state. */
+     * not NUL-terminated. Store per-worker state in *state. If init fails,
+     * shutdown is not called: release anything allocated before failing. */
     int (*init)(const uint8_t *config, size_t config_len, void **state, const gaspar_host *host);
-    /* Required. Write the reply through host->reply_buffer. */
+    /* Required (a NULL handle is refused at load). Write the reply through
+     * host->reply_buffer. */
     int (*handle)(void *state, const uint8_t *request, size_t request_len, const gaspar_host *host);
     /* Optional: releases state when the worker stops gracefully. */
     void (*shutdown)(void *state);

@@ -107,7 +107,8 @@ pub struct HandlerV1 {
     pub name: *const c_char,
     /// May be absent: the state pointer is then NULL.
     pub init: Option<InitFn>,
-    pub handle: HandleFn,
+    /// Required; a table without it is refused.
+    pub handle: Option<HandleFn>,
     /// May be absent.
     pub shutdown: Option<ShutdownFn>,
 }
@@ -164,7 +165,7 @@ macro_rules! export_handler {
                 abi_version: $crate::ABI_VERSION,
                 name: concat!(env!("CARGO_PKG_NAME"), "\0").as_ptr().cast(),
                 init: Some(init),
-                handle,
+                handle: Some(handle),
                 shutdown: Some(shutdown),
             };
             &ENTRY
@@ -189,7 +190,7 @@ macro_rules! export_handler {
                 abi_version: $crate::ABI_VERSION,
                 name: concat!(env!("CARGO_PKG_NAME"), "\0").as_ptr().cast(),
                 init: None,
-                handle,
+                handle: Some(handle),
                 shutdown: None,
             };
             &ENTRY

@@ -1,0 +1,292 @@
+//! Client connections: accepting, reading requests, writing replies, closing,
+//! and the limits on clients (--max-connections, --read-timeout, --max-queue).
+
+use super::{Daemon, Phase, Reply, CONN_BASE, LISTENER};
+use crate::connection::{Connection, Next, State};
+use crate::metrics::Outcome;
+use mio::{Interest, Token};
+use std::io;
+use std::time::{Duration, Instant};
+
+/// How long accept stays paused after running out of file descriptors.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// How a connection ends.
+pub(super) enum End {
+    /// A clean close: the reply is written, the request was empty, or the
+    /// client left without sending anything (no outcome to count).
+    Clean(Option<Outcome>),
+    /// A reset, which tells the client its request failed. The reason is
+    /// logged unless empty; the outcome is counted if there was a request.
+    Reset(Option<Outcome>, String),
+}
+
+impl Daemon {
+    pub(super) fn accept(&mut self) {
+        if !self.accepting {
+            return;
+        }
+        loop {
+            if self.conns.len() >= self.max_connections {
+                log::warn!(
+                    "{} connections open (--max-connections); accept paused until one closes",
+                    self.conns.len()
+                );
+                self.at_capacity = true;
+                self.pause_accept(None);
+                return;
+            }
+            let Some(listener) = self.listener.as_ref() else {
+                return;
+            };
+            let (stream, _) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_resource_exhaustion(&e) => {
+                    // Retrying now would spin: the connection stays in the
+                    // backlog until a descriptor frees up.
+                    log::warn!(
+                        "cannot accept: {e}; pausing accept for {} ms ({} connections open)",
+                        ACCEPT_PAUSE.as_millis(),
+                        self.conns.len()
+                    );
+                    self.pause_accept(Some(Instant::now() + ACCEPT_PAUSE));
+                    return;
+                }
+                Err(e) => {
+                    log::debug!("accept failed: {e}");
+                    continue;
+                }
+            };
+            let entry = self.conns.vacant_entry();
+            let token = Token(CONN_BASE + entry.key());
+            let deadline = self.config.read_timeout.map(|t| Instant::now() + t);
+            let mut conn = Connection::new(stream, self.config.max_request_size, deadline);
+            // Both directions at once: edge-triggered, so no re-registering later.
+            if let Err(e) = self.poll.registry().register(
+                &mut conn.stream,
+                token,
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                log::warn!("cannot watch a new connection: {e}");
+                continue;
+            }
+            entry.insert(conn);
+            self.metrics.connections.inc();
+        }
+    }
+
+    /// Stops accepting, until `until` or (if `None`) until a connection closes.
+    fn pause_accept(&mut self, until: Option<Instant>) {
+        if let Some(listener) = self.listener.as_mut() {
+            let _ = self.poll.registry().deregister(listener);
+        }
+        self.accepting = false;
+        self.accept_paused_until = until;
+    }
+
+    pub(super) fn resume_accept(&mut self) {
+        self.accept_paused_until = None;
+        self.at_capacity = false;
+        if self.phase != Phase::Serving || self.accepting {
+            return;
+        }
+        if let Some(listener) = self.listener.as_mut() {
+            if self
+                .poll
+                .registry()
+                .register(listener, LISTENER, Interest::READABLE)
+                .is_ok()
+            {
+                self.accepting = true;
+                self.accept();
+            }
+        }
+    }
+
+    pub(super) fn on_connection_event(&mut self, key: usize, event: &mio::event::Event) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return; // closed earlier in this batch
+        };
+        let mut next = Next::Wait;
+        if event.is_readable() || event.is_read_closed() || event.is_error() {
+            next = conn.on_readable(&mut self.scratch);
+        }
+        if matches!(next, Next::Wait) && event.is_writable() {
+            next = conn.on_writable();
+        }
+        loop {
+            let was_request = matches!(next, Next::Request(_));
+            self.advance(key, next);
+            // Readiness is edge-triggered: whatever followed the request in
+            // the socket must be read now, or no event would say so again.
+            match self.conns.get_mut(key) {
+                Some(conn) if was_request => next = conn.on_readable(&mut self.scratch),
+                _ => return,
+            }
+        }
+    }
+
+    /// Acts on what a connection asked for.
+    fn advance(&mut self, key: usize, next: Next) {
+        match next {
+            Next::Wait => {}
+            Next::Request(payload) => {
+                if let Some(refusal) = self.refusal() {
+                    self.close(key, End::Reset(Some(Outcome::refused), refusal));
+                    return;
+                }
+                let id = self.dispatcher.submit(key, payload);
+                let conn = &mut self.conns[key];
+                conn.state = State::Waiting(id);
+                conn.deadline = None;
+                conn.received = Some(Instant::now());
+            }
+            Next::Close => {
+                let conn = &self.conns[key];
+                let outcome = match conn.state {
+                    State::Writing { .. } => Some(Outcome::ok),
+                    // Connected and left without a word: no request to count.
+                    _ if !conn.sent_anything() => None,
+                    _ => Some(Outcome::empty),
+                };
+                self.close(key, End::Clean(outcome));
+            }
+            Next::Reset(reason) => self.close(key, End::Reset(Some(Outcome::bad_request), reason)),
+            Next::Gone(e) => {
+                log::debug!("client went away: {e}");
+                let had_request = !matches!(self.conns[key].state, State::Reading(_));
+                let outcome = had_request.then_some(Outcome::client_gone);
+                self.close(key, End::Reset(outcome, String::new()));
+            }
+        }
+    }
+
+    /// Hands a reply to its client, if it is still connected.
+    pub(super) fn deliver(&mut self, key: usize, reply: Reply) {
+        let deadline = self.config.read_timeout.map(|t| Instant::now() + t);
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if let Some(received) = conn.received {
+            self.metrics
+                .latency
+                .observe(received.elapsed().as_secs_f64());
+        }
+        let next = conn.reply(reply, deadline);
+        self.advance(key, next);
+    }
+
+    /// Why a new request cannot be taken, if it cannot: the queue is full,
+    /// or no worker can run it. Refusing at once beats queueing without end.
+    fn refusal(&self) -> Option<String> {
+        if self.supervisor.all_failing() {
+            return Some("no worker can take the request: the handler keeps failing".into());
+        }
+        if self.dispatcher.queued() >= self.config.max_queue && !self.dispatcher.has_idle_worker() {
+            return Some(format!(
+                "queue is full ({} requests waiting, --max-queue)",
+                self.dispatcher.queued()
+            ));
+        }
+        None
+    }
+
+    /// Removes a connection, counting how its request ended.
+    pub(super) fn close(&mut self, key: usize, end: End) {
+        let Some(mut conn) = self.conns.try_remove(key) else {
+            return;
+        };
+        self.metrics.connections.dec();
+        if let Some(id) = conn.waiting_for() {
+            self.dispatcher.client_gone(id);
+        }
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        match end {
+            End::Clean(outcome) => {
+                if let Some(outcome) = outcome {
+                    self.metrics.request_ended(outcome);
+                }
+                conn.close(&mut self.scratch);
+            }
+            End::Reset(outcome, reason) => {
+                if let Some(outcome) = outcome {
+                    self.metrics.request_ended(outcome);
+                }
+                if !reason.is_empty() {
+                    let peer = conn
+                        .stream
+                        .peer_addr()
+                        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+                    self.client_warnings.warn(
+                        Instant::now(),
+                        format_args!("client {peer}: {reason}; connection reset"),
+                    );
+                }
+                conn.reset();
+            }
+        }
+        if self.at_capacity && self.conns.len() < self.max_connections {
+            self.resume_accept();
+        }
+    }
+
+    /// Resets every connection (stopping now).
+    pub(super) fn reset_all_clients(&mut self) {
+        let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            let outcome = self.conns[key].waiting_for().map(|_| Outcome::worker_lost);
+            self.close(key, End::Reset(outcome, String::new()));
+        }
+    }
+
+    /// When client deadlines should next be checked: a periodic sweep over
+    /// the open connections is cheaper than a timer per connection.
+    pub(super) fn next_sweep(&self) -> Option<Instant> {
+        if self.conns.is_empty() && self.scrapes.is_empty() {
+            return None;
+        }
+        let every = match self.config.read_timeout {
+            Some(timeout) => (timeout / 8).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+            None if !self.scrapes.is_empty() => Duration::from_secs(1),
+            None => return None,
+        };
+        Some(self.last_sweep + every)
+    }
+
+    /// Resets every client past its --read-timeout deadline.
+    pub(super) fn sweep(&mut self, now: Instant) {
+        self.last_sweep = now;
+        let overdue: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, conn)| conn.deadline.is_some_and(|deadline| deadline <= now))
+            .map(|(key, _)| key)
+            .collect();
+        for key in overdue {
+            let conn = &self.conns[key];
+            let doing = conn.stalled_doing();
+            let outcome = match conn.state {
+                State::Writing { .. } => Some(Outcome::client_gone),
+                // Silence before any byte is an idle connection, not a request.
+                _ if !conn.sent_anything() => None,
+                _ => Some(Outcome::bad_request),
+            };
+            self.close(
+                key,
+                End::Reset(outcome, format!("{doing} within --read-timeout")),
+            );
+        }
+        self.sweep_scrapes(now);
+    }
+}
+
+/// Errors after which retrying accept at once would spin.
+pub(super) fn is_resource_exhaustion(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(errno) if [nix::libc::EMFILE, nix::libc::ENFILE, nix::libc::ENOBUFS, nix::libc::ENOMEM]
+            .contains(&errno)
+    )
+}

@@ -1,0 +1,220 @@
+//! Counters an operator can scrape (`--metrics ADDR`), in the Prometheus /
+//! OpenMetrics text format, and the tiny HTTP exchange that serves them from
+//! the daemon's own loop.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// How a request ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // label values are conventionally snake_case
+pub enum Outcome {
+    /// The reply was written in full.
+    ok,
+    /// A zero-length request, closed without a reply.
+    empty,
+    /// The handler reported an error (or panicked).
+    handler_error,
+    /// The worker died while holding it, or could not be sent to.
+    worker_lost,
+    /// It ran past --timeout.
+    timeout,
+    /// Refused at once: queue full, or no worker can run it.
+    refused,
+    /// The client broke the protocol or a limit (size, read timeout).
+    bad_request,
+    /// The client went away first.
+    client_gone,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: Outcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabel {
+    cause: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<OutcomeLabel, Counter>,
+    pub in_flight: Gauge,
+    pub queued: Gauge,
+    pub connections: Gauge,
+    pub workers_ready: Gauge,
+    pub worker_starts: Counter,
+    worker_exits: Family<CauseLabel, Counter>,
+    /// From the whole request being read to its reply being ready.
+    pub latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let mut registry = Registry::with_prefix("gaspard");
+        let requests = Family::<OutcomeLabel, Counter>::default();
+        registry.register("requests", "Requests by how they ended", requests.clone());
+        let in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "Requests held by workers",
+            in_flight.clone(),
+        );
+        let queued = Gauge::default();
+        registry.register(
+            "requests_queued",
+            "Requests waiting for a worker",
+            queued.clone(),
+        );
+        let connections = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Client connections open",
+            connections.clone(),
+        );
+        let workers_ready = Gauge::default();
+        registry.register(
+            "workers_ready",
+            "Workers ready to serve",
+            workers_ready.clone(),
+        );
+        let worker_starts = Counter::default();
+        registry.register(
+            "worker_starts",
+            "Worker processes started",
+            worker_starts.clone(),
+        );
+        let worker_exits = Family::<CauseLabel, Counter>::default();
+        registry.register(
+            "worker_exits",
+            "Worker processes gone, by cause (signal, exit status, or a planned stop)",
+            worker_exits.clone(),
+        );
+        // 50 µs to about 3.5 minutes.
+        let latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 22));
+        registry.register(
+            "request_duration_seconds",
+            "Time from a whole request read to its reply ready (queue and handler)",
+            latency.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            in_flight,
+            queued,
+            connections,
+            workers_ready,
+            worker_starts,
+            worker_exits,
+            latency,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn request_ended(&self, outcome: Outcome) {
+        self.requests.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// `cause`: a signal name, `exit_N`, or a planned stop such as `recycled`.
+    pub fn worker_exited(&self, cause: &str) {
+        self.worker_exits
+            .get_or_create(&CauseLabel {
+                cause: cause.to_string(),
+            })
+            .inc();
+    }
+
+    /// The exposition text.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// The most bytes of an HTTP request the metrics endpoint reads.
+pub const MAX_HTTP_REQUEST: usize = 8 * 1024;
+
+/// Answers one HTTP request for the metrics endpoint: `Some(response)` once
+/// the request head is complete, `None` while more is needed.
+pub fn http_response(request: &[u8], metrics: impl FnOnce() -> String) -> Option<Vec<u8>> {
+    let head_end = request.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&request[..head_end]);
+    let mut words = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, content_type, body) = match (method, path) {
+        ("GET", "/metrics") | ("GET", "/") => (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics(),
+        ),
+        ("GET", _) => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET\n".to_string(),
+        ),
+    };
+    let mut response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    response.extend_from_slice(body.as_bytes());
+    Some(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_appear_in_the_exposition() {
+        let metrics = Metrics::default();
+        metrics.request_ended(Outcome::ok);
+        metrics.request_ended(Outcome::ok);
+        metrics.request_ended(Outcome::handler_error);
+        metrics.worker_exited("SIGSEGV");
+        metrics.latency.observe(0.001);
+        let text = metrics.encode();
+        assert!(
+            text.contains("gaspard_requests_total{outcome=\"ok\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gaspard_requests_total{outcome=\"handler_error\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gaspard_worker_exits_total{cause=\"SIGSEGV\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gaspard_request_duration_seconds_count 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn http_waits_for_the_whole_head_and_routes_by_path() {
+        assert!(http_response(b"GET /metrics HTTP/1.1\r\n", String::new).is_none());
+        let ok = http_response(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", || {
+            "m 1\n".into()
+        })
+        .unwrap();
+        let ok = String::from_utf8(ok).unwrap();
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"));
+        assert!(ok.contains("Content-Length: 4\r\n"));
+        assert!(ok.ends_with("\r\n\r\nm 1\n"));
+        let missing = http_response(b"GET /nope HTTP/1.0\r\n\r\n", String::new).unwrap();
+        assert!(missing.starts_with(b"HTTP/1.1 404"));
+    }
+}
