@@ -31,11 +31,26 @@ fn init_with(filter: &str) {
     } else {
         env_logger::WriteStyle::Never
     };
-    env_logger::Builder::new()
+    let mut builder = env_logger::Builder::new();
+    builder
         .parse_filters(filter)
         .write_style(style)
-        .format_target(false)
-        .init();
+        .format_target(false);
+    // Under systemd, journald stamps each line itself and reads the level
+    // from a syslog priority prefix.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.format(|out, record| {
+            use std::io::Write;
+            let priority = match record.level() {
+                log::Level::Error => 3,
+                log::Level::Warn => 4,
+                log::Level::Info => 6,
+                log::Level::Debug | log::Level::Trace => 7,
+            };
+            writeln!(out, "<{priority}>{}", record.args())
+        });
+    }
+    builder.init();
 }
 
 /// Keeps a flood of similar warnings (one per refused client under

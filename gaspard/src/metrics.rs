@@ -99,7 +99,7 @@ impl Default for Metrics {
         let latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 22));
         registry.register(
             "request_duration_seconds",
-            "Time from a whole request read to its reply ready (queue and handler)",
+            "Time from a whole request read to its reply ready (queue and handler), answered requests",
             latency.clone(),
         );
         Metrics {

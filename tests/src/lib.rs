@@ -136,10 +136,29 @@ pub fn try_start_with_env(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> Result<Daemon, (Option<ExitStatus>, Log)> {
+    launch(&handler(handler_name), args, env)
+}
+
+/// Starts `gaspard` on the handler file at `handler_path`.
+pub fn launch(
+    handler_path: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Result<Daemon, (Option<ExitStatus>, Log)> {
     let runtime_parent = tempfile::tempdir().expect("temporary directory");
+    // Like /tmp, so that a daemon that drops privileges (--user) can still
+    // create its own private directory inside.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            runtime_parent.path(),
+            std::fs::Permissions::from_mode(0o1777),
+        )
+        .expect("chmod the runtime parent");
+    }
     let mut child = Command::new(gaspard_bin())
         .arg("--handler")
-        .arg(handler(handler_name))
+        .arg(handler_path)
         .args(["--port", "0", "--log-level", "debug", "--runtime-dir"])
         .arg(runtime_parent.path())
         .args(args)

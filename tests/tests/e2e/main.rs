@@ -3,9 +3,11 @@
 
 mod chaos;
 mod check;
+mod clients;
 mod failures;
 mod lifecycle;
 mod limits;
+mod operations;
 mod round_trip;
 mod shell;
 mod workers;

@@ -1,0 +1,475 @@
+//! Operating gaspard: signals under load, hot reload, scaling, sd_notify,
+//! socket activation, privilege drop and metrics.
+
+use gaspard_tests::{handler, is_reset, launch, request, start, wait_gone, Daemon};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Puts `source` at `dest` atomically, as an operator should (install(1)).
+fn install(source: &Path, dest: &Path) {
+    let staging = dest.with_extension("new");
+    std::fs::copy(source, &staging).unwrap();
+    std::fs::rename(&staging, dest).unwrap();
+}
+
+/// A daemon serving a handler file the test may replace.
+fn start_replaceable(initial: &str, args: &[&str]) -> (Daemon, tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("libhandler.so");
+    install(&handler(initial), &path);
+    let daemon = launch(&path, args, &[])
+        .unwrap_or_else(|(status, log)| panic!("{status:?}: {}", log.lines().join("\n")));
+    (daemon, dir, path)
+}
+
+/// One request of a load: when its connection was made, how it ended, and
+/// the payload it sent.
+struct Sent {
+    connected: Instant,
+    outcome: Result<Vec<u8>, ErrorKind>,
+    body: Vec<u8>,
+}
+
+/// Clients sending requests until told to stop.
+struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    results: Arc<Mutex<Vec<Sent>>>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr, clients: usize, payload: fn(usize, u64) -> Vec<u8>) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let results = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..clients)
+            .map(|client| {
+                let (stop, results) = (Arc::clone(&stop), Arc::clone(&results));
+                std::thread::spawn(move || {
+                    let mut n = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let body = payload(client, n);
+                        let Ok(mut stream) = TcpStream::connect(addr) else {
+                            // Refused: the daemon stopped listening.
+                            results.lock().unwrap().push(Sent {
+                                connected: Instant::now(),
+                                outcome: Err(ErrorKind::ConnectionRefused),
+                                body,
+                            });
+                            std::thread::sleep(Duration::from_millis(5));
+                            continue;
+                        };
+                        let connected = Instant::now();
+                        stream
+                            .set_read_timeout(Some(Duration::from_secs(30)))
+                            .unwrap();
+                        let outcome = stream
+                            .write_all(&gaspard_tests::pack(&body))
+                            .and_then(|()| {
+                                let mut reply = Vec::new();
+                                stream.read_to_end(&mut reply).map(|_| reply)
+                            })
+                            .map_err(|e| e.kind());
+                        results.lock().unwrap().push(Sent {
+                            connected,
+                            outcome,
+                            body,
+                        });
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            threads,
+            results,
+        }
+    }
+
+    fn finish(self) -> Vec<Sent> {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            thread.join().unwrap();
+        }
+        std::mem::take(&mut self.results.lock().unwrap())
+    }
+}
+
+fn echo_payload(client: usize, n: u64) -> Vec<u8> {
+    format!("client {client} request {n}").into_bytes()
+}
+
+#[test]
+fn sigterm_under_load_answers_every_accepted_request() {
+    let mut daemon = start("fault", &["--workers", "2"]);
+    let load = Load::start(daemon.addr, 8, |client, n| {
+        format!("sleep:{}", 20 + (client as u64 * 7 + n) % 60).into_bytes()
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let signalled = Instant::now();
+    daemon.signal(libc::SIGTERM);
+    let status = daemon
+        .wait_exit(Duration::from_secs(30))
+        .expect("gaspard exits");
+    let results = load.finish();
+    assert_eq!(status.code(), Some(0));
+    let mut answered = 0;
+    for Sent {
+        connected, outcome, ..
+    } in &results
+    {
+        match outcome {
+            Ok(reply) => {
+                assert_eq!(reply, b"slept");
+                answered += 1;
+            }
+            // Connections made after the signal may be refused or reset.
+            Err(_) if *connected >= signalled => {}
+            Err(kind) => panic!("a request accepted before SIGTERM failed: {kind:?}"),
+        }
+    }
+    assert!(answered > 20, "the load did run: {answered} answered");
+    daemon.expect_log("stopped gracefully");
+}
+
+#[test]
+fn sighup_reloads_the_handler_under_load_without_failing_a_request() {
+    let (daemon, _dir, path) = start_replaceable("echo", &["--workers", "2"]);
+    let old_workers = daemon.workers();
+    assert_eq!(daemon.request(b"before").unwrap(), b"before");
+    let load = Load::start(daemon.addr, 6, echo_payload);
+    std::thread::sleep(Duration::from_millis(300));
+    install(&handler("upper"), &path);
+    daemon.signal(libc::SIGHUP);
+    daemon.expect_log("reload complete: 2 workers serve handler generation 2");
+    std::thread::sleep(Duration::from_millis(200));
+    let results = load.finish();
+    let mut upper = 0;
+    for Sent { outcome, body, .. } in &results {
+        let reply = outcome.as_ref().expect("no request fails during a reload");
+        if reply == body {
+            continue; // served by an old worker
+        }
+        assert_eq!(reply, &body.to_ascii_uppercase());
+        upper += 1;
+    }
+    assert!(upper > 0, "new workers served during the load");
+    assert_eq!(daemon.request(b"after").unwrap(), b"AFTER");
+    let new_workers = daemon.wait_for_workers(2, &old_workers, Duration::from_secs(10));
+    assert!(new_workers.iter().all(|pid| !old_workers.contains(pid)));
+}
+
+#[test]
+fn a_broken_reload_is_rejected_and_the_old_handler_keeps_serving() {
+    let (daemon, dir, path) = start_replaceable("echo", &["--workers", "2"]);
+    let garbage = dir.path().join("garbage");
+    std::fs::write(&garbage, b"not a shared library").unwrap();
+    install(&garbage, &path);
+    let workers = daemon.workers();
+    daemon.signal(libc::SIGHUP);
+    let line = daemon.expect_log("reload rejected");
+    assert!(line.contains("cannot load"), "{line}");
+    assert!(line.contains("the old handler keeps serving"), "{line}");
+    assert_eq!(daemon.request(b"still echo").unwrap(), b"still echo");
+    assert_eq!(
+        daemon.workers(),
+        workers,
+        "the old workers were not touched"
+    );
+
+    // A worker that dies now restarts from the snapshot it was loaded from,
+    // not from the broken file on disk.
+    // SAFETY: kill(2) on a worker of the daemon this test started.
+    unsafe { libc::kill(workers[0], libc::SIGKILL) };
+    daemon.wait_for_workers(2, &workers[..1], Duration::from_secs(30));
+    for _ in 0..4 {
+        assert_eq!(daemon.request(b"echo").unwrap(), b"echo");
+    }
+    // Once a good file is in place, the next reload goes through.
+    install(&handler("upper"), &path);
+    daemon.signal(libc::SIGHUP);
+    daemon.expect_log("reload complete");
+    assert_eq!(daemon.request(b"fixed").unwrap(), b"FIXED");
+}
+
+#[test]
+fn a_reload_whose_init_fails_is_rejected_with_the_handlers_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("libhandler.so");
+    install(&handler("echo"), &path);
+    // The config makes the fault handler's init fail; echo ignores it.
+    let daemon = launch(&path, &["--workers", "1", "--handler-config", "fail"], &[])
+        .unwrap_or_else(|(status, log)| panic!("{status:?}: {}", log.lines().join("\n")));
+    install(&handler("fault"), &path);
+    daemon.signal(libc::SIGHUP);
+    let line = daemon.expect_log("reload rejected");
+    assert!(line.contains("init refused by configuration"), "{line}");
+    assert_eq!(daemon.request(b"echo").unwrap(), b"echo");
+}
+
+#[test]
+fn sigttin_and_sigttou_add_and_retire_workers() {
+    let daemon = start("echo", &["--workers", "2"]);
+    daemon.signal(libc::SIGTTIN);
+    daemon.wait_for_workers(3, &[], Duration::from_secs(20));
+    daemon.expect_log("SIGTTIN: one more worker (3 now)");
+    daemon.signal(libc::SIGTTOU);
+    daemon.wait_for_workers(2, &[], Duration::from_secs(20));
+    daemon.signal(libc::SIGTTOU);
+    daemon.wait_for_workers(1, &[], Duration::from_secs(20));
+    daemon.signal(libc::SIGTTOU);
+    daemon.expect_log("SIGTTOU ignored: one worker is the fewest");
+    assert_eq!(daemon.workers().len(), 1);
+    assert_eq!(daemon.request(b"one").unwrap(), b"one");
+}
+
+/// Messages sent to a NOTIFY_SOCKET, collected in the background.
+fn notify_socket(dir: &Path) -> (PathBuf, Arc<Mutex<Vec<String>>>) {
+    let path = dir.join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    let messages = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&messages);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = socket.recv(&mut buf) {
+            sink.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    });
+    (path, messages)
+}
+
+fn wait_for_message(messages: &Mutex<Vec<String>>, prefix: &str, count: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let found: Vec<String> = messages
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.starts_with(prefix))
+            .cloned()
+            .collect();
+        if found.len() >= count {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {count} x {prefix:?} in {:?}",
+            messages.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sd_notify_reports_ready_reloading_stopping_and_feeds_the_watchdog() {
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, messages) = notify_socket(dir.path());
+    let socket = socket.to_str().unwrap().to_string();
+    let mut daemon = gaspard_tests::try_start_with_env(
+        "echo",
+        &["--workers", "2"],
+        &[("NOTIFY_SOCKET", &socket), ("WATCHDOG_USEC", "200000")],
+    )
+    .unwrap_or_else(|(status, log)| panic!("{status:?}: {}", log.lines().join("\n")));
+    let ready = wait_for_message(&messages, "READY=1", 1);
+    assert!(ready[0].contains("STATUS=serving on"), "{ready:?}");
+    assert!(
+        ready[0].contains(&format!("MAINPID={}", daemon.pid())),
+        "{ready:?}"
+    );
+    wait_for_message(&messages, "WATCHDOG=1", 3);
+
+    daemon.signal(libc::SIGHUP);
+    let reloading = wait_for_message(&messages, "RELOADING=1", 1);
+    assert!(reloading[0].contains("MONOTONIC_USEC="), "{reloading:?}");
+    wait_for_message(&messages, "READY=1", 2);
+
+    daemon.signal(libc::SIGTERM);
+    daemon
+        .wait_exit(Duration::from_secs(30))
+        .expect("gaspard exits");
+    wait_for_message(&messages, "STOPPING=1", 1);
+    // READY only once every worker was up: it came after their start lines.
+    let log = daemon.log.lines();
+    let ready_at = log.iter().position(|l| l.contains("listening on")).unwrap();
+    let workers_up = log.iter().filter(|l| l.contains(") is ready")).count();
+    assert!(workers_up >= 2 && ready_at > 0);
+}
+
+#[test]
+fn socket_activation_serves_on_the_socket_systemd_passes() {
+    let Ok(tool) = which("systemd-socket-activate") else {
+        eprintln!("skipped: systemd-socket-activate is not installed (.ci/run installs it)");
+        return;
+    };
+    let port = {
+        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let runtime = tempfile::tempdir().unwrap();
+    let mut activator = std::process::Command::new(tool)
+        .arg("-l")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg(gaspard_tests::gaspard_bin())
+        .arg("--handler")
+        .arg(handler("upper"))
+        .args(["--workers", "1", "--port", "1", "--runtime-dir"])
+        .arg(runtime.path())
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // The activator listens at once; gaspard starts on the first connection
+    // and serves it from the passed socket (it was told --port 1, which it
+    // could not bind itself).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let reply = loop {
+        match request(addr, b"activated") {
+            Ok(reply) => break reply,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "never served: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    assert_eq!(reply, b"ACTIVATED");
+    let daemons = gaspard_tests::children_of(activator.id() as i32);
+    let mut gaspard = daemons.clone();
+    gaspard.extend(
+        daemons
+            .iter()
+            .flat_map(|&pid| gaspard_tests::children_of(pid)),
+    );
+    // systemd-socket-activate execs the daemon in its own process.
+    // SAFETY: kill(2) on processes this test started.
+    unsafe {
+        libc::kill(activator.id() as i32, libc::SIGTERM);
+    }
+    for pid in &daemons {
+        // SAFETY: as above.
+        unsafe { libc::kill(*pid, libc::SIGTERM) };
+    }
+    let _ = activator.wait();
+    assert_eq!(
+        wait_gone(&gaspard, Duration::from_secs(20)),
+        Vec::<i32>::new()
+    );
+}
+
+fn which(tool: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(tool))
+        .find(|path| path.is_file())
+        .ok_or(())
+}
+
+fn uid_of(pid: i32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .and_then(|euid| euid.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn user_flag_drops_the_daemon_and_its_workers_to_that_user() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: dropping privileges needs root (CI runs as root)");
+        return;
+    }
+    let daemon = start("echo", &["--workers", "2", "--user", "nobody"]);
+    let nobody = 65534;
+    assert_eq!(uid_of(daemon.pid()), nobody);
+    for worker in daemon.workers() {
+        assert_eq!(uid_of(worker), nobody);
+    }
+    assert_eq!(daemon.request(b"unprivileged").unwrap(), b"unprivileged");
+    daemon.expect_log("running as uid 65534");
+}
+
+fn scrape(addr: SocketAddr) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    response
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn the_metrics_endpoint_counts_requests_by_outcome() {
+    let daemon = start("fault", &["--workers", "2", "--metrics", "127.0.0.1:0"]);
+    let line = daemon.expect_log("serving metrics on http://");
+    let addr: SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let before = scrape(addr);
+    assert_eq!(
+        metric(&before, "gaspard_requests_total{outcome=\"ok\"}"),
+        0.0
+    );
+    assert_eq!(metric(&before, "gaspard_worker_starts_total"), 2.0);
+    assert_eq!(metric(&before, "gaspard_workers_ready"), 2.0);
+    for _ in 0..3 {
+        assert_eq!(daemon.request(b"echo:x").unwrap(), b"x");
+    }
+    assert!(is_reset(&daemon.request(b"error:no")));
+    assert!(is_reset(&daemon.request(b"segv")));
+    daemon.wait_for_workers(2, &[], Duration::from_secs(20));
+    let after = scrape(addr);
+    assert_eq!(
+        metric(&after, "gaspard_requests_total{outcome=\"ok\"}"),
+        3.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(&after, "gaspard_requests_total{outcome=\"handler_error\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&after, "gaspard_requests_total{outcome=\"worker_lost\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&after, "gaspard_worker_exits_total{cause=\"SIGSEGV\"}"),
+        1.0
+    );
+    assert_eq!(metric(&after, "gaspard_worker_starts_total"), 3.0);
+    assert_eq!(
+        metric(&after, "gaspard_request_duration_seconds_count"),
+        3.0,
+        "answered ones"
+    );
+    assert_eq!(metric(&after, "gaspard_requests_in_flight"), 0.0);
+    // Anything but /metrics is a 404.
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.write_all(b"GET /other HTTP/1.0\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 404"), "{response}");
+}
