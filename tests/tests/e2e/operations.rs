@@ -473,3 +473,42 @@ fn the_metrics_endpoint_counts_requests_by_outcome() {
     stream.read_to_string(&mut response).unwrap();
     assert!(response.starts_with("HTTP/1.1 404"), "{response}");
 }
+
+#[test]
+fn the_systemd_units_pass_systemd_analyze_verify() {
+    let Ok(analyze) = which("systemd-analyze") else {
+        eprintln!("skipped: systemd-analyze is not installed (.ci/run installs it)");
+        return;
+    };
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/systemd");
+    let dir = tempfile::tempdir().unwrap();
+    for unit in ["gaspard.service", "gaspard.socket"] {
+        let text = std::fs::read_to_string(docs.join(unit)).unwrap();
+        // verify checks that ExecStart's program exists: point it at the
+        // binary this test run built.
+        let text = text
+            .replace(
+                "/usr/local/bin/gaspard",
+                gaspard_tests::gaspard_bin().to_str().unwrap(),
+            )
+            .replace(
+                "/usr/local/lib/gaspard/libecho.so",
+                handler("echo").to_str().unwrap(),
+            );
+        std::fs::write(dir.path().join(unit), text).unwrap();
+    }
+    let output = std::process::Command::new(analyze)
+        .args([
+            "verify",
+            "--man=no",
+            "./gaspard.service",
+            "./gaspard.socket",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    // Unknown or misspelt settings are only warnings: none may be printed.
+    assert!(stderr.trim().is_empty(), "{stderr}");
+}
