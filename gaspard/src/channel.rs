@@ -57,9 +57,14 @@ pub fn parse_header(bytes: &[u8]) -> Option<(Kind, u64)> {
     Some((kind, value))
 }
 
+/// The socket file a worker incarnation binds for requests.
+pub fn worker_socket(dir: &Path, incarnation: u64) -> std::path::PathBuf {
+    dir.join(format!("w{incarnation}.ipc"))
+}
+
 /// The endpoint a worker incarnation binds for requests.
 pub fn worker_endpoint(dir: &Path, incarnation: u64) -> String {
-    format!("ipc://{}/w{incarnation}.ipc", dir.display())
+    format!("ipc://{}", worker_socket(dir, incarnation).display())
 }
 
 /// The endpoint the daemon binds for replies.

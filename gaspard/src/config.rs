@@ -207,14 +207,18 @@ impl Config {
         };
         let timeout = seconds("timeout", cli.timeout)?;
         let read_timeout = seconds("read-timeout", cli.read_timeout)?;
-        // The frame header is 32 bits, so no request can be larger anyway.
-        let max_request_size = u32::try_from(cli.max_request_size).map_err(|_| {
-            format!(
-                "--max-request-size {} exceeds the protocol's limit of {} bytes",
-                cli.max_request_size,
-                u32::MAX
-            )
-        })?;
+        // The frame header is 32 bits, and its all-ones value announces the
+        // persistent extension rather than a request.
+        let protocol_limit = u64::from(crate::protocol::persistent::ESCAPE - 1);
+        let max_request_size = u32::try_from(cli.max_request_size)
+            .ok()
+            .filter(|&size| u64::from(size) <= protocol_limit)
+            .ok_or_else(|| {
+                format!(
+                    "--max-request-size {} exceeds the protocol's limit of {protocol_limit} bytes",
+                    cli.max_request_size
+                )
+            })?;
         Ok(Config {
             handler: cli.handler.clone(),
             handler_config: cli.handler_config.clone(),

@@ -1,9 +1,12 @@
 //! One client connection: read one request, wait for its reply, write the
-//! reply in full, close. Each step returns what should happen next; the
-//! connection knows nothing about workers or zmq.
+//! reply in full, close; or, if the client opens with the extension's
+//! preamble, a persistent pipelined session ([`crate::session`]). Each step
+//! returns what should happen next; the connection knows nothing about
+//! workers or zmq.
 
 use crate::dispatcher::RequestId;
-use crate::protocol::{Decoded, FrameError, RequestDecoder};
+use crate::protocol::{Decoded, RequestDecoder};
+use crate::session::{Session, Step};
 use mio::net::TcpStream;
 use std::io::{self, Read, Write};
 use std::time::Instant;
@@ -13,7 +16,6 @@ use std::time::Instant;
 const MAX_TRAILING: usize = 64 * 1024;
 
 /// Where a connection is in its life.
-#[derive(Debug)]
 pub enum State<R> {
     Reading(RequestDecoder),
     /// The request is with the dispatcher.
@@ -22,6 +24,54 @@ pub enum State<R> {
         reply: R,
         written: usize,
     },
+    /// The persistent extension: many requests, replies in order.
+    Pipelined(Box<Session<R>>),
+}
+
+/// What one read did for a decoder.
+pub enum ReadStep {
+    /// Nothing to read now.
+    WouldBlock,
+    /// The client closed its sending side.
+    Eof,
+    /// Bytes went straight into a large body; the request, if now complete.
+    Direct(Option<Vec<u8>>),
+    /// This many bytes are in the scratch buffer, to be fed to the decoder.
+    Scratch(usize),
+}
+
+/// One read for `decoder`: a large body is read straight into place without
+/// the scratch copy; anything else goes to `scratch`, which saves a syscall
+/// per small request (header and body in one read).
+pub fn read_step(
+    stream: &mut TcpStream,
+    decoder: &mut RequestDecoder,
+    scratch: &mut [u8],
+) -> io::Result<ReadStep> {
+    let direct = decoder
+        .body_missing()
+        .is_some_and(|missing| missing >= scratch.len());
+    loop {
+        let buffer = if direct {
+            decoder.body_spare()
+        } else {
+            &mut scratch[..]
+        };
+        let result = stream.read(buffer);
+        let n = match &result {
+            Ok(n) => *n,
+            Err(_) => 0,
+        };
+        let payload = if direct { decoder.body_filled(n) } else { None };
+        return match result {
+            Ok(0) => Ok(ReadStep::Eof),
+            Ok(n) if !direct => Ok(ReadStep::Scratch(n)),
+            Ok(_) => Ok(ReadStep::Direct(payload)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(ReadStep::WouldBlock),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => Err(e),
+        };
+    }
 }
 
 /// What the event loop should do after a connection made progress.
@@ -54,62 +104,34 @@ impl<R: AsRef<[u8]>> Connection<R> {
     pub fn new(stream: TcpStream, max_request: u32, deadline: Option<Instant>) -> Connection<R> {
         Connection {
             stream,
-            state: State::Reading(RequestDecoder::new(max_request)),
+            state: State::Reading(RequestDecoder::first_on_connection(max_request)),
             deadline,
             received: None,
             trailing: 0,
         }
     }
 
-    /// Reads what the socket has. `scratch` is a loop-wide buffer that saves
-    /// a syscall per small request (header and body in one read).
+    /// Reads what the socket has into the request, or the session.
     pub fn on_readable(&mut self, scratch: &mut [u8]) -> Next {
         loop {
             let decoder = match &mut self.state {
                 State::Reading(decoder) => decoder,
+                State::Pipelined(session) => {
+                    return step(session.on_readable(&mut self.stream, scratch))
+                }
                 _ => return self.discard_trailing(scratch),
             };
-            // A large body is read straight into place, without the scratch copy.
-            let direct = decoder
-                .body_missing()
-                .is_some_and(|missing| missing >= scratch.len());
-            let buffer = if direct {
-                decoder.body_spare()
-            } else {
-                &mut scratch[..]
-            };
-            let n = match self.stream.read(buffer) {
-                Ok(0) => {
-                    if direct {
-                        decoder.body_filled(0);
-                    }
-                    return if decoder.started() {
-                        Next::Reset("closed its side before sending the whole request".into())
-                    } else {
-                        Next::Close
-                    };
+            let n = match read_step(&mut self.stream, decoder, scratch) {
+                Ok(ReadStep::WouldBlock) => return Next::Wait,
+                Ok(ReadStep::Eof) if decoder.started() => {
+                    return Next::Reset("closed its side before sending the whole request".into())
                 }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if direct {
-                        decoder.body_filled(0);
-                    }
-                    return Next::Wait;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                    if direct {
-                        decoder.body_filled(0);
-                    }
-                    continue;
-                }
+                Ok(ReadStep::Eof) => return Next::Close,
+                Ok(ReadStep::Direct(Some(payload))) => return Next::Request(payload),
+                Ok(ReadStep::Direct(None)) => continue,
+                Ok(ReadStep::Scratch(n)) => n,
                 Err(e) => return Next::Gone(e),
             };
-            if direct {
-                if let Some(payload) = decoder.body_filled(n) {
-                    return Next::Request(payload);
-                }
-                continue;
-            }
             match decoder.feed(&scratch[..n]) {
                 Ok(Decoded::Incomplete) => continue,
                 Ok(Decoded::Empty) => return Next::Close,
@@ -117,7 +139,20 @@ impl<R: AsRef<[u8]>> Connection<R> {
                     self.trailing = n - consumed;
                     return Next::Request(payload);
                 }
-                Err(e @ FrameError::TooLarge { .. }) => return Next::Reset(e.to_string()),
+                Ok(Decoded::Extension { consumed }) => {
+                    let mut session = Box::new(Session::new(decoder.limit()));
+                    let fed = session.feed(&scratch[consumed..n]);
+                    self.state = State::Pipelined(session);
+                    if let Err(reason) = fed {
+                        return Next::Reset(reason);
+                    }
+                    // The acknowledgement goes out now; then read on.
+                    match self.on_writable() {
+                        Next::Wait => continue,
+                        other => return other,
+                    }
+                }
+                Err(e) => return Next::Reset(e.to_string()),
             }
         }
     }
@@ -154,8 +189,10 @@ impl<R: AsRef<[u8]>> Connection<R> {
 
     /// Writes as much of the reply as the socket takes.
     pub fn on_writable(&mut self) -> Next {
-        let State::Writing { reply, written } = &mut self.state else {
-            return Next::Wait;
+        let (reply, written) = match &mut self.state {
+            State::Writing { reply, written } => (reply, written),
+            State::Pipelined(session) => return step(session.on_writable(&mut self.stream)),
+            _ => return Next::Wait,
         };
         let bytes = reply.as_ref();
         while *written < bytes.len() {
@@ -178,6 +215,28 @@ impl<R: AsRef<[u8]>> Connection<R> {
         }
     }
 
+    /// Whether the client opened a persistent session.
+    pub fn is_pipelined(&self) -> bool {
+        matches!(self.state, State::Pipelined(_))
+    }
+
+    /// The persistent session, if the client opened one.
+    pub fn session(&mut self) -> Option<&mut Session<R>> {
+        match &mut self.state {
+            State::Pipelined(session) => Some(session),
+            _ => None,
+        }
+    }
+
+    /// Requests of this connection still with the dispatcher.
+    pub fn outstanding(&self) -> Vec<RequestId> {
+        match &self.state {
+            State::Waiting(id) => vec![*id],
+            State::Pipelined(session) => session.outstanding().collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// What the connection was doing when its deadline passed, for the log.
     pub fn stalled_doing(&self) -> &'static str {
         match &self.state {
@@ -185,6 +244,8 @@ impl<R: AsRef<[u8]>> Connection<R> {
             State::Reading(_) => "sent no request",
             State::Waiting(_) => "waited",
             State::Writing { .. } => "did not take its whole reply",
+            State::Pipelined(session) if session.mid_request() => "sent part of a request",
+            State::Pipelined(_) => "stayed idle",
         }
     }
 
@@ -213,5 +274,14 @@ impl<R: AsRef<[u8]>> Connection<R> {
         let socket = socket2::SockRef::from(&self.stream);
         // SO_LINGER with a zero timeout makes close() send RST.
         let _ = socket.set_linger(Some(std::time::Duration::ZERO));
+    }
+}
+
+fn step(step: Step) -> Next {
+    match step {
+        Step::Wait => Next::Wait,
+        Step::Close => Next::Close,
+        Step::Reset(reason) => Next::Reset(reason),
+        Step::Gone(e) => Next::Gone(e),
     }
 }

@@ -164,9 +164,13 @@ impl Dispatcher {
         Some((slot, request.client))
     }
 
-    /// Whether a worker could take a request right now.
-    pub fn has_idle_worker(&self) -> bool {
-        self.idle_worker().is_some()
+    /// How many more requests ready workers could take right now.
+    pub fn idle_credit(&self) -> usize {
+        self.workers
+            .iter()
+            .filter(|load| load.ready)
+            .map(|load| self.credit.saturating_sub(load.held.len()))
+            .sum()
     }
 
     /// Stops giving a worker requests (it is being retired).
@@ -182,15 +186,16 @@ impl Dispatcher {
     }
 
     /// The worker in `slot` is gone (died, or is being killed): it takes no
-    /// more requests, and every request it held fails. Returns their clients.
-    pub fn worker_lost(&mut self, slot: usize) -> Vec<usize> {
+    /// more requests, and every request it held fails. Returns them with
+    /// their clients.
+    pub fn worker_lost(&mut self, slot: usize) -> Vec<(RequestId, usize)> {
         let Some(load) = self.workers.get_mut(slot) else {
             return Vec::new();
         };
         load.ready = false;
         std::mem::take(&mut load.held)
             .into_iter()
-            .filter_map(|id| self.requests.remove(&id)?.client)
+            .filter_map(|id| Some((id, self.requests.remove(&id)?.client?)))
             .collect()
     }
 
@@ -209,12 +214,13 @@ impl Dispatcher {
         }
     }
 
-    /// Fails every queued request (no worker will take them). Returns their clients.
-    pub fn fail_queued(&mut self) -> Vec<usize> {
+    /// Fails every queued request (no worker will take them). Returns them
+    /// with their clients.
+    pub fn fail_queued(&mut self) -> Vec<(RequestId, usize)> {
         let mut clients = Vec::new();
         for id in self.queue.drain(..) {
-            if let Some(request) = self.requests.remove(&id) {
-                clients.extend(request.client);
+            if let Some(client) = self.requests.remove(&id).and_then(|r| r.client) {
+                clients.push((id, client));
             }
         }
         self.queued = 0;
@@ -289,7 +295,7 @@ mod tests {
         d.submit(3, vec![]);
         let on0 = d.next_assignment(now).unwrap();
         let _on1 = d.next_assignment(now).unwrap();
-        assert_eq!(d.worker_lost(on0.slot), vec![1]);
+        assert_eq!(d.worker_lost(on0.slot), vec![(on0.id, 1)]);
         assert_eq!(d.outstanding(), 2);
         assert!(
             d.next_assignment(now).is_none(),

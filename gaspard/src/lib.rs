@@ -20,5 +20,6 @@ pub mod notify;
 pub mod plugin;
 pub mod privileges;
 pub mod protocol;
+pub mod session;
 pub mod supervisor;
 pub mod worker;

@@ -121,7 +121,7 @@ impl Metrics {
         self.requests.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 
-    /// `cause`: a signal name, `exit_N`, or a planned stop such as `recycled`.
+    /// `cause`: a signal name, `exit_N`, or `stopped` for a planned stop.
     pub fn worker_exited(&self, cause: &str) {
         self.worker_exits
             .get_or_create(&CauseLabel {

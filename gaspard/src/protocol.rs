@@ -2,6 +2,8 @@
 //! big-endian length followed by that many bytes; the reply is raw bytes
 //! followed by a clean close. See `docs/protocol.md`.
 //!
+//! It also defines the opt-in persistent, pipelined extension ([`persistent`]).
+//!
 //! Nothing here does I/O, so the decoder can be tested and fuzzed on its own.
 
 /// Bytes in the length header.
@@ -20,6 +22,52 @@ pub fn pack(payload: &[u8]) -> Vec<u8> {
     frame
 }
 
+/// The persistent, pipelined extension (docs/protocol.md, "Extensions").
+///
+/// A client opens it with an 8-byte preamble whose first four bytes,
+/// 0xFFFFFFFF, can never be a v1 length (gaspard's --max-request-size stays
+/// below it), so a plain gaspar client's bytes are never read as the
+/// extension. The server answers "GSP2" and its window; then requests are v1
+/// frames back to back, and replies come in order as status, length, payload.
+pub mod persistent {
+    /// What a client sends first.
+    pub const PREAMBLE: [u8; 8] = [0xff, 0xff, 0xff, 0xff, b'G', b'S', b'P', b'2'];
+    /// What the server answers, followed by its window (u32 big-endian).
+    pub const ACK_MAGIC: [u8; 4] = *b"GSP2";
+    /// The v1 length that announces the preamble.
+    pub const ESCAPE: u32 = u32::MAX;
+    /// Bytes in a reply's head: status, then the u32 big-endian length.
+    pub const REPLY_HEAD_LEN: usize = 5;
+
+    /// How a request in a persistent session ended.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    #[repr(u8)]
+    pub enum Status {
+        Ok = 0,
+        HandlerError = 1,
+        Timeout = 2,
+        Overloaded = 3,
+        WorkerLost = 4,
+    }
+
+    /// The acknowledgement of the preamble.
+    pub fn ack(window: u32) -> [u8; 8] {
+        let mut ack = [0; 8];
+        ack[..4].copy_from_slice(&ACK_MAGIC);
+        ack[4..].copy_from_slice(&window.to_be_bytes());
+        ack
+    }
+
+    /// The head of one reply.
+    pub fn reply_head(status: Status, len: usize) -> [u8; REPLY_HEAD_LEN] {
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
+        let mut head = [0; REPLY_HEAD_LEN];
+        head[0] = status as u8;
+        head[1..].copy_from_slice(&len.to_be_bytes());
+        head
+    }
+}
+
 /// Why a request cannot be accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
@@ -27,6 +75,8 @@ pub enum FrameError {
         "announced a request of {announced} bytes, over the limit of {limit} (--max-request-size)"
     )]
     TooLarge { announced: u32, limit: u32 },
+    #[error("sent 0xFFFFFFFF but not the extension preamble")]
+    BadPreamble,
 }
 
 /// What the decoder has after being fed.
@@ -39,6 +89,9 @@ pub enum Decoded {
     /// A whole request. `consumed` says how much of the last input it used;
     /// anything after it is not part of this request.
     Request { payload: Vec<u8>, consumed: usize },
+    /// The persistent extension's preamble (only as a connection's first
+    /// bytes); `consumed` as above.
+    Extension { consumed: usize },
 }
 
 /// Decodes one request from bytes as they arrive.
@@ -51,6 +104,10 @@ pub struct RequestDecoder {
     body: Option<(Vec<u8>, usize)>,
     /// Where the room handed out by `body_spare` begins.
     spare_start: usize,
+    /// The extension preamble is still allowed (nothing decoded yet).
+    extension: bool,
+    /// The current "body" is the preamble's magic, not a request.
+    in_preamble: bool,
 }
 
 impl RequestDecoder {
@@ -61,7 +118,23 @@ impl RequestDecoder {
             header_len: 0,
             body: None,
             spare_start: 0,
+            extension: false,
+            in_preamble: false,
         }
+    }
+
+    /// A decoder for a connection's first frame, which may be the
+    /// persistent extension's preamble.
+    pub fn first_on_connection(limit: u32) -> RequestDecoder {
+        RequestDecoder {
+            extension: true,
+            ..RequestDecoder::new(limit)
+        }
+    }
+
+    /// The largest request this decoder accepts.
+    pub fn limit(&self) -> u32 {
+        self.limit
     }
 
     /// Whether any byte of a request has arrived.
@@ -81,7 +154,10 @@ impl RequestDecoder {
                 return Ok(Decoded::Incomplete);
             }
             let announced = u32::from_be_bytes(self.header);
-            if announced > self.limit {
+            if announced == persistent::ESCAPE && self.extension {
+                self.in_preamble = true;
+                self.body = Some((Vec::with_capacity(4), 4));
+            } else if announced > self.limit {
                 return Err(FrameError::TooLarge {
                     announced,
                     limit: self.limit,
@@ -90,8 +166,11 @@ impl RequestDecoder {
             if announced == 0 {
                 return Ok(Decoded::Empty);
             }
-            let len = announced as usize;
-            self.body = Some((Vec::with_capacity(len.min(BODY_STEP)), len));
+            if self.body.is_none() {
+                let len = announced as usize;
+                self.body = Some((Vec::with_capacity(len.min(BODY_STEP)), len));
+            }
+            self.extension = false;
         }
         let (body, len) = self.body.as_mut().expect("set above");
         let take = (*len - body.len()).min(input.len());
@@ -102,6 +181,13 @@ impl RequestDecoder {
         let consumed = total - (input.len() - take);
         let (payload, _) = self.body.take().expect("set above");
         self.header_len = 0;
+        if std::mem::take(&mut self.in_preamble) {
+            return if payload[..] == persistent::PREAMBLE[4..] {
+                Ok(Decoded::Extension { consumed })
+            } else {
+                Err(FrameError::BadPreamble)
+            };
+        }
         Ok(Decoded::Request { payload, consumed })
     }
 
@@ -109,6 +195,9 @@ impl RequestDecoder {
     /// caller may read a large body straight into [`Self::body_spare`] instead
     /// of going through [`Self::feed`].
     pub fn body_missing(&self) -> Option<usize> {
+        if self.in_preamble {
+            return None; // four bytes: always through feed()
+        }
         self.body.as_ref().map(|(body, len)| len - body.len())
     }
 
@@ -119,6 +208,13 @@ impl RequestDecoder {
         let start = body.len();
         self.spare_start = start;
         let step = (*len - start).min(BODY_STEP);
+        // Grow by doubling, so memory follows the bytes that arrive, but
+        // never past the announced length: the finished vector is then
+        // exactly full and becomes a zmq message without a reallocation.
+        if start + step > body.capacity() {
+            let capacity = (body.capacity() * 2).max(start + step).min(*len);
+            body.reserve_exact(capacity - start);
+        }
         body.resize(start + step, 0);
         &mut body[start..]
     }
@@ -190,6 +286,42 @@ mod tests {
             .feed(&[0xff; 4])
             .unwrap_err();
         assert!(err.to_string().contains("4294967295 bytes"));
+    }
+
+    #[test]
+    fn the_preamble_opens_the_extension_only_as_a_first_frame() {
+        let mut stream = persistent::PREAMBLE.to_vec();
+        stream.extend_from_slice(&pack(b"next"));
+        for piece in 1..=8 {
+            let mut decoder = RequestDecoder::first_on_connection(1000);
+            let mut fed = 0;
+            let decoded = loop {
+                let chunk = &stream[fed..(fed + piece).min(stream.len())];
+                fed += chunk.len();
+                match decoder.feed(chunk).unwrap() {
+                    Decoded::Incomplete => continue,
+                    done => break (done, fed - chunk.len()),
+                }
+            };
+            let (Decoded::Extension { consumed }, before) = decoded else {
+                panic!("piece {piece}: {decoded:?}");
+            };
+            assert_eq!(before + consumed, 8, "the bytes after it are not consumed");
+        }
+        let err = RequestDecoder::first_on_connection(1000)
+            .feed(&[0xff, 0xff, 0xff, 0xff, b'G', b'S', b'P', b'3']);
+        assert_eq!(err.unwrap_err(), FrameError::BadPreamble);
+        // Anywhere else, the escape is an oversized length like any other.
+        let err = RequestDecoder::new(1000)
+            .feed(&persistent::PREAMBLE)
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            FrameError::TooLarge {
+                announced: u32::MAX,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -282,6 +414,9 @@ mod tests {
                     Err(FrameError::TooLarge { announced, limit: l }) => {
                         prop_assert!(announced > l);
                         prop_assert_eq!(l, limit);
+                    }
+                    other @ (Ok(Decoded::Extension { .. }) | Err(FrameError::BadPreamble)) => {
+                        prop_assert!(false, "only a connection's first frame may open the extension: {:?}", other);
                     }
                 }
             }

@@ -244,6 +244,16 @@ impl Supervisor {
         Ok(incarnation)
     }
 
+    /// The incarnation running (or starting) in `slot`.
+    pub fn incarnation_of(&self, slot: usize) -> Option<u64> {
+        match self.slots.get(slot)?.state {
+            SlotState::Starting { incarnation, .. } | SlotState::Ready { incarnation, .. } => {
+                Some(incarnation)
+            }
+            _ => None,
+        }
+    }
+
     /// The slot whose current incarnation is `incarnation`.
     pub fn slot_of(&self, incarnation: u64) -> Option<usize> {
         self.slots.iter().position(|slot| match &slot.state {

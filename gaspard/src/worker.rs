@@ -143,16 +143,17 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
         std::process::id(),
         plugin.name()
     );
+    // SIGTERM asks for a graceful stop: finish the request at hand, then
+    // call the handler's shutdown. Set up before Ready, so that a stop sent
+    // as soon as the daemon knows this worker still calls shutdown; the
+    // receive below wakes every STOP_CHECK to look at the flag.
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
     replies.send(
         &channel::header(Kind::Ready, args.incarnation)[..],
         zmq::SNDMORE,
     )?;
     replies.send(std::process::id().to_string().as_bytes(), 0)?;
-
-    // SIGTERM asks for a graceful stop: finish the request at hand, then
-    // call the handler's shutdown. The blocking receive returns EINTR.
-    let stop = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
 
     let mut id_frame = zmq::Message::new();
     let mut payload = zmq::Message::new();

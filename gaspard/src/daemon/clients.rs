@@ -3,7 +3,10 @@
 
 use super::{Daemon, Phase, Reply, CONN_BASE, LISTENER};
 use crate::connection::{Connection, Next, State};
+use crate::dispatcher::RequestId;
 use crate::metrics::Outcome;
+use crate::protocol::persistent::Status;
+use crate::session::Body;
 use mio::{Interest, Token};
 use std::io;
 use std::time::{Duration, Instant};
@@ -123,8 +126,56 @@ impl Daemon {
             // the socket must be read now, or no event would say so again.
             match self.conns.get_mut(key) {
                 Some(conn) if was_request => next = conn.on_readable(&mut self.scratch),
+                Some(conn) if conn.is_pipelined() => return self.pump_session(key),
                 _ => return,
             }
+        }
+    }
+
+    /// Moves a persistent session along: submits the requests that arrived
+    /// (or refuses them, in order), writes finished replies, and reads again
+    /// when a full window has room.
+    fn pump_session(&mut self, key: usize) {
+        loop {
+            let Some(session) = self.conns.get_mut(key).and_then(Connection::session) else {
+                return;
+            };
+            let arrived = session.take_arrived();
+            let now = Instant::now();
+            for payload in arrived {
+                let refusal = self.refusal();
+                if refusal.is_some() {
+                    self.metrics.request_ended(Outcome::refused);
+                } else {
+                    let id = self.dispatcher.submit(key, payload);
+                    let session = self.conns[key].session().expect("checked above");
+                    session.submitted(id, now);
+                    continue;
+                }
+                let session = self.conns[key].session().expect("checked above");
+                session.refused(Status::Overloaded, refusal.unwrap_or_default(), now);
+            }
+            let conn = &mut self.conns[key];
+            let next = conn.on_writable();
+            if !matches!(next, Next::Wait) {
+                return self.advance(key, next);
+            }
+            let session = conn.session().expect("checked above");
+            if session.should_resume() {
+                let next = conn.on_readable(&mut self.scratch);
+                if matches!(next, Next::Wait) {
+                    continue; // submit what that read brought
+                }
+                return self.advance(key, next);
+            }
+            // Idle sessions are held only for --read-timeout.
+            let idle = session.is_idle();
+            conn.deadline = match (idle, conn.deadline) {
+                (true, None) => self.config.read_timeout.map(|t| now + t),
+                (true, deadline) => deadline,
+                (false, _) => None,
+            };
+            return;
         }
     }
 
@@ -147,6 +198,8 @@ impl Daemon {
                 let conn = &self.conns[key];
                 let outcome = match conn.state {
                     State::Writing { .. } => Some(Outcome::ok),
+                    // A session counted each of its requests as it ended.
+                    State::Pipelined(_) => None,
                     // Connected and left without a word: no request to count.
                     _ if !conn.sent_anything() => None,
                     _ => Some(Outcome::empty),
@@ -163,12 +216,21 @@ impl Daemon {
         }
     }
 
-    /// Hands a reply to its client, if it is still connected.
-    pub(super) fn deliver(&mut self, key: usize, reply: Reply) {
+    /// Hands the reply to request `id` to its client, if still connected.
+    pub(super) fn deliver(&mut self, key: usize, id: RequestId, reply: Reply) {
         let deadline = self.config.read_timeout.map(|t| Instant::now() + t);
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
+        if let Some(session) = conn.session() {
+            if let Some(received) = session.complete(id, Status::Ok, Body::Reply(reply)) {
+                self.metrics
+                    .latency
+                    .observe(received.elapsed().as_secs_f64());
+                self.metrics.request_ended(Outcome::ok);
+            }
+            return self.pump_session(key);
+        }
         if let Some(received) = conn.received {
             self.metrics
                 .latency
@@ -178,16 +240,48 @@ impl Daemon {
         self.advance(key, next);
     }
 
+    /// Request `id` of client `key` failed: a v1 client sees a reset (and
+    /// the log says why); a persistent session gets `reason` as that
+    /// request's status and payload.
+    pub(super) fn fail(&mut self, key: usize, id: RequestId, outcome: Outcome, reason: String) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Some(session) = conn.session() else {
+            let reason = match outcome {
+                Outcome::handler_error => format!("handler failed: {reason}"),
+                _ => reason,
+            };
+            return self.close(key, End::Reset(Some(outcome), reason));
+        };
+        let status = match outcome {
+            Outcome::handler_error => Status::HandlerError,
+            Outcome::timeout => Status::Timeout,
+            Outcome::refused => Status::Overloaded,
+            _ => Status::WorkerLost,
+        };
+        if session.complete(id, status, Body::Text(reason)).is_some() {
+            self.metrics.request_ended(outcome);
+        }
+        self.pump_session(key);
+    }
+
     /// Why a new request cannot be taken, if it cannot: the queue is full,
     /// or no worker can run it. Refusing at once beats queueing without end.
     fn refusal(&self) -> Option<String> {
         if self.supervisor.all_failing() {
             return Some("no worker can take the request: the handler keeps failing".into());
         }
-        if self.dispatcher.queued() >= self.config.max_queue && !self.dispatcher.has_idle_worker() {
+        // Requests that idle workers are about to take are not waiting.
+        let waiting = self
+            .dispatcher
+            .queued()
+            .saturating_sub(self.dispatcher.idle_credit());
+        if self.dispatcher.queued() >= self.dispatcher.idle_credit()
+            && waiting >= self.config.max_queue
+        {
             return Some(format!(
-                "queue is full ({} requests waiting, --max-queue)",
-                self.dispatcher.queued()
+                "queue is full ({waiting} requests waiting, --max-queue)"
             ));
         }
         None
@@ -199,8 +293,11 @@ impl Daemon {
             return;
         };
         self.metrics.connections.dec();
-        if let Some(id) = conn.waiting_for() {
+        for id in conn.outstanding() {
             self.dispatcher.client_gone(id);
+            if conn.session().is_some() {
+                self.metrics.request_ended(Outcome::client_gone);
+            }
         }
         let _ = self.poll.registry().deregister(&mut conn.stream);
         match end {
@@ -236,7 +333,11 @@ impl Daemon {
     pub(super) fn reset_all_clients(&mut self) {
         let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
         for key in keys {
-            let outcome = self.conns[key].waiting_for().map(|_| Outcome::worker_lost);
+            let conn = &mut self.conns[key];
+            let outcome = match conn.session() {
+                Some(_) => None, // counted per request in close()
+                None => conn.waiting_for().map(|_| Outcome::worker_lost),
+            };
             self.close(key, End::Reset(outcome, String::new()));
         }
     }
@@ -265,10 +366,16 @@ impl Daemon {
             .map(|(key, _)| key)
             .collect();
         for key in overdue {
-            let conn = &self.conns[key];
+            let conn = &mut self.conns[key];
+            if conn.session().is_some_and(|s| !s.mid_request()) {
+                // An idle persistent connection: nothing is lost by closing it.
+                self.close(key, End::Clean(None));
+                continue;
+            }
             let doing = conn.stalled_doing();
             let outcome = match conn.state {
                 State::Writing { .. } => Some(Outcome::client_gone),
+                State::Pipelined(_) => None,
                 // Silence before any byte is an idle connection, not a request.
                 _ if !conn.sent_anything() => None,
                 _ => Some(Outcome::bad_request),

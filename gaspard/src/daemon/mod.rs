@@ -83,7 +83,7 @@ enum Phase {
 }
 
 /// A hot reload of the handler (SIGHUP), in progress.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Reload {
     Idle,
     /// The first worker of the new generation is loading it; nothing old has
@@ -91,7 +91,12 @@ enum Reload {
     Validating {
         generation: u64,
         slot: usize,
+        incarnation: u64,
+        /// When to give up: --timeout, or shortly after the worker died
+        /// (its own account of why may still be on its way).
         deadline: Option<Instant>,
+        /// How the worker died, if it did.
+        died: Option<String>,
     },
     /// Validated: old workers are being replaced one at a time.
     Rolling {
@@ -179,7 +184,10 @@ impl Daemon {
                 MAX_WORKERS / 2
             );
         }
-        let handler = std::fs::canonicalize(&config.handler)
+        // Absolute but not resolved: a reload follows a symlink that was
+        // re-pointed since (the usual way to deploy a new version).
+        let handler = std::path::absolute(&config.handler)
+            .and_then(|path| std::fs::metadata(&path).map(|_| path))
             .with_context(|| format!("handler {}: cannot open", config.handler.display()))?;
         let fd_limit = raise_fd_limit();
         let reserved = RESERVED_FDS + 4 * config.workers;
@@ -290,7 +298,9 @@ impl Daemon {
     /// Every worker is stopped and the runtime directory removed either way.
     pub fn run(mut self) -> anyhow::Result<()> {
         let result = self.run_loop();
-        self.notify("STOPPING=1");
+        if !matches!(self.phase, Phase::Draining { .. }) {
+            self.notify("STOPPING=1"); // a graceful stop said so when it began
+        }
         self.shut_down();
         result
     }
@@ -400,8 +410,8 @@ impl Daemon {
         if self.replies_pending {
             return Some(Duration::ZERO);
         }
-        let reload_deadline = match self.reload {
-            Reload::Validating { deadline, .. } => deadline,
+        let reload_deadline = match &self.reload {
+            Reload::Validating { deadline, .. } => *deadline,
             _ => None,
         };
         let deadlines = [
@@ -496,12 +506,11 @@ impl Daemon {
         }
         self.kill_overdue(now);
         self.reload_timeout(now);
-        if !matches!(self.phase, Phase::Draining { .. }) {
-            for slot in self.supervisor.due(now) {
-                self.metrics.worker_starts.inc();
-                if let Err(e) = self.supervisor.start(slot) {
-                    log::error!("cannot start a worker process: {e}");
-                }
+        // Also while draining: queued requests still need workers.
+        for slot in self.supervisor.due(now) {
+            self.metrics.worker_starts.inc();
+            if let Err(e) = self.supervisor.start(slot) {
+                log::error!("cannot start a worker process: {e}");
             }
         }
         Ok(())

@@ -2,7 +2,6 @@
 //! replies, noticing their deaths, and changing them on purpose (hot reload
 //! on SIGHUP, one more or one fewer on SIGTTIN / SIGTTOU).
 
-use super::clients::End;
 use super::{Daemon, Phase, Reload, Reply, PUSH_BASE, REPLIES_PER_TURN};
 use crate::channel::{self, Kind};
 use crate::dispatcher::Assignment;
@@ -20,9 +19,6 @@ impl Daemon {
     /// Adds a worker of `generation` and starts it.
     pub(super) fn add_worker(&mut self, generation: u64) -> std::io::Result<usize> {
         let slot = self.supervisor.add(generation)?;
-        if self.pushes.len() <= slot {
-            self.pushes.resize_with(slot + 1, || None);
-        }
         self.metrics.worker_starts.inc();
         Ok(slot)
     }
@@ -96,11 +92,10 @@ impl Daemon {
                         continue; // the client went away
                     };
                     if message.kind == Kind::Failed {
-                        let reason = String::from_utf8_lossy(&message.body);
-                        let reason = format!("handler failed: {reason}");
-                        self.close(key, End::Reset(Some(Outcome::handler_error), reason));
+                        let reason = String::from_utf8_lossy(&message.body).into_owned();
+                        self.fail(key, message.value, Outcome::handler_error, reason);
                     } else {
-                        self.deliver(key, Reply(message.body));
+                        self.deliver(key, message.value, Reply(message.body));
                     }
                 }
                 Kind::Ready => self.on_worker_ready(message.value, &message.body)?,
@@ -136,11 +131,10 @@ impl Daemon {
         if self.phase == Phase::Starting {
             bail!("{reason}");
         }
-        let slot = self.supervisor.slot_of(incarnation);
         match self.reload {
-            Reload::Validating { slot: probe, .. } if Some(probe) == slot => {
-                self.reject_reload(&reason)
-            }
+            Reload::Validating {
+                incarnation: probe, ..
+            } if probe == incarnation => self.reject_reload(&reason),
             _ => log::error!("worker {incarnation} could not start: {reason}"),
         }
         Ok(())
@@ -156,6 +150,9 @@ impl Daemon {
             .unwrap_or(0);
         let push = channel::socket(&self.zmq, zmq::PUSH)?;
         push.connect(&channel::worker_endpoint(&self.runtime_dir, incarnation))?;
+        if self.pushes.len() <= slot {
+            self.pushes.resize_with(slot + 1, || None);
+        }
         self.drop_push(slot);
         self.poll.registry().register(
             &mut SourceFd(&push.as_raw_fd()),
@@ -199,8 +196,8 @@ impl Daemon {
     /// process itself is reaped on SIGCHLD.
     fn lose_worker(&mut self, slot: usize, outcome: Outcome, why: &str) {
         self.drop_push(slot);
-        for key in self.dispatcher.worker_lost(slot) {
-            self.close(key, End::Reset(Some(outcome), why.to_string()));
+        for (id, key) in self.dispatcher.worker_lost(slot) {
+            self.fail(key, id, outcome, why.to_string());
         }
     }
 
@@ -248,11 +245,24 @@ impl Daemon {
                     self.supervisor.handler_source().display()
                 );
             }
-            if matches!(self.reload, Reload::Validating { slot: probe, .. } if probe == slot) {
-                self.await_messages(std::time::Duration::from_millis(500))?;
-            }
-            if matches!(self.reload, Reload::Validating { slot: probe, .. } if probe == slot) {
-                self.reject_reload(&format!("its first worker {how} while loading it"));
+            // Its socket file is of no more use.
+            let _ = std::fs::remove_file(channel::worker_socket(&self.runtime_dir, incarnation));
+            if let Reload::Validating {
+                incarnation: probe,
+                deadline,
+                died,
+                ..
+            } = &mut self.reload
+            {
+                if *probe == incarnation {
+                    // Its own reason (InitFailed) may still be on its way:
+                    // wait briefly for it without blocking the loop.
+                    *died = Some(format!("its first worker {how} while loading it"));
+                    *deadline = Some(Instant::now() + std::time::Duration::from_millis(500));
+                    self.supervisor.retire(slot, true);
+                    self.lose_worker(slot, Outcome::worker_lost, "its worker died");
+                    continue;
+                }
             }
             let held = self.dispatcher.outstanding();
             self.lose_worker(slot, Outcome::worker_lost, &format!("its worker {how}"));
@@ -264,9 +274,6 @@ impl Daemon {
                     "recycled after reaching --max-requests"
                 };
                 log::info!("worker {incarnation} (slot {slot}) {why}");
-                continue;
-            }
-            if matches!(self.phase, Phase::Draining { .. }) {
                 continue;
             }
             let stage = if before_ready {
@@ -288,6 +295,11 @@ impl Daemon {
                 "worker {incarnation} (slot {slot}) {how}{stage}; {failed} requests failed{next}"
             );
         }
+        // Snapshots of generations no worker runs any more (a rejected
+        // reload, the end of a rolling one) can go now.
+        if !matches!(self.reload, Reload::Validating { .. }) {
+            self.supervisor.forget_unused_snapshots(self.generation);
+        }
         if self.supervisor.all_failing() {
             let queued = self.dispatcher.fail_queued();
             if !queued.is_empty() {
@@ -296,8 +308,9 @@ impl Daemon {
                     queued.len()
                 );
             }
-            for key in queued {
-                self.close(key, End::Reset(Some(Outcome::refused), String::new()));
+            for (id, key) in queued {
+                let reason = "no worker can serve: the handler keeps failing".to_string();
+                self.fail(key, id, Outcome::refused, reason);
             }
         }
         Ok(())
@@ -339,11 +352,16 @@ impl Daemon {
                 log::warn!("SIGTTOU ignored: one worker is the fewest");
                 return;
             }
-            let Some(slot) = self
-                .supervisor
-                .slots
-                .iter()
-                .rposition(|slot| slot.is_active())
+            // Not the worker validating a reload: retiring it would reject
+            // the reload for no fault of the handler.
+            let probe = match self.reload {
+                Reload::Validating { slot, .. } => Some(slot),
+                _ => None,
+            };
+            let slots = &self.supervisor.slots;
+            let Some(slot) = (0..slots.len())
+                .rev()
+                .find(|&i| slots[i].is_active() && Some(i) != probe)
             else {
                 return;
             };
@@ -386,7 +404,9 @@ impl Daemon {
                 self.reload = Reload::Validating {
                     generation,
                     slot,
+                    incarnation: self.supervisor.incarnation_of(slot).unwrap_or(0),
                     deadline,
+                    died: None,
                 };
             }
             Err(e) => {
@@ -398,26 +418,35 @@ impl Daemon {
     }
 
     fn reject_reload(&mut self, reason: &str) {
-        let Reload::Validating { slot, .. } = self.reload else {
+        let Reload::Validating {
+            slot, incarnation, ..
+        } = self.reload
+        else {
             return;
         };
         log::error!("reload rejected: {reason}; the old handler keeps serving");
-        self.supervisor.retire(slot, true);
-        self.supervisor.signal(slot, Signal::SIGKILL);
-        self.drop_push(slot);
+        if self.supervisor.incarnation_of(slot) == Some(incarnation) {
+            self.supervisor.retire(slot, true);
+            self.supervisor.signal(slot, Signal::SIGKILL);
+            self.drop_push(slot);
+        }
         self.reload = Reload::Idle;
-        self.supervisor.forget_unused_snapshots(self.generation);
+        // Its snapshot goes once the worker is reaped (on_worker_exits).
         self.notify("READY=1");
     }
 
     pub(super) fn reload_timeout(&mut self, now: Instant) {
         if let Reload::Validating {
             deadline: Some(deadline),
+            died,
             ..
-        } = self.reload
+        } = &self.reload
         {
-            if now >= deadline {
-                self.reject_reload("the new handler did not finish loading within --timeout");
+            if now >= *deadline {
+                let reason = died.clone().unwrap_or_else(|| {
+                    "the new handler did not finish loading within --timeout".to_string()
+                });
+                self.reject_reload(&reason);
             }
         }
     }

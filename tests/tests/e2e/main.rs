@@ -8,6 +8,7 @@ mod failures;
 mod lifecycle;
 mod limits;
 mod operations;
+mod persistent;
 mod round_trip;
 mod shell;
 mod workers;

@@ -1,0 +1,282 @@
+//! A persistent, pipelined connection: the opt-in protocol extension
+//! (docs/protocol.md, "Extensions"). The client sends v1 frames back to back;
+//! replies go out in request order, each as status, length, payload. Like
+//! [`crate::connection`], it knows nothing about workers or zmq: the daemon
+//! takes the requests that arrived and hands back each one's outcome.
+
+use crate::connection::{read_step, ReadStep};
+use crate::dispatcher::RequestId;
+use crate::protocol::persistent::{self, Status};
+use crate::protocol::{Decoded, RequestDecoder};
+use mio::net::TcpStream;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+use std::time::Instant;
+
+/// The most requests a client may have outstanding on one connection; past
+/// it, gaspard stops reading until replies go out (told in the handshake).
+pub const WINDOW: u32 = 128;
+
+/// Slices per vectored write: many small replies leave in one syscall.
+const MAX_IOVECS: usize = 64;
+
+/// What a session asks of the event loop after progress.
+#[derive(Debug)]
+pub enum Step {
+    /// Wait for readiness.
+    Wait,
+    /// Everything is answered and the client is done: close cleanly.
+    Close,
+    /// A framing violation: reset, logging why.
+    Reset(String),
+    /// The client went away.
+    Gone(io::Error),
+}
+
+/// One piece of output.
+enum Segment<R> {
+    Head([u8; 8], u8),
+    Reply(R),
+    Text(Vec<u8>),
+}
+
+impl<R: AsRef<[u8]>> Segment<R> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Segment::Head(bytes, len) => &bytes[..usize::from(*len)],
+            Segment::Reply(reply) => reply.as_ref(),
+            Segment::Text(text) => text,
+        }
+    }
+}
+
+/// A reply body: the worker's bytes, or a message from gaspard.
+pub enum Body<R> {
+    Reply(R),
+    Text(String),
+}
+
+struct Pending<R> {
+    id: Option<RequestId>,
+    received: Instant,
+    done: Option<(Status, Body<R>)>,
+}
+
+pub struct Session<R> {
+    decoder: RequestDecoder,
+    /// Requests read and not yet taken by the daemon.
+    arrived: Vec<Vec<u8>>,
+    /// Requests taken, in arrival order, until their replies go out.
+    pending: VecDeque<Pending<R>>,
+    out: VecDeque<Segment<R>>,
+    /// Bytes of the first output segment already written.
+    written: usize,
+    /// The client said it is done (zero-length frame, or end of stream).
+    ending: bool,
+    /// Reading stopped because the window is full; resume once replies leave.
+    paused: bool,
+}
+
+impl<R: AsRef<[u8]>> Session<R> {
+    /// A session that has just accepted the preamble; the acknowledgement is
+    /// the first thing it writes.
+    pub fn new(limit: u32) -> Session<R> {
+        let mut out = VecDeque::new();
+        out.push_back(Segment::Head(persistent::ack(WINDOW), 8));
+        Session {
+            decoder: RequestDecoder::new(limit),
+            arrived: Vec::new(),
+            pending: VecDeque::new(),
+            out,
+            written: 0,
+            ending: false,
+            paused: false,
+        }
+    }
+
+    /// Takes bytes that followed the preamble in the same read.
+    pub fn feed(&mut self, mut input: &[u8]) -> Result<(), String> {
+        while !input.is_empty() && !self.ending {
+            match self.decoder.feed(input).map_err(|e| e.to_string())? {
+                Decoded::Incomplete => return Ok(()),
+                Decoded::Empty => self.ending = true,
+                Decoded::Request { payload, consumed } => {
+                    self.arrived.push(payload);
+                    input = &input[consumed..];
+                }
+                Decoded::Extension { .. } => unreachable!("a session decoder has no preamble"),
+            }
+        }
+        Ok(())
+    }
+
+    fn window_full(&self) -> bool {
+        self.pending.len() + self.arrived.len() >= WINDOW as usize
+    }
+
+    fn wants_to_read(&self) -> bool {
+        !self.ending && !self.window_full()
+    }
+
+    /// Reading stopped at a full window and there is room again: readiness
+    /// is edge-triggered, so the loop must read without waiting for an event.
+    pub fn should_resume(&self) -> bool {
+        self.paused && self.wants_to_read()
+    }
+
+    /// Reads requests until the socket is empty or the window is full.
+    pub fn on_readable(&mut self, stream: &mut TcpStream, scratch: &mut [u8]) -> Step {
+        self.paused = false;
+        while self.wants_to_read() {
+            match read_step(stream, &mut self.decoder, scratch) {
+                Ok(ReadStep::WouldBlock) => return Step::Wait,
+                Ok(ReadStep::Eof) => {
+                    if self.decoder.started() {
+                        return Step::Reset("closed its side in the middle of a request".into());
+                    }
+                    // Half-closed: answer what is pending, then close.
+                    self.ending = true;
+                }
+                Ok(ReadStep::Direct(Some(payload))) => self.arrived.push(payload),
+                Ok(ReadStep::Direct(None)) => {}
+                Ok(ReadStep::Scratch(n)) => {
+                    if let Err(reason) = self.feed(&scratch[..n]) {
+                        return Step::Reset(reason);
+                    }
+                }
+                Err(e) => return Step::Gone(e),
+            }
+        }
+        self.paused = !self.ending;
+        self.progress_after_write()
+    }
+
+    /// Requests that arrived, for the daemon to submit in this order, each
+    /// followed by [`Self::submitted`] or [`Self::refused`].
+    pub fn take_arrived(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.arrived)
+    }
+
+    /// The next arrived request went to the dispatcher as `id`.
+    pub fn submitted(&mut self, id: RequestId, now: Instant) {
+        self.pending.push_back(Pending {
+            id: Some(id),
+            received: now,
+            done: None,
+        });
+    }
+
+    /// The next arrived request was refused at once.
+    pub fn refused(&mut self, status: Status, message: String, now: Instant) {
+        self.pending.push_back(Pending {
+            id: None,
+            received: now,
+            done: Some((status, Body::Text(message))),
+        });
+        self.promote();
+    }
+
+    /// The outcome of request `id`. Returns when the request arrived, for
+    /// the latency histogram, or `None` if `id` is not this session's.
+    pub fn complete(&mut self, id: RequestId, status: Status, body: Body<R>) -> Option<Instant> {
+        let pending = self.pending.iter_mut().find(|p| p.id == Some(id))?;
+        pending.done = Some((status, body));
+        let received = pending.received;
+        self.promote();
+        Some(received)
+    }
+
+    /// Moves finished replies at the head of the line to the output.
+    fn promote(&mut self) {
+        while self.pending.front().is_some_and(|p| p.done.is_some()) {
+            let Some(Pending {
+                done: Some((status, body)),
+                ..
+            }) = self.pending.pop_front()
+            else {
+                unreachable!("checked above");
+            };
+            let segment = match body {
+                Body::Reply(reply) => Segment::Reply(reply),
+                Body::Text(text) => Segment::Text(text.into_bytes()),
+            };
+            let len = segment.bytes().len();
+            let mut head = [0; 8];
+            head[..persistent::REPLY_HEAD_LEN]
+                .copy_from_slice(&persistent::reply_head(status, len));
+            self.out
+                .push_back(Segment::Head(head, persistent::REPLY_HEAD_LEN as u8));
+            if len > 0 {
+                self.out.push_back(segment);
+            }
+        }
+    }
+
+    /// Writes what is ready, many replies per syscall.
+    pub fn on_writable(&mut self, stream: &mut TcpStream) -> Step {
+        while !self.out.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut count = 0;
+            for (i, segment) in self.out.iter().take(MAX_IOVECS).enumerate() {
+                let bytes = segment.bytes();
+                slices[i] = IoSlice::new(if i == 0 {
+                    &bytes[self.written..]
+                } else {
+                    bytes
+                });
+                count += 1;
+            }
+            match stream.write_vectored(&slices[..count]) {
+                Ok(0) => return Step::Gone(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Wait,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Step::Gone(e),
+            }
+        }
+        self.progress_after_write()
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(front) = self.out.front() else {
+                return;
+            };
+            let left = front.bytes().len() - self.written;
+            if n < left {
+                self.written += n;
+                return;
+            }
+            n -= left;
+            self.written = 0;
+            self.out.pop_front();
+        }
+    }
+
+    fn progress_after_write(&self) -> Step {
+        if self.ending && self.pending.is_empty() && self.arrived.is_empty() && self.out.is_empty()
+        {
+            Step::Close
+        } else {
+            Step::Wait
+        }
+    }
+
+    /// Nothing in flight or waiting to be written: the connection is idle.
+    pub fn is_idle(&self) -> bool {
+        self.pending.is_empty() && self.arrived.is_empty() && self.out.is_empty()
+    }
+
+    /// Whether part of a request has arrived.
+    pub fn mid_request(&self) -> bool {
+        self.decoder.started()
+    }
+
+    /// The requests still with the dispatcher, to cancel if the client goes.
+    pub fn outstanding(&self) -> impl Iterator<Item = RequestId> + '_ {
+        self.pending
+            .iter()
+            .filter(|p| p.done.is_none())
+            .filter_map(|p| p.id)
+    }
+}

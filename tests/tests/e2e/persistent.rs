@@ -1,0 +1,183 @@
+//! The persistent, pipelined extension: negotiated by a preamble that no v1
+//! request can start with; replies in order, each with a status.
+
+use gaspard_tests::{connect, is_reset, raw_exchange, start};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+const PREAMBLE: [u8; 8] = [0xff, 0xff, 0xff, 0xff, b'G', b'S', b'P', b'2'];
+
+/// A test client for the extension.
+struct Session {
+    stream: TcpStream,
+    window: u32,
+}
+
+impl Session {
+    fn open(addr: SocketAddr) -> Session {
+        let mut stream = connect(addr).unwrap();
+        stream.write_all(&PREAMBLE).unwrap();
+        let mut ack = [0; 8];
+        stream.read_exact(&mut ack).unwrap();
+        assert_eq!(&ack[..4], b"GSP2");
+        let window = u32::from_be_bytes(ack[4..].try_into().unwrap());
+        Session { stream, window }
+    }
+
+    fn send(&mut self, payload: &[u8]) {
+        self.stream
+            .write_all(&gaspard_tests::pack(payload))
+            .unwrap();
+    }
+
+    fn reply(&mut self) -> (u8, Vec<u8>) {
+        let mut head = [0; 5];
+        self.stream.read_exact(&mut head).unwrap();
+        let len = u32::from_be_bytes(head[1..].try_into().unwrap()) as usize;
+        let mut body = vec![0; len];
+        self.stream.read_exact(&mut body).unwrap();
+        (head[0], body)
+    }
+
+    /// Says goodbye; the server closes cleanly once all is answered.
+    fn finish(mut self) {
+        self.stream.write_all(&[0, 0, 0, 0]).unwrap();
+        let mut rest = Vec::new();
+        self.stream.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "nothing after the last reply: {rest:?}");
+    }
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order_with_statuses() {
+    let daemon = start("fault", &["--workers", "2", "--timeout", "1"]);
+    let mut session = Session::open(daemon.addr);
+    assert_eq!(session.window, 128);
+    let requests: [&[u8]; 7] = [
+        b"echo:first",
+        b"sleep:100", // slower than what follows: order must still hold
+        b"error:bad input",
+        b"echo:",
+        b"segv",
+        b"sleep:5000",
+        b"echo:last",
+    ];
+    for request in requests {
+        session.send(request);
+    }
+    assert_eq!(session.reply(), (0, b"first".to_vec()));
+    assert_eq!(session.reply(), (0, b"slept".to_vec()));
+    assert_eq!(session.reply(), (1, b"bad input".to_vec()));
+    assert_eq!(session.reply(), (0, Vec::new()));
+    let (status, message) = session.reply();
+    assert_eq!(
+        (status, String::from_utf8_lossy(&message).as_ref()),
+        (4, "its worker was killed by SIGSEGV")
+    );
+    let (status, message) = session.reply();
+    assert_eq!(
+        (status, String::from_utf8_lossy(&message).as_ref()),
+        (2, "request ran past --timeout")
+    );
+    assert_eq!(session.reply(), (0, b"last".to_vec()));
+    session.finish();
+}
+
+#[test]
+fn a_thousand_pipelined_requests_flow_through_the_window() {
+    let daemon = start("echo", &["--workers", "2"]);
+    let session = Session::open(daemon.addr);
+    let mut reader = Session {
+        stream: session.stream.try_clone().unwrap(),
+        window: session.window,
+    };
+    // The writer runs far past the window; the server must pause reading
+    // and resume as replies leave, without deadlock.
+    let mut writer = session;
+    let sender = std::thread::spawn(move || {
+        for i in 0..1000 {
+            writer.send(format!("request {i} {}", "p".repeat(i % 300)).as_bytes());
+        }
+        writer
+    });
+    for i in 0..1000 {
+        let expected = format!("request {i} {}", "p".repeat(i % 300));
+        assert_eq!(reader.reply(), (0, expected.into_bytes()), "reply {i}");
+    }
+    sender.join().unwrap().finish();
+}
+
+#[test]
+fn large_replies_and_a_v1_client_side_by_side() {
+    let daemon = start("echo", &["--workers", "2"]);
+    let mut session = Session::open(daemon.addr);
+    let big: Vec<u8> = (0..(3 << 20)).map(|i: u32| (i % 251) as u8).collect();
+    session.send(&big);
+    session.send(b"small");
+    // A plain v1 client is served as always meanwhile.
+    assert_eq!(
+        daemon.request(b"v1 still works").unwrap(),
+        b"v1 still works"
+    );
+    let (status, reply) = session.reply();
+    assert_eq!(status, 0);
+    assert!(reply == big, "3 MiB reply intact");
+    assert_eq!(session.reply(), (0, b"small".to_vec()));
+    session.finish();
+}
+
+#[test]
+fn overload_is_a_status_not_a_reset() {
+    let daemon = start("fault", &["--workers", "1", "--max-queue", "1"]);
+    let mut session = Session::open(daemon.addr);
+    session.send(b"sleep:300"); // runs
+    session.send(b"echo:queued"); // waits
+    session.send(b"echo:refused"); // over --max-queue
+    assert_eq!(session.reply(), (0, b"slept".to_vec()));
+    assert_eq!(session.reply(), (0, b"queued".to_vec()));
+    let (status, message) = session.reply();
+    assert_eq!(status, 3);
+    assert!(String::from_utf8_lossy(&message).contains("queue is full"));
+    session.finish();
+}
+
+#[test]
+fn a_client_leaving_mid_session_costs_nothing() {
+    let daemon = start("fault", &["--workers", "1"]);
+    let worker = daemon.workers();
+    let mut session = Session::open(daemon.addr);
+    session.send(b"sleep:200");
+    session.send(b"exit:9"); // would kill the worker if it ever ran
+    std::thread::sleep(Duration::from_millis(50));
+    socket2::SockRef::from(&session.stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(session);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(daemon.request(b"echo:next").unwrap(), b"next");
+    assert_eq!(daemon.workers(), worker);
+}
+
+#[test]
+fn the_escape_length_without_the_preamble_is_reset() {
+    let daemon = start("echo", &["--workers", "1"]);
+    let result = raw_exchange(
+        daemon.addr,
+        &[0xff, 0xff, 0xff, 0xff, b'n', b'o', b'p', b'e'],
+    );
+    assert!(is_reset(&result), "{result:?}");
+    daemon.expect_log("sent 0xFFFFFFFF but not the extension preamble");
+}
+
+#[test]
+fn an_idle_session_is_closed_after_the_read_timeout() {
+    let daemon = start("echo", &["--workers", "1", "--read-timeout", "0.3"]);
+    let mut session = Session::open(daemon.addr);
+    session.send(b"one");
+    assert_eq!(session.reply(), (0, b"one".to_vec()));
+    let mut rest = Vec::new();
+    // A clean close (FIN), not a reset: nothing was lost.
+    session.stream.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+}
