@@ -125,7 +125,9 @@ impl Daemon {
             // Readiness is edge-triggered: whatever followed the request in
             // the socket must be read now, or no event would say so again.
             match self.conns.get_mut(key) {
-                Some(conn) if was_request => next = conn.on_readable(&mut self.scratch),
+                Some(conn) if was_request && conn.may_have_input() => {
+                    next = conn.on_readable(&mut self.scratch)
+                }
                 Some(conn) if conn.is_pipelined() => return self.pump_session(key),
                 _ => return,
             }
@@ -299,7 +301,8 @@ impl Daemon {
                 self.metrics.request_ended(Outcome::client_gone);
             }
         }
-        let _ = self.poll.registry().deregister(&mut conn.stream);
+        // No deregister: closing the socket removes it from epoll (it is
+        // never duplicated), and saves a syscall per request.
         match end {
             End::Clean(outcome) => {
                 if let Some(outcome) = outcome {
