@@ -139,9 +139,13 @@ impl Dispatcher {
         if n == 0 {
             return None;
         }
+        // The least loaded worker with credit left, so that a second request
+        // (credit > 1) is staged on a busy worker only when none is idle;
+        // ties go round-robin from the cursor.
         (0..n)
             .map(|i| (self.cursor + i) % n)
-            .find(|&slot| self.workers[slot].ready && self.workers[slot].held.len() < self.credit)
+            .filter(|&slot| self.workers[slot].ready && self.workers[slot].held.len() < self.credit)
+            .min_by_key(|&slot| self.workers[slot].held.len())
     }
 
     /// A worker can take requests. Slots are numbered by the supervisor and
@@ -282,6 +286,24 @@ mod tests {
         assert_eq!(d.complete(b), Some((second.slot, Some(11))));
         let third = d.next_assignment(now).unwrap();
         assert_eq!((third.id, third.slot), (c, second.slot));
+    }
+
+    #[test]
+    fn with_more_credit_busy_workers_take_a_second_request_only_when_none_is_idle() {
+        let mut d = Dispatcher::new(2, None);
+        d.worker_ready(0);
+        d.worker_ready(1);
+        let now = Instant::now();
+        for client in 0..5 {
+            d.submit(client, vec![]);
+        }
+        let slots: Vec<usize> = (0..4)
+            .map(|_| d.next_assignment(now).unwrap().slot)
+            .collect();
+        assert_ne!(slots[0], slots[1], "the first two go to different workers");
+        assert_eq!(d.held(0), 2);
+        assert_eq!(d.held(1), 2);
+        assert!(d.next_assignment(now).is_none());
     }
 
     #[test]

@@ -49,9 +49,6 @@ const CONN_BASE: usize = 1 << 18;
 /// The most worker slots a daemon may have (their tokens sit below `SCRAPE_BASE`).
 pub const MAX_WORKERS: usize = SCRAPE_BASE - PUSH_BASE - 2;
 
-/// Requests a worker may hold at once. One keeps the queue in the daemon, so
-/// no request waits behind a long one.
-const WORKER_CREDIT: usize = 1;
 /// Replies handled per loop turn before other sources get a turn.
 const REPLIES_PER_TURN: usize = 1024;
 /// How long stopped workers get to exit on SIGTERM before SIGKILL.
@@ -250,7 +247,7 @@ impl Daemon {
         let generation = supervisor
             .snapshot_handler()
             .with_context(|| format!("handler {}: cannot copy it", handler.display()))?;
-        let dispatcher = Dispatcher::new(WORKER_CREDIT, config.timeout);
+        let dispatcher = Dispatcher::new(config.worker_credit, config.timeout);
         let notifier = Notifier::from_env();
         let watchdog = notify::watchdog_interval().map(|every| (every, Instant::now()));
         Ok(Daemon {
