@@ -1,0 +1,568 @@
+//! `serve-baseline`: gaspar's protocol answered in-process, on one mio thread
+//! with no workers, echoing each request's payload. No server that passes
+//! requests to other processes can beat it on the same machine, so it is the
+//! yardstick a gaspard figure is divided by.
+//!
+//! It speaks v1 (one request per connection, the reply, a clean close) and
+//! GSP2 (see `frame`): the first four bytes of a connection say which.
+//! Everything is non-blocking and edge-triggered; partial reads and writes are
+//! the normal case, and a request may be up to 64 MiB.
+
+use crate::frame;
+use crate::limits;
+use mio::event::Event;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Registry, Token};
+use slab::Slab;
+use socket2::{Domain, SockRef, Socket, Type};
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+
+/// The listener's token; connections use their slab keys.
+const LISTENER: Token = Token(usize::MAX);
+
+/// Largest request accepted, as gaspard's default --max-request-size.
+const MAX_REQUEST: u32 = 64 << 20;
+
+/// The kernel's accept queue, as gaspard's default --backlog.
+const BACKLOG: i32 = 4096;
+
+/// Bytes read per `read` call.
+const SCRATCH: usize = 256 * 1024;
+
+/// Consumed bytes kept at the front of a buffer before it is compacted.
+const COMPACT_AFTER: usize = 64 * 1024;
+
+/// Where and how to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    pub listen: SocketAddr,
+    /// Requests a GSP2 client may have outstanding on a connection.
+    pub window: u32,
+}
+
+/// Serves until the process is killed. Prints `listening on ADDR` on
+/// standard error once connections are accepted.
+pub fn serve(options: &Options) -> io::Result<()> {
+    let mut listener = listen(options.listen)?;
+    // As many connections as the hard limit allows.
+    limits::raise_open_files(u64::MAX);
+    let mut stderr = io::stderr();
+    writeln!(stderr, "listening on {}", listener.local_addr()?)?;
+    stderr.flush()?;
+
+    let mut poll = Poll::new()?;
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)?;
+    let mut events = Events::with_capacity(1024);
+    let mut connections = Slab::new();
+    let mut scratch = vec![0; SCRATCH];
+    let window = options.window as usize;
+    loop {
+        match poll.poll(&mut events, None) {
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            result => result?,
+        }
+        for event in &events {
+            if event.token() == LISTENER {
+                accept(
+                    &listener,
+                    poll.registry(),
+                    &mut connections,
+                    &mut scratch,
+                    window,
+                );
+                continue;
+            }
+            let key = event.token().0;
+            let Some(connection) = connections.get_mut(key) else {
+                continue;
+            };
+            connection.note(event);
+            let verdict = connection.drive(&mut scratch, window);
+            settle(poll.registry(), &mut connections, key, verdict);
+        }
+    }
+}
+
+/// A listening socket with gaspard's backlog (mio's default is 1024).
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
+fn accept(
+    listener: &TcpListener,
+    registry: &Registry,
+    connections: &mut Slab<Connection>,
+    scratch: &mut [u8],
+    window: usize,
+) {
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                // The client speaks first and its request has often arrived
+                // by now: serving it before registering saves the trip
+                // through the poll, and often the registration itself.
+                let mut connection = Connection::new(stream);
+                let verdict = connection.drive(scratch, window);
+                let key = connections.insert(connection);
+                settle(registry, connections, key, verdict);
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                ) => {}
+            Err(error) => {
+                // Out of file descriptors, most likely: connections wait in
+                // the backlog until one closes and the next one arrives.
+                eprintln!("serve-baseline: accept: {error}");
+                return;
+            }
+        }
+    }
+}
+
+/// Carries out what [`Connection::drive`] decided.
+fn settle(registry: &Registry, connections: &mut Slab<Connection>, key: usize, verdict: Verdict) {
+    match verdict {
+        Verdict::Wait => {
+            let connection = &mut connections[key];
+            if let Err(error) = connection.register(registry, Token(key)) {
+                eprintln!("serve-baseline: register a connection: {error}");
+                connections.remove(key);
+            }
+        }
+        // Dropping the stream closes it, which also takes it out of the poll.
+        Verdict::Close => drop(connections.remove(key)),
+        Verdict::Reset => {
+            let connection = connections.remove(key);
+            // Linger 0: close() sends RST, as a failed request must end.
+            let _ = SockRef::from(&connection.stream).set_linger(Some(std::time::Duration::ZERO));
+        }
+    }
+}
+
+/// What a connection needs next.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// An event: it is registered for what it waits for.
+    Wait,
+    /// A clean close (FIN).
+    Close,
+    /// A reset (RST): a framing violation.
+    Reset,
+}
+
+#[derive(Debug)]
+enum Mode {
+    /// The first four bytes will say v1 or GSP2.
+    Start,
+    /// A v1 request of this many payload bytes is arriving.
+    Request { len: usize },
+    /// The v1 reply is being written; then the connection closes.
+    Replying,
+    /// GSP2: requests, then replies in order.
+    Persistent {
+        /// Where each reply not yet wholly written ends, counted in bytes
+        /// since the connection opened.
+        replies: VecDeque<u64>,
+        /// The zero-length request (or EOF) arrived: no more requests.
+        ending: bool,
+    },
+}
+
+struct Connection {
+    stream: TcpStream,
+    mode: Mode,
+    /// Bytes received; those before `rx_pos` are consumed.
+    rx: Vec<u8>,
+    rx_pos: usize,
+    /// Bytes to send; those before `tx_pos` are sent.
+    tx: Vec<u8>,
+    tx_pos: usize,
+    /// Bytes removed from the front of `tx` so far.
+    tx_base: u64,
+    /// The last read (write) said "would block": wait for an event.
+    read_blocked: bool,
+    /// An event said the client has closed its side.
+    peer_closed: bool,
+    write_blocked: bool,
+    registered: Option<Interest>,
+}
+
+impl Connection {
+    fn new(stream: TcpStream) -> Connection {
+        Connection {
+            stream,
+            mode: Mode::Start,
+            rx: Vec::new(),
+            rx_pos: 0,
+            tx: Vec::new(),
+            tx_pos: 0,
+            tx_base: 0,
+            read_blocked: false,
+            peer_closed: false,
+            write_blocked: false,
+            registered: None,
+        }
+    }
+
+    /// Takes in what an event says may now make progress.
+    fn note(&mut self, event: &Event) {
+        if event.is_readable() || event.is_read_closed() || event.is_error() {
+            self.read_blocked = false;
+        }
+        self.peer_closed |= event.is_read_closed();
+        if event.is_writable() || event.is_write_closed() || event.is_error() {
+            self.write_blocked = false;
+        }
+    }
+
+    /// Reads, answers and writes as far as the socket allows.
+    fn drive(&mut self, scratch: &mut [u8], window: usize) -> Verdict {
+        loop {
+            if let Some(verdict) = self.parse(window) {
+                return verdict;
+            }
+            if self.write().is_err() {
+                // The client is gone; nothing is left to tell it.
+                return Verdict::Close;
+            }
+            if self.done() {
+                return Verdict::Close;
+            }
+            if self.request_waiting(window) {
+                // A write made room in the window for a request already read.
+                continue;
+            }
+            if self.read_blocked || !self.wants_read(window) {
+                return Verdict::Wait;
+            }
+            match self.stream.read(scratch) {
+                Ok(0) => {
+                    if let Some(verdict) = self.end_of_input() {
+                        return verdict;
+                    }
+                }
+                Ok(n) => {
+                    self.rx.extend_from_slice(&scratch[..n]);
+                    // A short read took all that was queued: reading again
+                    // would only say "would block", and any later arrival
+                    // is a new event. Not once the client has closed its
+                    // side: no event follows that, so read on to the EOF.
+                    if n < scratch.len() && !self.peer_closed {
+                        self.read_blocked = true;
+                    }
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    self.read_blocked = true;
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Verdict::Close,
+            }
+        }
+    }
+
+    /// Acts on the bytes received: `Some` ends the connection.
+    fn parse(&mut self, window: usize) -> Option<Verdict> {
+        loop {
+            match &mut self.mode {
+                Mode::Start => {
+                    let len = be_u32(&self.rx)?;
+                    if len == frame::EXTENSION_MARK {
+                        if self.rx.len() < frame::PREAMBLE.len() {
+                            return None;
+                        }
+                        if self.rx[..frame::PREAMBLE.len()] != frame::PREAMBLE {
+                            return Some(Verdict::Reset);
+                        }
+                        // Pipelined small replies must not wait for an ACK.
+                        if self.stream.set_nodelay(true).is_err() {
+                            return Some(Verdict::Close);
+                        }
+                        self.rx_pos = frame::PREAMBLE.len();
+                        self.tx.extend_from_slice(&frame::handshake(window as u32));
+                        self.mode = Mode::Persistent {
+                            replies: VecDeque::new(),
+                            ending: false,
+                        };
+                        continue;
+                    }
+                    if len > MAX_REQUEST {
+                        return Some(Verdict::Reset);
+                    }
+                    if len == 0 {
+                        return Some(Verdict::Close);
+                    }
+                    let len = len as usize;
+                    // The whole request, allocated once (at most 64 MiB).
+                    self.rx
+                        .reserve_exact((frame::HEADER_LEN + len).saturating_sub(self.rx.len()));
+                    self.mode = Mode::Request { len };
+                }
+                Mode::Request { len } => {
+                    let whole = frame::HEADER_LEN + *len;
+                    if self.rx.len() < whole {
+                        return None;
+                    }
+                    // The reply is the payload: send it from where it was
+                    // received. Bytes after the request are dropped.
+                    self.tx = std::mem::take(&mut self.rx);
+                    self.tx.truncate(whole);
+                    self.tx_pos = frame::HEADER_LEN;
+                    self.mode = Mode::Replying;
+                    return None;
+                }
+                Mode::Replying => return None,
+                Mode::Persistent { replies, ending } => {
+                    while !*ending && replies.len() < window {
+                        let input = &self.rx[self.rx_pos..];
+                        let Some(len) = be_u32(input) else { break };
+                        if len > MAX_REQUEST {
+                            return Some(Verdict::Reset);
+                        }
+                        if len == 0 {
+                            *ending = true;
+                            self.rx_pos += frame::HEADER_LEN;
+                            break;
+                        }
+                        let whole = frame::HEADER_LEN + len as usize;
+                        if input.len() < whole {
+                            self.rx.reserve(whole - input.len());
+                            break;
+                        }
+                        self.tx
+                            .extend_from_slice(&frame::reply_header(frame::Status::Ok, len));
+                        self.tx.extend_from_slice(&input[frame::HEADER_LEN..whole]);
+                        self.rx_pos += whole;
+                        replies.push_back(self.tx_base + self.tx.len() as u64);
+                    }
+                    if self.rx_pos == self.rx.len() {
+                        self.rx.clear();
+                        self.rx_pos = 0;
+                    } else if self.rx_pos >= COMPACT_AFTER {
+                        self.rx.drain(..self.rx_pos);
+                        self.rx_pos = 0;
+                    }
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Writes what is due until done or the socket would block.
+    fn write(&mut self) -> io::Result<()> {
+        while self.tx_pos < self.tx.len() && !self.write_blocked {
+            match self.stream.write(&self.tx[self.tx_pos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.tx_pos += n,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    self.write_blocked = true;
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+        if let Mode::Persistent { replies, .. } = &mut self.mode {
+            let sent = self.tx_base + self.tx_pos as u64;
+            while replies.front().is_some_and(|&end| end <= sent) {
+                replies.pop_front();
+            }
+            if self.tx_pos == self.tx.len() {
+                self.tx_base += self.tx.len() as u64;
+                self.tx.clear();
+                self.tx_pos = 0;
+            } else if self.tx_pos >= COMPACT_AFTER {
+                self.tx_base += self.tx_pos as u64;
+                self.tx.drain(..self.tx_pos);
+                self.tx_pos = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether everything is answered and written, so the connection can close.
+    fn done(&self) -> bool {
+        let written = self.tx_pos == self.tx.len();
+        match &self.mode {
+            Mode::Replying => written,
+            Mode::Persistent { ending, .. } => *ending && written,
+            Mode::Start | Mode::Request { .. } => false,
+        }
+    }
+
+    /// Whether a GSP2 request already received can be taken now.
+    fn request_waiting(&self, window: usize) -> bool {
+        let Mode::Persistent { replies, ending } = &self.mode else {
+            return false;
+        };
+        let input = &self.rx[self.rx_pos..];
+        !*ending
+            && replies.len() < window
+            && match be_u32(input) {
+                None => false,
+                Some(len) if len == 0 || len > MAX_REQUEST => true,
+                Some(len) => input.len() >= frame::HEADER_LEN + len as usize,
+            }
+    }
+
+    fn wants_read(&self, window: usize) -> bool {
+        match &self.mode {
+            Mode::Start | Mode::Request { .. } => true,
+            Mode::Replying => false,
+            // Past the window, requests wait in the client's socket.
+            Mode::Persistent { replies, ending } => !*ending && replies.len() < window,
+        }
+    }
+
+    /// The client shut its side: `Some` ends the connection now.
+    fn end_of_input(&mut self) -> Option<Verdict> {
+        let partial = self.rx.len() > self.rx_pos;
+        match &mut self.mode {
+            // Connected and closed without a byte: nothing to say.
+            Mode::Start if !partial => Some(Verdict::Close),
+            // Half a request can never be completed.
+            Mode::Start | Mode::Request { .. } => Some(Verdict::Reset),
+            Mode::Persistent { .. } if partial => Some(Verdict::Reset),
+            // As if it had sent the zero-length request: answer, then close.
+            Mode::Persistent { ending, .. } => {
+                *ending = true;
+                None
+            }
+            Mode::Replying => None,
+        }
+    }
+
+    /// Registers for readiness: always readable, writable once a write has
+    /// had to wait (kept after that; edge-triggered, it costs nothing).
+    fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        let both = Interest::READABLE | Interest::WRITABLE;
+        let wanted = if self.write_blocked || self.registered == Some(both) {
+            both
+        } else {
+            Interest::READABLE
+        };
+        match self.registered {
+            None => registry.register(&mut self.stream, token, wanted)?,
+            Some(current) if current != wanted => {
+                registry.reregister(&mut self.stream, token, wanted)?
+            }
+            Some(_) => return Ok(()),
+        }
+        self.registered = Some(wanted);
+        Ok(())
+    }
+}
+
+/// The big-endian u32 at the start of `bytes`, if there are four.
+fn be_u32(bytes: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Shutdown;
+    use std::time::Duration;
+
+    /// A baseline server on a free port, in a thread of this test process.
+    fn server() -> SocketAddr {
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        std::thread::spawn(move || {
+            serve(&Options {
+                listen: addr,
+                window: 4,
+            })
+        });
+        // Wait until it accepts.
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                return addr;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the baseline server did not start");
+    }
+
+    fn exchange(addr: SocketAddr, bytes: &[u8], half_close: bool) -> io::Result<Vec<u8>> {
+        let mut stream = std::net::TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(bytes)?;
+        if half_close {
+            stream.shutdown(Shutdown::Write)?;
+        }
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply)?;
+        Ok(reply)
+    }
+
+    #[test]
+    fn v1_requests_are_echoed_then_closed() {
+        let addr = server();
+        assert_eq!(
+            exchange(addr, &frame::request(b"hello"), false).unwrap(),
+            b"hello"
+        );
+        assert_eq!(exchange(addr, &[0, 0, 0, 0], false).unwrap(), b"");
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        assert_eq!(exchange(addr, &frame::request(&big), false).unwrap(), big);
+    }
+
+    #[test]
+    fn framing_violations_are_reset() {
+        let addr = server();
+        let over = (MAX_REQUEST + 1).to_be_bytes();
+        let error = exchange(addr, &over, false).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
+        // Half of a request, then the client's half-close.
+        let error = exchange(addr, &[0, 0, 0, 9, b'a'], true).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
+        // 0xFFFFFFFF without the magic.
+        let error = exchange(addr, b"\xff\xff\xff\xffHTTP", false).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[test]
+    fn gsp2_answers_pipelined_requests_in_order_then_closes() {
+        let addr = server();
+        let mut stream = frame::PREAMBLE.to_vec();
+        for i in 0..20u32 {
+            stream.extend_from_slice(&frame::request(format!("request {i}").as_bytes()));
+        }
+        stream.extend_from_slice(&frame::END_OF_REQUESTS);
+        let reply = exchange(addr, &stream, false).unwrap();
+        let mut want = frame::handshake(4).to_vec();
+        for i in 0..20u32 {
+            let payload = format!("request {i}");
+            want.extend_from_slice(&frame::reply_header(
+                frame::Status::Ok,
+                payload.len() as u32,
+            ));
+            want.extend_from_slice(payload.as_bytes());
+        }
+        assert_eq!(reply, want);
+    }
+
+    #[test]
+    fn gsp2_ends_on_eof_and_resets_on_an_oversize_length() {
+        let addr = server();
+        let mut stream = frame::PREAMBLE.to_vec();
+        stream.extend_from_slice(&frame::request(b"x"));
+        let reply = exchange(addr, &stream, true).unwrap();
+        assert_eq!(&reply[8..], b"\0\0\0\0\x01x");
+        let mut stream = frame::PREAMBLE.to_vec();
+        stream.extend_from_slice(&(MAX_REQUEST + 1).to_be_bytes());
+        let error = exchange(addr, &stream, false).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
+    }
+}
