@@ -53,6 +53,9 @@ pub const MAX_WORKERS: usize = SCRAPE_BASE - PUSH_BASE - 2;
 const REPLIES_PER_TURN: usize = 1024;
 /// How long stopped workers get to exit on SIGTERM before SIGKILL.
 const WORKER_STOP_GRACE: Duration = Duration::from_secs(5);
+/// The same after a second SIGTERM/SIGINT: enough for idle workers to call
+/// their handler's shutdown, not for busy ones to finish.
+const URGENT_STOP_GRACE: Duration = Duration::from_millis(300);
 /// The loop-wide read buffer.
 const SCRATCH_LEN: usize = 64 * 1024;
 /// File descriptors kept back from client connections for everything else
@@ -516,7 +519,14 @@ impl Daemon {
     /// Stops the workers, resets what is left, closes every socket.
     fn shut_down(&mut self) {
         self.reset_all_clients();
-        self.supervisor.stop_all(WORKER_STOP_GRACE);
+        // A second signal means now: workers busy in their handler are not
+        // waited for.
+        let grace = if self.stop_now {
+            URGENT_STOP_GRACE
+        } else {
+            WORKER_STOP_GRACE
+        };
+        self.supervisor.stop_all(grace);
         for slot in 0..self.pushes.len() {
             self.drop_push(slot);
         }

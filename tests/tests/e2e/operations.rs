@@ -512,3 +512,44 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
     // Unknown or misspelt settings are only warnings: none may be printed.
     assert!(stderr.trim().is_empty(), "{stderr}");
 }
+
+#[test]
+fn a_second_sigterm_stops_at_once() {
+    let mut daemon = start("fault", &["--workers", "1", "--shutdown-timeout", "60"]);
+    let addr = daemon.addr;
+    let slow = std::thread::spawn(move || request(addr, b"sleep:20000"));
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.signal(libc::SIGTERM);
+    daemon.expect_log("stopping gracefully");
+    let second = Instant::now();
+    daemon.signal(libc::SIGTERM);
+    let status = daemon
+        .wait_exit(Duration::from_secs(15))
+        .expect("gaspard exits");
+    // Not the 20 s of the request, nor the 5 s grace of a graceful stop.
+    assert!(
+        second.elapsed() < Duration::from_secs(4),
+        "did not wait for the busy worker"
+    );
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        is_reset(&slow.join().unwrap()),
+        "the unfinished request is reset"
+    );
+    daemon.expect_log("again: stopping now");
+}
+
+#[test]
+fn under_journald_lines_carry_a_priority_and_no_timestamp() {
+    let daemon = gaspard_tests::try_start_with_env(
+        "fault",
+        &["--workers", "1"],
+        &[("JOURNAL_STREAM", "8:12345")],
+    )
+    .unwrap_or_else(|(status, log)| panic!("{status:?}: {}", log.lines().join("\n")));
+    let listening = daemon.expect_log("listening on");
+    assert!(listening.starts_with("<6>listening on"), "{listening}");
+    assert!(is_reset(&daemon.request(b"error:oops")));
+    let warning = daemon.expect_log("handler failed: oops");
+    assert!(warning.starts_with("<4>client "), "{warning}");
+}
