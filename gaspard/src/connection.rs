@@ -150,6 +150,8 @@ impl<R: AsRef<[u8]>> Connection<R> {
                     return Next::Request(payload);
                 }
                 Ok(Decoded::Extension { consumed }) => {
+                    // Replies go out as they are ready, not when Nagle says.
+                    let _ = self.stream.set_nodelay(true);
                     let mut session = Box::new(Session::new(decoder.limit()));
                     let fed = session.feed(&scratch[consumed..n]);
                     self.state = State::Pipelined(session);

@@ -69,12 +69,20 @@ pub struct Session<R> {
     /// Requests taken, in arrival order, until their replies go out.
     pending: VecDeque<Pending<R>>,
     out: VecDeque<Segment<R>>,
+    /// Replies in `out` not yet written in full. They count against the
+    /// window too, so a client that never reads cannot make gaspard hold
+    /// more than a window of replies.
+    replies_out: usize,
     /// Bytes of the first output segment already written.
     written: usize,
     /// The client said it is done (zero-length frame, or end of stream).
     ending: bool,
     /// Reading stopped because the window is full; resume once replies leave.
     paused: bool,
+    /// Bytes read but not decoded yet, because the window was full.
+    leftover: Vec<u8>,
+    /// The client closed its sending side.
+    input_closed: bool,
 }
 
 impl<R: AsRef<[u8]>> Session<R> {
@@ -88,15 +96,24 @@ impl<R: AsRef<[u8]>> Session<R> {
             arrived: Vec::new(),
             pending: VecDeque::new(),
             out,
+            replies_out: 0,
             written: 0,
             ending: false,
             paused: false,
+            leftover: Vec::new(),
+            input_closed: false,
         }
     }
 
-    /// Takes bytes that followed the preamble in the same read.
+    /// Decodes requests from bytes read (or that followed the preamble).
+    /// Past a full window the rest waits in `leftover`: one read can carry
+    /// many small requests, and the window must hold all the same.
     pub fn feed(&mut self, mut input: &[u8]) -> Result<(), String> {
         while !input.is_empty() && !self.ending {
+            if self.window_full() {
+                self.leftover.extend_from_slice(input);
+                return Ok(());
+            }
             match self.decoder.feed(input).map_err(|e| e.to_string())? {
                 Decoded::Incomplete => return Ok(()),
                 Decoded::Empty => self.ending = true,
@@ -111,11 +128,42 @@ impl<R: AsRef<[u8]>> Session<R> {
     }
 
     fn window_full(&self) -> bool {
-        self.pending.len() + self.arrived.len() >= WINDOW as usize
+        self.pending.len() + self.arrived.len() + self.replies_out >= WINDOW as usize
     }
 
     fn wants_to_read(&self) -> bool {
         !self.ending && !self.window_full()
+    }
+
+    fn leftover_or_read(&mut self, stream: &mut TcpStream, scratch: &mut [u8]) -> Result<(), Step> {
+        if !self.leftover.is_empty() {
+            let bytes = std::mem::take(&mut self.leftover);
+            return self.feed(&bytes).map_err(Step::Reset);
+        }
+        if self.input_closed {
+            if self.decoder.started() {
+                return Err(Step::Reset(
+                    "closed its side in the middle of a request".into(),
+                ));
+            }
+            // Half-closed: answer what is pending, then close.
+            self.ending = true;
+            return Ok(());
+        }
+        match read_step(stream, &mut self.decoder, scratch) {
+            Ok(ReadStep::WouldBlock) => Err(Step::Wait),
+            Ok(ReadStep::Eof) => {
+                self.input_closed = true;
+                Ok(())
+            }
+            Ok(ReadStep::Direct(Some(payload))) => {
+                self.arrived.push(payload);
+                Ok(())
+            }
+            Ok(ReadStep::Direct(None)) => Ok(()),
+            Ok(ReadStep::Scratch(n)) => self.feed(&scratch[..n]).map_err(Step::Reset),
+            Err(e) => Err(Step::Gone(e)),
+        }
     }
 
     /// Reading stopped at a full window and there is room again: readiness
@@ -128,23 +176,8 @@ impl<R: AsRef<[u8]>> Session<R> {
     pub fn on_readable(&mut self, stream: &mut TcpStream, scratch: &mut [u8]) -> Step {
         self.paused = false;
         while self.wants_to_read() {
-            match read_step(stream, &mut self.decoder, scratch) {
-                Ok(ReadStep::WouldBlock) => return Step::Wait,
-                Ok(ReadStep::Eof) => {
-                    if self.decoder.started() {
-                        return Step::Reset("closed its side in the middle of a request".into());
-                    }
-                    // Half-closed: answer what is pending, then close.
-                    self.ending = true;
-                }
-                Ok(ReadStep::Direct(Some(payload))) => self.arrived.push(payload),
-                Ok(ReadStep::Direct(None)) => {}
-                Ok(ReadStep::Scratch(n)) => {
-                    if let Err(reason) = self.feed(&scratch[..n]) {
-                        return Step::Reset(reason);
-                    }
-                }
-                Err(e) => return Step::Gone(e),
+            if let Err(step) = self.leftover_or_read(stream, scratch) {
+                return step;
             }
         }
         self.paused = !self.ending;
@@ -209,6 +242,7 @@ impl<R: AsRef<[u8]>> Session<R> {
             if len > 0 {
                 self.out.push_back(segment);
             }
+            self.replies_out += 1;
         }
     }
 
@@ -249,7 +283,19 @@ impl<R: AsRef<[u8]>> Session<R> {
             }
             n -= left;
             self.written = 0;
-            self.out.pop_front();
+            // A reply is out once its body is; a reply without a body (or
+            // the acknowledgement, 8 bytes) once its head is.
+            let done = match self.out.pop_front() {
+                Some(Segment::Reply(_) | Segment::Text(_)) => true,
+                Some(Segment::Head(_, len)) => {
+                    usize::from(len) == persistent::REPLY_HEAD_LEN
+                        && !matches!(self.out.front(), Some(Segment::Reply(_) | Segment::Text(_)))
+                }
+                None => false,
+            };
+            if done {
+                self.replies_out -= 1;
+            }
         }
     }
 
@@ -264,12 +310,15 @@ impl<R: AsRef<[u8]>> Session<R> {
 
     /// Nothing in flight or waiting to be written: the connection is idle.
     pub fn is_idle(&self) -> bool {
-        self.pending.is_empty() && self.arrived.is_empty() && self.out.is_empty()
+        self.pending.is_empty()
+            && self.arrived.is_empty()
+            && self.out.is_empty()
+            && self.leftover.is_empty()
     }
 
     /// Whether part of a request has arrived.
     pub fn mid_request(&self) -> bool {
-        self.decoder.started()
+        self.decoder.started() || !self.leftover.is_empty()
     }
 
     /// The requests still with the dispatcher, to cancel if the client goes.

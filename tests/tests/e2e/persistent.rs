@@ -16,7 +16,21 @@ struct Session {
 
 impl Session {
     fn open(addr: SocketAddr) -> Session {
-        let mut stream = connect(addr).unwrap();
+        Session::handshake(connect(addr).unwrap())
+    }
+
+    /// With a small receive buffer, so that the kernel cannot soak up many
+    /// replies for a client that does not read (loopback buffers autotune
+    /// to tens of MiB).
+    fn open_small_buffer(addr: SocketAddr) -> Session {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(64 * 1024).unwrap();
+        socket.connect(&addr.into()).unwrap();
+        Session::handshake(socket.into())
+    }
+
+    fn handshake(mut stream: TcpStream) -> Session {
         stream.write_all(&PREAMBLE).unwrap();
         let mut ack = [0; 8];
         stream.read_exact(&mut ack).unwrap();
@@ -180,4 +194,44 @@ fn an_idle_session_is_closed_after_the_read_timeout() {
     // A clean close (FIN), not a reset: nothing was lost.
     session.stream.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
+}
+
+#[test]
+fn a_client_that_does_not_read_makes_gaspard_hold_at_most_a_window_of_replies() {
+    let daemon = start("fault", &["--workers", "2", "--metrics", "127.0.0.1:0"]);
+    let metrics_line = daemon.expect_log("serving metrics on http://");
+    let metrics: SocketAddr = metrics_line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut session = Session::open_small_buffer(daemon.addr);
+    // 64 KiB replies, so they do not all fit in the socket buffers.
+    for _ in 0..400 {
+        session.send(b"big:65536");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let answered = |addr: SocketAddr| -> f64 {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("gaspard_requests_total{outcome=\"ok\"}"))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    };
+    let held = answered(metrics);
+    // What the kernel's buffers took, plus one window held by gaspard.
+    assert!(
+        held < 400.0,
+        "gaspard ran all {held} requests for a client that reads nothing"
+    );
+    for i in 0..400 {
+        let (status, reply) = session.reply();
+        assert_eq!((status, reply.len()), (0, 65536), "reply {i}");
+    }
+    assert_eq!(answered(metrics), 400.0);
+    session.finish();
 }
