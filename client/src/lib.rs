@@ -61,10 +61,21 @@
 //! }
 //! ```
 //!
+//! A client that sends many requests can keep one [`Connection`] open
+//! instead, and pipeline them: gaspard's opt-in persistent extension (`GSP2`,
+//! "Extensions" in `docs/protocol.md`), where each reply comes back in order
+//! with a status saying how the request ended. [`Connection::open`] returns
+//! [`Error::NotSupported`] from a server without the extension (gaspar, an
+//! older gaspard), so a caller can fall back to [`request_with`].
+//!
 //! [gaspard]: https://example.invalid/gaspard
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+mod connection;
+
+pub use connection::{Connection, Status};
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -124,7 +135,8 @@ fn header(len: usize) -> Result<[u8; HEADER_LEN], Error> {
         .map_err(|_| Error::TooLarge { len })
 }
 
-/// How long [`request_with`] waits. `None` waits as long as it takes.
+/// How long [`request_with`] (and a [`Connection`]) waits. `None` waits as
+/// long as it takes.
 ///
 /// ```
 /// use gaspar_client::Options;
@@ -140,6 +152,8 @@ fn header(len: usize) -> Result<[u8; HEADER_LEN], Error> {
 pub struct Options {
     /// How long to wait for the TCP connection to be established, for each
     /// address the name resolves to. Default: [`DEFAULT_CONNECT_TIMEOUT`].
+    /// [`Connection::open`] also waits as long for the server's answer to
+    /// the extension's preamble.
     pub connect_timeout: Option<Duration>,
     /// How long the request may take once connected: sending it, then
     /// receiving the whole reply. This is a deadline for the exchange, not a
@@ -147,9 +161,13 @@ pub struct Options {
     /// the time the request waits in the daemon's queue for a free worker.
     /// Default: [`DEFAULT_READ_TIMEOUT`].
     ///
-    /// When it passes, the client closes the connection. gaspard then drops
-    /// the request if it was still queued, or throws its reply away if a
-    /// worker was already running it.
+    /// When it passes, the client closes the connection. gaspard cannot tell
+    /// that close from a client that half-closed to wait for its reply, so
+    /// the request still runs and its reply is thrown away when writing it
+    /// fails.
+    ///
+    /// On a [`Connection`] it bounds each call instead: sending one request,
+    /// waiting for one reply, one whole [`Connection::request`].
     pub read_timeout: Option<Duration>,
 }
 
@@ -172,6 +190,9 @@ pub enum Stage {
     Send,
     /// Waiting for the reply, or for the rest of it.
     Reply,
+    /// Waiting for the server to accept the persistent extension
+    /// ([`Connection::open`]), within [`Options::connect_timeout`].
+    Handshake,
 }
 
 /// Why a request got no reply.
@@ -183,6 +204,10 @@ pub enum Error {
     /// daemon's `--timeout`, the request was over `--max-request-size`, or the
     /// queue was full. The reset carries no reason; the daemon's log has it.
     /// Any reply bytes that arrived before the reset are discarded.
+    ///
+    /// On a [`Connection`], where a failed request is [`Error::Failed`]
+    /// instead, a reset ends the whole session: a request over
+    /// `--max-request-size`, or the daemon stopping before it answered.
     Reset {
         /// The daemon's address.
         addr: SocketAddr,
@@ -215,6 +240,58 @@ pub enum Error {
         /// What the operating system said.
         error: io::Error,
     },
+    /// [`Connection::open`]: the server does not speak the persistent
+    /// extension. It reset or closed the connection on the preamble (gaspar,
+    /// or a gaspard without the extension), or answered something else.
+    /// Send one request per connection instead, with [`request_with`].
+    NotSupported {
+        /// The server's address.
+        addr: SocketAddr,
+    },
+    /// A request on a [`Connection`] failed, and the daemon said how: the
+    /// handler returned an error, the request ran past the daemon's
+    /// `--timeout`, the daemon was overloaded, or its worker died. Only this
+    /// request failed: the connection stays usable.
+    Failed {
+        /// The daemon's address.
+        addr: SocketAddr,
+        /// How the request failed.
+        status: Status,
+        /// The daemon's message: the handler's own error message for
+        /// [`Status::HandlerError`], gaspard's for the others.
+        message: String,
+    },
+    /// The [`Connection`] is closed: the daemon closed it (gaspard closes a
+    /// session idle for its `--read-timeout`, and one it is stopping once
+    /// all it has read is answered), or an earlier error on it (a timeout, a
+    /// reset) ended it. No reply will come on it; open a new one.
+    Closed {
+        /// The daemon's address.
+        addr: SocketAddr,
+    },
+    /// [`Connection::send`] with [`Connection::window`] requests already on
+    /// the wire: receive a reply first. Nothing was sent; the connection is
+    /// unchanged.
+    WindowFull {
+        /// The daemon's address.
+        addr: SocketAddr,
+        /// The window, the most requests the daemon takes at a time.
+        window: usize,
+    },
+    /// [`Connection::recv`] with no request outstanding: no reply will come.
+    /// The connection is unchanged.
+    NothingOutstanding {
+        /// The daemon's address.
+        addr: SocketAddr,
+    },
+    /// The server broke the persistent extension's protocol (bytes when no
+    /// reply was due, a window of 0). The connection is closed.
+    Protocol {
+        /// The server's address.
+        addr: SocketAddr,
+        /// What it did.
+        reason: String,
+    },
 }
 
 impl fmt::Display for Error {
@@ -228,6 +305,10 @@ impl fmt::Display for Error {
                 Stage::Connect => write!(f, "timed out connecting to {addr}"),
                 Stage::Send => write!(f, "timed out sending the request to {addr}"),
                 Stage::Reply => write!(f, "timed out waiting for the reply from {addr}"),
+                Stage::Handshake => write!(
+                    f,
+                    "timed out waiting for {addr} to accept the persistent extension"
+                ),
             },
             Error::Refused { addr } => write!(
                 f,
@@ -239,6 +320,44 @@ impl fmt::Display for Error {
                 "a message of {len} bytes is over the protocol's limit of {MAX_MESSAGE_LEN} bytes"
             ),
             Error::Io { addr, error } => write!(f, "{addr}: {error}"),
+            Error::NotSupported { addr } => write!(
+                f,
+                "{addr} does not support the persistent extension (GSP2): send one request per connection"
+            ),
+            Error::Failed {
+                addr,
+                status,
+                message,
+            } => {
+                write!(f, "{addr}: the request failed: {status}")?;
+                if !message.is_empty() {
+                    f.write_str(": ")?;
+                    // One line, whatever the message holds.
+                    for c in message.chars() {
+                        if c.is_control() {
+                            write!(f, "{}", c.escape_default())?;
+                        } else {
+                            write!(f, "{c}")?;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Error::Closed { addr } => write!(
+                f,
+                "the persistent connection to {addr} is closed: the daemon closed it, or an earlier error ended it"
+            ),
+            Error::WindowFull { addr, window } => write!(
+                f,
+                "{window} requests are already outstanding to {addr}, its whole window: receive a reply first"
+            ),
+            Error::NothingOutstanding { addr } => write!(
+                f,
+                "no request is outstanding to {addr}: there is no reply to receive"
+            ),
+            Error::Protocol { addr, reason } => {
+                write!(f, "{addr} broke the persistent extension's protocol: {reason}")
+            }
         }
     }
 }
@@ -246,7 +365,9 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {}
 
 /// For code that deals in `io::Error`: the kind says which outcome it was
-/// (`ConnectionReset`, `TimedOut`, `ConnectionRefused`, `InvalidInput`).
+/// (`ConnectionReset`, `TimedOut`, `ConnectionRefused`, `InvalidInput`;
+/// for [`Connection`]'s: `Unsupported`, `Other` for a failed request,
+/// `NotConnected` once closed, `InvalidData` for a protocol violation).
 impl From<Error> for io::Error {
     fn from(error: Error) -> io::Error {
         let kind = match &error {
@@ -255,6 +376,12 @@ impl From<Error> for io::Error {
             Error::Refused { .. } => io::ErrorKind::ConnectionRefused,
             Error::TooLarge { .. } => io::ErrorKind::InvalidInput,
             Error::Resolve(e) | Error::Io { error: e, .. } => e.kind(),
+            Error::NotSupported { .. } => io::ErrorKind::Unsupported,
+            Error::Failed { .. } | Error::WindowFull { .. } | Error::NothingOutstanding { .. } => {
+                io::ErrorKind::Other
+            }
+            Error::Closed { .. } => io::ErrorKind::NotConnected,
+            Error::Protocol { .. } => io::ErrorKind::InvalidData,
         };
         io::Error::new(kind, error)
     }
@@ -339,9 +466,7 @@ pub fn request_with(
     let message = message.as_ref();
     let header = header(message.len())?;
     let (stream, addr) = connect(addr, options.connect_timeout)?;
-    let deadline = options
-        .read_timeout
-        .map(|timeout| Instant::now().checked_add(timeout));
+    let deadline = deadline_after(options.read_timeout);
     let mut exchange = Exchange {
         stream: &stream,
         addr,
@@ -385,25 +510,37 @@ fn connect(
     }))
 }
 
+/// When a wait must end. `None`: no deadline. `Some(None)`: a deadline too
+/// far away to represent.
+type Deadline = Option<Option<Instant>>;
+
+/// The deadline `timeout` from now.
+fn deadline_after(timeout: Option<Duration>) -> Deadline {
+    timeout.map(|timeout| Instant::now().checked_add(timeout))
+}
+
+/// The time left before `deadline`, as a socket timeout; an error once it has
+/// passed.
+fn time_left(deadline: Deadline) -> io::Result<Option<Duration>> {
+    match deadline {
+        None | Some(None) => Ok(None),
+        Some(Some(deadline)) => match deadline.checked_duration_since(Instant::now()) {
+            Some(left) if !left.is_zero() => Ok(Some(left)),
+            _ => Err(io::ErrorKind::TimedOut.into()),
+        },
+    }
+}
+
 /// One connection's request and reply, within an optional deadline.
 struct Exchange<'a> {
     stream: &'a TcpStream,
     addr: SocketAddr,
-    /// `None`: no deadline. `Some(None)`: a deadline too far away to represent.
-    deadline: Option<Option<Instant>>,
+    deadline: Deadline,
 }
 
 impl Exchange<'_> {
-    /// The time left before the deadline, as a socket timeout; an error once
-    /// it has passed.
     fn time_left(&self) -> io::Result<Option<Duration>> {
-        match self.deadline {
-            None | Some(None) => Ok(None),
-            Some(Some(deadline)) => match deadline.checked_duration_since(Instant::now()) {
-                Some(left) if !left.is_zero() => Ok(Some(left)),
-                _ => Err(io::ErrorKind::TimedOut.into()),
-            },
-        }
+        time_left(self.deadline)
     }
 
     fn send(&mut self, header: &[u8; HEADER_LEN], message: &[u8]) -> Result<(), Error> {

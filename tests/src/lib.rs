@@ -341,6 +341,32 @@ pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> io::Result<Vec<u8>> {
     read_reply(&mut stream)
 }
 
+/// An address where connections are refused, held for the guard's life.
+pub struct RefusingPort {
+    // Bound but not listening: connects are refused, and no other test's
+    // daemon (--port 0) can be given the port meanwhile.
+    _socket: socket2::Socket,
+    pub addr: SocketAddr,
+}
+
+/// A port nothing listens on, reserved so that it stays that way.
+pub fn refusing_port() -> RefusingPort {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("a socket");
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind a port");
+    let addr = socket
+        .local_addr()
+        .expect("its address")
+        .as_socket()
+        .expect("an inet address");
+    RefusingPort {
+        _socket: socket,
+        addr,
+    }
+}
+
 /// Whether `result` is the reset that marks a failed request.
 pub fn is_reset(result: &io::Result<Vec<u8>>) -> bool {
     matches!(result, Err(e) if e.kind() == io::ErrorKind::ConnectionReset)

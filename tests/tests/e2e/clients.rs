@@ -6,7 +6,7 @@
 
 use gaspard_tests::{artifacts, raw_exchange, start};
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -143,14 +143,6 @@ fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
 }
 
-/// A port nothing listens on: bound, then released.
-fn closed_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 #[test]
 fn every_client_prints_the_reply_bytes() {
     let daemon = start("echo", &["--workers", "1"]);
@@ -214,7 +206,8 @@ fn every_client_reports_a_handler_error_with_the_reset_status() {
 
 #[test]
 fn every_client_reports_a_refused_port_with_its_own_status() {
-    let addr = closed_port();
+    let port = gaspard_tests::refusing_port();
+    let addr = port.addr;
     for client in CLIENTS {
         let output = send(client, addr, b"hello", "10");
         expect(client, &output, REFUSED, b"");
@@ -251,7 +244,8 @@ fn gaspar_messages_name_the_flag_that_ran_out() {
             daemon.addr
         )
     );
-    let output = gaspar(&[&closed_port().to_string(), "x"], b"");
+    let port = gaspard_tests::refusing_port();
+    let output = gaspar(&[&port.addr.to_string(), "x"], b"");
     assert_eq!(output.status.code(), Some(REFUSED));
     let output = gaspar(&["no-port-here", "x"], b"");
     assert_eq!(output.status.code(), Some(1), "{output:?}");
