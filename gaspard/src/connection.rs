@@ -268,6 +268,9 @@ impl<R: AsRef<[u8]>> Connection<R> {
             State::Reading(_) => "sent no request",
             State::Waiting(_) => "waited",
             State::Writing { .. } => "did not take its whole reply",
+            State::Pipelined(session) if session.output_waiting_since().is_some() => {
+                "did not take its replies"
+            }
             State::Pipelined(session) if session.mid_request() => "sent part of a request",
             State::Pipelined(_) => "stayed idle",
         }

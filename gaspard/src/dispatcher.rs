@@ -110,7 +110,13 @@ impl Dispatcher {
             let Some(request) = self.requests.get_mut(&id) else {
                 continue; // cancelled while queued
             };
-            let deadline = self.timeout.map(|t| now + t);
+            // The clock starts when the worker starts it: only the first
+            // request a worker holds is running; others (credit > 1) wait.
+            let deadline = if self.workers[slot].held.is_empty() {
+                self.timeout.map(|t| now + t)
+            } else {
+                None
+            };
             let Place::Queued(payload) =
                 std::mem::replace(&mut request.place, Place::Running { slot, deadline })
             else {
@@ -165,6 +171,18 @@ impl Dispatcher {
         };
         let request = self.requests.remove(&id)?;
         self.workers[slot].held.retain(|&held| held != id);
+        // The worker takes its next request now: start that one's clock.
+        if let Some(&next) = self.workers[slot].held.first() {
+            if let Some(Request {
+                place: Place::Running { deadline, .. },
+                ..
+            }) = self.requests.get_mut(&next)
+            {
+                if deadline.is_none() {
+                    *deadline = self.timeout.map(|t| Instant::now() + t);
+                }
+            }
+        }
         Some((slot, request.client))
     }
 
@@ -304,6 +322,29 @@ mod tests {
         assert_eq!(d.held(0), 2);
         assert_eq!(d.held(1), 2);
         assert!(d.next_assignment(now).is_none());
+    }
+
+    #[test]
+    fn a_staged_request_gets_its_deadline_when_its_worker_starts_it() {
+        let timeout = Duration::from_secs(1);
+        let mut d = Dispatcher::new(2, Some(timeout));
+        d.worker_ready(0);
+        let start = Instant::now();
+        let first = d.submit(1, vec![]);
+        let second = d.submit(2, vec![]);
+        d.next_assignment(start).unwrap();
+        d.next_assignment(start).unwrap();
+        assert_eq!(
+            d.next_deadline(),
+            Some(start + timeout),
+            "only the first runs"
+        );
+        assert_eq!(d.overdue(start + timeout * 3 / 2), vec![0]);
+        d.complete(first);
+        let restarted = d.next_deadline().unwrap();
+        assert!(restarted > start + timeout, "the second's clock starts now");
+        d.complete(second);
+        assert_eq!(d.next_deadline(), None);
     }
 
     #[test]

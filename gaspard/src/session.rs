@@ -81,6 +81,9 @@ pub struct Session<R> {
     paused: bool,
     /// Bytes read but not decoded yet, because the window was full.
     leftover: Vec<u8>,
+    /// Since when output has waited with no byte written: the client must
+    /// take its replies within --read-timeout, as a v1 client must.
+    output_waiting_since: Option<Instant>,
     /// The client closed its sending side.
     input_closed: bool,
 }
@@ -102,6 +105,7 @@ impl<R: AsRef<[u8]>> Session<R> {
             paused: false,
             leftover: Vec::new(),
             input_closed: false,
+            output_waiting_since: Some(Instant::now()),
         }
     }
 
@@ -243,6 +247,7 @@ impl<R: AsRef<[u8]>> Session<R> {
                 self.out.push_back(segment);
             }
             self.replies_out += 1;
+            self.output_waiting_since.get_or_insert_with(Instant::now);
         }
     }
 
@@ -272,6 +277,9 @@ impl<R: AsRef<[u8]>> Session<R> {
     }
 
     fn advance(&mut self, mut n: usize) {
+        if n > 0 {
+            self.output_waiting_since = Some(Instant::now());
+        }
         while n > 0 {
             let Some(front) = self.out.front() else {
                 return;
@@ -299,7 +307,10 @@ impl<R: AsRef<[u8]>> Session<R> {
         }
     }
 
-    fn progress_after_write(&self) -> Step {
+    fn progress_after_write(&mut self) -> Step {
+        if self.out.is_empty() {
+            self.output_waiting_since = None;
+        }
         if self.ending && self.pending.is_empty() && self.arrived.is_empty() && self.out.is_empty()
         {
             Step::Close
@@ -314,6 +325,18 @@ impl<R: AsRef<[u8]>> Session<R> {
             && self.arrived.is_empty()
             && self.out.is_empty()
             && self.leftover.is_empty()
+    }
+
+    /// Since when replies have waited for the client to take them, if any do.
+    pub fn output_waiting_since(&self) -> Option<Instant> {
+        self.output_waiting_since
+    }
+
+    /// Takes no more requests (a graceful stop): what is outstanding is
+    /// answered, then the session closes cleanly.
+    pub fn stop_taking_requests(&mut self) {
+        self.ending = true;
+        self.leftover.clear();
     }
 
     /// Whether part of a request has arrived.

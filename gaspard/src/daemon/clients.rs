@@ -170,12 +170,15 @@ impl Daemon {
                 }
                 return self.advance(key, next);
             }
-            // Idle sessions are held only for --read-timeout.
+            // Idle sessions are held only for --read-timeout, and replies
+            // the client does not take are held no longer either.
             let idle = session.is_idle();
-            conn.deadline = match (idle, conn.deadline) {
-                (true, None) => self.config.read_timeout.map(|t| now + t),
-                (true, deadline) => deadline,
-                (false, _) => None,
+            let timeout = self.config.read_timeout;
+            conn.deadline = match (session.output_waiting_since(), idle, conn.deadline) {
+                (Some(since), _, _) => timeout.map(|t| since + t),
+                (None, true, None) => timeout.map(|t| now + t),
+                (None, true, deadline) => deadline,
+                (None, false, _) => None,
             };
             return;
         }
@@ -211,7 +214,11 @@ impl Daemon {
             Next::Reset(reason) => self.close(key, End::Reset(Some(Outcome::bad_request), reason)),
             Next::Gone(e) => {
                 log::debug!("client went away: {e}");
-                let had_request = !matches!(self.conns[key].state, State::Reading(_));
+                // A session counts its outstanding requests in close().
+                let had_request = matches!(
+                    self.conns[key].state,
+                    State::Waiting(_) | State::Writing { .. }
+                );
                 let outcome = had_request.then_some(Outcome::client_gone);
                 self.close(key, End::Reset(outcome, String::new()));
             }
@@ -332,6 +339,23 @@ impl Daemon {
         }
     }
 
+    /// A graceful stop begins: persistent sessions take no new requests;
+    /// idle ones close now, the others once their replies are out.
+    pub(super) fn wind_down_sessions(&mut self) {
+        let keys: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, conn)| conn.is_pipelined())
+            .map(|(key, _)| key)
+            .collect();
+        for key in keys {
+            if let Some(session) = self.conns[key].session() {
+                session.stop_taking_requests();
+            }
+            self.pump_session(key);
+        }
+    }
+
     /// Resets every connection (stopping now).
     pub(super) fn reset_all_clients(&mut self) {
         let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
@@ -370,7 +394,10 @@ impl Daemon {
             .collect();
         for key in overdue {
             let conn = &mut self.conns[key];
-            if conn.session().is_some_and(|s| !s.mid_request()) {
+            if conn
+                .session()
+                .is_some_and(|s| !s.mid_request() && s.output_waiting_since().is_none())
+            {
                 // An idle persistent connection: nothing is lost by closing it.
                 self.close(key, End::Clean(None));
                 continue;

@@ -476,6 +476,7 @@ impl Daemon {
                 }
                 self.accepting = false;
                 self.accept_paused_until = None;
+                self.wind_down_sessions();
                 self.phase = Phase::Draining {
                     deadline: Instant::now() + self.config.shutdown_timeout,
                 };

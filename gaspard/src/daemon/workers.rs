@@ -144,6 +144,11 @@ impl Daemon {
         let Some(slot) = self.supervisor.slot_of(incarnation) else {
             return Ok(()); // an incarnation already replaced
         };
+        if self.supervisor.is_retiring(slot) {
+            // Told to stop while starting (SIGTTOU, a rejected reload): it
+            // gets no work, and exits on the signal it already has.
+            return Ok(());
+        }
         let pid: u32 = std::str::from_utf8(body)
             .ok()
             .and_then(|text| text.parse().ok())
@@ -166,11 +171,13 @@ impl Daemon {
         log::debug!("worker {incarnation} (slot {slot}, pid {pid}) is ready");
         if let Reload::Validating {
             generation,
-            slot: probe,
+            incarnation: probe,
             ..
         } = self.reload
         {
-            if probe == slot {
+            // By incarnation: the slot may have been reused by another
+            // worker (SIGTTIN) after the validating one died.
+            if probe == incarnation {
                 log::info!(
                     "reload: the new handler loaded; replacing {} workers one at a time",
                     self.target_workers
@@ -194,11 +201,15 @@ impl Daemon {
 
     /// Fails the requests a worker holds and stops sending it more; the
     /// process itself is reaped on SIGCHLD.
-    fn lose_worker(&mut self, slot: usize, outcome: Outcome, why: &str) {
+    /// Returns how many requests failed.
+    fn lose_worker(&mut self, slot: usize, outcome: Outcome, why: &str) -> usize {
         self.drop_push(slot);
-        for (id, key) in self.dispatcher.worker_lost(slot) {
+        let lost = self.dispatcher.worker_lost(slot);
+        let failed = lost.len();
+        for (id, key) in lost {
             self.fail(key, id, outcome, why.to_string());
         }
+        failed
     }
 
     /// Stops a worker on purpose without failing anything: it gets no new
@@ -264,9 +275,7 @@ impl Daemon {
                     continue;
                 }
             }
-            let held = self.dispatcher.outstanding();
-            self.lose_worker(slot, Outcome::worker_lost, &format!("its worker {how}"));
-            let failed = held - self.dispatcher.outstanding();
+            let failed = self.lose_worker(slot, Outcome::worker_lost, &format!("its worker {how}"));
             if retired {
                 let why = if removed {
                     "stopped"
@@ -459,10 +468,13 @@ impl Daemon {
             return;
         };
         let slots = &self.supervisor.slots;
+        // Wait for a new worker that is starting, but not for one backing
+        // off after crashes: that is an ordinary crash loop, logged as such,
+        // and must not hold the reload (and every later SIGHUP) forever.
         let starting = slots.iter().any(|slot| {
             slot.generation == generation
                 && slot.is_active()
-                && !matches!(slot.state, SlotState::Ready { .. })
+                && matches!(slot.state, SlotState::Starting { .. })
         });
         if starting {
             return;

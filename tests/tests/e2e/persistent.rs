@@ -235,3 +235,60 @@ fn a_client_that_does_not_read_makes_gaspard_hold_at_most_a_window_of_replies() 
     assert_eq!(answered(metrics), 400.0);
     session.finish();
 }
+
+#[test]
+fn a_session_that_does_not_take_its_replies_is_reset_at_the_read_timeout() {
+    let daemon = start("fault", &["--workers", "2", "--read-timeout", "0.5"]);
+    let mut session = Session::open_small_buffer(daemon.addr);
+    for _ in 0..300 {
+        session.send(b"big:65536");
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    // What the kernel buffered still arrives; then the reset.
+    let mut received = 0;
+    let mut head = [0; 5];
+    let error = loop {
+        if let Err(e) = session.stream.read_exact(&mut head) {
+            break e;
+        }
+        let mut body = vec![0; 65536];
+        if let Err(e) = session.stream.read_exact(&mut body) {
+            break e;
+        }
+        received += 1;
+    };
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+    assert!(received < 300, "{received} replies");
+    daemon.expect_log("did not take its replies within --read-timeout");
+}
+
+#[test]
+fn a_graceful_stop_answers_sessions_then_closes_them_cleanly() {
+    let mut daemon = start("fault", &["--workers", "1", "--shutdown-timeout", "20"]);
+    let mut idle = Session::open(daemon.addr);
+    idle.send(b"echo:one");
+    assert_eq!(idle.reply(), (0, b"one".to_vec()));
+    let mut busy = Session::open(daemon.addr);
+    busy.send(b"sleep:500");
+    std::thread::sleep(Duration::from_millis(100));
+    let signalled = std::time::Instant::now();
+    daemon.signal(libc::SIGTERM);
+    // The busy session gets its reply, then a clean close; so does the idle one.
+    assert_eq!(busy.reply(), (0, b"slept".to_vec()));
+    for session in [&mut idle, &mut busy] {
+        let mut rest = Vec::new();
+        session
+            .stream
+            .read_to_end(&mut rest)
+            .expect("a clean close, not a reset");
+        assert!(rest.is_empty());
+    }
+    let status = daemon
+        .wait_exit(Duration::from_secs(20))
+        .expect("gaspard exits");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "idle sessions did not hold the stop until --shutdown-timeout"
+    );
+}
