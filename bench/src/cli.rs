@@ -109,7 +109,7 @@ struct RunArgs {
 
     /// Payload bytes per request (suffixes K, M, G); 0 sends an empty request,
     /// which gaspard closes without calling the handler
-    #[arg(long, value_name = "BYTES", default_value = "16", value_parser = size)]
+    #[arg(long, value_name = "BYTES", default_value = "16", value_parser = gaspar_protocol::parse_size)]
     size: u64,
 
     /// Send this file's bytes as every request's payload (instead of --size)
@@ -326,24 +326,6 @@ fn pattern(len: usize) -> Vec<u8> {
     ALPHABET.iter().copied().cycle().take(len).collect()
 }
 
-/// Parses `1024`, `64K`, `16M`, `1G` (binary multiples), as gaspard's
-/// --max-request-size does.
-fn size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let (digits, shift) = match text.char_indices().last() {
-        Some((at, 'k' | 'K')) => (&text[..at], 10),
-        Some((at, 'm' | 'M')) => (&text[..at], 20),
-        Some((at, 'g' | 'G')) => (&text[..at], 30),
-        _ => (text, 0),
-    };
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size such as 16, 64K or 1M"))?;
-    value
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("{text:?} is too large"))
-}
-
 fn seconds(text: &str) -> Result<Duration, String> {
     text.trim()
         .parse::<f64>()
@@ -365,15 +347,6 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("gaspar-bench").chain(args.iter().copied()))
-    }
-
-    #[test]
-    fn sizes_take_binary_suffixes() {
-        assert_eq!(size("16"), Ok(16));
-        assert_eq!(size("64K"), Ok(65536));
-        assert_eq!(size("1m"), Ok(1 << 20));
-        assert!(size("1.5M").is_err());
-        assert!(size("99999999999G").is_err());
     }
 
     #[test]

@@ -12,7 +12,8 @@
 mod baseline;
 mod cli;
 mod cpu;
-mod frame;
+/// The wire format, shared with gaspard and gaspar-client.
+use gaspar_protocol as frame;
 mod limits;
 mod load;
 mod report;

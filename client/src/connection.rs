@@ -7,27 +7,15 @@
 //! length and the payload, in request order. A zero-length frame says
 //! goodbye: the server answers what is outstanding and closes cleanly.
 
-use crate::{
-    connect, deadline_after, header, time_left, Deadline, Error, Options, Stage, HEADER_LEN,
-};
+use crate::{connect, deadline_after, header, time_left, Deadline, Error, Options, Stage};
 use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-/// What the client sends first: `0xFFFFFFFF`, which no v1 request to gaspard
-/// can start with, then `GSP2`.
-const PREAMBLE: [u8; 8] = [0xff, 0xff, 0xff, 0xff, b'G', b'S', b'P', b'2'];
-
-/// The first four bytes of the server's answer; its window follows.
-const ACK_MAGIC: [u8; 4] = *b"GSP2";
-
-/// A reply's head: the status, then the payload's length (u32 big-endian).
-const REPLY_HEAD_LEN: usize = 5;
-
-/// The zero-length frame: no more requests.
-const GOODBYE: [u8; HEADER_LEN] = [0; HEADER_LEN];
+// The wire format is gaspar-protocol's, shared with gaspard.
+use gaspar_protocol::{END_OF_REQUESTS, MAGIC, PREAMBLE, REPLY_HEADER_LEN};
 
 /// Request bytes gathered into one write: many small pipelined requests
 /// leave in one syscall, and the payload of a large one is written from the
@@ -35,7 +23,8 @@ const GOODBYE: [u8; HEADER_LEN] = [0; HEADER_LEN];
 const BATCH: usize = 64 * 1024;
 
 /// How a request on a [`Connection`] failed: the status byte of its reply,
-/// when not 0 (ok). Carried by [`Error::Failed`].
+/// when not 0 (ok). Carried by [`Error::Failed`]; defined with the wire
+/// format in gaspar-protocol.
 ///
 /// ```
 /// use gaspar_client::Status;
@@ -44,60 +33,7 @@ const BATCH: usize = 64 * 1024;
 /// assert_eq!(Status::from_code(9), Status::Unknown(9));
 /// assert_eq!(Status::HandlerError.to_string(), "handler error");
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Status {
-    /// 1: the handler returned an error (or panicked); the message is the
-    /// handler's.
-    HandlerError,
-    /// 2: the request ran past the daemon's `--timeout` (its worker was
-    /// replaced). Not to be confused with [`Error::Timeout`], the client's own.
-    Timeout,
-    /// 3: refused at once: the daemon's queue was full (`--max-queue`), or no
-    /// worker could run it.
-    Overloaded,
-    /// 4: the worker died while running it (a crash, `abort()`, `exit()`).
-    WorkerLost,
-    /// Any other status, which clients must treat as a failure.
-    Unknown(u8),
-}
-
-impl Status {
-    /// The status byte on the wire.
-    pub fn code(self) -> u8 {
-        match self {
-            Status::HandlerError => 1,
-            Status::Timeout => 2,
-            Status::Overloaded => 3,
-            Status::WorkerLost => 4,
-            Status::Unknown(code) => code,
-        }
-    }
-
-    /// The status a (non-zero) byte on the wire stands for. `0` (ok) is not
-    /// a failure; it comes back as `Unknown(0)`.
-    pub fn from_code(code: u8) -> Status {
-        match code {
-            1 => Status::HandlerError,
-            2 => Status::Timeout,
-            3 => Status::Overloaded,
-            4 => Status::WorkerLost,
-            code => Status::Unknown(code),
-        }
-    }
-}
-
-impl fmt::Display for Status {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Status::HandlerError => f.write_str("handler error"),
-            Status::Timeout => f.write_str("ran past the daemon's --timeout"),
-            Status::Overloaded => f.write_str("the daemon is overloaded"),
-            Status::WorkerLost => f.write_str("worker lost"),
-            Status::Unknown(code) => write!(f, "unknown status {code}"),
-        }
-    }
-}
+pub use gaspar_protocol::Status;
 
 /// One persistent connection to gaspard, carrying many requests: the opt-in
 /// `GSP2` extension (docs/protocol.md, "Extensions"). It saves a TCP
@@ -364,7 +300,7 @@ impl Connection {
         let mut reader = BufReader::with_capacity(BATCH, socket);
         let mut ack = [0; 8];
         reader.read_exact(&mut ack).map_err(not_supported)?;
-        if ack[..4] != ACK_MAGIC {
+        if ack[..4] != MAGIC {
             return Err(Error::NotSupported { addr });
         }
         let window = u32::from_be_bytes([ack[4], ack[5], ack[6], ack[7]]);
@@ -634,7 +570,7 @@ impl Connection {
         let error = |error: io::Error, stage| session_error(addr, error, stage);
         self.reader
             .get_mut()
-            .write_all(&GOODBYE)
+            .write_all(&END_OF_REQUESTS)
             .map_err(|e| error(e, Stage::Send))?;
         while self.in_flight > 0 {
             match self.read_reply(deadline) {
@@ -852,7 +788,7 @@ impl Connection {
         let addr = self.addr;
         let error = |error: io::Error| session_error(addr, error, Stage::Reply);
         self.reader.get_mut().deadline = deadline;
-        let mut head = [0; REPLY_HEAD_LEN];
+        let mut head = [0; REPLY_HEADER_LEN];
         self.reader.read_exact(&mut head).map_err(error)?;
         let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
         // Grown as the bytes arrive, rather than trusting the length at once.
@@ -982,7 +918,7 @@ mod tests {
             let mut preamble = [0; 8];
             peer.stream.read_exact(&mut preamble).unwrap();
             assert_eq!(preamble, PREAMBLE);
-            let mut ack = ACK_MAGIC.to_vec();
+            let mut ack = MAGIC.to_vec();
             ack.extend_from_slice(&window.to_be_bytes());
             peer.stream.write_all(&ack).unwrap();
             peer

@@ -86,7 +86,7 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_PORT: u16 = 10123;
 
 /// Bytes in a request's length header.
-pub const HEADER_LEN: usize = 4;
+pub const HEADER_LEN: usize = gaspar_protocol::HEADER_LEN;
 
 /// The largest message the 32-bit length header can announce: 4 GiB - 1.
 /// The daemon's own limit (`--max-request-size`, 64 MiB by default) is

@@ -250,7 +250,10 @@ mod persistent {
         assert_eq!(status, Status::Timeout);
         assert_eq!(message, "request ran past --timeout");
         assert!(took >= Duration::from_millis(1500), "{took:?}");
-        assert!(took < Duration::from_millis(5500), "not the 6 s sleep: {took:?}");
+        assert!(
+            took < Duration::from_millis(5500),
+            "not the 6 s sleep: {took:?}"
+        );
         // Replies stay in order: the quick one waited for the slow one.
         assert_eq!(connection.recv().unwrap(), b"behind it");
         assert_eq!(connection.request("echo:next").unwrap(), b"next");
@@ -285,8 +288,11 @@ mod persistent {
             matches!(error, Error::Timeout { addr, stage: Stage::Reply } if addr == daemon.addr),
             "{error:?}"
         );
-        assert!(took >= Duration::from_millis(1500), "{took:?}");
-        assert!(took < Duration::from_millis(5500), "not the 6 s sleep: {took:?}");
+        assert!(took >= Duration::from_millis(500), "{took:?}");
+        assert!(
+            took < Duration::from_millis(2500),
+            "not the 3 s sleep: {took:?}"
+        );
         assert!(connection.is_closed());
         assert!(matches!(
             connection.request("echo:x"),

@@ -165,22 +165,7 @@ pub struct Cli {
     pub runtime_dir: Option<PathBuf>,
 }
 
-/// Parses `1024`, `64K`, `16M`, `1G` (binary multiples).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let (digits, shift) = match text.char_indices().last() {
-        Some((at, 'k' | 'K')) => (&text[..at], 10),
-        Some((at, 'm' | 'M')) => (&text[..at], 20),
-        Some((at, 'g' | 'G')) => (&text[..at], 30),
-        _ => (text, 0),
-    };
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size such as 4096, 64K or 16M"))?;
-    value
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("{text:?} is too large"))
-}
+pub use gaspar_protocol::parse_size;
 
 /// Everything the daemon needs, validated.
 #[derive(Debug, Clone)]
@@ -218,7 +203,7 @@ impl Config {
         let read_timeout = seconds("read-timeout", cli.read_timeout)?;
         // The frame header is 32 bits, and its all-ones value announces the
         // persistent extension rather than a request.
-        let protocol_limit = u64::from(crate::protocol::persistent::ESCAPE - 1);
+        let protocol_limit = gaspar_protocol::MAX_PAYLOAD;
         let max_request_size = u32::try_from(cli.max_request_size)
             .ok()
             .filter(|&size| u64::from(size) <= protocol_limit)
@@ -269,17 +254,6 @@ pub fn default_workers() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_with_binary_suffixes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64K"), Ok(64 << 10));
-        assert_eq!(parse_size("16m"), Ok(16 << 20));
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert!(parse_size("").is_err());
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("99999999999999999999G").is_err());
-    }
 
     #[test]
     fn zero_timeout_means_none_and_size_must_fit_the_header() {

@@ -2,71 +2,21 @@
 //! big-endian length followed by that many bytes; the reply is raw bytes
 //! followed by a clean close. See `docs/protocol.md`.
 //!
-//! It also defines the opt-in persistent, pipelined extension ([`persistent`]).
+//! A connection's first frame may instead be the persistent extension's
+//! preamble ([`Decoded::Extension`]).
 //!
 //! Nothing here does I/O, so the decoder can be tested and fuzzed on its own.
 
-/// Bytes in the length header.
-pub const HEADER_LEN: usize = 4;
+// The wire format itself is gaspar-protocol's, shared with the client and
+// the load generator; this module adds the daemon's incremental decoder.
+pub use gaspar_protocol::{
+    handshake, reply_header, request as pack, Status, EXTENSION_MARK, HEADER_LEN, PREAMBLE,
+    REPLY_HEADER_LEN,
+};
 
 /// Bytes read into a request body per step, so that memory grows with the
 /// bytes actually received rather than with the length a client announces.
 const BODY_STEP: usize = 64 * 1024;
-
-/// Encodes a request: the header, then the payload.
-pub fn pack(payload: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(payload.len()).expect("a gaspar request is at most 4 GiB - 1");
-    let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
-    frame.extend_from_slice(&len.to_be_bytes());
-    frame.extend_from_slice(payload);
-    frame
-}
-
-/// The persistent, pipelined extension (docs/protocol.md, "Extensions").
-///
-/// A client opens it with an 8-byte preamble whose first four bytes,
-/// 0xFFFFFFFF, can never be a v1 length (gaspard's --max-request-size stays
-/// below it), so a plain gaspar client's bytes are never read as the
-/// extension. The server answers "GSP2" and its window; then requests are v1
-/// frames back to back, and replies come in order as status, length, payload.
-pub mod persistent {
-    /// What a client sends first.
-    pub const PREAMBLE: [u8; 8] = [0xff, 0xff, 0xff, 0xff, b'G', b'S', b'P', b'2'];
-    /// What the server answers, followed by its window (u32 big-endian).
-    pub const ACK_MAGIC: [u8; 4] = *b"GSP2";
-    /// The v1 length that announces the preamble.
-    pub const ESCAPE: u32 = u32::MAX;
-    /// Bytes in a reply's head: status, then the u32 big-endian length.
-    pub const REPLY_HEAD_LEN: usize = 5;
-
-    /// How a request in a persistent session ended.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    #[repr(u8)]
-    pub enum Status {
-        Ok = 0,
-        HandlerError = 1,
-        Timeout = 2,
-        Overloaded = 3,
-        WorkerLost = 4,
-    }
-
-    /// The acknowledgement of the preamble.
-    pub fn ack(window: u32) -> [u8; 8] {
-        let mut ack = [0; 8];
-        ack[..4].copy_from_slice(&ACK_MAGIC);
-        ack[4..].copy_from_slice(&window.to_be_bytes());
-        ack
-    }
-
-    /// The head of one reply.
-    pub fn reply_head(status: Status, len: usize) -> [u8; REPLY_HEAD_LEN] {
-        let len = u32::try_from(len).unwrap_or(u32::MAX);
-        let mut head = [0; REPLY_HEAD_LEN];
-        head[0] = status as u8;
-        head[1..].copy_from_slice(&len.to_be_bytes());
-        head
-    }
-}
 
 /// Why a request cannot be accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -154,7 +104,7 @@ impl RequestDecoder {
                 return Ok(Decoded::Incomplete);
             }
             let announced = u32::from_be_bytes(self.header);
-            if announced == persistent::ESCAPE && self.extension {
+            if announced == EXTENSION_MARK && self.extension {
                 self.in_preamble = true;
                 self.body = Some((Vec::with_capacity(4), 4));
             } else if announced > self.limit {
@@ -182,7 +132,7 @@ impl RequestDecoder {
         let (payload, _) = self.body.take().expect("set above");
         self.header_len = 0;
         if std::mem::take(&mut self.in_preamble) {
-            return if payload[..] == persistent::PREAMBLE[4..] {
+            return if payload[..] == PREAMBLE[4..] {
                 Ok(Decoded::Extension { consumed })
             } else {
                 Err(FrameError::BadPreamble)
@@ -290,7 +240,7 @@ mod tests {
 
     #[test]
     fn the_preamble_opens_the_extension_only_as_a_first_frame() {
-        let mut stream = persistent::PREAMBLE.to_vec();
+        let mut stream = PREAMBLE.to_vec();
         stream.extend_from_slice(&pack(b"next"));
         for piece in 1..=8 {
             let mut decoder = RequestDecoder::first_on_connection(1000);
@@ -312,9 +262,7 @@ mod tests {
             .feed(&[0xff, 0xff, 0xff, 0xff, b'G', b'S', b'P', b'3']);
         assert_eq!(err.unwrap_err(), FrameError::BadPreamble);
         // Anywhere else, the escape is an oversized length like any other.
-        let err = RequestDecoder::new(1000)
-            .feed(&persistent::PREAMBLE)
-            .unwrap_err();
+        let err = RequestDecoder::new(1000).feed(&PREAMBLE).unwrap_err();
         assert!(matches!(
             err,
             FrameError::TooLarge {

@@ -6,7 +6,7 @@
 
 use crate::connection::{read_step, ReadStep};
 use crate::dispatcher::RequestId;
-use crate::protocol::persistent::{self, Status};
+use crate::protocol::{handshake, reply_header, Status, REPLY_HEADER_LEN};
 use crate::protocol::{Decoded, RequestDecoder};
 use mio::net::TcpStream;
 use std::collections::VecDeque;
@@ -93,7 +93,7 @@ impl<R: AsRef<[u8]>> Session<R> {
     /// the first thing it writes.
     pub fn new(limit: u32) -> Session<R> {
         let mut out = VecDeque::new();
-        out.push_back(Segment::Head(persistent::ack(WINDOW), 8));
+        out.push_back(Segment::Head(handshake(WINDOW), 8));
         Session {
             decoder: RequestDecoder::new(limit),
             arrived: Vec::new(),
@@ -239,10 +239,10 @@ impl<R: AsRef<[u8]>> Session<R> {
             };
             let len = segment.bytes().len();
             let mut head = [0; 8];
-            head[..persistent::REPLY_HEAD_LEN]
-                .copy_from_slice(&persistent::reply_head(status, len));
+            let len32 = u32::try_from(len).unwrap_or(u32::MAX);
+            head[..REPLY_HEADER_LEN].copy_from_slice(&reply_header(status, len32));
             self.out
-                .push_back(Segment::Head(head, persistent::REPLY_HEAD_LEN as u8));
+                .push_back(Segment::Head(head, REPLY_HEADER_LEN as u8));
             if len > 0 {
                 self.out.push_back(segment);
             }
@@ -296,7 +296,7 @@ impl<R: AsRef<[u8]>> Session<R> {
             let done = match self.out.pop_front() {
                 Some(Segment::Reply(_) | Segment::Text(_)) => true,
                 Some(Segment::Head(_, len)) => {
-                    usize::from(len) == persistent::REPLY_HEAD_LEN
+                    usize::from(len) == REPLY_HEADER_LEN
                         && !matches!(self.out.front(), Some(Segment::Reply(_) | Segment::Text(_)))
                 }
                 None => false,

@@ -5,7 +5,7 @@ use super::{Daemon, Phase, Reply, CONN_BASE, LISTENER};
 use crate::connection::{Connection, Next, State};
 use crate::dispatcher::RequestId;
 use crate::metrics::Outcome;
-use crate::protocol::persistent::Status;
+use crate::protocol::Status;
 use crate::session::Body;
 use mio::{Interest, Token};
 use std::io;

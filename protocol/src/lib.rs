@@ -1,6 +1,7 @@
-//! The bytes on the wire, with no I/O: gaspar's request framing and the
-//! persistent, pipelined extension (GSP2) that both the load generator and
-//! the baseline server speak.
+//! The bytes on the wire, with no I/O and no dependencies: gaspar's request
+//! framing and the persistent, pipelined extension (GSP2). The daemon, the
+//! client library and the load generator all speak it through this crate,
+//! so there is one definition of the format (docs/protocol.md).
 //!
 //! v1: a request is a 4-byte unsigned big-endian length and that many bytes;
 //! the reply is raw bytes ended by a clean close.
@@ -73,7 +74,7 @@ pub fn reply_header(status: Status, len: u32) -> [u8; REPLY_HEADER_LEN] {
 }
 
 /// A GSP2 reply's status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Status {
     /// The payload is the reply.
     Ok,
@@ -90,6 +91,7 @@ pub enum Status {
 }
 
 impl Status {
+    /// The status byte on the wire.
     pub fn code(self) -> u8 {
         match self {
             Status::Ok => 0,
@@ -99,6 +101,13 @@ impl Status {
             Status::WorkerLost => 4,
             Status::Unknown(code) => code,
         }
+    }
+}
+
+impl Status {
+    /// The status a byte on the wire stands for.
+    pub fn from_code(code: u8) -> Status {
+        Status::from(code)
     }
 }
 
@@ -120,12 +129,30 @@ impl fmt::Display for Status {
         match self {
             Status::Ok => f.write_str("ok"),
             Status::HandlerError => f.write_str("handler error"),
-            Status::Timeout => f.write_str("timeout"),
-            Status::Overloaded => f.write_str("overloaded"),
+            Status::Timeout => f.write_str("ran past the daemon's --timeout"),
+            Status::Overloaded => f.write_str("the daemon is overloaded"),
             Status::WorkerLost => f.write_str("worker lost"),
             Status::Unknown(code) => write!(f, "unknown status {code}"),
         }
     }
+}
+
+/// Parses `1024`, `64K`, `16M`, `1G` (binary multiples), as gaspard's
+/// `--max-request-size` and gaspar-bench's `--size` take them.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last() {
+        Some((at, 'k' | 'K')) => (&text[..at], 10),
+        Some((at, 'm' | 'M')) => (&text[..at], 20),
+        Some((at, 'g' | 'G')) => (&text[..at], 30),
+        _ => (text, 0),
+    };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 4096, 64K or 16M"))?;
+    value
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// A piece of a GSP2 reply stream, borrowed from the input where it can be.
@@ -242,6 +269,17 @@ mod tests {
             let want: Vec<_> = replies.iter().map(|(s, p)| (*s, p.to_vec())).collect();
             assert_eq!(got, want, "pieces of {size}");
         }
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("16m"), Ok(16 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
     }
 
     #[test]
