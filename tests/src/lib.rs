@@ -263,6 +263,31 @@ impl Daemon {
             })
     }
 
+    /// The address of the metrics endpoint (started with `--metrics ADDR`),
+    /// from the log line that announces it.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        let line = self.expect_log("serving metrics on http://");
+        line.split("http://")
+            .nth(1)
+            .and_then(|rest| rest.strip_suffix("/metrics"))
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+    }
+
+    /// Scrapes the metrics endpoint: the whole HTTP response.
+    pub fn scrape(&self) -> String {
+        let mut stream = TcpStream::connect(self.metrics_addr()).expect("connect to metrics");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+            .expect("send the scrape");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .expect("read the scrape");
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        response
+    }
+
     /// Sends one request and reads the reply.
     pub fn request(&self, payload: &[u8]) -> io::Result<Vec<u8>> {
         request(self.addr, payload)
@@ -365,6 +390,15 @@ pub fn refusing_port() -> RefusingPort {
         _socket: socket,
         addr,
     }
+}
+
+/// One sample from a scrape, such as `gaspard_requests_total{outcome="ok"}`;
+/// 0 if absent.
+pub fn metric(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Whether `result` is the reset that marks a failed request.

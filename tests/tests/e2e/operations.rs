@@ -1,7 +1,7 @@
 //! Operating gaspard: signals under load, hot reload, scaling, sd_notify,
 //! socket activation, privilege drop and metrics.
 
-use gaspard_tests::{handler, is_reset, launch, request, start, wait_gone, Daemon};
+use gaspard_tests::{handler, is_reset, launch, metric, request, start, wait_gone, Daemon};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixDatagram;
@@ -400,35 +400,11 @@ fn user_flag_drops_the_daemon_and_its_workers_to_that_user() {
     daemon.expect_log("running as uid 65534");
 }
 
-fn scrape(addr: SocketAddr) -> String {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
-    response
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[test]
 fn the_metrics_endpoint_counts_requests_by_outcome() {
     let daemon = start("fault", &["--workers", "2", "--metrics", "127.0.0.1:0"]);
-    let line = daemon.expect_log("serving metrics on http://");
-    let addr: SocketAddr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.strip_suffix("/metrics"))
-        .unwrap()
-        .parse()
-        .unwrap();
-    let before = scrape(addr);
+    let addr = daemon.metrics_addr();
+    let before = daemon.scrape();
     assert_eq!(
         metric(&before, "gaspard_requests_total{outcome=\"ok\"}"),
         0.0
@@ -441,7 +417,7 @@ fn the_metrics_endpoint_counts_requests_by_outcome() {
     assert!(is_reset(&daemon.request(b"error:no")));
     assert!(is_reset(&daemon.request(b"segv")));
     daemon.wait_for_workers(2, &[], Duration::from_secs(20));
-    let after = scrape(addr);
+    let after = daemon.scrape();
     assert_eq!(
         metric(&after, "gaspard_requests_total{outcome=\"ok\"}"),
         3.0,

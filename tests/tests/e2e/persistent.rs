@@ -1,7 +1,7 @@
 //! The persistent, pipelined extension: negotiated by a preamble that no v1
 //! request can start with; replies in order, each with a status.
 
-use gaspard_tests::{connect, is_reset, raw_exchange, start};
+use gaspard_tests::{connect, is_reset, metric, raw_exchange, start};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -199,30 +199,14 @@ fn an_idle_session_is_closed_after_the_read_timeout() {
 #[test]
 fn a_client_that_does_not_read_makes_gaspard_hold_at_most_a_window_of_replies() {
     let daemon = start("fault", &["--workers", "2", "--metrics", "127.0.0.1:0"]);
-    let metrics_line = daemon.expect_log("serving metrics on http://");
-    let metrics: SocketAddr = metrics_line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.strip_suffix("/metrics"))
-        .unwrap()
-        .parse()
-        .unwrap();
     let mut session = Session::open_small_buffer(daemon.addr);
     // 64 KiB replies, so they do not all fit in the socket buffers.
     for _ in 0..400 {
         session.send(b"big:65536");
     }
     std::thread::sleep(Duration::from_millis(1500));
-    let answered = |addr: SocketAddr| -> f64 {
-        let mut stream = TcpStream::connect(addr).unwrap();
-        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut text = String::new();
-        stream.read_to_string(&mut text).unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix("gaspard_requests_total{outcome=\"ok\"}"))
-            .map_or(0.0, |v| v.trim().parse().unwrap())
-    };
-    let held = answered(metrics);
+    let answered = || metric(&daemon.scrape(), "gaspard_requests_total{outcome=\"ok\"}");
+    let held = answered();
     // What the kernel's buffers took, plus one window held by gaspard.
     assert!(
         held < 400.0,
@@ -232,7 +216,7 @@ fn a_client_that_does_not_read_makes_gaspard_hold_at_most_a_window_of_replies() 
         let (status, reply) = session.reply();
         assert_eq!((status, reply.len()), (0, 65536), "reply {i}");
     }
-    assert_eq!(answered(metrics), 400.0);
+    assert_eq!(answered(), 400.0);
     session.finish();
 }
 
