@@ -352,3 +352,68 @@ impl<R: AsRef<[u8]>> Session<R> {
             .filter_map(|p| p.id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::pack;
+
+    struct Bytes(Vec<u8>);
+
+    impl AsRef<[u8]> for Bytes {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    #[test]
+    fn one_read_of_many_requests_stops_at_the_window() {
+        let mut session: Session<Bytes> = Session::new(1024);
+        let stream: Vec<u8> = (0..300).flat_map(|i: u32| pack(&i.to_be_bytes())).collect();
+        session.feed(&stream).unwrap();
+        let arrived = session.take_arrived();
+        assert_eq!(arrived.len(), WINDOW as usize);
+        assert_eq!(arrived[127], 127u32.to_be_bytes());
+        assert!(session.mid_request(), "the rest waits undecoded");
+        let now = Instant::now();
+        for id in 0..WINDOW as u64 {
+            session.submitted(id, now);
+        }
+        assert!(!session.should_resume(), "no room until replies leave");
+        // Finished replies still count while they wait to be written.
+        for id in 0..WINDOW as u64 {
+            session.complete(id, Status::Ok, Body::Reply(Bytes(vec![1])));
+        }
+        assert!(session.window_full());
+        assert_eq!(session.outstanding().count(), 0);
+    }
+
+    #[test]
+    fn replies_leave_in_request_order_whatever_order_they_finish_in() {
+        let mut session: Session<Bytes> = Session::new(1024);
+        let now = Instant::now();
+        session.submitted(1, now);
+        session.submitted(2, now);
+        session.refused(Status::Overloaded, "full".into(), now);
+        session.complete(2, Status::Ok, Body::Reply(Bytes(b"two".to_vec())));
+        // Only the acknowledgement can go: request 1 holds the line.
+        let waiting: Vec<u8> = session
+            .out
+            .iter()
+            .flat_map(|s| s.bytes().to_vec())
+            .collect();
+        assert_eq!(waiting, b"GSP2\0\0\0\x80");
+        session.complete(1, Status::HandlerError, Body::Text("bad".into()));
+        let all: Vec<u8> = session
+            .out
+            .iter()
+            .flat_map(|s| s.bytes().to_vec())
+            .collect();
+        let mut expected = b"GSP2\0\0\0\x80".to_vec();
+        expected.extend_from_slice(b"\x01\0\0\0\x03bad");
+        expected.extend_from_slice(b"\x00\0\0\0\x03two");
+        expected.extend_from_slice(b"\x03\0\0\0\x04full");
+        assert_eq!(all, expected);
+        assert_eq!(session.replies_out, 3);
+    }
+}
