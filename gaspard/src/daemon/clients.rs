@@ -138,10 +138,16 @@ impl Daemon {
     /// (or refuses them, in order), writes finished replies, and reads again
     /// when a full window has room.
     fn pump_session(&mut self, key: usize) {
+        let draining = matches!(self.phase, Phase::Draining { .. });
         loop {
             let Some(session) = self.conns.get_mut(key).and_then(Connection::session) else {
                 return;
             };
+            if draining {
+                // Opened after the stop began: what came with the preamble is
+                // answered, nothing more is taken.
+                session.stop_taking_requests();
+            }
             let arrived = session.take_arrived();
             let now = Instant::now();
             for payload in arrived {

@@ -276,3 +276,25 @@ fn a_graceful_stop_answers_sessions_then_closes_them_cleanly() {
         "idle sessions did not hold the stop until --shutdown-timeout"
     );
 }
+
+#[test]
+fn a_session_opened_after_sigterm_takes_no_new_requests() {
+    let mut daemon = start("fault", &["--workers", "1", "--shutdown-timeout", "20"]);
+    // Connected before the stop, extension negotiated after it.
+    let stream = connect(daemon.addr).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    daemon.signal(libc::SIGTERM);
+    daemon.expect_log("stopping gracefully");
+    let mut session = Session::handshake(stream);
+    // It takes no request: right after the acknowledgement, a clean close.
+    let mut rest = Vec::new();
+    session
+        .stream
+        .read_to_end(&mut rest)
+        .expect("a clean close, not a reset");
+    assert!(rest.is_empty(), "{rest:?}");
+    let status = daemon
+        .wait_exit(Duration::from_secs(15))
+        .expect("gaspard exits");
+    assert_eq!(status.code(), Some(0));
+}
