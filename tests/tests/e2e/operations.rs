@@ -176,8 +176,9 @@ fn a_broken_reload_is_rejected_and_the_old_handler_keeps_serving() {
     assert!(line.contains("cannot load"), "{line}");
     assert!(line.contains("the old handler keeps serving"), "{line}");
     assert_eq!(daemon.request(b"still echo").unwrap(), b"still echo");
+    // Once the rejected worker is reaped, only the old ones remain.
     assert_eq!(
-        daemon.workers(),
+        daemon.wait_for_workers(2, &[], Duration::from_secs(10)),
         workers,
         "the old workers were not touched"
     );
