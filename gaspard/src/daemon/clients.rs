@@ -163,6 +163,7 @@ impl Daemon {
                 let session = self.conns[key].session().expect("checked above");
                 session.refused(Status::Overloaded, refusal.unwrap_or_default(), now);
             }
+            self.dispatch();
             let conn = &mut self.conns[key];
             let next = conn.on_writable();
             if !matches!(next, Next::Wait) {
@@ -204,6 +205,8 @@ impl Daemon {
                 conn.state = State::Waiting(id);
                 conn.deadline = None;
                 conn.received = Some(Instant::now());
+                // An idle worker starts on it now, not after the whole batch.
+                self.dispatch();
             }
             Next::Close => {
                 let conn = &self.conns[key];

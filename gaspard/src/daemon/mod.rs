@@ -338,7 +338,13 @@ impl Daemon {
                 match event.token() {
                     LISTENER => self.accept(),
                     SIGNALS => self.on_signals()?,
-                    REPLIES => self.replies_pending = true,
+                    // Replies first, and the freed workers' next requests at
+                    // once: a worker must not idle while the rest of the
+                    // batch (accepts, reads) is handled.
+                    REPLIES => {
+                        self.on_replies()?;
+                        self.dispatch();
+                    }
                     METRICS_LISTENER => self.accept_scrapes(),
                     Token(t) if (PUSH_BASE..SCRAPE_BASE).contains(&t) => {
                         // Let libzmq process the socket's pending commands.
