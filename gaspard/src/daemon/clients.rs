@@ -6,7 +6,7 @@ use crate::connection::{Connection, Next, State};
 use crate::dispatcher::RequestId;
 use crate::metrics::Outcome;
 use crate::protocol::Status;
-use crate::session::Body;
+use crate::session::{Body, Session};
 use mio::{Interest, Token};
 use std::io;
 use std::time::{Duration, Instant};
@@ -151,17 +151,17 @@ impl Daemon {
             let arrived = session.take_arrived();
             let now = Instant::now();
             for payload in arrived {
-                let refusal = self.refusal();
-                if refusal.is_some() {
-                    self.metrics.request_ended(Outcome::refused);
-                } else {
-                    let id = self.dispatcher.submit(key, payload);
-                    let session = self.conns[key].session().expect("checked above");
-                    session.submitted(id, now);
-                    continue;
+                match self.refusal() {
+                    Some(reason) => {
+                        self.metrics.request_ended(Outcome::refused);
+                        self.session_of(key)
+                            .refused(Status::Overloaded, reason, now);
+                    }
+                    None => {
+                        let id = self.dispatcher.submit(key, payload);
+                        self.session_of(key).submitted(id, now);
+                    }
                 }
-                let session = self.conns[key].session().expect("checked above");
-                session.refused(Status::Overloaded, refusal.unwrap_or_default(), now);
             }
             self.dispatch();
             let conn = &mut self.conns[key];
@@ -189,6 +189,13 @@ impl Daemon {
             };
             return;
         }
+    }
+
+    /// The session of a connection known to be pipelined.
+    fn session_of(&mut self, key: usize) -> &mut Session<Reply> {
+        self.conns[key]
+            .session()
+            .expect("a pipelined connection has a session")
     }
 
     /// Acts on what a connection asked for.
@@ -241,18 +248,15 @@ impl Daemon {
             return;
         };
         if let Some(session) = conn.session() {
+            // A session counts each request as it ends; v1 counts at close.
             if let Some(received) = session.complete(id, Status::Ok, Body::Reply(reply)) {
-                self.metrics
-                    .latency
-                    .observe(received.elapsed().as_secs_f64());
+                observe_latency(&self.metrics, received);
                 self.metrics.request_ended(Outcome::ok);
             }
             return self.pump_session(key);
         }
         if let Some(received) = conn.received {
-            self.metrics
-                .latency
-                .observe(received.elapsed().as_secs_f64());
+            observe_latency(&self.metrics, received);
         }
         let next = conn.reply(reply, deadline);
         self.advance(key, next);
@@ -357,10 +361,8 @@ impl Daemon {
             .filter(|(_, conn)| conn.is_pipelined())
             .map(|(key, _)| key)
             .collect();
+        // pump_session stops a session taking requests while draining.
         for key in keys {
-            if let Some(session) = self.conns[key].session() {
-                session.stop_taking_requests();
-            }
             self.pump_session(key);
         }
     }
@@ -426,6 +428,11 @@ impl Daemon {
         }
         self.sweep_scrapes(now);
     }
+}
+
+/// Records how long a request took from arriving whole to its reply ready.
+fn observe_latency(metrics: &crate::metrics::Metrics, received: Instant) {
+    metrics.latency.observe(received.elapsed().as_secs_f64());
 }
 
 /// Errors after which retrying accept at once would spin.

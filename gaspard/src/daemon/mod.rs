@@ -482,10 +482,11 @@ impl Daemon {
                 }
                 self.accepting = false;
                 self.accept_paused_until = None;
-                self.wind_down_sessions();
                 self.phase = Phase::Draining {
                     deadline: Instant::now() + self.config.shutdown_timeout,
                 };
+                // After the phase changes: sessions see it and stop taking requests.
+                self.wind_down_sessions();
             }
         }
     }
