@@ -67,3 +67,41 @@ fn an_idle_worker_never_waits_behind_a_long_request() {
     }
     assert_eq!(long.join().unwrap().unwrap(), b"slept");
 }
+
+#[test]
+fn a_queued_request_waits_for_the_first_free_worker_not_behind_a_long_one() {
+    queued_requests_behind_busy_workers(&["--workers", "2"]);
+}
+
+/// Occupies both workers (4 s and 0.5 s), then queues quick requests: all of
+/// them must be answered by the worker that frees first, before the 4 s one.
+fn queued_requests_behind_busy_workers(args: &[&str]) {
+    let daemon = start("fault", args);
+    let addr = daemon.addr;
+    let long_done = Arc::new(AtomicBool::new(false));
+    let done = Arc::clone(&long_done);
+    let long = std::thread::spawn(move || {
+        let reply = request(addr, b"sleep:4000");
+        done.store(true, Ordering::SeqCst);
+        reply
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let medium = std::thread::spawn(move || request(addr, b"sleep:500"));
+    std::thread::sleep(Duration::from_millis(200));
+    let quick: Vec<_> = (0..4)
+        .map(|i| {
+            let done = Arc::clone(&long_done);
+            std::thread::spawn(move || {
+                let reply = request(addr, format!("echo:{i}").as_bytes());
+                (reply, done.load(Ordering::SeqCst))
+            })
+        })
+        .collect();
+    for (i, handle) in quick.into_iter().enumerate() {
+        let (reply, after_long) = handle.join().unwrap();
+        assert_eq!(reply.unwrap(), format!("{i}").as_bytes());
+        assert!(!after_long, "request {i} waited behind the long one");
+    }
+    assert_eq!(medium.join().unwrap().unwrap(), b"slept");
+    assert_eq!(long.join().unwrap().unwrap(), b"slept");
+}
