@@ -1,6 +1,7 @@
 //! Command-line flags and `GASPARD_*` environment variables, turned into one
 //! validated [`Config`].
 
+use crate::dispatcher::Credit;
 use clap::Parser;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroUsize;
@@ -122,13 +123,14 @@ pub struct Cli {
     )]
     pub max_requests_jitter: u64,
 
-    /// Requests a worker may hold at once. 1 guarantees that no request waits
-    /// behind a long one while another worker is idle; 2 hides the hop to the
-    /// worker behind the request at hand (more throughput for very short
-    /// handlers) at the cost of that guarantee.
-    #[arg(long, env = "GASPARD_WORKER_CREDIT", default_value_t = 1, value_name = "N",
-          value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub worker_credit: u16,
+    /// Requests a worker may hold at once: `auto` stages more behind the
+    /// request a busy worker runs only while its handler calls are quick (up
+    /// to about 2 ms of them, never behind one already running longer), so
+    /// the worker does not idle for the round trip to the daemon; a number
+    /// N (1 to 64) fixes it. 1 is strictly one at a time.
+    #[arg(long, env = "GASPARD_WORKER_CREDIT", default_value = "auto", value_name = "auto|N",
+          value_parser = parse_credit)]
+    pub worker_credit: Credit,
 
     /// Length of the kernel's queue of connections not yet accepted.
     #[arg(
@@ -184,7 +186,7 @@ pub struct Config {
     /// `None`: workers are never recycled.
     pub max_requests: Option<u64>,
     pub max_requests_jitter: u64,
-    pub worker_credit: usize,
+    pub worker_credit: Credit,
     pub backlog: i32,
     pub shutdown_timeout: Duration,
     pub runtime_dir: Option<PathBuf>,
@@ -225,7 +227,7 @@ impl Config {
             max_queue: cli.max_queue,
             max_requests: (cli.max_requests > 0).then_some(cli.max_requests),
             max_requests_jitter: cli.max_requests_jitter,
-            worker_credit: usize::from(cli.worker_credit),
+            worker_credit: cli.worker_credit,
             backlog: cli.backlog.max(1),
             shutdown_timeout: seconds("shutdown-timeout", cli.shutdown_timeout)?,
             runtime_dir: cli
@@ -240,6 +242,19 @@ impl Config {
 }
 
 /// systemd's `$RUNTIME_DIRECTORY` (the first, if RuntimeDirectory= names several).
+/// `--worker-credit`: `auto`, or a number from 1 to 64.
+fn parse_credit(text: &str) -> Result<Credit, String> {
+    if text == "auto" {
+        return Ok(Credit::Auto);
+    }
+    match text.parse::<usize>() {
+        Ok(n @ 1..=64) => Ok(Credit::Fixed(n)),
+        _ => Err(format!(
+            "expected auto or a number from 1 to 64, not {text:?}"
+        )),
+    }
+}
+
 fn runtime_directory_from_systemd() -> Option<PathBuf> {
     let dirs = std::env::var_os("RUNTIME_DIRECTORY")?;
     let first = dirs.to_str()?.split(':').next()?;

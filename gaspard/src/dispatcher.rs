@@ -1,27 +1,38 @@
 //! Requests between a client and a worker: ids, the FIFO queue, which worker
 //! holds which request, and deadlines.
 //!
-//! A worker takes at most `credit` requests at a time (1 by default), so a
-//! request never waits behind a long one while another worker is idle, and
-//! when a worker dies exactly the requests it held fail.
+//! Requests go to the least loaded worker, so a request never waits at a
+//! busy worker while another is idle, and when a worker dies exactly the
+//! requests it held fail. How many a worker may hold is its [`Credit`]: by
+//! default a busy worker is given more (staged behind the one it runs) only
+//! while its requests are quick, so that it never idles for the round trip
+//! to the daemon, yet nothing is staged behind a long request.
 //!
 //! The dispatcher knows connections only by an opaque key and workers only by
 //! slot number; it does no I/O.
 
 use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 pub type RequestId = u64;
 
+/// A request's bytes, shared with the link that sends them: kept until the
+/// reply, so that a request staged at a worker that dies before starting it
+/// can go to another.
+pub type Payload = Rc<Vec<u8>>;
+
 /// Where a request is.
 #[derive(Debug)]
 enum Place {
-    /// Waiting for a worker, with its payload.
-    Queued(Vec<u8>),
-    /// Sent to the worker in this slot; its deadline, if any.
+    /// Waiting for a worker.
+    Queued(Payload),
+    /// Sent to the worker in this slot; its deadline, if any (only the
+    /// request a worker runs has one; staged ones wait for theirs).
     Running {
         slot: usize,
         deadline: Option<Instant>,
+        payload: Payload,
     },
 }
 
@@ -37,14 +48,35 @@ struct Request {
 struct WorkerLoad {
     ready: bool,
     held: Vec<RequestId>,
+    /// When the worker started the first request it holds.
+    busy_since: Option<Instant>,
+    /// How long its handler calls take, in microseconds: rises at once to
+    /// a slower call, falls slowly after quicker ones. `None`: no call yet.
+    service_micros: Option<u32>,
 }
+
+/// How many requests a worker may hold at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credit {
+    /// Always at most this many (1: strictly one at a time).
+    Fixed(usize),
+    /// As many as it can run in about [`STAGE_BUDGET`], judged by its recent
+    /// handler times, and none staged behind a request already running
+    /// longer than that. One at a time until its first call is timed.
+    Auto,
+}
+
+/// The most handler time the requests staged at a busy worker may add up to.
+pub const STAGE_BUDGET: Duration = Duration::from_millis(2);
+/// The most requests a worker holds under [`Credit::Auto`].
+pub const MAX_AUTO_CREDIT: usize = 64;
 
 /// A request to hand to a worker now.
 #[derive(Debug)]
 pub struct Assignment {
     pub slot: usize,
     pub id: RequestId,
-    pub payload: Vec<u8>,
+    pub payload: Payload,
 }
 
 pub struct Dispatcher {
@@ -53,7 +85,7 @@ pub struct Dispatcher {
     queue: VecDeque<RequestId>,
     queued: usize,
     workers: Vec<WorkerLoad>,
-    credit: usize,
+    credit: Credit,
     timeout: Option<Duration>,
     next_id: RequestId,
     /// Where the search for an idle worker starts, so work spreads over all of them.
@@ -61,13 +93,16 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn new(credit: usize, timeout: Option<Duration>) -> Dispatcher {
+    pub fn new(credit: Credit, timeout: Option<Duration>) -> Dispatcher {
         Dispatcher {
             requests: HashMap::new(),
             queue: VecDeque::new(),
             queued: 0,
             workers: Vec::new(),
-            credit: credit.max(1),
+            credit: match credit {
+                Credit::Fixed(n) => Credit::Fixed(n.max(1)),
+                Credit::Auto => Credit::Auto,
+            },
             timeout,
             next_id: 1,
             cursor: 0,
@@ -82,7 +117,7 @@ impl Dispatcher {
             id,
             Request {
                 client: Some(client),
-                place: Place::Queued(payload),
+                place: Place::Queued(Rc::new(payload)),
             },
         );
         self.queue.push_back(id);
@@ -104,7 +139,7 @@ impl Dispatcher {
     /// queued and a worker has credit. The caller must either send it or give
     /// it back with [`Self::unassign`].
     pub fn next_assignment(&mut self, now: Instant) -> Option<Assignment> {
-        let slot = self.idle_worker()?;
+        let slot = self.idle_worker(now)?;
         loop {
             let id = self.queue.pop_front()?;
             let Some(request) = self.requests.get_mut(&id) else {
@@ -117,13 +152,21 @@ impl Dispatcher {
             } else {
                 None
             };
-            let Place::Queued(payload) =
-                std::mem::replace(&mut request.place, Place::Running { slot, deadline })
-            else {
+            let Place::Queued(payload) = &request.place else {
                 unreachable!("only queued requests are in the queue");
             };
+            let payload = Rc::clone(payload);
+            request.place = Place::Running {
+                slot,
+                deadline,
+                payload: Rc::clone(&payload),
+            };
             self.queued -= 1;
-            self.workers[slot].held.push(id);
+            let load = &mut self.workers[slot];
+            if load.held.is_empty() {
+                load.busy_since = Some(now);
+            }
+            load.held.push(id);
             self.cursor = (slot + 1) % self.workers.len();
             return Some(Assignment { slot, id, payload });
         }
@@ -132,7 +175,11 @@ impl Dispatcher {
     /// Puts back an assignment that could not be sent, at the head of the queue.
     pub fn unassign(&mut self, assignment: Assignment) {
         let Assignment { slot, id, payload } = assignment;
-        self.workers[slot].held.retain(|&held| held != id);
+        let load = &mut self.workers[slot];
+        load.held.retain(|&held| held != id);
+        if load.held.is_empty() {
+            load.busy_since = None;
+        }
         if let Some(request) = self.requests.get_mut(&id) {
             request.place = Place::Queued(payload);
             self.queue.push_front(id);
@@ -140,7 +187,7 @@ impl Dispatcher {
         }
     }
 
-    fn idle_worker(&self) -> Option<usize> {
+    fn idle_worker(&self, now: Instant) -> Option<usize> {
         let n = self.workers.len();
         if n == 0 {
             return None;
@@ -150,8 +197,31 @@ impl Dispatcher {
         // ties go round-robin from the cursor.
         (0..n)
             .map(|i| (self.cursor + i) % n)
-            .filter(|&slot| self.workers[slot].ready && self.workers[slot].held.len() < self.credit)
+            .filter(|&slot| {
+                let load = &self.workers[slot];
+                load.ready && load.held.len() < self.credit_of(load, now)
+            })
             .min_by_key(|&slot| self.workers[slot].held.len())
+    }
+
+    /// How many requests a worker may hold now.
+    fn credit_of(&self, load: &WorkerLoad, now: Instant) -> usize {
+        match self.credit {
+            Credit::Fixed(n) => n,
+            Credit::Auto => {
+                let Some(micros) = load.service_micros else {
+                    return 1;
+                };
+                let running = load
+                    .busy_since
+                    .map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
+                if running >= STAGE_BUDGET {
+                    return 1; // this one is long: stage nothing behind it
+                }
+                let budget = STAGE_BUDGET.as_micros() as usize;
+                (1 + budget / (micros as usize).max(1)).min(MAX_AUTO_CREDIT)
+            }
+        }
     }
 
     /// A worker can take requests. Slots are numbered by the supervisor and
@@ -160,17 +230,29 @@ impl Dispatcher {
         if self.workers.len() <= slot {
             self.workers.resize_with(slot + 1, WorkerLoad::default);
         }
-        self.workers[slot].ready = true;
+        // A new worker in the slot: nothing known of its handler times yet.
+        let load = &mut self.workers[slot];
+        load.ready = true;
+        load.busy_since = None;
+        load.service_micros = None;
     }
 
     /// A worker's reply arrived. Returns the worker's slot and the client to
     /// answer, if it is still there; `None` for ids already failed.
-    pub fn complete(&mut self, id: RequestId) -> Option<(usize, Option<usize>)> {
+    /// `micros` is how long the handler ran.
+    pub fn complete(&mut self, id: RequestId, micros: u32) -> Option<(usize, Option<usize>)> {
         let Place::Running { slot, .. } = self.requests.get(&id)?.place else {
             return None; // a worker cannot answer a request it was never given
         };
         let request = self.requests.remove(&id)?;
-        self.workers[slot].held.retain(|&held| held != id);
+        let load = &mut self.workers[slot];
+        load.held.retain(|&held| held != id);
+        load.service_micros = Some(match load.service_micros {
+            Some(before) if micros < before => before - (before - micros) / 8,
+            _ => micros,
+        });
+        let now = Instant::now();
+        load.busy_since = (!load.held.is_empty()).then_some(now);
         // The worker takes its next request now: start that one's clock.
         if let Some(&next) = self.workers[slot].held.first() {
             if let Some(Request {
@@ -179,7 +261,7 @@ impl Dispatcher {
             }) = self.requests.get_mut(&next)
             {
                 if deadline.is_none() {
-                    *deadline = self.timeout.map(|t| Instant::now() + t);
+                    *deadline = self.timeout.map(|t| now + t);
                 }
             }
         }
@@ -187,11 +269,11 @@ impl Dispatcher {
     }
 
     /// How many more requests ready workers could take right now.
-    pub fn idle_credit(&self) -> usize {
+    pub fn idle_credit(&self, now: Instant) -> usize {
         self.workers
             .iter()
             .filter(|load| load.ready)
-            .map(|load| self.credit.saturating_sub(load.held.len()))
+            .map(|load| self.credit_of(load, now).saturating_sub(load.held.len()))
             .sum()
     }
 
@@ -207,14 +289,77 @@ impl Dispatcher {
         self.workers.get(slot).map_or(0, |load| load.held.len())
     }
 
-    /// The worker in `slot` is gone (died, or is being killed): it takes no
-    /// more requests, and every request it held fails. Returns them with
-    /// their clients.
+    /// The worker in `slot` died, and every reply it sent was taken. It ran
+    /// its requests in order, one at a time, so only the first it still
+    /// holds may have been running: that one fails (returned with its
+    /// client, if it has one). The others never started and go back to the
+    /// head of the queue, in order, for another worker. Returns the failed
+    /// request and how many went back.
+    pub fn worker_died(&mut self, slot: usize) -> (Option<(RequestId, usize)>, usize) {
+        let Some(load) = self.workers.get_mut(slot) else {
+            return (None, 0);
+        };
+        load.ready = false;
+        load.busy_since = None;
+        let mut held = std::mem::take(&mut load.held).into_iter();
+        let failed = held
+            .next()
+            .and_then(|id| Some((id, self.requests.remove(&id)?.client?)));
+        let mut requeued = 0;
+        for id in held.rev() {
+            let Some(request) = self.requests.get_mut(&id) else {
+                continue;
+            };
+            let Place::Running { payload, .. } = &request.place else {
+                continue;
+            };
+            request.place = Place::Queued(Rc::clone(payload));
+            if request.client.is_none() {
+                self.requests.remove(&id); // nobody waits for it
+                continue;
+            }
+            self.queue.push_front(id);
+            self.queued += 1;
+            requeued += 1;
+        }
+        (failed, requeued)
+    }
+
+    /// The requests running past their deadline, taken from their clients
+    /// (returned, to be failed) while their workers, about to be killed,
+    /// still hold them: `worker_died` then knows which request each ran.
+    /// Those workers take nothing more.
+    pub fn expire(&mut self, now: Instant) -> Vec<(usize, RequestId, Option<usize>)> {
+        let mut expired = Vec::new();
+        for (&id, request) in &mut self.requests {
+            if let Place::Running {
+                slot,
+                deadline: deadline @ Some(_),
+                ..
+            } = &mut request.place
+            {
+                if deadline.is_some_and(|at| at <= now) {
+                    *deadline = None;
+                    expired.push((*slot, id, request.client.take()));
+                }
+            }
+        }
+        for &(slot, _, _) in &expired {
+            self.workers[slot].ready = false;
+        }
+        expired.sort_unstable();
+        expired
+    }
+
+    /// The worker in `slot` cannot be trusted with what it held (its link
+    /// broke): it takes no more requests, and every request it held fails.
+    /// Returns them with their clients.
     pub fn worker_lost(&mut self, slot: usize) -> Vec<(RequestId, usize)> {
         let Some(load) = self.workers.get_mut(slot) else {
             return Vec::new();
         };
         load.ready = false;
+        load.busy_since = None;
         std::mem::take(&mut load.held)
             .into_iter()
             .filter_map(|id| Some((id, self.requests.remove(&id)?.client?)))
@@ -249,24 +394,6 @@ impl Dispatcher {
         clients
     }
 
-    /// Slots holding a request whose deadline has passed.
-    pub fn overdue(&self, now: Instant) -> Vec<usize> {
-        let mut slots: Vec<usize> = self
-            .requests
-            .values()
-            .filter_map(|request| match request.place {
-                Place::Running {
-                    slot,
-                    deadline: Some(deadline),
-                } if deadline <= now => Some(slot),
-                _ => None,
-            })
-            .collect();
-        slots.sort_unstable();
-        slots.dedup();
-        slots
-    }
-
     /// The earliest deadline of a running request, for the loop's timeout.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.workers
@@ -286,7 +413,7 @@ mod tests {
 
     #[test]
     fn an_idle_worker_never_waits_behind_a_busy_one() {
-        let mut d = Dispatcher::new(1, None);
+        let mut d = Dispatcher::new(Credit::Fixed(1), None);
         d.worker_ready(0);
         d.worker_ready(1);
         let now = Instant::now();
@@ -301,14 +428,14 @@ mod tests {
             d.next_assignment(now).is_none(),
             "both workers hold their credit"
         );
-        assert_eq!(d.complete(b), Some((second.slot, Some(11))));
+        assert_eq!(d.complete(b, 5), Some((second.slot, Some(11))));
         let third = d.next_assignment(now).unwrap();
         assert_eq!((third.id, third.slot), (c, second.slot));
     }
 
     #[test]
     fn with_more_credit_busy_workers_take_a_second_request_only_when_none_is_idle() {
-        let mut d = Dispatcher::new(2, None);
+        let mut d = Dispatcher::new(Credit::Fixed(2), None);
         d.worker_ready(0);
         d.worker_ready(1);
         let now = Instant::now();
@@ -324,10 +451,73 @@ mod tests {
         assert!(d.next_assignment(now).is_none());
     }
 
+    /// Runs one request through worker 0 so that its handler time is known.
+    fn timed(d: &mut Dispatcher, micros: u32, now: Instant) {
+        let id = d.submit(99, vec![]);
+        let assignment = d.next_assignment(now).unwrap();
+        assert_eq!(assignment.id, id);
+        d.complete(id, micros);
+    }
+
+    #[test]
+    fn auto_credit_stages_behind_quick_requests_only() {
+        let mut d = Dispatcher::new(Credit::Auto, None);
+        d.worker_ready(0);
+        let now = Instant::now();
+        for client in 0..100 {
+            d.submit(client, vec![]);
+        }
+        d.next_assignment(now).unwrap();
+        assert!(
+            d.next_assignment(now).is_none(),
+            "nothing is staged before a handler call was timed"
+        );
+        let mut d = Dispatcher::new(Credit::Auto, None);
+        d.worker_ready(0);
+        timed(&mut d, 100, now);
+        for client in 0..100 {
+            d.submit(client, vec![]);
+        }
+        let mut taken = 0;
+        while d.next_assignment(now).is_some() {
+            taken += 1;
+        }
+        assert_eq!(taken, 21, "2 ms of 100 µs calls behind the running one");
+        assert_eq!(d.idle_credit(now), 0);
+    }
+
+    #[test]
+    fn auto_credit_stages_nothing_after_a_slow_call_or_behind_a_long_running_one() {
+        let now = Instant::now();
+        let mut d = Dispatcher::new(Credit::Auto, None);
+        d.worker_ready(0);
+        timed(&mut d, 10, now);
+        // One slow call is enough to stop staging at once...
+        timed(&mut d, 5_000, now);
+        d.submit(1, vec![]);
+        d.submit(2, vec![]);
+        d.next_assignment(now).unwrap();
+        assert!(
+            d.next_assignment(now).is_none(),
+            "one at a time after a slow call"
+        );
+
+        // ...and a quick worker whose request has run past the budget gets
+        // nothing more behind it.
+        let mut d = Dispatcher::new(Credit::Auto, None);
+        d.worker_ready(0);
+        timed(&mut d, 10, now);
+        d.submit(1, vec![]);
+        d.submit(2, vec![]);
+        d.next_assignment(now).unwrap();
+        assert!(d.next_assignment(now + STAGE_BUDGET).is_none());
+        assert!(d.next_assignment(now + STAGE_BUDGET / 2).is_some());
+    }
+
     #[test]
     fn a_staged_request_gets_its_deadline_when_its_worker_starts_it() {
         let timeout = Duration::from_secs(1);
-        let mut d = Dispatcher::new(2, Some(timeout));
+        let mut d = Dispatcher::new(Credit::Fixed(2), Some(timeout));
         d.worker_ready(0);
         let start = Instant::now();
         let first = d.submit(1, vec![]);
@@ -339,17 +529,16 @@ mod tests {
             Some(start + timeout),
             "only the first runs"
         );
-        assert_eq!(d.overdue(start + timeout * 3 / 2), vec![0]);
-        d.complete(first);
+        d.complete(first, 5);
         let restarted = d.next_deadline().unwrap();
         assert!(restarted > start + timeout, "the second's clock starts now");
-        d.complete(second);
+        d.complete(second, 5);
         assert_eq!(d.next_deadline(), None);
     }
 
     #[test]
     fn a_lost_worker_fails_exactly_its_requests() {
-        let mut d = Dispatcher::new(1, None);
+        let mut d = Dispatcher::new(Credit::Fixed(1), None);
         d.worker_ready(0);
         d.worker_ready(1);
         let now = Instant::now();
@@ -365,15 +554,73 @@ mod tests {
             "the lost worker takes nothing"
         );
         assert_eq!(
-            d.complete(on0.id),
+            d.complete(on0.id, 5),
             None,
             "a late reply from the dead worker is ignored"
         );
     }
 
     #[test]
+    fn a_dead_worker_fails_the_request_it_ran_and_gives_back_the_staged_ones() {
+        let mut d = Dispatcher::new(Credit::Fixed(3), None);
+        d.worker_ready(0);
+        let now = Instant::now();
+        let ids: Vec<RequestId> = (0..4)
+            .map(|client| d.submit(client, vec![client as u8]))
+            .collect();
+        for _ in 0..3 {
+            d.next_assignment(now).unwrap();
+        }
+        assert_eq!(d.complete(ids[0], 5), Some((0, Some(0))));
+        // It died running ids[1]; ids[2] was staged behind it.
+        assert_eq!(d.worker_died(0), (Some((ids[1], 1)), 1));
+        assert_eq!(d.queued(), 2);
+        d.worker_ready(0);
+        let again = d.next_assignment(now).unwrap();
+        assert_eq!(
+            (again.id, &again.payload[..]),
+            (ids[2], &[2u8][..]),
+            "first, in order"
+        );
+        assert_eq!(d.next_assignment(now).unwrap().id, ids[3]);
+    }
+
+    #[test]
+    fn an_overdue_request_is_failed_at_once_and_its_worker_settled_at_death() {
+        let timeout = Duration::from_secs(1);
+        let mut d = Dispatcher::new(Credit::Fixed(2), Some(timeout));
+        d.worker_ready(0);
+        d.worker_ready(1);
+        let now = Instant::now();
+        let slow = d.submit(1, vec![]);
+        let other = d.submit(2, vec![]);
+        let staged = d.submit(3, vec![]);
+        let on0 = d.next_assignment(now).unwrap();
+        let on1 = d.next_assignment(now).unwrap();
+        let behind = d.next_assignment(now).unwrap();
+        assert_eq!((on0.id, on1.id, behind.id), (slow, other, staged));
+        assert_eq!(behind.slot, on0.slot);
+        d.complete(other, 5);
+        let late = now + timeout * 2;
+        assert_eq!(d.expire(late), vec![(on0.slot, slow, Some(1))]);
+        assert_eq!(d.expire(late), vec![], "failed once");
+        let next = d.submit(4, vec![]);
+        let assignment = d.next_assignment(late).unwrap();
+        assert_eq!(
+            (assignment.id, assignment.slot),
+            (next, on1.slot),
+            "the worker about to be killed takes nothing more"
+        );
+        assert!(d.next_assignment(late).is_none());
+        // At its death the expired request is the one it ran: nobody is
+        // told twice, and the staged one goes back to the queue.
+        assert_eq!(d.worker_died(on0.slot), (None, 1));
+        assert_eq!(d.next_assignment(late).unwrap().id, staged);
+    }
+
+    #[test]
     fn gone_clients_cost_nothing() {
-        let mut d = Dispatcher::new(1, Some(Duration::from_secs(1)));
+        let mut d = Dispatcher::new(Credit::Fixed(1), Some(Duration::from_secs(1)));
         d.worker_ready(0);
         let now = Instant::now();
         let running = d.submit(1, vec![]);
@@ -383,9 +630,13 @@ mod tests {
         d.client_gone(running);
         assert_eq!(d.queued(), 0);
         assert_eq!(d.next_deadline(), Some(now + Duration::from_secs(1)));
-        assert_eq!(d.overdue(now + Duration::from_secs(2)), vec![0]);
         assert_eq!(
-            d.complete(assignment.id),
+            d.expire(now + Duration::from_secs(2)),
+            vec![(0, running, None)],
+            "a stuck worker is killed even if nobody waits for it"
+        );
+        assert_eq!(
+            d.complete(assignment.id, 5),
             Some((0, None)),
             "the reply is discarded"
         );

@@ -3,16 +3,16 @@
 //!
 //! Clients send gaspar's framed requests over TCP; one mio loop
 //! ([`daemon`]) reads them ([`connection`], [`protocol`]), queues them
-//! ([`dispatcher`]) and hands them over zmq ([`channel`]) to worker processes
+//! ([`dispatcher`]) and hands them over socket pairs ([`link`]) to worker processes
 //! ([`supervisor`], [`worker`]) that run a handler plugin ([`plugin`]).
 //! `docs/architecture.md` tells the whole story.
 
-pub mod channel;
 pub mod check;
 pub mod config;
 pub mod connection;
 pub mod daemon;
 pub mod dispatcher;
+pub mod link;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

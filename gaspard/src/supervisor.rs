@@ -1,10 +1,10 @@
 //! Starting, watching, killing and restarting worker processes.
 //!
 //! A worker is started by fork+exec of gaspard's own binary in worker mode
-//! (see `worker.rs`): a clean process with no inherited zmq threads, and the
-//! same path for the first start and every restart. Each start is a new
-//! *incarnation* with its own number, endpoint and PUSH socket, so nothing of a
-//! dead worker can be mistaken for its replacement.
+//! (see `worker.rs`): a clean process that inherits nothing but its end of a
+//! new link (`link.rs`), and the same path for the first start and every
+//! restart. Each start is a new *incarnation* with its own number and link,
+//! so nothing of a dead worker can be mistaken for its replacement.
 //!
 //! Workers never load the operator's handler file directly: each *generation*
 //! of the handler is a snapshot copied into the private runtime directory. A
@@ -14,10 +14,12 @@
 //!
 //! The supervisor owns processes only; the dispatcher owns the requests.
 
+use crate::link::{self, Link};
 use crate::worker::WorkerArgs;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -101,6 +103,8 @@ pub struct Recycling {
 pub struct Supervisor {
     program: PathBuf,
     template: WorkerArgs,
+    /// Where handler snapshots are kept (the private runtime directory).
+    runtime_dir: PathBuf,
     /// The daemon's log filter, so workers log at the same level.
     log_filter: String,
     recycling: Recycling,
@@ -115,12 +119,14 @@ impl Supervisor {
     pub fn new(
         program: PathBuf,
         template: WorkerArgs,
+        runtime_dir: PathBuf,
         log_filter: &str,
         recycling: Recycling,
     ) -> Supervisor {
         Supervisor {
             program,
             template,
+            runtime_dir,
             log_filter: log_filter.to_string(),
             recycling,
             snapshots: BTreeMap::new(),
@@ -132,10 +138,7 @@ impl Supervisor {
     /// Copies the handler file into the runtime directory as a new generation.
     pub fn snapshot_handler(&mut self) -> std::io::Result<u64> {
         let generation = self.snapshots.keys().next_back().map_or(1, |g| g + 1);
-        let snapshot = self
-            .template
-            .runtime_dir
-            .join(format!("handler-{generation}.so"));
+        let snapshot = self.runtime_dir.join(format!("handler-{generation}.so"));
         std::fs::copy(&self.template.handler, &snapshot)?;
         self.snapshots.insert(generation, snapshot);
         Ok(generation)
@@ -164,8 +167,8 @@ impl Supervisor {
     }
 
     /// Adds a worker position for `generation` (reusing a free one) and
-    /// starts its worker. Returns the slot.
-    pub fn add(&mut self, generation: u64) -> std::io::Result<usize> {
+    /// starts its worker. Returns the slot and the daemon's end of the link.
+    pub fn add(&mut self, generation: u64) -> std::io::Result<(usize, Link)> {
         let slot = match self.slots.iter().position(|slot| !slot.is_live()) {
             Some(free) => free,
             None => {
@@ -185,19 +188,22 @@ impl Supervisor {
         entry.generation = generation;
         entry.failures = 0;
         entry.removing = false;
-        self.start(slot)?;
-        Ok(slot)
+        let (_, link) = self.start(slot)?;
+        Ok((slot, link))
     }
 
-    /// Starts a worker in `slot`. Returns its incarnation.
-    pub fn start(&mut self, slot: usize) -> std::io::Result<u64> {
+    /// Starts a worker in `slot`. Returns its incarnation and the daemon's
+    /// end of its link.
+    pub fn start(&mut self, slot: usize) -> std::io::Result<(u64, Link)> {
         let incarnation = self.next_incarnation;
         self.next_incarnation += 1;
         let generation = self.slots[slot].generation;
         let snapshot = self.snapshots.get(&generation).cloned().ok_or_else(|| {
             std::io::Error::other(format!("no snapshot of handler generation {generation}"))
         })?;
+        let (daemon_end, worker_end) = link::pair()?;
         let args = WorkerArgs {
+            link_fd: worker_end.as_raw_fd(),
             incarnation,
             load_from: snapshot,
             ..self.template.clone()
@@ -206,6 +212,13 @@ impl Supervisor {
         for name in crate::notify::DAEMON_ONLY_ENV {
             command.env_remove(name);
         }
+        // The one fd the worker inherits. The loop thread is the only one
+        // that starts processes, and `worker_end` is closed (dropped) right
+        // after, so no other child can inherit it.
+        nix::fcntl::fcntl(
+            worker_end.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )?;
         let spawned = command
             .args(args.to_args())
             .stdin(Stdio::null())
@@ -215,6 +228,7 @@ impl Supervisor {
             // alone, which then stops the workers in order.
             .process_group(0)
             .spawn();
+        drop(worker_end);
         let child = match spawned {
             Ok(child) => child,
             Err(e) => {
@@ -241,7 +255,7 @@ impl Supervisor {
             .recycling
             .max_requests
             .map(|n| n.saturating_add(jitter));
-        Ok(incarnation)
+        Ok((incarnation, Link::new(daemon_end)))
     }
 
     /// The incarnation running (or starting) in `slot`.
@@ -292,6 +306,23 @@ impl Supervisor {
     /// Whether the worker in `slot` is being stopped on purpose.
     pub fn is_retiring(&self, slot: usize) -> bool {
         self.slots[slot].retiring
+    }
+
+    /// The slots whose worker has exited but is not yet reaped: what they
+    /// wrote before dying is all in their links now, to be read first.
+    pub fn exited(&mut self) -> Vec<usize> {
+        let mut exited = Vec::new();
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            if let SlotState::Starting { child, .. } | SlotState::Ready { child, .. } =
+                &mut slot.state
+            {
+                // The status is kept by `child` for `reap`.
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    exited.push(index);
+                }
+            }
+        }
+        exited
     }
 
     /// Collects every worker that has exited. Call on SIGCHLD.

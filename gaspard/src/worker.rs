@@ -2,15 +2,20 @@
 //! argument. It loads the handler, tells the daemon it is ready, then serves
 //! requests one at a time until it is killed or the daemon disappears.
 //!
-//! It knows nothing about TCP clients: requests come in on its own PULL
-//! socket and replies go out on the daemon's shared PULL socket.
+//! It knows nothing about TCP clients: requests come in on its end of the
+//! link to the daemon (a socket inherited at start, see `link.rs`) and its
+//! replies go back the same way.
 
-use crate::channel::{self, Kind};
+use crate::link::{self, Kind, HEADER_LEN};
 use crate::plugin::Plugin;
+use std::io::{BufReader, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// The argument that selects worker mode.
 pub const WORKER_ARG: &str = "__worker";
@@ -20,8 +25,12 @@ pub const WORKER_ARG: &str = "__worker";
 pub const CONFIG_ENV: &str = "GASPARD_WORKER_HANDLER_CONFIG";
 
 /// How often a worker waiting for a request re-checks whether it was asked to
-/// stop: a SIGTERM that lands just before the wait must not be lost.
-const STOP_CHECK: i32 = 250;
+/// stop (milliseconds): a SIGTERM that lands just before the wait must not be lost.
+const STOP_CHECK: u16 = 250;
+
+/// The worker's read buffer: every request the daemon sent at once is
+/// taken in one `read`.
+const READ_BUFFER: usize = 64 * 1024;
 
 /// Exit code of a worker whose handler could not be loaded.
 pub const EXIT_INIT_FAILED: u8 = 3;
@@ -29,7 +38,8 @@ pub const EXIT_INIT_FAILED: u8 = 3;
 /// What the daemon tells a worker on its command line.
 #[derive(Debug, Clone)]
 pub struct WorkerArgs {
-    pub runtime_dir: PathBuf,
+    /// The worker's end of its link to the daemon, inherited open.
+    pub link_fd: RawFd,
     pub incarnation: u64,
     pub daemon_pid: i32,
     /// The operator's handler file, as named in messages.
@@ -44,7 +54,7 @@ impl WorkerArgs {
     pub fn to_args(&self) -> Vec<std::ffi::OsString> {
         vec![
             WORKER_ARG.into(),
-            self.runtime_dir.clone().into(),
+            self.link_fd.to_string().into(),
             self.incarnation.to_string().into(),
             self.daemon_pid.to_string().into(),
             self.handler.clone().into(),
@@ -55,19 +65,20 @@ impl WorkerArgs {
     /// Parses what [`Self::to_args`] wrote (after `__worker`).
     pub fn parse(mut args: impl Iterator<Item = std::ffi::OsString>) -> Result<WorkerArgs, String> {
         let mut next = |what: &str| args.next().ok_or_else(|| format!("worker: missing {what}"));
-        let runtime_dir = PathBuf::from(next("runtime dir")?);
+        let link_fd = next("link fd")?;
         let number = |text: std::ffi::OsString, what: &str| {
             text.to_str()
                 .and_then(|t| t.parse::<u64>().ok())
                 .ok_or_else(|| format!("worker: bad {what}"))
         };
+        let link_fd = number(link_fd, "link fd")? as RawFd;
         let incarnation = number(next("incarnation")?, "incarnation")?;
         let daemon_pid = number(next("daemon pid")?, "daemon pid")? as i32;
         let handler = PathBuf::from(next("handler")?);
         let load_from = PathBuf::from(next("handler snapshot")?);
         let handler_config = std::env::var(CONFIG_ENV).unwrap_or_default();
         Ok(WorkerArgs {
-            runtime_dir,
+            link_fd,
             incarnation,
             daemon_pid,
             handler,
@@ -77,19 +88,28 @@ impl WorkerArgs {
     }
 }
 
-/// A reply buffer the handler writes into and zmq sends without a copy.
-struct ReplyBuffer(zmq::Message);
+/// A reply the handler writes into, with room in front for the frame
+/// header so that header and reply leave in one `write`.
+struct ReplyBuffer(Vec<u8>);
 
 impl AsMut<[u8]> for ReplyBuffer {
     fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.0
+        &mut self.0[HEADER_LEN..]
     }
 }
 
-/// A zmq message of `len` bytes for the handler to fill; `None` (NULL to the
-/// handler) if it cannot be allocated, rather than a panic across the ABI.
-fn reply_buffer(len: usize) -> Option<ReplyBuffer> {
-    std::panic::catch_unwind(|| ReplyBuffer(zmq::Message::with_size(len))).ok()
+/// A buffer of `len` bytes for the handler to fill, reusing `spare`; `None`
+/// (NULL to the handler) if it is too large for a frame or cannot be
+/// allocated, rather than an abort.
+fn reply_buffer(spare: &mut Vec<u8>, len: usize) -> Option<ReplyBuffer> {
+    if len > link::MAX_BODY {
+        return None;
+    }
+    let mut buffer = std::mem::take(spare);
+    buffer.clear();
+    buffer.try_reserve_exact(HEADER_LEN + len).ok()?;
+    buffer.resize(HEADER_LEN + len, 0);
+    Some(ReplyBuffer(buffer))
 }
 
 /// The worker's main function.
@@ -110,33 +130,48 @@ pub fn run(args: WorkerArgs) -> ExitCode {
     }
 }
 
+/// Takes the inherited link, refusing anything but a socket (a worker
+/// started by hand with a wrong number must not write requests into a file).
+fn inherited_link(fd: RawFd) -> anyhow::Result<UnixStream> {
+    use nix::sys::stat::{fstat, SFlag};
+    let stat = fstat(fd).map_err(|e| anyhow::anyhow!("link fd {fd}: {e}"))?;
+    if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
+        anyhow::bail!("link fd {fd} is not a socket");
+    }
+    // SAFETY: the daemon passed this fd open for this process alone (see
+    // Supervisor::start), it is a socket (checked above), and nothing else
+    // in this process owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Close-on-exec from here on: a handler that starts programs must not
+    // hand them the link.
+    nix::fcntl::fcntl(
+        owned.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    Ok(UnixStream::from(owned))
+}
+
 fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
-    let ctx = zmq::Context::new();
-    let replies = channel::socket(&ctx, zmq::PUSH)?;
-    // Replies the daemon has not read yet are worth a short wait at exit.
-    replies.set_linger(1000)?;
-    replies.connect(&channel::replies_endpoint(&args.runtime_dir))?;
+    let link = inherited_link(args.link_fd)?;
+    let mut writer = &link;
+    let send = |writer: &mut &UnixStream, kind: Kind, value: u64, body: &[u8]| {
+        writer.write_all(&link::header(kind, body.len(), value))?;
+        writer.write_all(body)
+    };
 
     let mut plugin = match Plugin::load_as(&args.load_from, &args.handler, &args.handler_config) {
         Ok(plugin) => plugin,
         Err(e) => {
             let reason = e.to_string();
-            channel::try_send(
-                &replies,
-                &channel::header(Kind::InitFailed, args.incarnation),
-                reason.as_bytes().into(),
+            send(
+                &mut writer,
+                Kind::InitFailed,
+                args.incarnation,
+                reason.as_bytes(),
             )?;
-            drop(replies);
-            drop(ctx);
             std::process::exit(EXIT_INIT_FAILED.into());
         }
     };
-    let requests = channel::socket(&ctx, zmq::PULL)?;
-    requests.set_rcvtimeo(STOP_CHECK)?;
-    requests.bind(&channel::worker_endpoint(
-        &args.runtime_dir,
-        args.incarnation,
-    ))?;
     log::debug!(
         "worker {} (pid {}): handler {:?} ready",
         args.incarnation,
@@ -146,53 +181,73 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
     // SIGTERM asks for a graceful stop: finish the request at hand, then
     // call the handler's shutdown. Set up before Ready, so that a stop sent
     // as soon as the daemon knows this worker still calls shutdown; the
-    // receive below wakes every STOP_CHECK to look at the flag.
+    // wait for a request wakes every STOP_CHECK to look at the flag.
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
-    replies.send(
-        &channel::header(Kind::Ready, args.incarnation)[..],
-        zmq::SNDMORE,
-    )?;
-    replies.send(std::process::id().to_string().as_bytes(), 0)?;
+    let pid = std::process::id().to_string();
+    send(&mut writer, Kind::Ready, args.incarnation, pid.as_bytes())?;
 
-    let mut id_frame = zmq::Message::new();
-    let mut payload = zmq::Message::new();
+    let mut reader = BufReader::with_capacity(READ_BUFFER, &link);
+    let mut payload = Vec::new();
+    let mut spare = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        match requests.recv(&mut id_frame, 0) {
+        if reader.buffer().is_empty() && !wait_for_request(&link, &stop)? {
+            break;
+        }
+        let mut head = [0; HEADER_LEN];
+        match reader.read_exact(&mut head) {
             Ok(()) => {}
-            Err(zmq::Error::EINTR | zmq::Error::EAGAIN) => continue,
+            // The daemon is gone: nobody is left to answer.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
             Err(e) => return Err(e.into()),
         }
-        if !id_frame.get_more() {
-            log::error!(
-                "worker {}: dropped a request with no payload frame",
-                args.incarnation
-            );
-            continue;
+        let header = link::parse_header(&head)?;
+        if header.kind != Kind::Request {
+            anyhow::bail!("unexpected {:?} frame from the daemon", header.kind);
         }
-        // The frames of a message arrive together; only a signal can delay this.
-        while let Err(e) = requests.recv(&mut payload, 0) {
-            if !matches!(e, zmq::Error::EINTR | zmq::Error::EAGAIN) {
-                return Err(e.into());
+        payload.clear();
+        payload.resize(header.len, 0);
+        reader.read_exact(&mut payload)?;
+        let id = header.value;
+        let started = Instant::now();
+        let outcome = plugin.handle(&payload, |len| reply_buffer(&mut spare, len));
+        let micros = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
+        // Each reply leaves before the next request starts: if this worker
+        // dies, the daemon knows that only the request it holds first was
+        // running, and gives the rest to other workers.
+        match outcome {
+            Ok(Some(ReplyBuffer(mut reply))) => {
+                let len = reply.len() - HEADER_LEN;
+                let header = link::reply_header(Kind::Reply, micros, len, id);
+                reply[..HEADER_LEN].copy_from_slice(&header);
+                writer.write_all(&reply)?;
+                spare = reply;
+            }
+            Ok(None) => writer.write_all(&link::reply_header(Kind::Reply, micros, 0, id))?,
+            Err(error) => {
+                let header = link::reply_header(Kind::Failed, micros, error.len(), id);
+                writer.write_all(&header)?;
+                writer.write_all(error.as_bytes())?;
             }
         }
-        let Ok(id) = <[u8; 8]>::try_from(&id_frame[..]).map(u64::from_le_bytes) else {
-            log::error!(
-                "worker {}: dropped a request with a malformed id",
-                args.incarnation
-            );
-            continue;
-        };
-        let outcome = plugin.handle(&payload, reply_buffer);
-        let (kind, body) = match outcome {
-            Ok(Some(reply)) => (Kind::Reply, reply.0),
-            Ok(None) => (Kind::Reply, zmq::Message::new()),
-            Err(error) => (Kind::Failed, zmq::Message::from(error.as_bytes())),
-        };
-        replies.send(&channel::header(kind, id)[..], zmq::SNDMORE)?;
-        replies.send(body, 0)?;
     }
-    log::debug!("worker {}: stopping on request", args.incarnation);
+    log::debug!("worker {}: stopping", args.incarnation);
     drop(plugin);
     Ok(())
+}
+
+/// Waits until a request arrives (true), or SIGTERM asks to stop or the
+/// daemon is gone (false).
+fn wait_for_request(link: &UnixStream, stop: &AtomicBool) -> anyhow::Result<bool> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    while !stop.load(Ordering::Relaxed) {
+        let mut fds = [PollFd::new(link.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(STOP_CHECK)) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            // Readable, or hung up: the read that follows tells which.
+            Ok(_) => return Ok(true),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(false)
 }

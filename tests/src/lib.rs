@@ -293,7 +293,7 @@ impl Daemon {
         request(self.addr, payload)
     }
 
-    /// The ipc files and directories left in the runtime directory's parent.
+    /// The files and directories left in the runtime directory's parent.
     pub fn runtime_leftovers(&self) -> Vec<PathBuf> {
         walk(self.runtime_parent.path())
     }

@@ -295,13 +295,9 @@ impl Daemon {
             return Some("no worker can take the request: the handler keeps failing".into());
         }
         // Requests that idle workers are about to take are not waiting.
-        let waiting = self
-            .dispatcher
-            .queued()
-            .saturating_sub(self.dispatcher.idle_credit());
-        if self.dispatcher.queued() >= self.dispatcher.idle_credit()
-            && waiting >= self.config.max_queue
-        {
+        let idle_credit = self.dispatcher.idle_credit(Instant::now());
+        let waiting = self.dispatcher.queued().saturating_sub(idle_credit);
+        if self.dispatcher.queued() >= idle_credit && waiting >= self.config.max_queue {
             return Some(format!(
                 "queue is full ({waiting} requests waiting, --max-queue)"
             ));

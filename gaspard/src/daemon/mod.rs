@@ -1,5 +1,5 @@
 //! The daemon: one mio loop on one thread owns the listener, every client
-//! connection, the zmq sockets, signals and timers. Nothing here blocks, and
+//! connection, the links to the workers, signals and timers. Nothing here blocks, and
 //! nothing here runs handler code.
 //!
 //! The life of a request (see `docs/architecture.md`): `accept` →
@@ -15,10 +15,10 @@ mod clients;
 mod scrape;
 mod workers;
 
-use crate::channel;
 use crate::config::Config;
 use crate::connection::Connection;
 use crate::dispatcher::Dispatcher;
+use crate::link::Link;
 use crate::logging::Throttle;
 use crate::metrics::Metrics;
 use crate::notify::{self, Notifier};
@@ -26,30 +26,27 @@ use crate::supervisor::{Recycling, Supervisor};
 use crate::worker::WorkerArgs;
 use anyhow::{bail, Context as _};
 use mio::net::TcpListener;
-use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGTTIN, SIGTTOU};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
-const REPLIES: Token = Token(2);
 const METRICS_LISTENER: Token = Token(3);
-/// Worker PUSH sockets: `PUSH_BASE + slot`.
-const PUSH_BASE: usize = 1 << 16;
+/// Links to workers: `LINK_BASE + slot`.
+const LINK_BASE: usize = 1 << 16;
 /// Metrics scrapes: `SCRAPE_BASE + slab key`.
 const SCRAPE_BASE: usize = 1 << 17;
 /// Client connections: `CONN_BASE + slab key`.
 const CONN_BASE: usize = 1 << 18;
 /// The most worker slots a daemon may have (their tokens sit below `SCRAPE_BASE`).
-pub const MAX_WORKERS: usize = SCRAPE_BASE - PUSH_BASE - 2;
+pub const MAX_WORKERS: usize = SCRAPE_BASE - LINK_BASE - 2;
 
-/// Replies handled per loop turn before other sources get a turn.
+/// Messages taken from one worker per loop turn before other sources get a turn.
 const REPLIES_PER_TURN: usize = 1024;
 /// How long stopped workers get to exit on SIGTERM before SIGKILL.
 const WORKER_STOP_GRACE: Duration = Duration::from_secs(5);
@@ -59,16 +56,24 @@ const URGENT_STOP_GRACE: Duration = Duration::from_millis(300);
 /// The loop-wide read buffer.
 const SCRATCH_LEN: usize = 64 * 1024;
 /// File descriptors kept back from client connections for everything else
-/// (zmq sockets, worker pipes, logs).
+/// (worker links, logs, the metrics endpoint).
 const RESERVED_FDS: usize = 64;
 
 /// A reply as it came from the worker, written to the client without a copy.
-pub struct Reply(zmq::Message);
+pub struct Reply(Vec<u8>);
 
 impl AsRef<[u8]> for Reply {
     fn as_ref(&self) -> &[u8] {
         &self.0
     }
+}
+
+/// A worker's link and what the daemon knows of it.
+struct WorkerLink {
+    link: Link,
+    incarnation: u64,
+    /// It said Ready and counts in the workers_ready metric.
+    ready: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,11 +97,8 @@ enum Reload {
         generation: u64,
         slot: usize,
         incarnation: u64,
-        /// When to give up: --timeout, or shortly after the worker died
-        /// (its own account of why may still be on its way).
+        /// When to give up (--timeout).
         deadline: Option<Instant>,
-        /// How the worker died, if it did.
-        died: Option<String>,
     },
     /// Validated: old workers are being replaced one at a time.
     Rolling {
@@ -104,12 +106,11 @@ enum Reload {
     },
 }
 
-/// The private directory of the ipc endpoints, removed when dropped.
+/// The private directory of the handler snapshots, removed when dropped.
 fn runtime_dir(parent: Option<&Path>) -> anyhow::Result<tempfile::TempDir> {
     use std::os::unix::fs::PermissionsExt;
     let mut builder = tempfile::Builder::new();
-    // Only gaspard's user may reach the sockets: anyone else could read
-    // requests or inject replies.
+    // Only gaspard's user may read or replace the handler code workers load.
     builder
         .prefix("gaspard-")
         .permissions(std::fs::Permissions::from_mode(0o700));
@@ -118,14 +119,6 @@ fn runtime_dir(parent: Option<&Path>) -> anyhow::Result<tempfile::TempDir> {
         None => builder.tempdir(),
     }
     .context("cannot create the runtime directory")?;
-    // A socket path must fit in sun_path (108 bytes, with the NUL).
-    let longest = format!("{}/w{}.ipc", dir.path().display(), u64::MAX);
-    if longest.len() > 107 {
-        bail!(
-            "runtime directory {} is too long for ipc socket paths; choose a shorter --runtime-dir",
-            dir.path().display()
-        );
-    }
     Ok(dir)
 }
 
@@ -137,12 +130,12 @@ pub struct Daemon {
     accept_paused_until: Option<Instant>,
     local_addr: std::net::SocketAddr,
     signals: Signals,
-    zmq: zmq::Context,
-    replies: zmq::Socket,
-    replies_pending: bool,
-    runtime_dir: PathBuf,
-    /// One PUSH socket per ready worker, by slot.
-    pushes: Vec<Option<zmq::Socket>>,
+    /// The link to each running worker, by slot.
+    links: Vec<Option<WorkerLink>>,
+    /// Slots whose links had more messages than one turn takes.
+    links_pending: Vec<usize>,
+    /// Slots with requests staged for the end of this turn.
+    links_to_flush: Vec<usize>,
     conns: Slab<Connection<Reply>>,
     dispatcher: Dispatcher,
     supervisor: Supervisor,
@@ -217,25 +210,15 @@ impl Daemon {
 
         let dir_guard = runtime_dir(config.runtime_dir.as_deref())?;
         let runtime_dir = dir_guard.path().to_path_buf();
-        let zmq = zmq::Context::new();
-        let replies = channel::socket(&zmq, zmq::PULL)?;
-        replies
-            .bind(&channel::replies_endpoint(&runtime_dir))
-            .context("cannot bind the workers' reply socket")?;
 
         let poll = Poll::new()?;
         let mut signals = Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGTTIN, SIGTTOU])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
-        poll.registry().register(
-            &mut SourceFd(&replies.as_raw_fd()),
-            REPLIES,
-            Interest::READABLE,
-        )?;
 
         let program = std::env::current_exe().context("cannot find gaspard's own executable")?;
         let template = WorkerArgs {
-            runtime_dir: runtime_dir.clone(),
+            link_fd: -1,
             incarnation: 0,
             daemon_pid: std::process::id() as i32,
             handler: handler.clone(),
@@ -246,7 +229,7 @@ impl Daemon {
             max_requests: config.max_requests,
             jitter: config.max_requests_jitter,
         };
-        let mut supervisor = Supervisor::new(program, template, log_filter, recycling);
+        let mut supervisor = Supervisor::new(program, template, runtime_dir, log_filter, recycling);
         let generation = supervisor
             .snapshot_handler()
             .with_context(|| format!("handler {}: cannot copy it", handler.display()))?;
@@ -260,11 +243,9 @@ impl Daemon {
             accept_paused_until: None,
             local_addr,
             signals,
-            zmq,
-            replies,
-            replies_pending: false,
-            runtime_dir,
-            pushes: Vec::new(),
+            links: Vec::new(),
+            links_pending: Vec::new(),
+            links_to_flush: Vec::new(),
             conns: Slab::new(),
             dispatcher,
             supervisor,
@@ -338,19 +319,13 @@ impl Daemon {
                 match event.token() {
                     LISTENER => self.accept(),
                     SIGNALS => self.on_signals()?,
+                    METRICS_LISTENER => self.accept_scrapes(),
                     // Replies first, and the freed workers' next requests at
                     // once: a worker must not idle while the rest of the
                     // batch (accepts, reads) is handled.
-                    REPLIES => {
-                        self.on_replies()?;
+                    Token(t) if (LINK_BASE..SCRAPE_BASE).contains(&t) => {
+                        self.on_link_event(t - LINK_BASE, event)?;
                         self.dispatch();
-                    }
-                    METRICS_LISTENER => self.accept_scrapes(),
-                    Token(t) if (PUSH_BASE..SCRAPE_BASE).contains(&t) => {
-                        // Let libzmq process the socket's pending commands.
-                        if let Some(Some(push)) = self.pushes.get(t - PUSH_BASE) {
-                            let _ = push.get_events();
-                        }
                     }
                     Token(t) if (SCRAPE_BASE..CONN_BASE).contains(&t) => {
                         self.on_scrape_event(t - SCRAPE_BASE)
@@ -358,12 +333,13 @@ impl Daemon {
                     Token(t) => self.on_connection_event(t - CONN_BASE, event),
                 }
             }
-            if self.replies_pending {
-                self.on_replies()?;
+            for slot in std::mem::take(&mut self.links_pending) {
+                self.on_messages(slot)?;
             }
             self.on_timers(Instant::now())?;
             self.advance_reload();
             self.dispatch();
+            self.flush_links();
             if self.phase == Phase::Starting && self.all_ready() {
                 self.start_serving()?;
             }
@@ -413,7 +389,7 @@ impl Daemon {
     }
 
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        if self.replies_pending {
+        if !self.links_pending.is_empty() {
             return Some(Duration::ZERO);
         }
         let reload_deadline = match &self.reload {
@@ -517,8 +493,9 @@ impl Daemon {
         // Also while draining: queued requests still need workers.
         for slot in self.supervisor.due(now) {
             self.metrics.worker_starts.inc();
-            if let Err(e) = self.supervisor.start(slot) {
-                log::error!("cannot start a worker process: {e}");
+            match self.supervisor.start(slot) {
+                Ok((incarnation, link)) => self.install_link(slot, incarnation, link)?,
+                Err(e) => log::error!("cannot start a worker process: {e}"),
             }
         }
         Ok(())
@@ -535,13 +512,9 @@ impl Daemon {
             WORKER_STOP_GRACE
         };
         self.supervisor.stop_all(grace);
-        for slot in 0..self.pushes.len() {
-            self.drop_push(slot);
+        for slot in 0..self.links.len() {
+            self.drop_link(slot);
         }
-        let _ = self
-            .poll
-            .registry()
-            .deregister(&mut SourceFd(&self.replies.as_raw_fd()));
     }
 }
 

@@ -2,25 +2,50 @@
 //! replies, noticing their deaths, and changing them on purpose (hot reload
 //! on SIGHUP, one more or one fewer on SIGTTIN / SIGTTOU).
 
-use super::{Daemon, Phase, Reload, Reply, PUSH_BASE, REPLIES_PER_TURN};
-use crate::channel::{self, Kind};
+use super::{Daemon, Phase, Reload, Reply, WorkerLink, LINK_BASE, REPLIES_PER_TURN};
 use crate::dispatcher::Assignment;
+use crate::link::{Kind, Link, Message};
 use crate::metrics::Outcome;
 use crate::supervisor::{self, Death, SlotState};
-use anyhow::{bail, Context as _};
-use mio::unix::SourceFd;
+use anyhow::bail;
+use mio::event::Event;
 use mio::{Interest, Token};
 use nix::sys::signal::Signal;
-use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::time::Instant;
 
 impl Daemon {
     /// Adds a worker of `generation` and starts it.
-    pub(super) fn add_worker(&mut self, generation: u64) -> std::io::Result<usize> {
-        let slot = self.supervisor.add(generation)?;
+    pub(super) fn add_worker(&mut self, generation: u64) -> anyhow::Result<usize> {
+        let (slot, link) = self.supervisor.add(generation)?;
         self.metrics.worker_starts.inc();
+        let incarnation = self.supervisor.incarnation_of(slot).unwrap_or(0);
+        self.install_link(slot, incarnation, link)?;
         Ok(slot)
+    }
+
+    /// Puts a just-started worker's link into the loop.
+    pub(super) fn install_link(
+        &mut self,
+        slot: usize,
+        incarnation: u64,
+        mut link: Link,
+    ) -> anyhow::Result<()> {
+        if self.links.len() <= slot {
+            self.links.resize_with(slot + 1, || None);
+        }
+        self.drop_link(slot);
+        self.poll.registry().register(
+            link.source(),
+            Token(LINK_BASE + slot),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        self.links[slot] = Some(WorkerLink {
+            link,
+            incarnation,
+            ready: false,
+        });
+        Ok(())
     }
 
     /// Whether the first workers are all up.
@@ -34,33 +59,24 @@ impl Daemon {
         ready >= self.target_workers
     }
 
-    /// Hands queued requests to workers with credit.
+    /// Hands queued requests to workers with credit. A worker that was idle
+    /// gets its request at once; what is staged behind a busy worker's
+    /// request waits for [`Daemon::flush_links`] at the end of the loop
+    /// turn, so that a turn's requests for it leave in one write.
     pub(super) fn dispatch(&mut self) {
         let now = Instant::now();
         while let Some(assignment) = self.dispatcher.next_assignment(now) {
-            let Some(push) = self.pushes.get(assignment.slot).and_then(Option::as_ref) else {
+            let Some(worker) = self.links.get_mut(assignment.slot).and_then(Option::as_mut) else {
                 self.dispatcher.unassign(assignment);
-                return;
+                break;
             };
             let Assignment { slot, id, payload } = assignment;
-            // Sending moves the payload into zmq without a copy.
-            match channel::try_send(push, &id.to_le_bytes(), payload.into()) {
-                Ok(()) => {
-                    // Let libzmq process pending commands (libzmq issue 3641).
-                    let _ = push.get_events();
-                }
-                Err(e) => {
-                    // The payload went with the failed send and cannot be
-                    // retried, so the request fails like a lost worker's.
-                    log::error!("cannot send a request to worker slot {slot}: {e}; killing it");
-                    self.lose_worker(
-                        slot,
-                        Outcome::worker_lost,
-                        "its worker could not be reached",
-                    );
-                    self.supervisor.signal(slot, Signal::SIGKILL);
-                    return;
-                }
+            // The payload moves into the link's queue without a copy.
+            worker.link.queue(Kind::Request, id, payload);
+            if self.dispatcher.held(slot) == 1 {
+                self.flush_link(slot);
+            } else if !self.links_to_flush.contains(&slot) {
+                self.links_to_flush.push(slot);
             }
         }
         self.metrics.queued.set(self.dispatcher.queued() as i64);
@@ -69,62 +85,110 @@ impl Daemon {
             .set((self.dispatcher.outstanding() - self.dispatcher.queued()) as i64);
     }
 
-    /// Takes every message the workers sent, up to a fair share per turn.
-    pub(super) fn on_replies(&mut self) -> anyhow::Result<()> {
-        self.replies_pending = false;
-        for _ in 0..REPLIES_PER_TURN {
-            let message = match channel::try_recv(&self.replies) {
-                Ok(Some(message)) => message,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(e).context("the workers' reply socket failed"),
-            };
-            match message.kind {
-                Kind::Reply | Kind::Failed => {
-                    let Some((slot, client)) = self.dispatcher.complete(message.value) else {
-                        continue; // its worker was already given up on
-                    };
-                    if self.supervisor.note_served(slot) {
-                        self.retire(slot, false);
-                    } else if self.supervisor.is_retiring(slot) && self.dispatcher.held(slot) == 0 {
-                        self.stop_retired(slot);
-                    }
-                    let Some(key) = client else {
-                        continue; // the client went away
-                    };
-                    if message.kind == Kind::Failed {
-                        let reason = String::from_utf8_lossy(&message.body).into_owned();
-                        self.fail(key, message.value, Outcome::handler_error, reason);
-                    } else {
-                        self.deliver(key, message.value, Reply(message.body));
-                    }
-                }
-                Kind::Ready => self.on_worker_ready(message.value, &message.body)?,
-                Kind::InitFailed => {
-                    let reason = String::from_utf8_lossy(&message.body).into_owned();
-                    self.on_init_failed(message.value, reason)?;
-                }
-            }
+    /// Sends what [`Daemon::dispatch`] staged during this turn.
+    pub(super) fn flush_links(&mut self) {
+        for slot in std::mem::take(&mut self.links_to_flush) {
+            self.flush_link(slot);
         }
-        self.replies_pending = true;
+    }
+
+    /// Writes what a worker's link has queued. A worker that cannot be
+    /// written to is gone or broken: it is killed, and its requests are
+    /// settled when its death is (see `lose_worker`).
+    fn flush_link(&mut self, slot: usize) {
+        let Some(worker) = self.links.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        if let Err(e) = worker.link.flush() {
+            worker.link.discard_output();
+            log::error!("cannot send requests to worker slot {slot}: {e}; killing it");
+            self.dispatcher.worker_draining(slot);
+            self.supervisor.signal(slot, Signal::SIGKILL);
+        }
+    }
+
+    /// Readiness of a worker's link.
+    pub(super) fn on_link_event(&mut self, slot: usize, event: &Event) -> anyhow::Result<()> {
+        if event.is_writable() {
+            self.flush_link(slot);
+        }
+        if event.is_readable() || event.is_read_closed() {
+            self.on_messages(slot)?;
+        }
         Ok(())
     }
 
-    /// Waits up to `limit` for worker messages and handles them: a worker
-    /// that died while loading the handler sent its reason just before.
-    /// Blocks the loop, so only for start-up and reload failures.
-    fn await_messages(&mut self, limit: std::time::Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.replies.poll(zmq::POLLIN, left.as_millis() as i64) {
-                Ok(0) => return Ok(()),
-                Ok(_) => return self.on_replies(),
-                // Other workers exiting interrupt the wait.
-                Err(zmq::Error::EINTR) if !left.is_zero() => continue,
-                Err(zmq::Error::EINTR) => return Ok(()),
-                Err(e) => return Err(e).context("waiting for worker messages"),
+    /// Takes the messages a worker sent, up to a fair share per turn.
+    pub(super) fn on_messages(&mut self, slot: usize) -> anyhow::Result<()> {
+        self.take_messages(slot, REPLIES_PER_TURN)
+    }
+
+    /// Takes up to `limit` messages from a worker's link; if more may be
+    /// waiting, the slot is marked for the next turn.
+    fn take_messages(&mut self, slot: usize, limit: usize) -> anyhow::Result<()> {
+        for _ in 0..limit {
+            let Some(worker) = self.links.get_mut(slot).and_then(Option::as_mut) else {
+                return Ok(());
+            };
+            let incarnation = worker.incarnation;
+            match worker.link.try_recv() {
+                Ok(Some(message)) => self.on_message(slot, incarnation, message)?,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    // Only our own worker writes there: a broken stream
+                    // means its memory is corrupt, and what it ran is unknown.
+                    log::error!("worker {incarnation} (slot {slot}) sent garbage: {e}; killing it");
+                    self.abandon_worker(slot);
+                    return Ok(());
+                }
             }
         }
+        if !self.links_pending.contains(&slot) {
+            self.links_pending.push(slot);
+        }
+        Ok(())
+    }
+
+    fn on_message(
+        &mut self,
+        slot: usize,
+        incarnation: u64,
+        message: Message,
+    ) -> anyhow::Result<()> {
+        match message.kind {
+            Kind::Reply | Kind::Failed => {
+                let Some((held_by, client)) =
+                    self.dispatcher.complete(message.value, message.micros)
+                else {
+                    return Ok(()); // its worker was already given up on
+                };
+                debug_assert_eq!(held_by, slot);
+                if self.supervisor.note_served(slot) {
+                    self.retire(slot, false);
+                } else if self.supervisor.is_retiring(slot) && self.dispatcher.held(slot) == 0 {
+                    self.stop_retired(slot);
+                }
+                let Some(key) = client else {
+                    return Ok(()); // the client went away
+                };
+                if message.kind == Kind::Failed {
+                    let reason = String::from_utf8_lossy(&message.body).into_owned();
+                    self.fail(key, message.value, Outcome::handler_error, reason);
+                } else {
+                    self.deliver(key, message.value, Reply(message.body));
+                }
+            }
+            Kind::Ready => self.on_worker_ready(slot, incarnation, &message.body),
+            Kind::InitFailed => {
+                let reason = String::from_utf8_lossy(&message.body).into_owned();
+                self.on_init_failed(incarnation, reason)?;
+            }
+            Kind::Request => {
+                log::error!("worker {incarnation} (slot {slot}) sent a request frame; killing it");
+                self.abandon_worker(slot);
+            }
+        }
+        Ok(())
     }
 
     fn on_init_failed(&mut self, incarnation: u64, reason: String) -> anyhow::Result<()> {
@@ -140,31 +204,19 @@ impl Daemon {
         Ok(())
     }
 
-    fn on_worker_ready(&mut self, incarnation: u64, body: &[u8]) -> anyhow::Result<()> {
-        let Some(slot) = self.supervisor.slot_of(incarnation) else {
-            return Ok(()); // an incarnation already replaced
-        };
+    fn on_worker_ready(&mut self, slot: usize, incarnation: u64, body: &[u8]) {
         if self.supervisor.is_retiring(slot) {
             // Told to stop while starting (SIGTTOU, a rejected reload): it
             // gets no work, and exits on the signal it already has.
-            return Ok(());
+            return;
         }
         let pid: u32 = std::str::from_utf8(body)
             .ok()
             .and_then(|text| text.parse().ok())
             .unwrap_or(0);
-        let push = channel::socket(&self.zmq, zmq::PUSH)?;
-        push.connect(&channel::worker_endpoint(&self.runtime_dir, incarnation))?;
-        if self.pushes.len() <= slot {
-            self.pushes.resize_with(slot + 1, || None);
+        if let Some(worker) = self.links.get_mut(slot).and_then(Option::as_mut) {
+            worker.ready = true;
         }
-        self.drop_push(slot);
-        self.poll.registry().register(
-            &mut SourceFd(&push.as_raw_fd()),
-            Token(PUSH_BASE + slot),
-            Interest::READABLE,
-        )?;
-        self.pushes[slot] = Some(push);
         self.supervisor.mark_ready(slot, pid);
         self.dispatcher.worker_ready(slot);
         self.metrics.workers_ready.inc();
@@ -186,30 +238,40 @@ impl Daemon {
                 self.reload = Reload::Rolling { generation };
             }
         }
-        Ok(())
     }
 
-    pub(super) fn drop_push(&mut self, slot: usize) {
-        if let Some(push) = self.pushes.get_mut(slot).and_then(Option::take) {
-            let _ = self
-                .poll
-                .registry()
-                .deregister(&mut SourceFd(&push.as_raw_fd()));
-            self.metrics.workers_ready.dec();
+    /// Closes a worker's link: nothing more is sent to it or read from it
+    /// (a live worker reads the end of its link and stops).
+    pub(super) fn drop_link(&mut self, slot: usize) {
+        if let Some(mut worker) = self.links.get_mut(slot).and_then(Option::take) {
+            let _ = self.poll.registry().deregister(worker.link.source());
+            if worker.ready {
+                self.metrics.workers_ready.dec();
+            }
         }
     }
 
-    /// Fails the requests a worker holds and stops sending it more; the
-    /// process itself is reaped on SIGCHLD.
-    /// Returns how many requests failed.
-    fn lose_worker(&mut self, slot: usize, outcome: Outcome, why: &str) -> usize {
-        self.drop_push(slot);
-        let lost = self.dispatcher.worker_lost(slot);
-        let failed = lost.len();
-        for (id, key) in lost {
-            self.fail(key, id, outcome, why.to_string());
+    /// Settles the requests of a worker that died, once everything it sent
+    /// was read: the one it may have been running fails, the ones staged
+    /// behind it go to other workers. Returns how many failed and went back.
+    fn lose_worker(&mut self, slot: usize, why: &str) -> (usize, usize) {
+        self.drop_link(slot);
+        let (failed, requeued) = self.dispatcher.worker_died(slot);
+        if let Some((id, key)) = failed {
+            self.fail(key, id, Outcome::worker_lost, why.to_string());
         }
-        failed
+        (usize::from(failed.is_some()), requeued)
+    }
+
+    /// Kills a worker whose link broke: what it ran is unknown, so every
+    /// request it held fails now.
+    fn abandon_worker(&mut self, slot: usize) {
+        self.drop_link(slot);
+        for (id, key) in self.dispatcher.worker_lost(slot) {
+            let why = "its worker's link broke".to_string();
+            self.fail(key, id, Outcome::worker_lost, why);
+        }
+        self.supervisor.signal(slot, Signal::SIGKILL);
     }
 
     /// Stops a worker on purpose without failing anything: it gets no new
@@ -224,11 +286,17 @@ impl Daemon {
     }
 
     fn stop_retired(&mut self, slot: usize) {
-        self.drop_push(slot);
+        self.drop_link(slot);
         self.supervisor.signal(slot, Signal::SIGTERM);
     }
 
     pub(super) fn on_worker_exits(&mut self) -> anyhow::Result<()> {
+        // What a worker wrote before it died is in its link: a last reply
+        // is delivered, an account of a failed start is read, before its
+        // death is handled.
+        for slot in self.supervisor.exited() {
+            self.take_messages(slot, usize::MAX)?;
+        }
         for death in self.supervisor.reap() {
             let Death {
                 slot,
@@ -248,34 +316,27 @@ impl Daemon {
             };
             self.metrics.worker_exited(&cause);
             if self.phase == Phase::Starting && !retired {
-                // The worker's own account of why (its InitFailed message)
-                // may still be on its way: give it a moment.
-                self.await_messages(std::time::Duration::from_secs(1))?;
+                // Its own account of why (InitFailed) was read above, if it
+                // gave one.
                 bail!(
                     "handler {}: worker {how} while loading the handler",
                     self.supervisor.handler_source().display()
                 );
             }
-            // Its socket file is of no more use.
-            let _ = std::fs::remove_file(channel::worker_socket(&self.runtime_dir, incarnation));
             if let Reload::Validating {
-                incarnation: probe,
-                deadline,
-                died,
-                ..
-            } = &mut self.reload
+                incarnation: probe, ..
+            } = self.reload
             {
-                if *probe == incarnation {
-                    // Its own reason (InitFailed) may still be on its way:
-                    // wait briefly for it without blocking the loop.
-                    *died = Some(format!("its first worker {how} while loading it"));
-                    *deadline = Some(Instant::now() + std::time::Duration::from_millis(500));
+                // Died loading the new handler without saying why (an
+                // InitFailed would have rejected the reload above).
+                if probe == incarnation {
                     self.supervisor.retire(slot, true);
-                    self.lose_worker(slot, Outcome::worker_lost, "its worker died");
+                    self.lose_worker(slot, "its worker died");
+                    self.reject_reload(&format!("its first worker {how} while loading it"));
                     continue;
                 }
             }
-            let failed = self.lose_worker(slot, Outcome::worker_lost, &format!("its worker {how}"));
+            let (failed, requeued) = self.lose_worker(slot, &format!("its worker {how}"));
             if retired {
                 let why = if removed {
                     "stopped"
@@ -300,8 +361,12 @@ impl Daemon {
                     restart_in.as_millis()
                 )
             };
+            let requeued = match requeued {
+                0 => String::new(),
+                n => format!(" ({n} staged behind it went to other workers)"),
+            };
             log::warn!(
-                "worker {incarnation} (slot {slot}) {how}{stage}; {failed} requests failed{next}"
+                "worker {incarnation} (slot {slot}) {how}{stage}; {failed} requests failed{requeued}{next}"
             );
         }
         // Snapshots of generations no worker runs any more (a rejected
@@ -326,14 +391,19 @@ impl Daemon {
     }
 
     /// Fails requests past --timeout and kills their workers (as gunicorn
-    /// does with stuck workers).
+    /// does with stuck workers). What was staged behind them goes to other
+    /// workers once they are dead.
     pub(super) fn kill_overdue(&mut self, now: Instant) {
-        for slot in self.dispatcher.overdue(now) {
+        let expired = self.dispatcher.expire(now);
+        for &(slot, id, client) in &expired {
             log::error!(
                 "a request ran past --timeout ({:?}) in worker slot {slot}; killing the worker",
                 self.config.timeout.unwrap_or_default()
             );
-            self.lose_worker(slot, Outcome::timeout, "request ran past --timeout");
+            if let Some(key) = client {
+                let why = "request ran past --timeout".to_string();
+                self.fail(key, id, Outcome::timeout, why);
+            }
             self.supervisor.signal(slot, Signal::SIGKILL);
         }
     }
@@ -415,7 +485,6 @@ impl Daemon {
                     slot,
                     incarnation: self.supervisor.incarnation_of(slot).unwrap_or(0),
                     deadline,
-                    died: None,
                 };
             }
             Err(e) => {
@@ -437,7 +506,7 @@ impl Daemon {
         if self.supervisor.incarnation_of(slot) == Some(incarnation) {
             self.supervisor.retire(slot, true);
             self.supervisor.signal(slot, Signal::SIGKILL);
-            self.drop_push(slot);
+            self.drop_link(slot);
         }
         self.reload = Reload::Idle;
         // Its snapshot goes once the worker is reaped (on_worker_exits).
@@ -447,15 +516,11 @@ impl Daemon {
     pub(super) fn reload_timeout(&mut self, now: Instant) {
         if let Reload::Validating {
             deadline: Some(deadline),
-            died,
             ..
-        } = &self.reload
+        } = self.reload
         {
-            if now >= *deadline {
-                let reason = died.clone().unwrap_or_else(|| {
-                    "the new handler did not finish loading within --timeout".to_string()
-                });
-                self.reject_reload(&reason);
+            if now >= deadline {
+                self.reject_reload("the new handler did not finish loading within --timeout");
             }
         }
     }

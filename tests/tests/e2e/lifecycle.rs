@@ -4,7 +4,7 @@ use gaspard_tests::{start, wait_gone};
 use std::time::Duration;
 
 #[test]
-fn sigterm_stops_every_worker_and_removes_the_ipc_files() {
+fn sigterm_stops_every_worker_and_removes_the_runtime_files() {
     let mut daemon = start("echo", &["--workers", "3"]);
     assert_eq!(daemon.request(b"hi").unwrap(), b"hi");
     let workers = daemon.workers();
@@ -13,7 +13,7 @@ fn sigterm_stops_every_worker_and_removes_the_ipc_files() {
     assert!(
         leftovers
             .iter()
-            .any(|p| p.to_string_lossy().ends_with("replies.ipc")),
+            .any(|p| p.to_string_lossy().ends_with("handler-1.so")),
         "the runtime directory is where the test put it: {leftovers:?}"
     );
     daemon.signal(libc::SIGTERM);

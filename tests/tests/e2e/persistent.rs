@@ -98,6 +98,36 @@ fn pipelined_requests_are_answered_in_order_with_statuses() {
     session.finish();
 }
 
+/// With one worker holding four requests at a time, the one it runs when it
+/// dies fails; the ones staged behind it never started, and are answered by
+/// its replacement rather than failed with it.
+#[test]
+fn requests_staged_behind_a_crash_or_a_timeout_are_served_by_the_next_worker() {
+    let daemon = start(
+        "fault",
+        &["--workers", "1", "--worker-credit", "4", "--timeout", "1"],
+    );
+    let mut session = Session::open(daemon.addr);
+    for request in [&b"segv"[..], b"echo:a", b"echo:b", b"sleep:5000", b"echo:c"] {
+        session.send(request);
+    }
+    let (status, message) = session.reply();
+    assert_eq!(
+        (status, String::from_utf8_lossy(&message).as_ref()),
+        (4, "its worker was killed by SIGSEGV")
+    );
+    assert_eq!(session.reply(), (0, b"a".to_vec()));
+    assert_eq!(session.reply(), (0, b"b".to_vec()));
+    let (status, message) = session.reply();
+    assert_eq!(
+        (status, String::from_utf8_lossy(&message).as_ref()),
+        (2, "request ran past --timeout")
+    );
+    assert_eq!(session.reply(), (0, b"c".to_vec()));
+    session.finish();
+    daemon.expect_log("staged behind it went to other workers");
+}
+
 #[test]
 fn a_thousand_pipelined_requests_flow_through_the_window() {
     let daemon = start("echo", &["--workers", "2"]);

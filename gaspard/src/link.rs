@@ -1,0 +1,477 @@
+//! The link between the daemon and one local worker: a Unix stream socket
+//! pair made when the worker is started, one end kept by the daemon's loop,
+//! the other inherited by the worker process.
+//!
+//! Why not zmq ipc: libzmq moves every message through an I/O thread on each
+//! side, so one request cost about nine thread wake-ups more than the work
+//! itself (see `docs/benchmarks.md`). A socket pair costs one wake-up each
+//! way, and none at all while the worker still has requests buffered. It is
+//! private by construction (no path anyone could connect to), belongs to one
+//! incarnation (nothing of a dead worker can reach its replacement), and
+//! tells each side at once when the other is gone.
+//!
+//! Both directions carry frames: a [`HEADER_LEN`]-byte header (a [`Kind`]
+//! byte; for replies, how long the handler ran in microseconds as a 24-bit
+//! little-endian number, saturating, else three zero bytes; the body length
+//! as u32 little-endian; a value as u64 little-endian), then the body. Frames are written back to back, so one
+//! `read` can bring many and one `writev` can send many.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::OwnedFd;
+use std::rc::Rc;
+
+pub const HEADER_LEN: usize = 16;
+
+/// What a frame carries, and what its value means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Worker → daemon: the handler is loaded; value: incarnation; body: pid.
+    Ready = 1,
+    /// Worker → daemon: loading failed; value: incarnation; body: the reason.
+    InitFailed = 2,
+    /// Worker → daemon: a reply; value: request id; body: the reply bytes.
+    Reply = 3,
+    /// Worker → daemon: the handler failed; value: request id; body: its message.
+    Failed = 4,
+    /// Daemon → worker: a request; value: request id; body: the payload.
+    Request = 5,
+}
+
+impl Kind {
+    fn from_byte(byte: u8) -> Option<Kind> {
+        Some(match byte {
+            1 => Kind::Ready,
+            2 => Kind::InitFailed,
+            3 => Kind::Reply,
+            4 => Kind::Failed,
+            5 => Kind::Request,
+            _ => return None,
+        })
+    }
+}
+
+/// A decoded frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub kind: Kind,
+    /// Replies: how long the handler ran, in microseconds.
+    pub micros: u32,
+    pub len: usize,
+    pub value: u64,
+}
+
+/// The most microseconds a header can tell (about 16.8 s).
+pub const MAX_MICROS: u32 = (1 << 24) - 1;
+
+/// The most a body may hold: its length travels as a u32.
+pub const MAX_BODY: usize = u32::MAX as usize;
+
+/// Encodes a frame header. `len` must be at most [`MAX_BODY`].
+pub fn header(kind: Kind, len: usize, value: u64) -> [u8; HEADER_LEN] {
+    reply_header(kind, 0, len, value)
+}
+
+/// Encodes the header of a reply whose handler ran for `micros`.
+pub fn reply_header(kind: Kind, micros: u32, len: usize, value: u64) -> [u8; HEADER_LEN] {
+    debug_assert!(len <= MAX_BODY);
+    let mut header = [0; HEADER_LEN];
+    header[0] = kind as u8;
+    header[1..4].copy_from_slice(&micros.min(MAX_MICROS).to_le_bytes()[..3]);
+    header[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+    header[8..].copy_from_slice(&value.to_le_bytes());
+    header
+}
+
+/// Decodes a frame header; an error means the stream cannot be trusted.
+pub fn parse_header(bytes: &[u8; HEADER_LEN]) -> io::Result<Header> {
+    let Some(kind) = Kind::from_byte(bytes[0]) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("malformed frame header {:02x?}", &bytes[..4]),
+        ));
+    };
+    let micros = u32::from_le_bytes([bytes[1], bytes[2], bytes[3], 0]);
+    let len = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes")) as usize;
+    let value = u64::from_le_bytes(bytes[8..].try_into().expect("8 bytes"));
+    Ok(Header {
+        kind,
+        micros,
+        len,
+        value,
+    })
+}
+
+/// Makes the two ends of a new link, both close-on-exec: the daemon's
+/// (non-blocking, for the loop) and the worker's (blocking; the supervisor
+/// lets exactly one child inherit it).
+pub fn pair() -> io::Result<(mio::net::UnixStream, OwnedFd)> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let (daemon, worker) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    let daemon = std::os::unix::net::UnixStream::from(daemon);
+    daemon.set_nonblocking(true)?;
+    Ok((mio::net::UnixStream::from_std(daemon), worker))
+}
+
+/// One frame received by the daemon.
+#[derive(Debug)]
+pub struct Message {
+    pub kind: Kind,
+    /// Replies: how long the handler ran, in microseconds.
+    pub micros: u32,
+    pub value: u64,
+    pub body: Vec<u8>,
+}
+
+/// Size of the daemon's read buffer per link: many small frames per `read`.
+const INPUT_LEN: usize = 64 * 1024;
+/// Bodies larger than this are read straight into their own buffer rather
+/// than through the read buffer, so they are copied once.
+const LARGE_BODY: usize = INPUT_LEN / 2;
+/// Frames per `writev`.
+const FRAMES_PER_WRITE: usize = 64;
+
+struct Outgoing {
+    header: [u8; HEADER_LEN],
+    /// Shared with the dispatcher, which keeps a request until its reply.
+    body: Rc<Vec<u8>>,
+}
+
+/// A frame whose body is being read into its own buffer.
+struct LargeBody {
+    header: Header,
+    body: Vec<u8>,
+    filled: usize,
+}
+
+/// The daemon's end of a link: frames to send, and a buffer of bytes
+/// received. Never blocks: the loop calls [`Link::flush`] when the socket is
+/// writable and [`Link::try_recv`] until it returns `None` when readable.
+pub struct Link {
+    stream: mio::net::UnixStream,
+    out: VecDeque<Outgoing>,
+    /// Bytes of `out`'s first frame already written.
+    written: usize,
+    input: Box<[u8]>,
+    start: usize,
+    end: usize,
+    large: Option<LargeBody>,
+    closed: bool,
+}
+
+impl Link {
+    pub fn new(stream: mio::net::UnixStream) -> Link {
+        Link {
+            stream,
+            out: VecDeque::new(),
+            written: 0,
+            input: vec![0; INPUT_LEN].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            large: None,
+            closed: false,
+        }
+    }
+
+    /// The socket, to register with the loop.
+    pub fn source(&mut self) -> &mut mio::net::UnixStream {
+        &mut self.stream
+    }
+
+    /// Queues a frame; [`Link::flush`] sends it, without copying the body.
+    pub fn queue(&mut self, kind: Kind, value: u64, body: Rc<Vec<u8>>) {
+        self.out.push_back(Outgoing {
+            header: header(kind, body.len(), value),
+            body,
+        });
+    }
+
+    /// Whether queued frames are waiting for the socket to take them.
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Gives up sending what is queued (the worker cannot take it).
+    pub fn discard_output(&mut self) {
+        self.out.clear();
+        self.written = 0;
+    }
+
+    /// Writes queued frames until done or the socket is full. An error means
+    /// the worker is gone (or never read): its requests cannot be delivered.
+    pub fn flush(&mut self) -> io::Result<()> {
+        while !self.out.is_empty() {
+            let mut slices = Vec::with_capacity(2 * FRAMES_PER_WRITE);
+            let mut skip = self.written;
+            for frame in self.out.iter().take(FRAMES_PER_WRITE) {
+                for part in [&frame.header[..], &frame.body[..]] {
+                    if skip >= part.len() {
+                        skip -= part.len();
+                    } else {
+                        slices.push(IoSlice::new(&part[skip..]));
+                        skip = 0;
+                    }
+                }
+            }
+            let n = match self.stream.write_vectored(&slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.written += n;
+            while let Some(frame) = self.out.front() {
+                let len = HEADER_LEN + frame.body.len();
+                if self.written < len {
+                    break;
+                }
+                self.written -= len;
+                self.out.pop_front();
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the worker's end is closed and everything it sent was taken.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// The next whole frame, reading from the socket as needed. `Ok(None)`:
+    /// nothing more until the socket is readable again (or it closed). An
+    /// error means the stream is broken or out of step.
+    pub fn try_recv(&mut self) -> io::Result<Option<Message>> {
+        loop {
+            if let Some(message) = self.take_buffered()? {
+                return Ok(Some(message));
+            }
+            if self.closed {
+                return Ok(None);
+            }
+            let read = match &mut self.large {
+                Some(large) => self.stream.read(&mut large.body[large.filled..]),
+                None => {
+                    if self.end == self.input.len() {
+                        // Only a partial frame is left: move it to the front.
+                        self.input.copy_within(self.start..self.end, 0);
+                        self.end -= self.start;
+                        self.start = 0;
+                    }
+                    self.stream.read(&mut self.input[self.end..])
+                }
+            };
+            match read {
+                Ok(0) => {
+                    self.closed = true;
+                    if self.large.is_some() || self.end > self.start {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the worker's link closed in the middle of a frame",
+                        ));
+                    }
+                    return Ok(None);
+                }
+                Ok(n) => match &mut self.large {
+                    Some(large) => large.filled += n,
+                    None => self.end += n,
+                },
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A whole frame from what was already read, if there is one.
+    fn take_buffered(&mut self) -> io::Result<Option<Message>> {
+        if let Some(large) = &self.large {
+            if large.filled < large.body.len() {
+                return Ok(None);
+            }
+            let large = self.large.take().expect("checked above");
+            return Ok(Some(Message {
+                kind: large.header.kind,
+                micros: large.header.micros,
+                value: large.header.value,
+                body: large.body,
+            }));
+        }
+        let available = self.end - self.start;
+        if available < HEADER_LEN {
+            self.rewind_if_empty();
+            return Ok(None);
+        }
+        let head: &[u8; HEADER_LEN] = self.input[self.start..self.start + HEADER_LEN]
+            .try_into()
+            .expect("HEADER_LEN bytes");
+        let header = parse_header(head)?;
+        let body_start = self.start + HEADER_LEN;
+        let have = self.end - body_start;
+        if header.len <= have {
+            let body = self.input[body_start..body_start + header.len].to_vec();
+            self.start = body_start + header.len;
+            self.rewind_if_empty();
+            return Ok(Some(Message {
+                kind: header.kind,
+                micros: header.micros,
+                value: header.value,
+                body,
+            }));
+        }
+        if header.len > LARGE_BODY {
+            let mut body = vec![0; header.len];
+            body[..have].copy_from_slice(&self.input[body_start..self.end]);
+            self.large = Some(LargeBody {
+                header,
+                body,
+                filled: have,
+            });
+            self.start = 0;
+            self.end = 0;
+        }
+        Ok(None)
+    }
+
+    fn rewind_if_empty(&mut self) {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    fn linked() -> (Link, UnixStream) {
+        let (daemon, worker) = pair().unwrap();
+        (Link::new(daemon), UnixStream::from(worker))
+    }
+
+    fn frame(kind: Kind, value: u64, body: &[u8]) -> Vec<u8> {
+        let mut bytes = header(kind, body.len(), value).to_vec();
+        bytes.extend_from_slice(body);
+        bytes
+    }
+
+    #[test]
+    fn headers_round_trip_and_garbage_is_refused() {
+        let bytes = reply_header(Kind::Reply, 1234, 7, u64::MAX - 1);
+        let parsed = parse_header(&bytes).unwrap();
+        assert_eq!(
+            (parsed.kind, parsed.micros, parsed.len, parsed.value),
+            (Kind::Reply, 1234, 7, u64::MAX - 1)
+        );
+        // Long handler times saturate rather than wrap.
+        let long = parse_header(&reply_header(Kind::Failed, u32::MAX, 0, 1)).unwrap();
+        assert_eq!(long.micros, MAX_MICROS);
+        let mut bad = bytes;
+        bad[0] = 9;
+        assert!(parse_header(&bad).is_err());
+    }
+
+    #[test]
+    fn many_small_frames_arrive_whole_and_in_order() {
+        let (mut link, mut worker) = linked();
+        let mut bytes = Vec::new();
+        for i in 0..5000u64 {
+            bytes.extend(frame(Kind::Reply, i, &i.to_le_bytes()[..(i % 9) as usize]));
+        }
+        let writer = std::thread::spawn(move || {
+            // Odd-sized writes split headers and bodies across reads.
+            for chunk in bytes.chunks(997) {
+                worker.write_all(chunk).unwrap();
+            }
+        });
+        let mut next = 0u64;
+        while next < 5000 {
+            match link.try_recv().unwrap() {
+                Some(message) => {
+                    assert_eq!(message.kind, Kind::Reply);
+                    assert_eq!(message.value, next);
+                    assert_eq!(message.body, &next.to_le_bytes()[..(next % 9) as usize]);
+                    next += 1;
+                }
+                None => std::thread::sleep(std::time::Duration::from_micros(50)),
+            }
+        }
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn a_large_body_is_read_whole_then_the_stream_continues() {
+        let (mut link, mut worker) = linked();
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let mut bytes = frame(Kind::Reply, 1, &big);
+        bytes.extend(frame(Kind::Failed, 2, b"after"));
+        let writer = std::thread::spawn(move || worker.write_all(&bytes).unwrap());
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            match link.try_recv().unwrap() {
+                Some(message) => got.push(message),
+                None => std::thread::sleep(std::time::Duration::from_micros(50)),
+            }
+        }
+        writer.join().unwrap();
+        assert_eq!((got[0].value, got[0].body == big), (1, true));
+        assert_eq!(
+            (got[1].kind, &got[1].body[..]),
+            (Kind::Failed, &b"after"[..])
+        );
+    }
+
+    #[test]
+    fn queued_frames_are_written_whole_even_when_the_socket_fills() {
+        let (mut link, worker) = linked();
+        let big = vec![7u8; 1 << 20];
+        link.queue(Kind::Request, 1, Rc::new(big.clone()));
+        link.queue(Kind::Request, 2, Rc::new(b"small".to_vec()));
+        link.flush().unwrap();
+        assert!(
+            link.has_output(),
+            "1 MiB does not fit a socket buffer at once"
+        );
+        let reader = std::thread::spawn(move || {
+            let mut worker = worker;
+            let mut all = Vec::new();
+            worker.read_to_end(&mut all).unwrap();
+            all
+        });
+        while link.has_output() {
+            link.flush().unwrap();
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+        drop(link);
+        let all = reader.join().unwrap();
+        let mut expected = frame(Kind::Request, 1, &big);
+        expected.extend(frame(Kind::Request, 2, b"small"));
+        assert!(all == expected);
+    }
+
+    #[test]
+    fn a_closed_peer_is_reported_and_a_torn_frame_is_an_error() {
+        let (mut link, mut worker) = linked();
+        worker.write_all(&frame(Kind::Ready, 3, b"42")).unwrap();
+        drop(worker);
+        let message = link.try_recv().unwrap().unwrap();
+        assert_eq!((message.kind, message.value), (Kind::Ready, 3));
+        assert!(link.try_recv().unwrap().is_none());
+        assert!(link.is_closed());
+
+        let (mut link, mut worker) = linked();
+        worker
+            .write_all(&frame(Kind::Reply, 1, b"abc")[..10])
+            .unwrap();
+        drop(worker);
+        assert!(link.try_recv().is_err());
+    }
+}
