@@ -2,7 +2,7 @@
 //! reply in full, close; or, if the client opens with the extension's
 //! preamble, a persistent pipelined session ([`crate::session`]). Each step
 //! returns what should happen next; the connection knows nothing about
-//! workers or zmq.
+//! workers or their links.
 
 use crate::dispatcher::RequestId;
 use crate::protocol::{Decoded, RequestDecoder};
@@ -97,6 +97,8 @@ pub struct Connection<R> {
     pub deadline: Option<Instant>,
     /// When the whole request had arrived, for the latency histogram.
     pub received: Option<Instant>,
+    /// In the loop's poll (only once it has to wait; see the daemon).
+    pub registered: bool,
     trailing: usize,
     /// The last read found the socket empty, so there is nothing to drain
     /// (saves a read per request, and one at close).
@@ -110,6 +112,7 @@ impl<R: AsRef<[u8]>> Connection<R> {
             state: State::Reading(RequestDecoder::first_on_connection(max_request)),
             deadline,
             received: None,
+            registered: false,
             trailing: 0,
             input_drained: false,
         }

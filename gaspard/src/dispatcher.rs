@@ -125,6 +125,13 @@ impl Dispatcher {
         id
     }
 
+    /// Whether request `id` waits for a worker.
+    pub fn is_queued(&self, id: RequestId) -> bool {
+        self.requests
+            .get(&id)
+            .is_some_and(|request| matches!(request.place, Place::Queued(_)))
+    }
+
     /// Requests waiting for a worker.
     pub fn queued(&self) -> usize {
         self.queued

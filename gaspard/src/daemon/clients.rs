@@ -62,21 +62,50 @@ impl Daemon {
                     continue;
                 }
             };
-            let entry = self.conns.vacant_entry();
-            let token = Token(CONN_BASE + entry.key());
             let deadline = self.config.read_timeout.map(|t| Instant::now() + t);
-            let mut conn = Connection::new(stream, self.config.max_request_size, deadline);
-            // Both directions at once: edge-triggered, so no re-registering later.
-            if let Err(e) = self.poll.registry().register(
-                &mut conn.stream,
-                token,
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
-                log::warn!("cannot watch a new connection: {e}");
-                continue;
-            }
-            entry.insert(conn);
+            let conn = Connection::new(stream, self.config.max_request_size, deadline);
+            let key = self.conns.insert(conn);
             self.metrics.connections.inc();
+            // Clients send their request as they connect: read it now, and
+            // watch the socket only if it has to wait (see `watch_if_waiting`).
+            self.drive(key, true, false);
+            self.watch_if_waiting(key);
+        }
+    }
+
+    /// Puts a connection in the poll once it has to wait for the client:
+    /// for more of its request, for room to write its reply, or as a
+    /// session. A v1 request that went straight to a worker needs nothing
+    /// until its reply, so most connections are never registered (one
+    /// `epoll_ctl` less per request). One left waiting in the queue is
+    /// watched, so that a client that leaves meanwhile costs no worker time.
+    fn watch_if_waiting(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.registered {
+            return;
+        }
+        if let State::Waiting(id) = conn.state {
+            if !self.dispatcher.is_queued(id) {
+                return;
+            }
+        }
+        // Both directions at once: edge-triggered, so no re-registering later;
+        // what is ready already is reported at once.
+        let token = Token(CONN_BASE + key);
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        match self
+            .poll
+            .registry()
+            .register(&mut conn.stream, token, interest)
+        {
+            Ok(()) => conn.registered = true,
+            Err(e) => {
+                let reason = format!("cannot watch the connection: {e}");
+                let outcome = conn.sent_anything().then_some(Outcome::client_gone);
+                self.close(key, End::Reset(outcome, reason));
+            }
         }
     }
 
@@ -109,14 +138,20 @@ impl Daemon {
     }
 
     pub(super) fn on_connection_event(&mut self, key: usize, event: &mio::event::Event) {
+        let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+        self.drive(key, readable, event.is_writable());
+    }
+
+    /// Reads and writes what a connection is ready for, and acts on it.
+    fn drive(&mut self, key: usize, readable: bool, writable: bool) {
         let Some(conn) = self.conns.get_mut(key) else {
             return; // closed earlier in this batch
         };
         let mut next = Next::Wait;
-        if event.is_readable() || event.is_read_closed() || event.is_error() {
+        if readable {
             next = conn.on_readable(&mut self.scratch);
         }
-        if matches!(next, Next::Wait) && event.is_writable() {
+        if matches!(next, Next::Wait) && writable {
             next = conn.on_writable();
         }
         loop {
@@ -260,6 +295,8 @@ impl Daemon {
         }
         let next = conn.reply(reply, deadline);
         self.advance(key, next);
+        // The socket did not take the whole reply at once.
+        self.watch_if_waiting(key);
     }
 
     /// Request `id` of client `key` failed: a v1 client sees a reset (and
