@@ -60,24 +60,28 @@ impl Daemon {
     }
 
     /// Hands queued requests to workers with credit. A worker that was idle
-    /// gets its request at once; what is staged behind a busy worker's
-    /// request waits for [`Daemon::flush_links`] at the end of the loop
-    /// turn, so that a turn's requests for it leave in one write.
+    /// gets its requests at once, in one write; what is staged behind a busy
+    /// worker's request waits for [`Daemon::flush_links`] at the end of the
+    /// loop turn, so that a turn's requests for it leave in one write.
     pub(super) fn dispatch(&mut self) {
         let now = Instant::now();
+        let mut idle = Vec::new();
         while let Some(assignment) = self.dispatcher.next_assignment(now) {
             let Some(worker) = self.links.get_mut(assignment.slot).and_then(Option::as_mut) else {
                 self.dispatcher.unassign(assignment);
                 break;
             };
             let Assignment { slot, id, payload } = assignment;
-            // The payload moves into the link's queue without a copy.
+            // The payload is shared with the dispatcher, not copied.
             worker.link.queue(Kind::Request, id, payload);
             if self.dispatcher.held(slot) == 1 {
-                self.flush_link(slot);
-            } else if !self.links_to_flush.contains(&slot) {
+                idle.push(slot);
+            } else if !idle.contains(&slot) && !self.links_to_flush.contains(&slot) {
                 self.links_to_flush.push(slot);
             }
+        }
+        for slot in idle {
+            self.flush_link(slot);
         }
         self.metrics.queued.set(self.dispatcher.queued() as i64);
         self.metrics
