@@ -8,14 +8,14 @@
 
 use crate::link::{self, Kind, HEADER_LEN};
 use crate::plugin::Plugin;
-use std::io::{BufReader, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The argument that selects worker mode.
 pub const WORKER_ARG: &str = "__worker";
@@ -25,8 +25,8 @@ pub const WORKER_ARG: &str = "__worker";
 pub const CONFIG_ENV: &str = "GASPARD_WORKER_HANDLER_CONFIG";
 
 /// How often a worker waiting for a request re-checks whether it was asked to
-/// stop (milliseconds): a SIGTERM that lands just before the wait must not be lost.
-const STOP_CHECK: u16 = 250;
+/// stop: a SIGTERM that lands just before the wait must not be lost.
+const STOP_CHECK: Duration = Duration::from_millis(250);
 
 /// The worker's read buffer: every request the daemon sent at once is
 /// taken in one `read`.
@@ -180,8 +180,7 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
     );
     // SIGTERM asks for a graceful stop: finish the request at hand, then
     // call the handler's shutdown. Set up before Ready, so that a stop sent
-    // as soon as the daemon knows this worker still calls shutdown; the
-    // wait for a request wakes every STOP_CHECK to look at the flag.
+    // as soon as the daemon knows this worker still calls shutdown.
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
     let pid = std::process::id().to_string();
@@ -190,24 +189,25 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
     let mut reader = BufReader::with_capacity(READ_BUFFER, &link);
     let mut payload = Vec::new();
     let mut spare = Vec::new();
+    // Waiting for a request wakes every STOP_CHECK to look at the stop flag.
+    link.set_read_timeout(Some(STOP_CHECK))?;
     while !stop.load(Ordering::Relaxed) {
-        if reader.buffer().is_empty() && !wait_for_request(&link, &stop)? {
-            break;
-        }
-        let mut head = [0; HEADER_LEN];
-        match reader.read_exact(&mut head) {
-            Ok(()) => {}
+        match reader.fill_buf() {
             // The daemon is gone: nobody is left to answer.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Ok([]) => break,
+            Ok(_) => {}
+            Err(e) if is_retry(&e) => continue,
             Err(e) => return Err(e.into()),
         }
+        let mut head = [0; HEADER_LEN];
+        read_full(&mut reader, &mut head)?;
         let header = link::parse_header(&head)?;
         if header.kind != Kind::Request {
             anyhow::bail!("unexpected {:?} frame from the daemon", header.kind);
         }
         payload.clear();
         payload.resize(header.len, 0);
-        reader.read_exact(&mut payload)?;
+        read_full(&mut reader, &mut payload)?;
         let id = header.value;
         let started = Instant::now();
         let outcome = plugin.handle(&payload, |len| reply_buffer(&mut spare, len));
@@ -236,18 +236,24 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until a request arrives (true), or SIGTERM asks to stop or the
-/// daemon is gone (false).
-fn wait_for_request(link: &UnixStream, stop: &AtomicBool) -> anyhow::Result<bool> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    while !stop.load(Ordering::Relaxed) {
-        let mut fds = [PollFd::new(link.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(STOP_CHECK)) {
-            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
-            // Readable, or hung up: the read that follows tells which.
-            Ok(_) => return Ok(true),
-            Err(e) => return Err(e.into()),
+/// Whether a read should simply be tried again: interrupted, or woken by
+/// the read timeout.
+fn is_retry(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{Interrupted, TimedOut, WouldBlock};
+    matches!(e.kind(), Interrupted | TimedOut | WouldBlock)
+}
+
+/// Reads exactly `buf.len()` bytes of a frame that has begun: the rest is on
+/// its way, so the read timeout only means "not yet".
+fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => filled += n,
+            Err(e) if is_retry(&e) => {}
+            Err(e) => return Err(e),
         }
     }
-    Ok(false)
+    Ok(())
 }
