@@ -41,8 +41,8 @@ pub enum ReadStep {
 }
 
 /// One read for `decoder`: a large body is read straight into place without
-/// the scratch copy; anything else goes to `scratch`, which saves a syscall
-/// per small request (header and body in one read).
+/// the scratch copy (nor zeroing it first); anything else goes to `scratch`,
+/// which saves a syscall per small request (header and body in one read).
 pub fn read_step(
     stream: &mut TcpStream,
     decoder: &mut RequestDecoder,
@@ -51,22 +51,28 @@ pub fn read_step(
     let direct = decoder
         .body_missing()
         .is_some_and(|missing| missing >= scratch.len());
-    loop {
-        let buffer = if direct {
-            decoder.body_spare()
-        } else {
-            &mut scratch[..]
-        };
-        let result = stream.read(buffer);
-        let n = match &result {
-            Ok(n) => *n,
-            Err(_) => 0,
-        };
-        let payload = if direct { decoder.body_filled(n) } else { None };
+    if direct {
+        let (body, step) = decoder.body_to_fill();
+        let before = body.len();
+        // Appends what is there, even when it then hits WouldBlock.
+        let result = (&mut *stream).take(step as u64).read_to_end(body);
+        let read = body.len() - before;
         return match result {
+            Ok(_) if read == 0 => Ok(ReadStep::Eof),
+            Err(e) if read == 0 && e.kind() == io::ErrorKind::WouldBlock => {
+                Ok(ReadStep::WouldBlock)
+            }
+            Ok(_) => Ok(ReadStep::Direct(decoder.take_body())),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                Ok(ReadStep::Direct(decoder.take_body()))
+            }
+            Err(e) => Err(e),
+        };
+    }
+    loop {
+        return match stream.read(scratch) {
             Ok(0) => Ok(ReadStep::Eof),
-            Ok(n) if !direct => Ok(ReadStep::Scratch(n)),
-            Ok(_) => Ok(ReadStep::Direct(payload)),
+            Ok(n) => Ok(ReadStep::Scratch(n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(ReadStep::WouldBlock),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => Err(e),

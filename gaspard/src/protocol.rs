@@ -52,8 +52,6 @@ pub struct RequestDecoder {
     header_len: usize,
     /// Set once the header is complete: the body so far and its full length.
     body: Option<(Vec<u8>, usize)>,
-    /// Where the room handed out by `body_spare` begins.
-    spare_start: usize,
     /// The extension preamble is still allowed (nothing decoded yet).
     extension: bool,
     /// The current "body" is the preamble's magic, not a request.
@@ -67,7 +65,6 @@ impl RequestDecoder {
             header: [0; HEADER_LEN],
             header_len: 0,
             body: None,
-            spare_start: 0,
             extension: false,
             in_preamble: false,
         }
@@ -142,8 +139,8 @@ impl RequestDecoder {
     }
 
     /// How many body bytes are still missing, once the header is known. A
-    /// caller may read a large body straight into [`Self::body_spare`] instead
-    /// of going through [`Self::feed`].
+    /// caller may read a large body straight into [`Self::body_to_fill`]
+    /// instead of going through [`Self::feed`].
     pub fn body_missing(&self) -> Option<usize> {
         if self.in_preamble {
             return None; // four bytes: always through feed()
@@ -151,30 +148,25 @@ impl RequestDecoder {
         self.body.as_ref().map(|(body, len)| len - body.len())
     }
 
-    /// Room at the end of the body, at most `BODY_STEP` bytes, to read into;
-    /// then call [`Self::body_filled`] with the count read.
-    pub fn body_spare(&mut self) -> &mut [u8] {
+    /// The body so far, with room reserved for at most `BODY_STEP` more
+    /// bytes, and that step: append to it (without zeroing it first), then
+    /// call [`Self::take_body`].
+    pub fn body_to_fill(&mut self) -> (&mut Vec<u8>, usize) {
         let (body, len) = self.body.as_mut().expect("header is complete");
         let start = body.len();
-        self.spare_start = start;
         let step = (*len - start).min(BODY_STEP);
         // Grow by doubling, so memory follows the bytes that arrive, but
-        // never past the announced length: the finished vector is then
-        // exactly full and becomes a zmq message without a reallocation.
+        // never past the announced length.
         if start + step > body.capacity() {
             let capacity = (body.capacity() * 2).max(start + step).min(*len);
             body.reserve_exact(capacity - start);
         }
-        body.resize(start + step, 0);
-        &mut body[start..]
+        (body, step)
     }
 
-    /// Records `n` bytes read into [`Self::body_spare`]; returns the request
-    /// when it is complete.
-    pub fn body_filled(&mut self, n: usize) -> Option<Vec<u8>> {
-        let (body, len) = self.body.as_mut().expect("header is complete");
-        // body_spare() grew the vector by up to a step; keep what was read.
-        body.truncate(self.spare_start + n);
+    /// The request, once [`Self::body_to_fill`] has the whole body.
+    pub fn take_body(&mut self) -> Option<Vec<u8>> {
+        let (body, len) = self.body.as_ref()?;
         if body.len() < *len {
             return None;
         }
@@ -284,12 +276,13 @@ mod tests {
         loop {
             let missing = decoder.body_missing().unwrap();
             assert_eq!(missing, payload.len() - offset);
-            let spare = decoder.body_spare();
+            let (body, step) = decoder.body_to_fill();
+            assert!(body.capacity() - body.len() >= step, "room is reserved");
             // Short reads, as a socket gives them.
-            let n = spare.len().min(1000);
-            spare[..n].copy_from_slice(&payload[offset..offset + n]);
+            let n = step.min(1000);
+            body.extend_from_slice(&payload[offset..offset + n]);
             offset += n;
-            if let Some(done) = decoder.body_filled(n) {
+            if let Some(done) = decoder.take_body() {
                 assert_eq!(done, payload);
                 break;
             }
@@ -312,11 +305,11 @@ mod tests {
                 let (chunk, tail) = rest.split_at(n);
                 rest = tail;
                 if decoder.body_missing().is_some_and(|missing| missing > 0) && n % 2 == 0 {
-                    let spare = decoder.body_spare();
-                    let m = n.min(spare.len());
-                    spare[..m].copy_from_slice(&chunk[..m]);
+                    let (body, step) = decoder.body_to_fill();
+                    let m = n.min(step);
+                    body.extend_from_slice(&chunk[..m]);
                     rest = &stream[stream.len() - rest.len() - (n - m)..];
-                    if let Some(payload) = decoder.body_filled(m) {
+                    if let Some(payload) = decoder.take_body() {
                         return Ok(Decoded::Request {
                             payload,
                             consumed: m,

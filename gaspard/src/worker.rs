@@ -32,6 +32,9 @@ const STOP_CHECK: Duration = Duration::from_millis(250);
 /// taken in one `read`.
 const READ_BUFFER: usize = 64 * 1024;
 
+/// Request and reply buffers larger than this are freed after use.
+const KEEP_BUFFER: usize = 8 * 1024 * 1024;
+
 /// Exit code of a worker whose handler could not be loaded.
 pub const EXIT_INIT_FAILED: u8 = 3;
 
@@ -205,9 +208,7 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
         if header.kind != Kind::Request {
             anyhow::bail!("unexpected {:?} frame from the daemon", header.kind);
         }
-        payload.clear();
-        payload.resize(header.len, 0);
-        read_full(&mut reader, &mut payload)?;
+        read_payload(&mut reader, header.len, &mut payload)?;
         let id = header.value;
         let started = Instant::now();
         let outcome = plugin.handle(&payload, |len| reply_buffer(&mut spare, len));
@@ -230,6 +231,13 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
                 writer.write_all(error.as_bytes())?;
             }
         }
+        // Buffers are reused between requests, but one large request must
+        // not keep its memory for the worker's whole life.
+        for buffer in [&mut payload, &mut spare] {
+            if buffer.capacity() > KEEP_BUFFER {
+                *buffer = Vec::new();
+            }
+        }
     }
     log::debug!("worker {}: stopping", args.incarnation);
     drop(plugin);
@@ -241,6 +249,28 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
 fn is_retry(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::{Interrupted, TimedOut, WouldBlock};
     matches!(e.kind(), Interrupted | TimedOut | WouldBlock)
+}
+
+/// Reads a request's `len` bytes into `payload` (reused, not zeroed first).
+fn read_payload(reader: &mut impl Read, len: usize, payload: &mut Vec<u8>) -> std::io::Result<()> {
+    payload.clear();
+    payload.try_reserve_exact(len).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::OutOfMemory,
+            format!("cannot allocate {len} bytes for a request"),
+        )
+    })?;
+    while payload.len() < len {
+        let missing = (len - payload.len()) as u64;
+        // Appends what arrives, even when the read timeout then interrupts it.
+        match reader.take(missing).read_to_end(payload) {
+            Ok(_) if payload.len() < len => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(e) if is_retry(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Reads exactly `buf.len()` bytes of a frame that has begun: the rest is on
