@@ -170,6 +170,9 @@ pub struct Link {
     end: usize,
     large: Option<LargeBody>,
     closed: bool,
+    /// The last read came back short: the socket was empty, and the next
+    /// bytes to arrive will be announced by a new readiness event.
+    drained: bool,
 }
 
 impl Link {
@@ -183,7 +186,14 @@ impl Link {
             end: 0,
             large: None,
             closed: false,
+            drained: false,
         }
+    }
+
+    /// The socket is readable again (or is read to its end now): the next
+    /// [`Link::try_recv`] reads it even if the last read came back short.
+    pub fn readable(&mut self) {
+        self.drained = false;
     }
 
     /// The socket, to register with the loop.
@@ -259,7 +269,7 @@ impl Link {
             if let Some(message) = self.take_buffered()? {
                 return Ok(Some(message));
             }
-            if self.closed {
+            if self.closed || self.drained {
                 return Ok(None);
             }
             let read = match &mut self.large {
@@ -300,7 +310,12 @@ impl Link {
                     }
                     return Ok(None);
                 }
-                Ok(n) => self.end += n,
+                Ok(n) => {
+                    // Short: the socket is empty for now (saves the read
+                    // that would only say so).
+                    self.drained = self.end + n < self.input.len();
+                    self.end += n;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -415,6 +430,7 @@ mod tests {
         });
         let mut next = 0u64;
         while next < 5000 {
+            link.readable();
             match link.try_recv().unwrap() {
                 Some(message) => {
                     assert_eq!(message.kind, Kind::Reply);
@@ -437,6 +453,7 @@ mod tests {
         let writer = std::thread::spawn(move || worker.write_all(&bytes).unwrap());
         let mut got = Vec::new();
         while got.len() < 2 {
+            link.readable();
             match link.try_recv().unwrap() {
                 Some(message) => got.push(message),
                 None => std::thread::sleep(std::time::Duration::from_micros(50)),
@@ -485,6 +502,7 @@ mod tests {
         drop(worker);
         let message = link.try_recv().unwrap().unwrap();
         assert_eq!((message.kind, message.value), (Kind::Ready, 3));
+        link.readable();
         assert!(link.try_recv().unwrap().is_none());
         assert!(link.is_closed());
 
@@ -493,6 +511,9 @@ mod tests {
             .write_all(&frame(Kind::Reply, 1, b"abc")[..10])
             .unwrap();
         drop(worker);
+        // A short read: nothing more is read until the socket is readable again.
+        assert!(link.try_recv().unwrap().is_none());
+        link.readable();
         assert!(link.try_recv().is_err());
     }
 }

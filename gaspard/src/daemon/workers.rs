@@ -117,6 +117,9 @@ impl Daemon {
             self.flush_link(slot);
         }
         if event.is_readable() || event.is_read_closed() {
+            if let Some(worker) = self.links.get_mut(slot).and_then(Option::as_mut) {
+                worker.link.readable();
+            }
             self.on_messages(slot)?;
         }
         Ok(())
@@ -299,6 +302,9 @@ impl Daemon {
         // is delivered, an account of a failed start is read, before its
         // death is handled.
         for slot in self.supervisor.exited() {
+            if let Some(worker) = self.links.get_mut(slot).and_then(Option::as_mut) {
+                worker.link.readable();
+            }
             self.take_messages(slot, usize::MAX)?;
         }
         for death in self.supervisor.reap() {
