@@ -338,23 +338,19 @@ impl Dispatcher {
     /// Those workers take nothing more.
     pub fn expire(&mut self, now: Instant) -> Vec<(usize, RequestId, Option<usize>)> {
         let mut expired = Vec::new();
-        for (&id, request) in &mut self.requests {
-            if let Place::Running {
-                slot,
-                deadline: deadline @ Some(_),
-                ..
-            } = &mut request.place
-            {
+        // Only the first request a worker holds runs, so only it has a deadline.
+        for (slot, load) in self.workers.iter_mut().enumerate() {
+            let Some(request) = load.held.first().and_then(|id| self.requests.get_mut(id)) else {
+                continue;
+            };
+            if let Place::Running { deadline, .. } = &mut request.place {
                 if deadline.is_some_and(|at| at <= now) {
                     *deadline = None;
-                    expired.push((*slot, id, request.client.take()));
+                    load.ready = false;
+                    expired.push((slot, load.held[0], request.client.take()));
                 }
             }
         }
-        for &(slot, _, _) in &expired {
-            self.workers[slot].ready = false;
-        }
-        expired.sort_unstable();
         expired
     }
 
