@@ -162,7 +162,7 @@ pub struct Cli {
     #[arg(long, env = "GASPARD_METRICS", value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
 
-    /// Directory for the private worker sockets [default: $RUNTIME_DIRECTORY, else a new temporary one].
+    /// Directory for the workers' private copies of the handler [default: $RUNTIME_DIRECTORY, else a new temporary one].
     #[arg(long, env = "GASPARD_RUNTIME_DIR", value_name = "DIR")]
     pub runtime_dir: Option<PathBuf>,
 }

@@ -44,8 +44,8 @@ pub struct Plugin {
 pub type Outcome<R> = Result<Option<R>, String>;
 
 /// Where the host side of one call keeps the reply buffer and error text.
-/// `R` is the reply buffer type: the worker uses zmq messages so the reply is
-/// sent without another copy.
+/// `R` is the reply buffer type: the worker's has room in front for the
+/// link's frame header, so header and reply leave in one write.
 struct CallContext<R, F> {
     make_buffer: F,
     reply: Option<R>,

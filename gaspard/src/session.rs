@@ -1,7 +1,7 @@
 //! A persistent, pipelined connection: the opt-in protocol extension
 //! (docs/protocol.md, "Extensions"). The client sends v1 frames back to back;
 //! replies go out in request order, each as status, length, payload. Like
-//! [`crate::connection`], it knows nothing about workers or zmq: the daemon
+//! [`crate::connection`], it knows nothing about workers or their links: the daemon
 //! takes the requests that arrived and hands back each one's outcome.
 
 use crate::connection::{read_step, ReadStep};
