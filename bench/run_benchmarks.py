@@ -118,6 +118,31 @@ def bench(server, conns, seconds, size="16", extra=()):
     return result
 
 
+def median(values):
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def side_by_side(servers, conns, seconds, rounds, **kw):
+    """Runs the same load against each server in turn, `rounds` times, so that
+    a slow moment of the (shared, noisy) host hits them alike. Returns, per
+    server, its runs; ratios are taken round by round."""
+    runs = [[] for _ in servers]
+    for _ in range(rounds):
+        for i, server in enumerate(servers):
+            runs[i].append(bench(server, conns, seconds, **kw))
+    return runs
+
+
+def typical(runs, key="requests_per_sec"):
+    """The run with the median figure."""
+    return sorted(runs, key=lambda r: r[key])[len(runs) // 2]
+
+
+def round_ratios(runs, base_runs, key="requests_per_sec"):
+    return [r[key] / b[key] for r, b in zip(runs, base_runs)]
+
+
 def line(label, result):
     lat = result["latency_us"]
     print(f"  {label:<34} {result['requests_per_sec']:>10.0f} req/s {result['mb_per_sec']:>8.1f} MB/s"
@@ -130,67 +155,84 @@ def main():
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks"))
     parser.add_argument("--idle-connections", type=int, default=10000)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating runs per comparison; ratios are the median round's")
     args = parser.parse_args()
     secs = args.seconds
     build()
     os.makedirs(args.out, exist_ok=True)
     results = {"machine": machine(), "seconds": secs}
 
-    print("1. echo, 16 B, one request per connection, 64 connections, 2 workers")
-    with Server("baseline") as base:
-        b = bench(base, 64, secs)
-    with Server("gaspard") as g:
-        r = bench(g, 64, secs)
-    with Server("gaspard", extra=["--worker-credit", "2"]) as g2:
-        r2 = bench(g2, 64, secs)
-    line("baseline", b)
-    line("gaspard", r)
-    line("gaspard --worker-credit 2", r2)
-    results["echo64"] = {"baseline": b, "gaspard": r, "gaspard_credit2": r2,
-                         "ratio": r["requests_per_sec"] / b["requests_per_sec"],
-                         "ratio_credit2": r2["requests_per_sec"] / b["requests_per_sec"]}
-    print(f"  ratio: {results['echo64']['ratio']:.2f}x (credit 2: {results['echo64']['ratio_credit2']:.2f}x); target >= 0.8x")
+    rounds = args.rounds
+    print(f"1. echo, 16 B, one request per connection, 64 connections, 2 workers ({rounds} rounds)")
+    with Server("baseline") as base, Server("gaspard") as g, \
+            Server("gaspard", extra=["--worker-credit", "1"]) as g1:
+        b, r, r1 = side_by_side([base, g, g1], 64, secs, rounds)
+    ratios = round_ratios(r, b)
+    ratios1 = round_ratios(r1, b)
+    line("baseline", typical(b))
+    line("gaspard", typical(r))
+    line("gaspard --worker-credit 1", typical(r1))
+    results["echo64"] = {"baseline": typical(b), "gaspard": typical(r),
+                         "gaspard_credit1": typical(r1),
+                         "ratios": ratios, "ratio": median(ratios),
+                         "ratios_credit1": ratios1, "ratio_credit1": median(ratios1)}
+    print(f"  ratio: {median(ratios):.2f}x (rounds {', '.join(f'{x:.2f}' for x in ratios)});"
+          f" --worker-credit 1: {median(ratios1):.2f}x; target >= 0.8x")
 
-    print("2. one connection at a time: latency")
-    with Server("baseline") as base:
-        b = bench(base, 1, secs)
-    with Server("gaspard") as g:
-        r = bench(g, 1, secs)
-    line("baseline", b)
-    line("gaspard", r)
-    extra_us = r["latency_us"]["p50"] - b["latency_us"]["p50"]
-    results["latency1"] = {"baseline": b, "gaspard": r, "p50_extra_us": extra_us}
-    print(f"  gaspard p50 = baseline p50 + {extra_us:.0f} µs; target <= +30 µs")
+    print(f"2. one connection at a time: latency ({rounds} rounds)")
+    with Server("baseline") as base, Server("gaspard") as g:
+        b, r = side_by_side([base, g], 1, secs, rounds)
+    extras = [x["latency_us"]["p50"] - y["latency_us"]["p50"] for x, y in zip(r, b)]
+    line("baseline", typical(b))
+    line("gaspard", typical(r))
+    extra_us = median(extras)
+    results["latency1"] = {"baseline": typical(b), "gaspard": typical(r),
+                           "p50_extra_us_rounds": extras, "p50_extra_us": extra_us}
+    print(f"  gaspard p50 = baseline p50 + {extra_us:.0f} µs"
+          f" (rounds {', '.join(f'{x:.0f}' for x in extras)}); target <= +30 µs")
 
-    print("3. CPU-bound: libspin.so 1000 µs per request, 8 connections, 2 workers")
+    print(f"3. CPU-bound: libspin.so 1000 µs per request, 8 connections, 2 workers ({rounds} rounds)")
+    payload = spin_payload(args.out)
     with Server("gaspard", handler="spin") as g:
-        r = bench(g, 8, secs, size=None, extra=["--payload-file", spin_payload(args.out), "--expect", "ok"])
-    line("gaspard", r)
-    results["spin"] = {"gaspard": r, "ratio_to_ideal": r["requests_per_sec"] / 2000}
-    print(f"  {results['spin']['ratio_to_ideal']:.2f}x the ideal 2000 req/s; target >= 0.95x")
+        runs = [bench(g, 8, secs, size=None, extra=["--payload-file", payload, "--expect", "ok"])
+                for _ in range(rounds)]
+    os.unlink(payload)
+    ratios = [x["requests_per_sec"] / 2000 for x in runs]
+    line("gaspard", typical(runs))
+    results["spin"] = {"gaspard": typical(runs), "ratios_to_ideal": ratios,
+                       "ratio_to_ideal": median(ratios)}
+    print(f"  {median(ratios):.3f}x the ideal 2000 req/s"
+          f" (rounds {', '.join(f'{x:.3f}' for x in ratios)}); target >= 0.95x")
 
-    print("4. 1 MiB echo, 4 connections")
-    with Server("baseline") as base:
-        b = bench(base, 4, secs, size="1M", extra=["--check"])
-    with Server("gaspard") as g:
-        r = bench(g, 4, secs, size="1M", extra=["--check"])
-    line("baseline", b)
-    line("gaspard", r)
-    results["mib"] = {"baseline": b, "gaspard": r, "ratio": r["mb_per_sec"] / b["mb_per_sec"]}
-    print(f"  ratio: {results['mib']['ratio']:.2f}x MB/s; target >= 0.6x")
+    print(f"4. 1 MiB echo, 4 connections ({rounds} rounds)")
+    with Server("baseline") as base, Server("gaspard") as g:
+        b, r = side_by_side([base, g], 4, secs, rounds, size="1M", extra=["--check"])
+    ratios = round_ratios(r, b, key="mb_per_sec")
+    line("baseline", typical(b, "mb_per_sec"))
+    line("gaspard", typical(r, "mb_per_sec"))
+    results["mib"] = {"baseline": typical(b, "mb_per_sec"), "gaspard": typical(r, "mb_per_sec"),
+                      "ratios": ratios, "ratio": median(ratios)}
+    print(f"  ratio: {median(ratios):.2f}x MB/s (rounds {', '.join(f'{x:.2f}' for x in ratios)});"
+          f" target >= 0.6x")
 
     print("5. persistent pipelined echo (GSP2), 8 connections x pipeline 16, 2 workers")
     with Server("gaspard") as g:
-        p = bench(g, 8, secs, extra=["--persistent", "--pipeline", "16", "--check"])
-        o = bench(g, 64, secs)
+        runs_p, runs_o = [], []
+        for _ in range(rounds):
+            runs_p.append(bench(g, 8, secs, extra=["--persistent", "--pipeline", "16", "--check"]))
+            runs_o.append(bench(g, 64, secs))
     with Server("baseline") as base:
         pb = bench(base, 8, secs, extra=["--persistent", "--pipeline", "16", "--check"])
-    line("gaspard persistent", p)
-    line("gaspard one per connection", o)
+    ratios = round_ratios(runs_p, runs_o)
+    line("gaspard persistent", typical(runs_p))
+    line("gaspard one per connection", typical(runs_o))
     line("baseline persistent", pb)
-    results["persistent"] = {"gaspard": p, "gaspard_oneshot": o, "baseline": pb,
-                             "ratio_to_oneshot": p["requests_per_sec"] / o["requests_per_sec"]}
-    print(f"  {results['persistent']['ratio_to_oneshot']:.2f}x gaspard's one-per-connection; target >= 5x")
+    results["persistent"] = {"gaspard": typical(runs_p), "gaspard_oneshot": typical(runs_o),
+                             "baseline": pb, "ratios_to_oneshot": ratios,
+                             "ratio_to_oneshot": median(ratios)}
+    print(f"  {median(ratios):.2f}x gaspard's one-per-connection"
+          f" (rounds {', '.join(f'{x:.2f}' for x in ratios)}); target >= 5x")
 
     print("6. memory (RSS)")
     with Server("gaspard") as g:
