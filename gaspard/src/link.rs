@@ -299,6 +299,13 @@ impl Link {
                     self.stream.read(&mut self.input[self.end..])
                 }
             };
+            // A worker that dies with requests unread in its end makes the
+            // kernel report ECONNRESET once everything it sent was read:
+            // that is the end of the stream too, not a broken one.
+            let read = match read {
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(0),
+                other => other,
+            };
             match read {
                 Ok(0) => {
                     self.closed = true;
@@ -502,6 +509,19 @@ mod tests {
         drop(worker);
         let message = link.try_recv().unwrap().unwrap();
         assert_eq!((message.kind, message.value), (Kind::Ready, 3));
+        link.readable();
+        assert!(link.try_recv().unwrap().is_none());
+        assert!(link.is_closed());
+
+        // The worker died with a request unread: its replies are still all
+        // there, and then the stream simply ends.
+        let (mut link, mut worker) = linked();
+        link.queue(Kind::Request, 9, Rc::new(b"never read".to_vec()));
+        link.flush().unwrap();
+        worker.write_all(&frame(Kind::Reply, 8, b"done")).unwrap();
+        drop(worker);
+        let message = link.try_recv().unwrap().unwrap();
+        assert_eq!((message.value, &message.body[..]), (8, &b"done"[..]));
         link.readable();
         assert!(link.try_recv().unwrap().is_none());
         assert!(link.is_closed());

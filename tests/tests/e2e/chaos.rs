@@ -114,6 +114,16 @@ fn killing_random_workers_under_load_loses_and_hangs_nothing() {
         get(&tally.slowest_ms),
     );
     assert_eq!(get(&tally.hung), 0, "requests hung");
+    // A killed worker's link just ends: what it sent is read, the request it
+    // ran fails, the ones staged behind it go to another worker. A link
+    // taken for broken would fail every request its worker held.
+    for broken in ["sent garbage", "link broke"] {
+        assert!(
+            !daemon.log.contains(broken),
+            "a killed worker's link was taken for broken:\n{}",
+            daemon.log.lines().join("\n")
+        );
+    }
     assert_eq!(get(&tally.wrong), 0, "requests got a wrong reply");
     assert_eq!(
         get(&tally.sent),
