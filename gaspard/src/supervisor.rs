@@ -325,10 +325,13 @@ impl Supervisor {
         exited
     }
 
-    /// Collects every worker that has exited. Call on SIGCHLD.
-    pub fn reap(&mut self) -> Vec<Death> {
+    /// Collects the workers of `slots` that have exited (see [`Self::exited`]).
+    pub fn reap(&mut self, slots: &[usize]) -> Vec<Death> {
         let mut deaths = Vec::new();
         for (index, slot) in self.slots.iter_mut().enumerate() {
+            if !slots.contains(&index) {
+                continue;
+            }
             let (child, incarnation, before_ready) = match &mut slot.state {
                 SlotState::Starting { child, incarnation } => (child, *incarnation, true),
                 SlotState::Ready {
@@ -448,7 +451,8 @@ impl Supervisor {
         }
         let deadline = Instant::now() + grace;
         loop {
-            self.reap();
+            let all: Vec<usize> = (0..self.slots.len()).collect();
+            self.reap(&all);
             if !self.any_running() {
                 break;
             }

@@ -301,13 +301,16 @@ impl Daemon {
         // What a worker wrote before it died is in its link: a last reply
         // is delivered, an account of a failed start is read, before its
         // death is handled.
-        for slot in self.supervisor.exited() {
+        // Only those: one that exits meanwhile is handled on its own SIGCHLD,
+        // after its link is read.
+        let exited = self.supervisor.exited();
+        for &slot in &exited {
             if let Some(worker) = self.links.get_mut(slot).and_then(Option::as_mut) {
                 worker.link.readable();
             }
             self.take_messages(slot, usize::MAX)?;
         }
-        for death in self.supervisor.reap() {
+        for death in self.supervisor.reap(&exited) {
             let Death {
                 slot,
                 incarnation,
