@@ -281,4 +281,22 @@ mod tests {
             .unwrap_err()
             .contains("--max-request-size"));
     }
+
+    #[test]
+    fn worker_credit_is_auto_by_default_or_a_number_from_1_to_64() {
+        let credit = |args: &[&str]| {
+            Cli::try_parse_from([&["gaspard", "--handler", "x.so"], args].concat())
+                .map(|cli| cli.worker_credit)
+        };
+        assert_eq!(credit(&[]).unwrap(), Credit::Auto);
+        assert_eq!(credit(&["--worker-credit", "auto"]).unwrap(), Credit::Auto);
+        assert_eq!(credit(&["--worker-credit", "1"]).unwrap(), Credit::Fixed(1));
+        assert_eq!(
+            credit(&["--worker-credit", "64"]).unwrap(),
+            Credit::Fixed(64)
+        );
+        for bad in ["0", "65", "-1", "two", ""] {
+            assert!(credit(&["--worker-credit", bad]).is_err(), "{bad:?}");
+        }
+    }
 }
