@@ -70,14 +70,34 @@ fn an_idle_worker_never_waits_behind_a_long_request() {
 
 #[test]
 fn a_queued_request_waits_for_the_first_free_worker_not_behind_a_long_one() {
-    queued_requests_behind_busy_workers(&["--workers", "2"]);
+    queued_requests_behind_busy_workers(&["--workers", "2"], 0);
 }
 
-/// Occupies both workers (4 s and 0.5 s), then queues quick requests: all of
-/// them must be answered by the worker that frees first, before the 4 s one.
-fn queued_requests_behind_busy_workers(args: &[&str]) {
+/// Workers that have just served quick requests take several at a time
+/// (--worker-credit auto), but never behind a request that runs long.
+#[test]
+fn after_quick_requests_nothing_is_staged_behind_a_long_one() {
+    queued_requests_behind_busy_workers(&["--workers", "2"], 50);
+}
+
+/// Sends `warm_up` quick requests from a few clients at once, then occupies
+/// both workers (4 s and 0.5 s) and queues quick requests: all of them must
+/// be answered by the worker that frees first, before the 4 s one.
+fn queued_requests_behind_busy_workers(args: &[&str], warm_up: usize) {
     let daemon = start("fault", args);
     let addr = daemon.addr;
+    let warmers: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                for _ in 0..warm_up / 4 {
+                    assert_eq!(request(addr, b"echo:warm").unwrap(), b"warm");
+                }
+            })
+        })
+        .collect();
+    for warmer in warmers {
+        warmer.join().unwrap();
+    }
     let long_done = Arc::new(AtomicBool::new(false));
     let done = Arc::clone(&long_done);
     let long = std::thread::spawn(move || {
