@@ -62,7 +62,8 @@ pub enum Credit {
     Fixed(usize),
     /// As many as it can run in about [`STAGE_BUDGET`], judged by its recent
     /// handler times, and none staged behind a request already running
-    /// longer than that. One at a time until its first call is timed.
+    /// several times longer than those (or longer than the budget). One at
+    /// a time until its first call is timed, and always without --timeout.
     Auto,
 }
 
@@ -70,6 +71,10 @@ pub enum Credit {
 pub const STAGE_BUDGET: Duration = Duration::from_millis(2);
 /// The most requests a worker holds under [`Credit::Auto`].
 pub const MAX_AUTO_CREDIT: usize = 64;
+/// A call running this many times longer than the worker's recent ones...
+const SLOWER_THAN_USUAL: u32 = 4;
+/// ...and longer than this (the wake-up of a busy machine) stops staging.
+const SLOW_FLOOR: Duration = Duration::from_micros(100);
 
 /// A request to hand to a worker now.
 #[derive(Debug)]
@@ -216,14 +221,22 @@ impl Dispatcher {
         match self.credit {
             Credit::Fixed(n) => n,
             Credit::Auto => {
+                // Without --timeout nothing would ever move a request staged
+                // behind a call that hangs.
+                if self.timeout.is_none() {
+                    return 1;
+                }
                 let Some(micros) = load.service_micros else {
                     return 1;
                 };
                 let running = load
                     .busy_since
                     .map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
-                if running >= STAGE_BUDGET {
-                    return 1; // this one is long: stage nothing behind it
+                // The call it runs is slower than its recent ones: stage
+                // nothing more behind it.
+                let usual = Duration::from_micros(u64::from(micros)) * SLOWER_THAN_USUAL;
+                if running >= usual.max(SLOW_FLOOR).min(STAGE_BUDGET) {
+                    return 1;
                 }
                 let budget = STAGE_BUDGET.as_micros() as usize;
                 (1 + budget / (micros as usize).max(1)).min(MAX_AUTO_CREDIT)
@@ -254,8 +267,10 @@ impl Dispatcher {
         let request = self.requests.remove(&id)?;
         let load = &mut self.workers[slot];
         load.held.retain(|&held| held != id);
+        // Up at once, down slowly: a handler with the odd slow call is
+        // judged by those calls, and is rarely staged at.
         load.service_micros = Some(match load.service_micros {
-            Some(before) if micros < before => before - (before - micros) / 8,
+            Some(before) if micros < before => before - (before - micros) / 16,
             _ => micros,
         });
         let now = Instant::now();
@@ -298,21 +313,29 @@ impl Dispatcher {
 
     /// The worker in `slot` died, and every reply it sent was taken. It ran
     /// its requests in order, one at a time, so only the first it still
-    /// holds may have been running: that one fails (returned with its
-    /// client, if it has one). The others never started and go back to the
-    /// head of the queue, in order, for another worker. Returns the failed
-    /// request and how many went back.
-    pub fn worker_died(&mut self, slot: usize) -> (Option<(RequestId, usize)>, usize) {
+    /// holds may have been running (none, if it said it was stopping): that
+    /// one fails (returned with its client, if it has one). The others never
+    /// started and go back to the head of the queue, in order, for another
+    /// worker. Returns the failed request and the clients of those that went
+    /// back.
+    pub fn worker_died(
+        &mut self,
+        slot: usize,
+        was_running: bool,
+    ) -> (Option<(RequestId, usize)>, Vec<usize>) {
         let Some(load) = self.workers.get_mut(slot) else {
-            return (None, 0);
+            return (None, Vec::new());
         };
         load.ready = false;
         load.busy_since = None;
         let mut held = std::mem::take(&mut load.held).into_iter();
-        let failed = held
-            .next()
-            .and_then(|id| Some((id, self.requests.remove(&id)?.client?)));
-        let mut requeued = 0;
+        let failed = if was_running {
+            held.next()
+                .and_then(|id| Some((id, self.requests.remove(&id)?.client?)))
+        } else {
+            None
+        };
+        let mut requeued = Vec::new();
         for id in held.rev() {
             let Some(request) = self.requests.get_mut(&id) else {
                 continue;
@@ -321,14 +344,15 @@ impl Dispatcher {
                 continue;
             };
             request.place = Place::Queued(Rc::clone(payload));
-            if request.client.is_none() {
+            let Some(client) = request.client else {
                 self.requests.remove(&id); // nobody waits for it
                 continue;
-            }
+            };
             self.queue.push_front(id);
             self.queued += 1;
-            requeued += 1;
+            requeued.push(client);
         }
+        requeued.reverse();
         (failed, requeued)
     }
 
@@ -464,7 +488,7 @@ mod tests {
 
     #[test]
     fn auto_credit_stages_behind_quick_requests_only() {
-        let mut d = Dispatcher::new(Credit::Auto, None);
+        let mut d = Dispatcher::new(Credit::Auto, Some(Duration::from_secs(30)));
         d.worker_ready(0);
         let now = Instant::now();
         for client in 0..100 {
@@ -475,7 +499,7 @@ mod tests {
             d.next_assignment(now).is_none(),
             "nothing is staged before a handler call was timed"
         );
-        let mut d = Dispatcher::new(Credit::Auto, None);
+        let mut d = Dispatcher::new(Credit::Auto, Some(Duration::from_secs(30)));
         d.worker_ready(0);
         timed(&mut d, 100, now);
         for client in 0..100 {
@@ -492,7 +516,7 @@ mod tests {
     #[test]
     fn auto_credit_stages_nothing_after_a_slow_call_or_behind_a_long_running_one() {
         let now = Instant::now();
-        let mut d = Dispatcher::new(Credit::Auto, None);
+        let mut d = Dispatcher::new(Credit::Auto, Some(Duration::from_secs(30)));
         d.worker_ready(0);
         timed(&mut d, 10, now);
         // One slow call is enough to stop staging at once...
@@ -505,16 +529,42 @@ mod tests {
             "one at a time after a slow call"
         );
 
-        // ...and a quick worker whose request has run past the budget gets
-        // nothing more behind it.
+        // ...and a quick worker whose request runs several times longer
+        // than its calls did (at least SLOW_FLOOR) gets nothing behind it.
+        let mut d = Dispatcher::new(Credit::Auto, Some(Duration::from_secs(30)));
+        d.worker_ready(0);
+        timed(&mut d, 10, now);
+        d.submit(1, vec![]);
+        d.submit(2, vec![]);
+        d.next_assignment(now).unwrap();
+        assert!(d.next_assignment(now + SLOW_FLOOR).is_none());
+        assert!(d.next_assignment(now + SLOW_FLOOR / 2).is_some());
+
+        // With calls of 1 ms, 2 ms into one is still usual; past the budget
+        // it is not.
+        let mut d = Dispatcher::new(Credit::Auto, Some(Duration::from_secs(30)));
+        d.worker_ready(0);
+        timed(&mut d, 1_000, now);
+        d.submit(1, vec![]);
+        d.submit(2, vec![]);
+        d.next_assignment(now).unwrap();
+        assert!(d.next_assignment(now + STAGE_BUDGET).is_none());
+        assert!(d.next_assignment(now + STAGE_BUDGET / 2).is_some());
+    }
+
+    #[test]
+    fn auto_credit_stages_nothing_without_a_timeout() {
+        let now = Instant::now();
         let mut d = Dispatcher::new(Credit::Auto, None);
         d.worker_ready(0);
         timed(&mut d, 10, now);
         d.submit(1, vec![]);
         d.submit(2, vec![]);
         d.next_assignment(now).unwrap();
-        assert!(d.next_assignment(now + STAGE_BUDGET).is_none());
-        assert!(d.next_assignment(now + STAGE_BUDGET / 2).is_some());
+        assert!(
+            d.next_assignment(now).is_none(),
+            "nothing could move it if the call hung"
+        );
     }
 
     #[test]
@@ -576,7 +626,7 @@ mod tests {
         }
         assert_eq!(d.complete(ids[0], 5), Some((0, Some(0))));
         // It died running ids[1]; ids[2] was staged behind it.
-        assert_eq!(d.worker_died(0), (Some((ids[1], 1)), 1));
+        assert_eq!(d.worker_died(0, true), (Some((ids[1], 1)), vec![2]));
         assert_eq!(d.queued(), 2);
         d.worker_ready(0);
         let again = d.next_assignment(now).unwrap();
@@ -586,6 +636,21 @@ mod tests {
             "first, in order"
         );
         assert_eq!(d.next_assignment(now).unwrap().id, ids[3]);
+    }
+
+    #[test]
+    fn a_worker_that_stopped_between_requests_gives_all_of_them_back() {
+        let mut d = Dispatcher::new(Credit::Fixed(3), None);
+        d.worker_ready(0);
+        let now = Instant::now();
+        let ids: Vec<RequestId> = (0..3).map(|client| d.submit(client, vec![])).collect();
+        for _ in 0..3 {
+            d.next_assignment(now).unwrap();
+        }
+        assert_eq!(d.worker_died(0, false), (None, vec![0, 1, 2]));
+        d.worker_ready(0);
+        let order: Vec<RequestId> = (0..3).map(|_| d.next_assignment(now).unwrap().id).collect();
+        assert_eq!(order, ids, "in their first order");
     }
 
     #[test]
@@ -617,7 +682,7 @@ mod tests {
         assert!(d.next_assignment(late).is_none());
         // At its death the expired request is the one it ran: nobody is
         // told twice, and the staged one goes back to the queue.
-        assert_eq!(d.worker_died(on0.slot), (None, 1));
+        assert_eq!(d.worker_died(on0.slot, true), (None, vec![3]));
         assert_eq!(d.next_assignment(late).unwrap().id, staged);
     }
 

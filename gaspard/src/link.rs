@@ -37,6 +37,9 @@ pub enum Kind {
     Failed = 4,
     /// Daemon → worker: a request; value: request id; body: the payload.
     Request = 5,
+    /// Worker → daemon: stopping (SIGTERM) between requests: it starts no
+    /// request it holds. Value: incarnation; empty body.
+    Stopping = 6,
 }
 
 impl Kind {
@@ -47,6 +50,7 @@ impl Kind {
             3 => Kind::Reply,
             4 => Kind::Failed,
             5 => Kind::Request,
+            6 => Kind::Stopping,
             _ => return None,
         })
     }
@@ -173,6 +177,8 @@ pub struct Link {
     /// The last read came back short: the socket was empty, and the next
     /// bytes to arrive will be announced by a new readiness event.
     drained: bool,
+    /// The stream ended in the middle of a frame.
+    torn: bool,
 }
 
 impl Link {
@@ -187,6 +193,7 @@ impl Link {
             large: None,
             closed: false,
             drained: false,
+            torn: false,
         }
     }
 
@@ -261,9 +268,15 @@ impl Link {
         self.closed
     }
 
+    /// Whether the stream ended in the middle of a frame (dropped).
+    pub fn is_torn(&self) -> bool {
+        self.torn
+    }
+
     /// The next whole frame, reading from the socket as needed. `Ok(None)`:
-    /// nothing more until the socket is readable again (or it closed). An
-    /// error means the stream is broken or out of step.
+    /// nothing more until the socket is readable again (or it closed; a
+    /// frame cut short by the end is dropped). An error means the stream is
+    /// broken or out of step.
     pub fn try_recv(&mut self) -> io::Result<Option<Message>> {
         loop {
             if let Some(message) = self.take_buffered()? {
@@ -308,13 +321,14 @@ impl Link {
             };
             match read {
                 Ok(0) => {
+                    // A worker killed while writing a reply leaves it torn.
+                    // It writes replies in order, so the torn one belongs to
+                    // the request it was running: that request's fate is
+                    // settled with the worker's death, like any other.
                     self.closed = true;
-                    if self.large.is_some() || self.end > self.start {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "the worker's link closed in the middle of a frame",
-                        ));
-                    }
+                    self.torn = self.large.take().is_some() || self.end > self.start;
+                    self.start = 0;
+                    self.end = 0;
                     return Ok(None);
                 }
                 Ok(n) => {
@@ -503,7 +517,7 @@ mod tests {
     }
 
     #[test]
-    fn a_closed_peer_is_reported_and_a_torn_frame_is_an_error() {
+    fn a_closed_peer_is_reported_a_torn_frame_dropped_and_garbage_refused() {
         let (mut link, mut worker) = linked();
         worker.write_all(&frame(Kind::Ready, 3, b"42")).unwrap();
         drop(worker);
@@ -534,6 +548,14 @@ mod tests {
         // A short read: nothing more is read until the socket is readable again.
         assert!(link.try_recv().unwrap().is_none());
         link.readable();
-        assert!(link.try_recv().is_err());
+        assert!(
+            link.try_recv().unwrap().is_none(),
+            "the torn frame is dropped"
+        );
+        assert!(link.is_closed() && link.is_torn());
+
+        let (mut link, mut worker) = linked();
+        worker.write_all(&[9; HEADER_LEN]).unwrap();
+        assert!(link.try_recv().is_err(), "garbage is an error");
     }
 }

@@ -239,6 +239,11 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
             }
         }
     }
+    if stop.load(Ordering::Relaxed) {
+        // Requests the daemon staged here will not run: it gives them to
+        // other workers rather than fail one of them with this one's exit.
+        let _ = send(&mut writer, Kind::Stopping, args.incarnation, &[]);
+    }
     log::debug!("worker {}: stopping", args.incarnation);
     drop(plugin);
     Ok(())

@@ -79,7 +79,7 @@ impl Daemon {
     /// until its reply, so most connections are never registered (one
     /// `epoll_ctl` less per request). One left waiting in the queue is
     /// watched, so that a client that leaves meanwhile costs no worker time.
-    fn watch_if_waiting(&mut self, key: usize) {
+    pub(super) fn watch_if_waiting(&mut self, key: usize) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };

@@ -74,6 +74,8 @@ struct WorkerLink {
     incarnation: u64,
     /// It said Ready and counts in the workers_ready metric.
     ready: bool,
+    /// It said it is stopping between requests: it runs none it holds.
+    stopping: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

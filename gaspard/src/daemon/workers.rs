@@ -44,6 +44,7 @@ impl Daemon {
             link,
             incarnation,
             ready: false,
+            stopping: false,
         });
         Ok(())
     }
@@ -190,6 +191,12 @@ impl Daemon {
                 let reason = String::from_utf8_lossy(&message.body).into_owned();
                 self.on_init_failed(incarnation, reason)?;
             }
+            Kind::Stopping => {
+                if let Some(worker) = self.links.get_mut(slot).and_then(Option::as_mut) {
+                    worker.stopping = true;
+                }
+                self.dispatcher.worker_draining(slot);
+            }
             Kind::Request => {
                 log::error!("worker {incarnation} (slot {slot}) sent a request frame; killing it");
                 self.abandon_worker(slot);
@@ -262,12 +269,21 @@ impl Daemon {
     /// was read: the one it may have been running fails, the ones staged
     /// behind it go to other workers. Returns how many failed and went back.
     fn lose_worker(&mut self, slot: usize, why: &str) -> (usize, usize) {
+        let stopping = self
+            .links
+            .get(slot)
+            .and_then(Option::as_ref)
+            .is_some_and(|worker| worker.stopping);
         self.drop_link(slot);
-        let (failed, requeued) = self.dispatcher.worker_died(slot);
+        let (failed, requeued) = self.dispatcher.worker_died(slot, !stopping);
         if let Some((id, key)) = failed {
             self.fail(key, id, Outcome::worker_lost, why.to_string());
         }
-        (usize::from(failed.is_some()), requeued)
+        // Waiting in the queue again: a client that leaves now must be seen.
+        for &key in &requeued {
+            self.watch_if_waiting(key);
+        }
+        (usize::from(failed.is_some()), requeued.len())
     }
 
     /// Kills a worker whose link broke: what it ran is unknown, so every

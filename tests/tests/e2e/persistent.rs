@@ -128,6 +128,64 @@ fn requests_staged_behind_a_crash_or_a_timeout_are_served_by_the_next_worker() {
     daemon.expect_log("staged behind it went to other workers");
 }
 
+/// A worker killed in the middle of writing a large reply: that request
+/// fails, and the ones staged behind it still go to the next worker.
+#[test]
+fn a_reply_cut_short_by_a_kill_fails_only_its_own_request() {
+    let daemon = start("fault", &["--workers", "1", "--worker-credit", "4"]);
+    let worker = daemon.workers()[0];
+    let mut session = Session::open(daemon.addr);
+    for request in [&b"big:20000000"[..], b"echo:a", b"echo:b"] {
+        session.send(request);
+    }
+    // Once the worker has them, the daemon stops reading: the worker blocks
+    // halfway through writing its reply.
+    std::thread::sleep(Duration::from_millis(50));
+    daemon.signal(libc::SIGSTOP);
+    let wchan = format!("/proc/{worker}/wchan");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&wchan).is_ok_and(|w| w.contains("sock")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never blocked writing"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on the worker of the daemon this test started.
+    assert_eq!(unsafe { libc::kill(worker, libc::SIGKILL) }, 0);
+    std::thread::sleep(Duration::from_millis(200));
+    daemon.signal(libc::SIGCONT);
+    let (status, message) = session.reply();
+    assert_eq!(
+        (status, String::from_utf8_lossy(&message).as_ref()),
+        (4, "its worker was killed by SIGKILL")
+    );
+    assert_eq!(session.reply(), (0, b"a".to_vec()));
+    assert_eq!(session.reply(), (0, b"b".to_vec()));
+    session.finish();
+}
+
+/// A worker told to stop (SIGTERM from outside) finishes the request it
+/// runs and starts none of those staged behind it: they go to its
+/// replacement instead of failing.
+#[test]
+fn a_worker_stopped_between_requests_hands_back_the_staged_ones() {
+    let daemon = start("fault", &["--workers", "1", "--worker-credit", "4"]);
+    let worker = daemon.workers()[0];
+    let mut session = Session::open(daemon.addr);
+    for request in [&b"sleep:500"[..], b"echo:a", b"echo:b"] {
+        session.send(request);
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    // SAFETY: kill(2) on the worker of the daemon this test started.
+    assert_eq!(unsafe { libc::kill(worker, libc::SIGTERM) }, 0);
+    assert_eq!(session.reply(), (0, b"slept".to_vec()));
+    assert_eq!(session.reply(), (0, b"a".to_vec()));
+    assert_eq!(session.reply(), (0, b"b".to_vec()));
+    session.finish();
+    daemon.expect_log("0 requests failed (2 staged behind it went to other workers)");
+}
+
 #[test]
 fn a_thousand_pipelined_requests_flow_through_the_window() {
     let daemon = start("echo", &["--workers", "2"]);

@@ -1,9 +1,10 @@
 //! Worker processes: how many, and that the work spreads over them.
 
-use gaspard_tests::{request, start, try_start_with_env};
+use gaspard_tests::{connect, pack, read_reply, request, start, try_start_with_env};
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[test]
 fn default_worker_count_is_the_available_cpus() {
@@ -78,6 +79,37 @@ fn a_queued_request_waits_for_the_first_free_worker_not_behind_a_long_one() {
 #[test]
 fn after_quick_requests_nothing_is_staged_behind_a_long_one() {
     queued_requests_behind_busy_workers(&["--workers", "2"], 50);
+}
+
+/// With --timeout 0 nothing could move a request staged behind a call that
+/// hangs, so warm workers take one request at a time: quick requests sent
+/// right behind a long one all go to the other worker.
+#[test]
+fn without_a_timeout_nothing_is_staged_behind_a_long_call() {
+    let daemon = start("fault", &["--workers", "2", "--timeout", "0"]);
+    let addr = daemon.addr;
+    for _ in 0..20 {
+        assert_eq!(request(addr, b"echo:warm").unwrap(), b"warm");
+    }
+    let mut quick: Vec<_> = (0..8).map(|_| connect(addr).unwrap()).collect();
+    let mut long = connect(addr).unwrap();
+    // Back to back, so that they reach the daemon in the same moment.
+    long.write_all(&pack(b"sleep:3000")).unwrap();
+    for (i, stream) in quick.iter_mut().enumerate() {
+        stream
+            .write_all(&pack(format!("echo:{i}").as_bytes()))
+            .unwrap();
+    }
+    let started = Instant::now();
+    for (i, stream) in quick.iter_mut().enumerate() {
+        assert_eq!(read_reply(stream).unwrap(), format!("{i}").as_bytes());
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(2000),
+        "a quick request waited behind the long one ({:?})",
+        started.elapsed()
+    );
+    assert_eq!(read_reply(&mut long).unwrap(), b"slept");
 }
 
 /// Sends `warm_up` quick requests from a few clients at once, then occupies
