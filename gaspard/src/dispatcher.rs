@@ -11,6 +11,7 @@
 //! The dispatcher knows connections only by an opaque key and workers only by
 //! slot number; it does no I/O.
 
+use crate::claims::ENTRIES;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -27,10 +28,12 @@ pub type Payload = Rc<Vec<u8>>;
 enum Place {
     /// Waiting for a worker.
     Queued(Payload),
-    /// Sent to the worker in this slot; its deadline, if any (only the
-    /// request a worker runs has one; staged ones wait for theirs).
+    /// Sent to the worker in this slot, in claim entry `entry`; its
+    /// deadline, if any (only the request a worker runs has one; staged ones
+    /// wait for theirs).
     Running {
         slot: usize,
+        entry: usize,
         deadline: Option<Instant>,
         payload: Payload,
     },
@@ -48,6 +51,8 @@ struct Request {
 struct WorkerLoad {
     ready: bool,
     held: Vec<RequestId>,
+    /// The claim entries its requests are in (a bit each; `claims.rs`).
+    entries: u64,
     /// When the worker started the first request it holds.
     busy_since: Option<Instant>,
     /// How long its handler calls take, in microseconds: rises at once to
@@ -62,15 +67,16 @@ pub enum Credit {
     Fixed(usize),
     /// As many as it can run in about [`STAGE_BUDGET`], judged by its recent
     /// handler times, and none staged behind a request already running
-    /// several times longer than those (or longer than the budget). One at
-    /// a time until its first call is timed, and always without --timeout.
+    /// several times longer than those (or longer than the budget): what is
+    /// staged then is taken back ([`Dispatcher::stuck`]). One at a time
+    /// until its first call is timed.
     Auto,
 }
 
 /// The most handler time the requests staged at a busy worker may add up to.
 pub const STAGE_BUDGET: Duration = Duration::from_millis(2);
 /// The most requests a worker holds under [`Credit::Auto`].
-pub const MAX_AUTO_CREDIT: usize = 64;
+pub const MAX_AUTO_CREDIT: usize = ENTRIES;
 /// A call running this many times longer than the worker's recent ones...
 const SLOWER_THAN_USUAL: u32 = 4;
 /// ...and longer than this stops staging. Not less: on a busy (virtual)
@@ -78,11 +84,24 @@ const SLOWER_THAN_USUAL: u32 = 4;
 /// not count as a slow call (100 µs cost a measured 3% of echo throughput).
 const SLOW_FLOOR: Duration = Duration::from_micros(500);
 
+/// How long a call may run before it counts as slow, given the worker's
+/// recent handler time: several times that, within [`SLOW_FLOOR`] and
+/// [`STAGE_BUDGET`]; the budget while nothing is known.
+fn slow_after(service_micros: Option<u32>) -> Duration {
+    let Some(micros) = service_micros else {
+        return STAGE_BUDGET;
+    };
+    let usual = Duration::from_micros(u64::from(micros)) * SLOWER_THAN_USUAL;
+    usual.max(SLOW_FLOOR).min(STAGE_BUDGET)
+}
+
 /// A request to hand to a worker now.
 #[derive(Debug)]
 pub struct Assignment {
     pub slot: usize,
     pub id: RequestId,
+    /// The claim entry it is staged in.
+    pub entry: usize,
     pub payload: Payload,
 }
 
@@ -170,27 +189,42 @@ impl Dispatcher {
                 unreachable!("only queued requests are in the queue");
             };
             let payload = Rc::clone(payload);
+            let load = &mut self.workers[slot];
+            // Credit never exceeds the entries, so one is free.
+            let entry = (!load.entries).trailing_zeros() as usize;
+            load.entries |= 1 << entry;
             request.place = Place::Running {
                 slot,
+                entry,
                 deadline,
                 payload: Rc::clone(&payload),
             };
             self.queued -= 1;
-            let load = &mut self.workers[slot];
             if load.held.is_empty() {
                 load.busy_since = Some(now);
             }
             load.held.push(id);
             self.cursor = (slot + 1) % self.workers.len();
-            return Some(Assignment { slot, id, payload });
+            return Some(Assignment {
+                slot,
+                id,
+                entry,
+                payload,
+            });
         }
     }
 
     /// Puts back an assignment that could not be sent, at the head of the queue.
     pub fn unassign(&mut self, assignment: Assignment) {
-        let Assignment { slot, id, payload } = assignment;
+        let Assignment {
+            slot,
+            id,
+            entry,
+            payload,
+        } = assignment;
         let load = &mut self.workers[slot];
         load.held.retain(|&held| held != id);
+        load.entries &= !(1 << entry);
         if load.held.is_empty() {
             load.busy_since = None;
         }
@@ -221,13 +255,8 @@ impl Dispatcher {
     /// How many requests a worker may hold now.
     fn credit_of(&self, load: &WorkerLoad, now: Instant) -> usize {
         match self.credit {
-            Credit::Fixed(n) => n,
+            Credit::Fixed(n) => n.min(ENTRIES),
             Credit::Auto => {
-                // Without --timeout nothing would ever move a request staged
-                // behind a call that hangs.
-                if self.timeout.is_none() {
-                    return 1;
-                }
                 let Some(micros) = load.service_micros else {
                     return 1;
                 };
@@ -235,9 +264,8 @@ impl Dispatcher {
                     .busy_since
                     .map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
                 // The call it runs is slower than its recent ones: stage
-                // nothing more behind it.
-                let usual = Duration::from_micros(u64::from(micros)) * SLOWER_THAN_USUAL;
-                if running >= usual.max(SLOW_FLOOR).min(STAGE_BUDGET) {
+                // nothing more behind it (and what is staged is taken back).
+                if running >= slow_after(Some(micros)) {
                     return 1;
                 }
                 let budget = STAGE_BUDGET.as_micros() as usize;
@@ -257,18 +285,20 @@ impl Dispatcher {
         load.ready = true;
         load.busy_since = None;
         load.service_micros = None;
+        load.entries = 0;
     }
 
     /// A worker's reply arrived. Returns the worker's slot and the client to
     /// answer, if it is still there; `None` for ids already failed.
     /// `micros` is how long the handler ran.
     pub fn complete(&mut self, id: RequestId, micros: u32) -> Option<(usize, Option<usize>)> {
-        let Place::Running { slot, .. } = self.requests.get(&id)?.place else {
+        let Place::Running { slot, entry, .. } = self.requests.get(&id)?.place else {
             return None; // a worker cannot answer a request it was never given
         };
         let request = self.requests.remove(&id)?;
         let load = &mut self.workers[slot];
         load.held.retain(|&held| held != id);
+        load.entries &= !(1 << entry);
         // Up at once, down slowly: one slow call stops staging at once, and
         // a few quick ones do not make a slow handler look quick.
         load.service_micros = Some(match load.service_micros {
@@ -313,49 +343,127 @@ impl Dispatcher {
         self.workers.get(slot).map_or(0, |load| load.held.len())
     }
 
-    /// The worker in `slot` died, and every reply it sent was taken. It ran
-    /// its requests in order, one at a time, so only the first it still
-    /// holds may have been running (none, if it said it was stopping): that
-    /// one fails (returned with its client, if it has one). The others never
-    /// started and go back to the head of the queue, in order, for another
-    /// worker. Returns the failed request and the clients of those that went
-    /// back.
+    /// The worker in `slot` died, and every reply it sent was taken.
+    /// `started(entry, id)` says whether it had claimed a request (see
+    /// `claims.rs`): those may have run, and fail (returned with their
+    /// clients, if they have any). The others never started and go back to
+    /// the head of the queue, in order, for another worker (returned: their
+    /// clients).
     pub fn worker_died(
         &mut self,
         slot: usize,
-        was_running: bool,
-    ) -> (Option<(RequestId, usize)>, Vec<usize>) {
+        started: impl Fn(usize, RequestId) -> bool,
+    ) -> (Vec<(RequestId, usize)>, Vec<usize>) {
         let Some(load) = self.workers.get_mut(slot) else {
-            return (None, Vec::new());
+            return (Vec::new(), Vec::new());
         };
         load.ready = false;
         load.busy_since = None;
-        let mut held = std::mem::take(&mut load.held).into_iter();
-        let failed = if was_running {
-            held.next()
-                .and_then(|id| Some((id, self.requests.remove(&id)?.client?)))
-        } else {
-            None
-        };
+        load.entries = 0;
+        let held = std::mem::take(&mut load.held);
+        let mut failed = Vec::new();
         let mut requeued = Vec::new();
-        for id in held.rev() {
-            let Some(request) = self.requests.get_mut(&id) else {
+        for &id in held.iter().rev() {
+            let Some(Request {
+                place: Place::Running { entry, payload, .. },
+                client,
+            }) = self.requests.get(&id)
+            else {
                 continue;
             };
-            let Place::Running { payload, .. } = &request.place else {
+            let client = *client;
+            if started(*entry, id) {
+                self.requests.remove(&id);
+                failed.extend(client.map(|client| (id, client)));
                 continue;
-            };
-            request.place = Place::Queued(Rc::clone(payload));
-            let Some(client) = request.client else {
+            }
+            let Some(client) = client else {
                 self.requests.remove(&id); // nobody waits for it
                 continue;
             };
-            self.queue.push_front(id);
-            self.queued += 1;
+            let payload = Rc::clone(payload);
+            self.requeue(id, payload);
             requeued.push(client);
         }
+        failed.reverse();
         requeued.reverse();
         (failed, requeued)
+    }
+
+    /// Puts a request back at the head of the queue.
+    fn requeue(&mut self, id: RequestId, payload: Payload) {
+        if let Some(request) = self.requests.get_mut(&id) {
+            request.place = Place::Queued(payload);
+            self.queue.push_front(id);
+            self.queued += 1;
+        }
+    }
+
+    /// Requests staged at workers whose running call has turned out slower
+    /// than their recent ones (auto credit): they should be taken back.
+    /// Returns (slot, id, entry) for each, to be tried with the worker's
+    /// claims and, where that works, handed to [`Self::taken_back`].
+    pub fn stuck(&self, now: Instant) -> Vec<(usize, RequestId, usize)> {
+        let mut stuck = Vec::new();
+        for (slot, load) in self.workers.iter().enumerate() {
+            if !self.is_stuck(load, now) {
+                continue;
+            }
+            for &id in &load.held[1..] {
+                if let Some(Request {
+                    place: Place::Running { entry, .. },
+                    ..
+                }) = self.requests.get(&id)
+                {
+                    stuck.push((slot, id, *entry));
+                }
+            }
+        }
+        stuck
+    }
+
+    fn is_stuck(&self, load: &WorkerLoad, now: Instant) -> bool {
+        load.held.len() > 1
+            && self.credit == Credit::Auto
+            && load
+                .busy_since
+                .is_some_and(|since| now >= since + slow_after(load.service_micros))
+    }
+
+    /// When [`Self::stuck`] may next find something, for the loop's timeout.
+    pub fn next_stuck(&self) -> Option<Instant> {
+        if self.credit != Credit::Auto {
+            return None;
+        }
+        self.workers
+            .iter()
+            .filter(|load| load.held.len() > 1)
+            .filter_map(|load| Some(load.busy_since? + slow_after(load.service_micros)))
+            .min()
+    }
+
+    /// The daemon took request `id` back from its worker before it started:
+    /// it waits at the head of the queue again (taken back in reverse
+    /// order, requests keep their order).
+    pub fn taken_back(&mut self, id: RequestId) {
+        let Some(Request {
+            place:
+                Place::Running {
+                    slot,
+                    entry,
+                    payload,
+                    ..
+                },
+            ..
+        }) = self.requests.get(&id)
+        else {
+            return;
+        };
+        let (slot, entry, payload) = (*slot, *entry, Rc::clone(payload));
+        let load = &mut self.workers[slot];
+        load.held.retain(|&held| held != id);
+        load.entries &= !(1 << entry);
+        self.requeue(id, payload);
     }
 
     /// The requests running past their deadline, taken from their clients
@@ -389,6 +497,7 @@ impl Dispatcher {
         };
         load.ready = false;
         load.busy_since = None;
+        load.entries = 0;
         std::mem::take(&mut load.held)
             .into_iter()
             .filter_map(|id| Some((id, self.requests.remove(&id)?.client?)))
@@ -555,21 +664,6 @@ mod tests {
     }
 
     #[test]
-    fn auto_credit_stages_nothing_without_a_timeout() {
-        let now = Instant::now();
-        let mut d = Dispatcher::new(Credit::Auto, None);
-        d.worker_ready(0);
-        timed(&mut d, 10, now);
-        d.submit(1, vec![]);
-        d.submit(2, vec![]);
-        d.next_assignment(now).unwrap();
-        assert!(
-            d.next_assignment(now).is_none(),
-            "nothing could move it if the call hung"
-        );
-    }
-
-    #[test]
     fn a_staged_request_gets_its_deadline_when_its_worker_starts_it() {
         let timeout = Duration::from_secs(1);
         let mut d = Dispatcher::new(Credit::Fixed(2), Some(timeout));
@@ -627,8 +721,12 @@ mod tests {
             d.next_assignment(now).unwrap();
         }
         assert_eq!(d.complete(ids[0], 5), Some((0, Some(0))));
-        // It died running ids[1]; ids[2] was staged behind it.
-        assert_eq!(d.worker_died(0, true), (Some((ids[1], 1)), vec![2]));
+        // It died running ids[1] (claimed); ids[2] was staged behind it.
+        let ran = ids[1];
+        assert_eq!(
+            d.worker_died(0, |_, id| id == ran),
+            (vec![(ids[1], 1)], vec![2])
+        );
         assert_eq!(d.queued(), 2);
         d.worker_ready(0);
         let again = d.next_assignment(now).unwrap();
@@ -641,18 +739,75 @@ mod tests {
     }
 
     #[test]
-    fn a_worker_that_stopped_between_requests_gives_all_of_them_back() {
+    fn a_worker_that_started_none_of_its_requests_gives_all_of_them_back() {
         let mut d = Dispatcher::new(Credit::Fixed(3), None);
         d.worker_ready(0);
         let now = Instant::now();
         let ids: Vec<RequestId> = (0..3).map(|client| d.submit(client, vec![])).collect();
-        for _ in 0..3 {
-            d.next_assignment(now).unwrap();
-        }
-        assert_eq!(d.worker_died(0, false), (None, vec![0, 1, 2]));
+        let entries: Vec<usize> = (0..3)
+            .map(|_| d.next_assignment(now).unwrap().entry)
+            .collect();
+        assert_eq!(entries, vec![0, 1, 2], "each in its own claim entry");
+        assert_eq!(d.worker_died(0, |_, _| false), (vec![], vec![0, 1, 2]));
         d.worker_ready(0);
         let order: Vec<RequestId> = (0..3).map(|_| d.next_assignment(now).unwrap().id).collect();
         assert_eq!(order, ids, "in their first order");
+    }
+
+    #[test]
+    fn requests_staged_behind_a_call_that_turns_out_slow_can_be_taken_back() {
+        let mut d = Dispatcher::new(Credit::Auto, Some(Duration::from_secs(30)));
+        d.worker_ready(0);
+        d.worker_ready(1);
+        let now = Instant::now();
+        timed(&mut d, 10, now);
+        // Worker 1 is busy too, so three go to worker 0: one runs, two wait.
+        let other = d.submit(9, vec![]);
+        let on1 = d.next_assignment(now).unwrap();
+        assert_eq!((on1.id, on1.slot), (other, 1));
+        let ids: Vec<RequestId> = (0..3).map(|client| d.submit(client, vec![])).collect();
+        let mut on0 = Vec::new();
+        while let Some(assignment) = d.next_assignment(now) {
+            if assignment.slot == 0 {
+                on0.push((assignment.id, assignment.entry));
+            }
+        }
+        assert!(on0.len() >= 2, "staged at worker 0: {on0:?}");
+        assert_eq!(d.stuck(now), vec![], "nothing is slow yet");
+        let later = now + SLOW_FLOOR;
+        assert_eq!(d.next_stuck(), Some(later));
+        let stuck = d.stuck(later);
+        let expected: Vec<_> = on0[1..].iter().map(|&(id, entry)| (0, id, entry)).collect();
+        assert_eq!(stuck, expected, "all but the one running");
+        for &(_, id, _) in stuck.iter().rev() {
+            d.taken_back(id);
+        }
+        assert_eq!(d.held(0), 1);
+        assert_eq!(d.queued(), stuck.len());
+        // They go to the first worker free, in their order, and the slow
+        // worker gets none of them back.
+        assert!(d.next_assignment(later).is_none());
+        d.complete(other, 10);
+        let order: Vec<RequestId> = (0..stuck.len())
+            .map(|_| d.next_assignment(later).unwrap())
+            .inspect(|a| assert_eq!(a.slot, 1))
+            .map(|a| a.id)
+            .collect();
+        assert_eq!(order, stuck.iter().map(|s| s.1).collect::<Vec<_>>());
+        assert!(ids.iter().all(|id| d.requests.contains_key(id)));
+    }
+
+    #[test]
+    fn fixed_credit_takes_nothing_back() {
+        let mut d = Dispatcher::new(Credit::Fixed(2), Some(Duration::from_secs(30)));
+        d.worker_ready(0);
+        let now = Instant::now();
+        d.submit(1, vec![]);
+        d.submit(2, vec![]);
+        d.next_assignment(now).unwrap();
+        d.next_assignment(now).unwrap();
+        assert_eq!(d.stuck(now + Duration::from_secs(10)), vec![]);
+        assert_eq!(d.next_stuck(), None);
     }
 
     #[test]
@@ -684,7 +839,10 @@ mod tests {
         assert!(d.next_assignment(late).is_none());
         // At its death the expired request is the one it ran: nobody is
         // told twice, and the staged one goes back to the queue.
-        assert_eq!(d.worker_died(on0.slot, true), (None, vec![3]));
+        assert_eq!(
+            d.worker_died(on0.slot, |_, id| id == slow),
+            (vec![], vec![3])
+        );
         assert_eq!(d.next_assignment(late).unwrap().id, staged);
     }
 

@@ -8,6 +8,7 @@
 //! `docs/architecture.md` tells the whole story.
 
 pub mod check;
+pub mod claims;
 pub mod config;
 pub mod connection;
 pub mod daemon;

@@ -11,7 +11,8 @@
 //! tells each side at once when the other is gone.
 //!
 //! Both directions carry frames: a [`HEADER_LEN`]-byte header (a [`Kind`]
-//! byte; for replies, how long the handler ran in microseconds as a 24-bit
+//! byte; for replies, how long the handler ran in microseconds, for
+//! requests, the request's claim entry (`claims.rs`), as a 24-bit
 //! little-endian number, saturating, else three zero bytes; the body length
 //! as u32 little-endian; a value as u64 little-endian), then the body. Frames are written back to back, so one
 //! `read` can bring many and one `writev` can send many.
@@ -37,9 +38,6 @@ pub enum Kind {
     Failed = 4,
     /// Daemon → worker: a request; value: request id; body: the payload.
     Request = 5,
-    /// Worker → daemon: stopping (SIGTERM) between requests: it starts no
-    /// request it holds. Value: incarnation; empty body.
-    Stopping = 6,
 }
 
 impl Kind {
@@ -50,7 +48,6 @@ impl Kind {
             3 => Kind::Reply,
             4 => Kind::Failed,
             5 => Kind::Request,
-            6 => Kind::Stopping,
             _ => return None,
         })
     }
@@ -60,8 +57,9 @@ impl Kind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
     pub kind: Kind,
-    /// Replies: how long the handler ran, in microseconds.
-    pub micros: u32,
+    /// Replies: how long the handler ran, in microseconds. Requests: the
+    /// claim entry.
+    pub extra: u32,
     pub len: usize,
     pub value: u64,
 }
@@ -75,6 +73,11 @@ pub const MAX_BODY: usize = u32::MAX as usize;
 /// Encodes a frame header. `len` must be at most [`MAX_BODY`].
 pub fn header(kind: Kind, len: usize, value: u64) -> [u8; HEADER_LEN] {
     reply_header(kind, 0, len, value)
+}
+
+/// Encodes the header of request `id` in claim entry `entry`.
+pub fn request_header(entry: usize, len: usize, id: u64) -> [u8; HEADER_LEN] {
+    reply_header(Kind::Request, entry as u32, len, id)
 }
 
 /// Encodes the header of a reply whose handler ran for `micros`.
@@ -96,12 +99,12 @@ pub fn parse_header(bytes: &[u8; HEADER_LEN]) -> io::Result<Header> {
             format!("malformed frame header {:02x?}", &bytes[..4]),
         ));
     };
-    let micros = u32::from_le_bytes([bytes[1], bytes[2], bytes[3], 0]);
+    let extra = u32::from_le_bytes([bytes[1], bytes[2], bytes[3], 0]);
     let len = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes")) as usize;
     let value = u64::from_le_bytes(bytes[8..].try_into().expect("8 bytes"));
     Ok(Header {
         kind,
-        micros,
+        extra,
         len,
         value,
     })
@@ -208,10 +211,11 @@ impl Link {
         &mut self.stream
     }
 
-    /// Queues a frame; [`Link::flush`] sends it, without copying the body.
-    pub fn queue(&mut self, kind: Kind, value: u64, body: Rc<Vec<u8>>) {
+    /// Queues request `id` (claim entry `entry`); [`Link::flush`] sends it,
+    /// without copying the body.
+    pub fn queue_request(&mut self, id: u64, entry: usize, body: Rc<Vec<u8>>) {
         self.out.push_back(Outgoing {
-            header: header(kind, body.len(), value),
+            header: request_header(entry, body.len(), id),
             body,
         });
     }
@@ -353,7 +357,7 @@ impl Link {
             let large = self.large.take().expect("checked above");
             return Ok(Some(Message {
                 kind: large.header.kind,
-                micros: large.header.micros,
+                micros: large.header.extra,
                 value: large.header.value,
                 body: large.body,
             }));
@@ -375,7 +379,7 @@ impl Link {
             self.rewind_if_empty();
             return Ok(Some(Message {
                 kind: header.kind,
-                micros: header.micros,
+                micros: header.extra,
                 value: header.value,
                 body,
             }));
@@ -425,12 +429,12 @@ mod tests {
         let bytes = reply_header(Kind::Reply, 1234, 7, u64::MAX - 1);
         let parsed = parse_header(&bytes).unwrap();
         assert_eq!(
-            (parsed.kind, parsed.micros, parsed.len, parsed.value),
+            (parsed.kind, parsed.extra, parsed.len, parsed.value),
             (Kind::Reply, 1234, 7, u64::MAX - 1)
         );
         // Long handler times saturate rather than wrap.
         let long = parse_header(&reply_header(Kind::Failed, u32::MAX, 0, 1)).unwrap();
-        assert_eq!(long.micros, MAX_MICROS);
+        assert_eq!(long.extra, MAX_MICROS);
         let mut bad = bytes;
         bad[0] = 9;
         assert!(parse_header(&bad).is_err());
@@ -492,8 +496,8 @@ mod tests {
     fn queued_frames_are_written_whole_even_when_the_socket_fills() {
         let (mut link, worker) = linked();
         let big = vec![7u8; 16 << 20];
-        link.queue(Kind::Request, 1, Rc::new(big.clone()));
-        link.queue(Kind::Request, 2, Rc::new(b"small".to_vec()));
+        link.queue_request(1, 0, Rc::new(big.clone()));
+        link.queue_request(2, 1, Rc::new(b"small".to_vec()));
         link.flush().unwrap();
         assert!(
             link.has_output(),
@@ -511,8 +515,10 @@ mod tests {
         }
         drop(link);
         let all = reader.join().unwrap();
-        let mut expected = frame(Kind::Request, 1, &big);
-        expected.extend(frame(Kind::Request, 2, b"small"));
+        let mut expected = request_header(0, big.len(), 1).to_vec();
+        expected.extend(&big);
+        expected.extend(request_header(1, 5, 2));
+        expected.extend(b"small");
         assert!(all == expected);
     }
 
@@ -530,7 +536,7 @@ mod tests {
         // The worker died with a request unread: its replies are still all
         // there, and then the stream simply ends.
         let (mut link, mut worker) = linked();
-        link.queue(Kind::Request, 9, Rc::new(b"never read".to_vec()));
+        link.queue_request(9, 0, Rc::new(b"never read".to_vec()));
         link.flush().unwrap();
         worker.write_all(&frame(Kind::Reply, 8, b"done")).unwrap();
         drop(worker);

@@ -14,6 +14,7 @@
 //!
 //! The supervisor owns processes only; the dispatcher owns the requests.
 
+use crate::claims::Claims;
 use crate::link::{self, Link};
 use crate::worker::WorkerArgs;
 use nix::sys::signal::{kill, Signal};
@@ -167,8 +168,9 @@ impl Supervisor {
     }
 
     /// Adds a worker position for `generation` (reusing a free one) and
-    /// starts its worker. Returns the slot and the daemon's end of the link.
-    pub fn add(&mut self, generation: u64) -> std::io::Result<(usize, Link)> {
+    /// starts its worker. Returns the slot, the daemon's end of the link and
+    /// the worker's claims.
+    pub fn add(&mut self, generation: u64) -> std::io::Result<(usize, Link, Claims)> {
         let slot = match self.slots.iter().position(|slot| !slot.is_live()) {
             Some(free) => free,
             None => {
@@ -188,13 +190,13 @@ impl Supervisor {
         entry.generation = generation;
         entry.failures = 0;
         entry.removing = false;
-        let (_, link) = self.start(slot)?;
-        Ok((slot, link))
+        let (_, link, claims) = self.start(slot)?;
+        Ok((slot, link, claims))
     }
 
-    /// Starts a worker in `slot`. Returns its incarnation and the daemon's
-    /// end of its link.
-    pub fn start(&mut self, slot: usize) -> std::io::Result<(u64, Link)> {
+    /// Starts a worker in `slot`. Returns its incarnation, the daemon's end
+    /// of its link, and its claims.
+    pub fn start(&mut self, slot: usize) -> std::io::Result<(u64, Link, Claims)> {
         let incarnation = self.next_incarnation;
         self.next_incarnation += 1;
         let generation = self.slots[slot].generation;
@@ -202,8 +204,10 @@ impl Supervisor {
             std::io::Error::other(format!("no snapshot of handler generation {generation}"))
         })?;
         let (daemon_end, worker_end) = link::pair()?;
+        let (claims, claims_fd) = Claims::create()?;
         let args = WorkerArgs {
             link_fd: worker_end.as_raw_fd(),
+            claims_fd: claims_fd.as_raw_fd(),
             incarnation,
             load_from: snapshot,
             ..self.template.clone()
@@ -212,13 +216,15 @@ impl Supervisor {
         for name in crate::notify::DAEMON_ONLY_ENV {
             command.env_remove(name);
         }
-        // The one fd the worker inherits. The loop thread is the only one
-        // that starts processes, and `worker_end` is closed (dropped) right
-        // after, so no other child can inherit it.
-        nix::fcntl::fcntl(
-            worker_end.as_raw_fd(),
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-        )?;
+        // The two fds the worker inherits. The loop thread is the only one
+        // that starts processes, and both are closed (dropped) right after,
+        // so no other child can inherit them.
+        for fd in [worker_end.as_raw_fd(), claims_fd.as_raw_fd()] {
+            nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )?;
+        }
         let spawned = command
             .args(args.to_args())
             .stdin(Stdio::null())
@@ -229,6 +235,7 @@ impl Supervisor {
             .process_group(0)
             .spawn();
         drop(worker_end);
+        drop(claims_fd);
         let child = match spawned {
             Ok(child) => child,
             Err(e) => {
@@ -255,7 +262,7 @@ impl Supervisor {
             .recycling
             .max_requests
             .map(|n| n.saturating_add(jitter));
-        Ok((incarnation, Link::new(daemon_end)))
+        Ok((incarnation, Link::new(daemon_end), claims))
     }
 
     /// The incarnation running (or starting) in `slot`.

@@ -6,6 +6,7 @@
 //! link to the daemon (a socket inherited at start, see `link.rs`) and its
 //! replies go back the same way.
 
+use crate::claims::{self, Claims};
 use crate::link::{self, Kind, HEADER_LEN};
 use crate::plugin::Plugin;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -43,6 +44,8 @@ pub const EXIT_INIT_FAILED: u8 = 3;
 pub struct WorkerArgs {
     /// The worker's end of its link to the daemon, inherited open.
     pub link_fd: RawFd,
+    /// Its claims (`claims.rs`), a memfd inherited open.
+    pub claims_fd: RawFd,
     pub incarnation: u64,
     pub daemon_pid: i32,
     /// The operator's handler file, as named in messages.
@@ -58,6 +61,7 @@ impl WorkerArgs {
         vec![
             WORKER_ARG.into(),
             self.link_fd.to_string().into(),
+            self.claims_fd.to_string().into(),
             self.incarnation.to_string().into(),
             self.daemon_pid.to_string().into(),
             self.handler.clone().into(),
@@ -69,12 +73,14 @@ impl WorkerArgs {
     pub fn parse(mut args: impl Iterator<Item = std::ffi::OsString>) -> Result<WorkerArgs, String> {
         let mut next = |what: &str| args.next().ok_or_else(|| format!("worker: missing {what}"));
         let link_fd = next("link fd")?;
+        let claims_fd = next("claims fd")?;
         let number = |text: std::ffi::OsString, what: &str| {
             text.to_str()
                 .and_then(|t| t.parse::<u64>().ok())
                 .ok_or_else(|| format!("worker: bad {what}"))
         };
         let link_fd = number(link_fd, "link fd")? as RawFd;
+        let claims_fd = number(claims_fd, "claims fd")? as RawFd;
         let incarnation = number(next("incarnation")?, "incarnation")?;
         let daemon_pid = number(next("daemon pid")?, "daemon pid")? as i32;
         let handler = PathBuf::from(next("handler")?);
@@ -82,6 +88,7 @@ impl WorkerArgs {
         let handler_config = std::env::var(CONFIG_ENV).unwrap_or_default();
         Ok(WorkerArgs {
             link_fd,
+            claims_fd,
             incarnation,
             daemon_pid,
             handler,
@@ -133,29 +140,31 @@ pub fn run(args: WorkerArgs) -> ExitCode {
     }
 }
 
-/// Takes the inherited link, refusing anything but a socket (a worker
-/// started by hand with a wrong number must not write requests into a file).
-fn inherited_link(fd: RawFd) -> anyhow::Result<UnixStream> {
+/// Takes an fd the daemon passed, if it is of the `kind` expected (a
+/// worker started by hand with a wrong number must not write into a file).
+fn inherited(fd: RawFd, what: &str, kind: nix::sys::stat::SFlag) -> anyhow::Result<OwnedFd> {
     use nix::sys::stat::{fstat, SFlag};
-    let stat = fstat(fd).map_err(|e| anyhow::anyhow!("link fd {fd}: {e}"))?;
-    if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
-        anyhow::bail!("link fd {fd} is not a socket");
+    let stat = fstat(fd).map_err(|e| anyhow::anyhow!("{what} fd {fd}: {e}"))?;
+    if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != kind {
+        anyhow::bail!("{what} fd {fd} is not what the daemon passes");
     }
     // SAFETY: the daemon passed this fd open for this process alone (see
-    // Supervisor::start), it is a socket (checked above), and nothing else
-    // in this process owns it.
+    // Supervisor::start), it is of the expected kind (checked above), and
+    // nothing else in this process owns it.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     // Close-on-exec from here on: a handler that starts programs must not
-    // hand them the link.
+    // hand them the daemon's fds.
     nix::fcntl::fcntl(
         owned.as_raw_fd(),
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     )?;
-    Ok(UnixStream::from(owned))
+    Ok(owned)
 }
 
 fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
-    let link = inherited_link(args.link_fd)?;
+    use nix::sys::stat::SFlag;
+    let link = UnixStream::from(inherited(args.link_fd, "link", SFlag::S_IFSOCK)?);
+    let claims = Claims::open(inherited(args.claims_fd, "claims", SFlag::S_IFREG)?)?;
     let mut writer = &link;
     let send = |writer: &mut &UnixStream, kind: Kind, value: u64, body: &[u8]| {
         writer.write_all(&link::header(kind, body.len(), value))?;
@@ -209,13 +218,20 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
             anyhow::bail!("unexpected {:?} frame from the daemon", header.kind);
         }
         read_payload(&mut reader, header.len, &mut payload)?;
-        let id = header.value;
+        let (id, entry) = (header.value, header.extra as usize);
+        if entry >= claims::ENTRIES {
+            anyhow::bail!("request {id} came with claim entry {entry}");
+        }
+        // The daemon may have taken it back (it waited behind a slow call)
+        // and given it to another worker: then it must not run here.
+        if !claims.start(entry, id) {
+            continue;
+        }
         let started = Instant::now();
         let outcome = plugin.handle(&payload, |len| reply_buffer(&mut spare, len));
         let micros = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
-        // Each reply leaves before the next request starts: if this worker
-        // dies, the daemon knows that only the request it holds first was
-        // running, and gives the rest to other workers.
+        // Each reply leaves before the next request is claimed: if this
+        // worker dies, its claims tell the daemon which one was running.
         match outcome {
             Ok(Some(ReplyBuffer(mut reply))) => {
                 let len = reply.len() - HEADER_LEN;
@@ -238,11 +254,6 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
                 *buffer = Vec::new();
             }
         }
-    }
-    if stop.load(Ordering::Relaxed) {
-        // Requests the daemon staged here will not run: it gives them to
-        // other workers rather than fail one of them with this one's exit.
-        let _ = send(&mut writer, Kind::Stopping, args.incarnation, &[]);
     }
     log::debug!("worker {}: stopping", args.incarnation);
     drop(plugin);

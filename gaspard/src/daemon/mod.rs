@@ -15,6 +15,7 @@ mod clients;
 mod scrape;
 mod workers;
 
+use crate::claims::Claims;
 use crate::config::Config;
 use crate::connection::Connection;
 use crate::dispatcher::Dispatcher;
@@ -68,14 +69,13 @@ impl AsRef<[u8]> for Reply {
     }
 }
 
-/// A worker's link and what the daemon knows of it.
+/// A worker's link, its claims, and what the daemon knows of it.
 struct WorkerLink {
     link: Link,
+    claims: Claims,
     incarnation: u64,
     /// It said Ready and counts in the workers_ready metric.
     ready: bool,
-    /// It said it is stopping between requests: it runs none it holds.
-    stopping: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,6 +221,7 @@ impl Daemon {
         let program = std::env::current_exe().context("cannot find gaspard's own executable")?;
         let template = WorkerArgs {
             link_fd: -1,
+            claims_fd: -1,
             incarnation: 0,
             daemon_pid: std::process::id() as i32,
             handler: handler.clone(),
@@ -400,6 +401,7 @@ impl Daemon {
         };
         let deadlines = [
             self.dispatcher.next_deadline(),
+            self.dispatcher.next_stuck(),
             self.supervisor.next_deadline(),
             self.accept_paused_until,
             self.startup_deadline,
@@ -491,12 +493,15 @@ impl Daemon {
             self.sweep(now);
         }
         self.kill_overdue(now);
+        self.take_back_stuck(now);
         self.reload_timeout(now);
         // Also while draining: queued requests still need workers.
         for slot in self.supervisor.due(now) {
             self.metrics.worker_starts.inc();
             match self.supervisor.start(slot) {
-                Ok((incarnation, link)) => self.install_link(slot, incarnation, link)?,
+                Ok((incarnation, link, claims)) => {
+                    self.install_link(slot, incarnation, link, claims)?
+                }
                 Err(e) => log::error!("cannot start a worker process: {e}"),
             }
         }

@@ -3,6 +3,7 @@
 //! on SIGHUP, one more or one fewer on SIGTTIN / SIGTTOU).
 
 use super::{Daemon, Phase, Reload, Reply, WorkerLink, LINK_BASE, REPLIES_PER_TURN};
+use crate::claims::Claims;
 use crate::dispatcher::Assignment;
 use crate::link::{Kind, Link, Message};
 use crate::metrics::Outcome;
@@ -17,10 +18,10 @@ use std::time::Instant;
 impl Daemon {
     /// Adds a worker of `generation` and starts it.
     pub(super) fn add_worker(&mut self, generation: u64) -> anyhow::Result<usize> {
-        let (slot, link) = self.supervisor.add(generation)?;
+        let (slot, link, claims) = self.supervisor.add(generation)?;
         self.metrics.worker_starts.inc();
         let incarnation = self.supervisor.incarnation_of(slot).unwrap_or(0);
-        self.install_link(slot, incarnation, link)?;
+        self.install_link(slot, incarnation, link, claims)?;
         Ok(slot)
     }
 
@@ -30,6 +31,7 @@ impl Daemon {
         slot: usize,
         incarnation: u64,
         mut link: Link,
+        claims: Claims,
     ) -> anyhow::Result<()> {
         if self.links.len() <= slot {
             self.links.resize_with(slot + 1, || None);
@@ -42,9 +44,9 @@ impl Daemon {
         )?;
         self.links[slot] = Some(WorkerLink {
             link,
+            claims,
             incarnation,
             ready: false,
-            stopping: false,
         });
         Ok(())
     }
@@ -72,9 +74,16 @@ impl Daemon {
                 self.dispatcher.unassign(assignment);
                 break;
             };
-            let Assignment { slot, id, payload } = assignment;
-            // The payload is shared with the dispatcher, not copied.
-            worker.link.queue(Kind::Request, id, payload);
+            let Assignment {
+                slot,
+                id,
+                entry,
+                payload,
+            } = assignment;
+            // Staged in its claim entry before the worker can see it; the
+            // payload is shared with the dispatcher, not copied.
+            worker.claims.stage(entry, id);
+            worker.link.queue_request(id, entry, payload);
             if self.dispatcher.held(slot) == 1 {
                 idle.push(slot);
             } else if !idle.contains(&slot) && !self.links_to_flush.contains(&slot) {
@@ -191,12 +200,6 @@ impl Daemon {
                 let reason = String::from_utf8_lossy(&message.body).into_owned();
                 self.on_init_failed(incarnation, reason)?;
             }
-            Kind::Stopping => {
-                if let Some(worker) = self.links.get_mut(slot).and_then(Option::as_mut) {
-                    worker.stopping = true;
-                }
-                self.dispatcher.worker_draining(slot);
-            }
             Kind::Request => {
                 log::error!("worker {incarnation} (slot {slot}) sent a request frame; killing it");
                 self.abandon_worker(slot);
@@ -257,11 +260,15 @@ impl Daemon {
     /// Closes a worker's link: nothing more is sent to it or read from it
     /// (a live worker reads the end of its link and stops).
     pub(super) fn drop_link(&mut self, slot: usize) {
-        if let Some(mut worker) = self.links.get_mut(slot).and_then(Option::take) {
-            let _ = self.poll.registry().deregister(worker.link.source());
-            if worker.ready {
-                self.metrics.workers_ready.dec();
-            }
+        if let Some(worker) = self.links.get_mut(slot).and_then(Option::take) {
+            self.forget_link(worker);
+        }
+    }
+
+    fn forget_link(&mut self, mut worker: WorkerLink) {
+        let _ = self.poll.registry().deregister(worker.link.source());
+        if worker.ready {
+            self.metrics.workers_ready.dec();
         }
     }
 
@@ -269,21 +276,43 @@ impl Daemon {
     /// was read: the one it may have been running fails, the ones staged
     /// behind it go to other workers. Returns how many failed and went back.
     fn lose_worker(&mut self, slot: usize, why: &str) -> (usize, usize) {
-        let stopping = self
-            .links
-            .get(slot)
-            .and_then(Option::as_ref)
-            .is_some_and(|worker| worker.stopping);
-        self.drop_link(slot);
-        let (failed, requeued) = self.dispatcher.worker_died(slot, !stopping);
-        if let Some((id, key)) = failed {
+        let worker = self.links.get_mut(slot).and_then(Option::take);
+        let (failed, requeued) = self.dispatcher.worker_died(slot, |entry, id| {
+            // Without its claims (never the case for a started worker),
+            // any request may have run.
+            worker
+                .as_ref()
+                .map_or(true, |w| w.claims.started(entry, id))
+        });
+        if let Some(worker) = worker {
+            self.forget_link(worker);
+        }
+        let count = failed.len();
+        for (id, key) in failed {
             self.fail(key, id, Outcome::worker_lost, why.to_string());
         }
         // Waiting in the queue again: a client that leaves now must be seen.
         for &key in &requeued {
             self.watch_if_waiting(key);
         }
-        (usize::from(failed.is_some()), requeued.len())
+        (count, requeued.len())
+    }
+
+    /// Takes back the requests staged behind calls that turned out slow,
+    /// if their workers have not started them: they go to whichever worker
+    /// is free first (see `claims.rs`).
+    pub(super) fn take_back_stuck(&mut self, now: Instant) {
+        let stuck = self.dispatcher.stuck(now);
+        // In reverse: each goes back to the head of the queue.
+        for &(slot, id, entry) in stuck.iter().rev() {
+            let Some(worker) = self.links.get(slot).and_then(Option::as_ref) else {
+                continue;
+            };
+            if worker.claims.withdraw(entry, id) {
+                self.dispatcher.taken_back(id);
+                log::debug!("took back request {id} from slot {slot}: its worker runs a slow call");
+            }
+        }
     }
 
     /// Kills a worker whose link broke: what it ran is unknown, so every
