@@ -125,10 +125,9 @@ pub struct Cli {
 
     /// Requests a worker may hold at once: `auto` stages more behind the
     /// request a busy worker runs only while its handler calls are quick (up
-    /// to about 2 ms of them, none behind a call already running 4 times its
-    /// usual time; one at a time with --timeout 0), so the worker does not
-    /// idle for the round trip to the daemon; a number N (1 to 64) fixes it.
-    /// 1 is strictly one at a time.
+    /// to about 2 ms of them), so the worker does not idle for the round trip
+    /// to the daemon, and takes them back if the call turns out slow; a
+    /// number N (1 to 64) fixes it. 1 is strictly one at a time.
     #[arg(long, env = "GASPARD_WORKER_CREDIT", default_value = "auto", value_name = "auto|N",
           value_parser = parse_credit)]
     pub worker_credit: Credit,
