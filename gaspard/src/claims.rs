@@ -8,8 +8,10 @@
 //! It also tells the daemon, when a worker dies, exactly which of its
 //! requests had started: those fail, the others go to other workers.
 //!
-//! A word holds a request id and its state; a request travels with the
-//! index of its word (its *entry*, see `link::Kind::Request`).
+//! A request travels with a [`Ticket`]: the index of its word (its entry)
+//! and a generation, new each time the entry is used, so that a frame read
+//! late can never claim a later use of the same entry (not even by the same
+//! request, sent again). The word holds generation, request id and state.
 
 use std::io;
 use std::num::NonZeroUsize;
@@ -25,8 +27,34 @@ const STAGED: u64 = 1;
 const STARTED: u64 = 2;
 const WITHDRAWN: u64 = 3;
 
-fn word(id: u64, state: u64) -> u64 {
-    (id << 2) | state
+/// Low bits of the request id kept in a word (the generation makes each
+/// use of an entry unique anyway; the id is a check on top).
+const ID_BITS: u32 = 46;
+
+/// Where a request's word is, and which use of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ticket {
+    pub entry: usize,
+    pub generation: u16,
+}
+
+impl Ticket {
+    /// The 22 bits a request frame carries (`link::request_header`).
+    pub fn encode(self) -> u32 {
+        self.entry as u32 | (u32::from(self.generation) << 6)
+    }
+
+    /// `None` for bits a ticket never has.
+    pub fn decode(bits: u32) -> Option<Ticket> {
+        let entry = (bits & 0x3f) as usize;
+        let generation = u16::try_from(bits >> 6).ok()?;
+        Some(Ticket { entry, generation })
+    }
+}
+
+fn word(ticket: Ticket, id: u64, state: u64) -> u64 {
+    let id = id & ((1 << ID_BITS) - 1);
+    (u64::from(ticket.generation) << (ID_BITS + 2)) | (id << 2) | state
 }
 
 /// One worker's words, mapped in this process.
@@ -38,9 +66,16 @@ impl Claims {
     /// Makes a new set of words (all free), for a worker about to start.
     /// Returns them and the memfd to hand to the worker (close-on-exec).
     pub fn create() -> io::Result<(Claims, OwnedFd)> {
+        use nix::fcntl::{fcntl, FcntlArg, SealFlag};
         use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-        let fd = memfd_create(c"gaspard-claims", MemFdCreateFlag::MFD_CLOEXEC)?;
+        use std::os::fd::AsRawFd;
+        let flags = MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING;
+        let fd = memfd_create(c"gaspard-claims", flags)?;
         nix::unistd::ftruncate(&fd, BYTES as i64)?;
+        // Its size is fixed for good: a worker shrinking it would make the
+        // daemon's next access to the mapping fault.
+        let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+        fcntl(fd.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals))?;
         Ok((Claims::map(&fd)?, fd))
     }
 
@@ -76,7 +111,7 @@ impl Claims {
         Ok(Claims { base: base.cast() })
     }
 
-    fn entry(&self, entry: usize) -> &AtomicU64 {
+    fn word(&self, entry: usize) -> &AtomicU64 {
         assert!(entry < ENTRIES, "claim entry {entry} out of range");
         // SAFETY: the mapping is page-aligned and `BYTES` long, so entry
         // `entry < ENTRIES` is an aligned u64 inside it; AtomicU64 has u64's
@@ -85,33 +120,34 @@ impl Claims {
         unsafe { &*self.base.as_ptr().add(entry) }
     }
 
-    /// The daemon: request `id` is staged in `entry` (any previous holder of
-    /// the entry is answered or taken back).
-    pub fn stage(&self, entry: usize, id: u64) {
-        self.entry(entry).store(word(id, STAGED), Ordering::Release);
+    /// The daemon: request `id` is staged under `ticket` (the entry's
+    /// previous use is answered or taken back).
+    pub fn stage(&self, ticket: Ticket, id: u64) {
+        self.word(ticket.entry)
+            .store(word(ticket, id, STAGED), Ordering::Release);
     }
 
     /// The worker: claims request `id` before running it. False: the daemon
-    /// took it back, and the worker must not run it.
-    pub fn start(&self, entry: usize, id: u64) -> bool {
-        self.swap(entry, id, STARTED)
+    /// took it back (or this frame is a stale one), and it must not run.
+    pub fn start(&self, ticket: Ticket, id: u64) -> bool {
+        self.swap(ticket, id, STARTED)
     }
 
     /// The daemon: takes back request `id` if the worker has not started it.
-    pub fn withdraw(&self, entry: usize, id: u64) -> bool {
-        self.swap(entry, id, WITHDRAWN)
+    pub fn withdraw(&self, ticket: Ticket, id: u64) -> bool {
+        self.swap(ticket, id, WITHDRAWN)
     }
 
     /// The daemon, once the worker is dead: whether it had started `id`.
-    pub fn started(&self, entry: usize, id: u64) -> bool {
-        self.entry(entry).load(Ordering::Acquire) == word(id, STARTED)
+    pub fn started(&self, ticket: Ticket, id: u64) -> bool {
+        self.word(ticket.entry).load(Ordering::Acquire) == word(ticket, id, STARTED)
     }
 
-    fn swap(&self, entry: usize, id: u64, to: u64) -> bool {
-        self.entry(entry)
+    fn swap(&self, ticket: Ticket, id: u64, to: u64) -> bool {
+        self.word(ticket.entry)
             .compare_exchange(
-                word(id, STAGED),
-                word(id, to),
+                word(ticket, id, STAGED),
+                word(ticket, id, to),
                 Ordering::AcqRel,
                 Ordering::Acquire,
             )
@@ -130,24 +166,46 @@ impl Drop for Claims {
 mod tests {
     use super::*;
 
+    fn ticket(entry: usize, generation: u16) -> Ticket {
+        Ticket { entry, generation }
+    }
+
     #[test]
     fn one_side_wins_each_request_and_the_other_sees_it() {
         let (daemon, fd) = Claims::create().unwrap();
         // The worker's mapping is the same memory.
         let worker = Claims::open(fd).unwrap();
-        daemon.stage(0, 7);
-        daemon.stage(1, 8);
-        assert!(worker.start(0, 7));
-        assert!(!daemon.withdraw(0, 7), "too late: it started");
-        assert!(daemon.started(0, 7));
-        assert!(daemon.withdraw(1, 8));
-        assert!(!worker.start(1, 8), "taken back: the worker skips it");
-        assert!(!daemon.started(1, 8));
-        // An entry reused for another request: the old one's frame, read
-        // late, cannot claim the new one.
-        daemon.stage(1, 9);
-        assert!(!worker.start(1, 8));
-        assert!(worker.start(1, 9));
+        daemon.stage(ticket(0, 1), 7);
+        daemon.stage(ticket(1, 1), 8);
+        assert!(worker.start(ticket(0, 1), 7));
+        assert!(!daemon.withdraw(ticket(0, 1), 7), "too late: it started");
+        assert!(daemon.started(ticket(0, 1), 7));
+        assert!(daemon.withdraw(ticket(1, 1), 8));
+        assert!(
+            !worker.start(ticket(1, 1), 8),
+            "taken back: the worker skips it"
+        );
+        assert!(!daemon.started(ticket(1, 1), 8));
+        // The entry used again, even for the same request sent again: the
+        // old frame, read late, cannot claim it; the new one can.
+        daemon.stage(ticket(1, 2), 8);
+        assert!(!worker.start(ticket(1, 1), 8));
+        assert!(worker.start(ticket(1, 2), 8));
+    }
+
+    #[test]
+    fn tickets_travel_in_22_bits() {
+        for t in [ticket(0, 0), ticket(63, u16::MAX), ticket(17, 300)] {
+            assert_eq!(Ticket::decode(t.encode()), Some(t));
+            assert!(t.encode() < 1 << 22);
+        }
+        assert_eq!(Ticket::decode(1 << 22), None, "bits a ticket never has");
+    }
+
+    #[test]
+    fn the_size_is_sealed() {
+        let (_daemon, fd) = Claims::create().unwrap();
+        assert!(nix::unistd::ftruncate(&fd, 8).is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! The dispatcher knows connections only by an opaque key and workers only by
 //! slot number; it does no I/O.
 
-use crate::claims::ENTRIES;
+use crate::claims::{Ticket, ENTRIES};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -28,12 +28,12 @@ pub type Payload = Rc<Vec<u8>>;
 enum Place {
     /// Waiting for a worker.
     Queued(Payload),
-    /// Sent to the worker in this slot, in claim entry `entry`; its
+    /// Sent to the worker in this slot, under `ticket` (`claims.rs`); its
     /// deadline, if any (only the request a worker runs has one; staged ones
     /// wait for theirs).
     Running {
         slot: usize,
-        entry: usize,
+        ticket: Ticket,
         deadline: Option<Instant>,
         payload: Payload,
     },
@@ -53,11 +53,49 @@ struct WorkerLoad {
     held: Vec<RequestId>,
     /// The claim entries its requests are in (a bit each; `claims.rs`).
     entries: u64,
+    /// Each entry's last generation.
+    generations: Vec<u16>,
+    /// A request staged here could not be taken back: the worker has moved
+    /// on to it, and the call that was slow has ended. Nothing more is
+    /// tried until its next reply.
+    take_back_failed: bool,
     /// When the worker started the first request it holds.
     busy_since: Option<Instant>,
     /// How long its handler calls take, in microseconds: rises at once to
     /// a slower call, falls slowly after quicker ones. `None`: no call yet.
     service_micros: Option<u32>,
+}
+
+impl WorkerLoad {
+    /// A free claim entry, under a new generation (credit never exceeds the
+    /// entries, so there is one).
+    fn take_entry(&mut self) -> Ticket {
+        debug_assert!(self.entries != u64::MAX, "every claim entry is in use");
+        let entry = (!self.entries).trailing_zeros() as usize % ENTRIES;
+        self.entries |= 1 << entry;
+        if self.generations.len() < ENTRIES {
+            self.generations.resize(ENTRIES, 0);
+        }
+        self.generations[entry] = self.generations[entry].wrapping_add(1);
+        Ticket {
+            entry,
+            generation: self.generations[entry],
+        }
+    }
+
+    fn free_entry(&mut self, ticket: Ticket) {
+        self.entries &= !(1 << ticket.entry);
+    }
+}
+
+/// Whether a busy worker's running call has turned out slow, with requests
+/// staged behind it that can still be taken back.
+fn is_stuck(load: &WorkerLoad, now: Instant) -> bool {
+    load.held.len() > 1
+        && !load.take_back_failed
+        && load
+            .busy_since
+            .is_some_and(|since| now >= since + slow_after(load.service_micros))
 }
 
 /// How many requests a worker may hold at once.
@@ -100,8 +138,8 @@ fn slow_after(service_micros: Option<u32>) -> Duration {
 pub struct Assignment {
     pub slot: usize,
     pub id: RequestId,
-    /// The claim entry it is staged in.
-    pub entry: usize,
+    /// Its claim ticket.
+    pub ticket: Ticket,
     pub payload: Payload,
 }
 
@@ -190,12 +228,10 @@ impl Dispatcher {
             };
             let payload = Rc::clone(payload);
             let load = &mut self.workers[slot];
-            // Credit never exceeds the entries, so one is free.
-            let entry = (!load.entries).trailing_zeros() as usize;
-            load.entries |= 1 << entry;
+            let ticket = load.take_entry();
             request.place = Place::Running {
                 slot,
-                entry,
+                ticket,
                 deadline,
                 payload: Rc::clone(&payload),
             };
@@ -208,7 +244,7 @@ impl Dispatcher {
             return Some(Assignment {
                 slot,
                 id,
-                entry,
+                ticket,
                 payload,
             });
         }
@@ -219,12 +255,12 @@ impl Dispatcher {
         let Assignment {
             slot,
             id,
-            entry,
+            ticket,
             payload,
         } = assignment;
         let load = &mut self.workers[slot];
         load.held.retain(|&held| held != id);
-        load.entries &= !(1 << entry);
+        load.free_entry(ticket);
         if load.held.is_empty() {
             load.busy_since = None;
         }
@@ -254,20 +290,20 @@ impl Dispatcher {
 
     /// How many requests a worker may hold now.
     fn credit_of(&self, load: &WorkerLoad, now: Instant) -> usize {
+        let running = load
+            .busy_since
+            .map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
+        // The call it runs is slower than its recent ones: stage nothing
+        // more behind it (and what is staged there is taken back).
+        if running >= slow_after(load.service_micros) {
+            return 1;
+        }
         match self.credit {
             Credit::Fixed(n) => n.min(ENTRIES),
             Credit::Auto => {
                 let Some(micros) = load.service_micros else {
                     return 1;
                 };
-                let running = load
-                    .busy_since
-                    .map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
-                // The call it runs is slower than its recent ones: stage
-                // nothing more behind it (and what is staged is taken back).
-                if running >= slow_after(Some(micros)) {
-                    return 1;
-                }
                 let budget = STAGE_BUDGET.as_micros() as usize;
                 (1 + budget / (micros as usize).max(1)).min(MAX_AUTO_CREDIT)
             }
@@ -282,23 +318,26 @@ impl Dispatcher {
         }
         // A new worker in the slot: nothing known of its handler times yet.
         let load = &mut self.workers[slot];
+        debug_assert!(load.held.is_empty(), "a new worker holds nothing");
         load.ready = true;
         load.busy_since = None;
         load.service_micros = None;
         load.entries = 0;
+        load.take_back_failed = false;
     }
 
     /// A worker's reply arrived. Returns the worker's slot and the client to
     /// answer, if it is still there; `None` for ids already failed.
     /// `micros` is how long the handler ran.
     pub fn complete(&mut self, id: RequestId, micros: u32) -> Option<(usize, Option<usize>)> {
-        let Place::Running { slot, entry, .. } = self.requests.get(&id)?.place else {
+        let Place::Running { slot, ticket, .. } = self.requests.get(&id)?.place else {
             return None; // a worker cannot answer a request it was never given
         };
         let request = self.requests.remove(&id)?;
         let load = &mut self.workers[slot];
         load.held.retain(|&held| held != id);
-        load.entries &= !(1 << entry);
+        load.free_entry(ticket);
+        load.take_back_failed = false;
         // Up at once, down slowly: one slow call stops staging at once, and
         // a few quick ones do not make a slow handler look quick.
         load.service_micros = Some(match load.service_micros {
@@ -344,7 +383,7 @@ impl Dispatcher {
     }
 
     /// The worker in `slot` died, and every reply it sent was taken.
-    /// `started(entry, id)` says whether it had claimed a request (see
+    /// `started(ticket, id)` says whether it had claimed a request (see
     /// `claims.rs`): those may have run, and fail (returned with their
     /// clients, if they have any). The others never started and go back to
     /// the head of the queue, in order, for another worker (returned: their
@@ -352,7 +391,7 @@ impl Dispatcher {
     pub fn worker_died(
         &mut self,
         slot: usize,
-        started: impl Fn(usize, RequestId) -> bool,
+        started: impl Fn(Ticket, RequestId) -> bool,
     ) -> (Vec<(RequestId, usize)>, Vec<usize>) {
         let Some(load) = self.workers.get_mut(slot) else {
             return (Vec::new(), Vec::new());
@@ -360,19 +399,22 @@ impl Dispatcher {
         load.ready = false;
         load.busy_since = None;
         load.entries = 0;
+        load.take_back_failed = false;
         let held = std::mem::take(&mut load.held);
         let mut failed = Vec::new();
         let mut requeued = Vec::new();
         for &id in held.iter().rev() {
             let Some(Request {
-                place: Place::Running { entry, payload, .. },
+                place: Place::Running {
+                    ticket, payload, ..
+                },
                 client,
             }) = self.requests.get(&id)
             else {
                 continue;
             };
             let client = *client;
-            if started(*entry, id) {
+            if started(*ticket, id) {
                 self.requests.remove(&id);
                 failed.extend(client.map(|client| (id, client)));
                 continue;
@@ -400,70 +442,74 @@ impl Dispatcher {
     }
 
     /// Requests staged at workers whose running call has turned out slower
-    /// than their recent ones (auto credit): they should be taken back.
-    /// Returns (slot, id, entry) for each, to be tried with the worker's
-    /// claims and, where that works, handed to [`Self::taken_back`].
-    pub fn stuck(&self, now: Instant) -> Vec<(usize, RequestId, usize)> {
+    /// than their recent ones: they should be taken back. Returns (slot,
+    /// id, ticket) for each, to be tried with the worker's claims: then
+    /// [`Self::taken_back`] or [`Self::take_back_failed`].
+    pub fn stuck(&self, now: Instant) -> Vec<(usize, RequestId, Ticket)> {
         let mut stuck = Vec::new();
         for (slot, load) in self.workers.iter().enumerate() {
-            if !self.is_stuck(load, now) {
+            if !is_stuck(load, now) {
                 continue;
             }
             for &id in &load.held[1..] {
                 if let Some(Request {
-                    place: Place::Running { entry, .. },
+                    place: Place::Running { ticket, .. },
                     ..
                 }) = self.requests.get(&id)
                 {
-                    stuck.push((slot, id, *entry));
+                    stuck.push((slot, id, *ticket));
                 }
             }
         }
         stuck
     }
 
-    fn is_stuck(&self, load: &WorkerLoad, now: Instant) -> bool {
-        load.held.len() > 1
-            && self.credit == Credit::Auto
-            && load
-                .busy_since
-                .is_some_and(|since| now >= since + slow_after(load.service_micros))
-    }
-
     /// When [`Self::stuck`] may next find something, for the loop's timeout.
     pub fn next_stuck(&self) -> Option<Instant> {
-        if self.credit != Credit::Auto {
-            return None;
-        }
         self.workers
             .iter()
-            .filter(|load| load.held.len() > 1)
+            .filter(|load| load.held.len() > 1 && !load.take_back_failed)
             .filter_map(|load| Some(load.busy_since? + slow_after(load.service_micros)))
             .min()
     }
 
     /// The daemon took request `id` back from its worker before it started:
     /// it waits at the head of the queue again (taken back in reverse
-    /// order, requests keep their order).
-    pub fn taken_back(&mut self, id: RequestId) {
+    /// order, requests keep their order). Returns its client, if it still
+    /// has one; a request nobody waits for is dropped.
+    pub fn taken_back(&mut self, id: RequestId) -> Option<usize> {
         let Some(Request {
             place:
                 Place::Running {
                     slot,
-                    entry,
+                    ticket,
                     payload,
                     ..
                 },
-            ..
+            client,
         }) = self.requests.get(&id)
         else {
-            return;
+            return None;
         };
-        let (slot, entry, payload) = (*slot, *entry, Rc::clone(payload));
+        let (slot, ticket, payload, client) = (*slot, *ticket, Rc::clone(payload), *client);
         let load = &mut self.workers[slot];
         load.held.retain(|&held| held != id);
-        load.entries &= !(1 << entry);
+        load.free_entry(ticket);
+        if client.is_none() {
+            self.requests.remove(&id);
+            return None;
+        }
         self.requeue(id, payload);
+        client
+    }
+
+    /// The worker in `slot` had already started a request the daemon tried
+    /// to take back: its slow call is over. Nothing more is tried there
+    /// until its next reply.
+    pub fn take_back_failed(&mut self, slot: usize) {
+        if let Some(load) = self.workers.get_mut(slot) {
+            load.take_back_failed = true;
+        }
     }
 
     /// The requests running past their deadline, taken from their clients
@@ -498,6 +544,7 @@ impl Dispatcher {
         load.ready = false;
         load.busy_since = None;
         load.entries = 0;
+        load.take_back_failed = false;
         std::mem::take(&mut load.held)
             .into_iter()
             .filter_map(|id| Some((id, self.requests.remove(&id)?.client?)))
@@ -745,7 +792,7 @@ mod tests {
         let now = Instant::now();
         let ids: Vec<RequestId> = (0..3).map(|client| d.submit(client, vec![])).collect();
         let entries: Vec<usize> = (0..3)
-            .map(|_| d.next_assignment(now).unwrap().entry)
+            .map(|_| d.next_assignment(now).unwrap().ticket.entry)
             .collect();
         assert_eq!(entries, vec![0, 1, 2], "each in its own claim entry");
         assert_eq!(d.worker_died(0, |_, _| false), (vec![], vec![0, 1, 2]));
@@ -769,7 +816,7 @@ mod tests {
         let mut on0 = Vec::new();
         while let Some(assignment) = d.next_assignment(now) {
             if assignment.slot == 0 {
-                on0.push((assignment.id, assignment.entry));
+                on0.push((assignment.id, assignment.ticket));
             }
         }
         assert!(on0.len() >= 2, "staged at worker 0: {on0:?}");
@@ -777,10 +824,13 @@ mod tests {
         let later = now + SLOW_FLOOR;
         assert_eq!(d.next_stuck(), Some(later));
         let stuck = d.stuck(later);
-        let expected: Vec<_> = on0[1..].iter().map(|&(id, entry)| (0, id, entry)).collect();
+        let expected: Vec<_> = on0[1..]
+            .iter()
+            .map(|&(id, ticket)| (0, id, ticket))
+            .collect();
         assert_eq!(stuck, expected, "all but the one running");
         for &(_, id, _) in stuck.iter().rev() {
-            d.taken_back(id);
+            assert!(d.taken_back(id).is_some(), "its client waits");
         }
         assert_eq!(d.held(0), 1);
         assert_eq!(d.queued(), stuck.len());
@@ -798,16 +848,33 @@ mod tests {
     }
 
     #[test]
-    fn fixed_credit_takes_nothing_back() {
-        let mut d = Dispatcher::new(Credit::Fixed(2), Some(Duration::from_secs(30)));
+    fn a_failed_take_back_stops_further_tries_until_the_next_reply() {
+        let mut d = Dispatcher::new(Credit::Fixed(3), Some(Duration::from_secs(30)));
         d.worker_ready(0);
         let now = Instant::now();
-        d.submit(1, vec![]);
-        d.submit(2, vec![]);
-        d.next_assignment(now).unwrap();
-        d.next_assignment(now).unwrap();
-        assert_eq!(d.stuck(now + Duration::from_secs(10)), vec![]);
+        let ids: Vec<RequestId> = (0..3).map(|client| d.submit(client, vec![])).collect();
+        let tickets: Vec<Ticket> = (0..3)
+            .map(|_| d.next_assignment(now).unwrap().ticket)
+            .collect();
+        // Fixed credit too: nothing known of its calls, 2 ms is slow.
+        let later = now + STAGE_BUDGET;
+        assert_eq!(d.stuck(later).len(), 2);
+        d.take_back_failed(0);
+        assert_eq!(d.stuck(later), vec![], "no retry on every loop turn");
         assert_eq!(d.next_stuck(), None);
+        d.complete(ids[0], 5);
+        assert!(d.next_stuck().is_some(), "tried again after a reply");
+        // A client gone: taking its request back drops it.
+        d.client_gone(ids[2]);
+        assert_eq!(d.taken_back(ids[2]), None);
+        assert_eq!(d.queued(), 0);
+        // Entries come back with a new generation each time they are used.
+        let again = d.submit(7, vec![]);
+        let assignment = d.next_assignment(Instant::now()).unwrap();
+        assert_eq!(assignment.id, again);
+        // Entry 0, freed by the reply, is the lowest free one.
+        assert_eq!(assignment.ticket.entry, tickets[0].entry);
+        assert_ne!(assignment.ticket.generation, tickets[0].generation);
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //!
 //! Both directions carry frames: a [`HEADER_LEN`]-byte header (a [`Kind`]
 //! byte; for replies, how long the handler ran in microseconds, for
-//! requests, the request's claim entry (`claims.rs`), as a 24-bit
+//! requests, the request's claim ticket (`claims.rs`), as a 24-bit
 //! little-endian number, saturating, else three zero bytes; the body length
 //! as u32 little-endian; a value as u64 little-endian), then the body. Frames are written back to back, so one
 //! `read` can bring many and one `writev` can send many.
@@ -58,7 +58,7 @@ impl Kind {
 pub struct Header {
     pub kind: Kind,
     /// Replies: how long the handler ran, in microseconds. Requests: the
-    /// claim entry.
+    /// encoded claim ticket.
     pub extra: u32,
     pub len: usize,
     pub value: u64,
@@ -75,9 +75,9 @@ pub fn header(kind: Kind, len: usize, value: u64) -> [u8; HEADER_LEN] {
     reply_header(kind, 0, len, value)
 }
 
-/// Encodes the header of request `id` in claim entry `entry`.
-pub fn request_header(entry: usize, len: usize, id: u64) -> [u8; HEADER_LEN] {
-    reply_header(Kind::Request, entry as u32, len, id)
+/// Encodes the header of request `id` with its encoded claim ticket.
+pub fn request_header(ticket: u32, len: usize, id: u64) -> [u8; HEADER_LEN] {
+    reply_header(Kind::Request, ticket, len, id)
 }
 
 /// Encodes the header of a reply whose handler ran for `micros`.
@@ -211,11 +211,11 @@ impl Link {
         &mut self.stream
     }
 
-    /// Queues request `id` (claim entry `entry`); [`Link::flush`] sends it,
-    /// without copying the body.
-    pub fn queue_request(&mut self, id: u64, entry: usize, body: Rc<Vec<u8>>) {
+    /// Queues request `id` with its encoded claim ticket; [`Link::flush`]
+    /// sends it, without copying the body.
+    pub fn queue_request(&mut self, id: u64, ticket: u32, body: Rc<Vec<u8>>) {
         self.out.push_back(Outgoing {
-            header: request_header(entry, body.len(), id),
+            header: request_header(ticket, body.len(), id),
             body,
         });
     }

@@ -6,7 +6,7 @@
 //! link to the daemon (a socket inherited at start, see `link.rs`) and its
 //! replies go back the same way.
 
-use crate::claims::{self, Claims};
+use crate::claims::{Claims, Ticket};
 use crate::link::{self, Kind, HEADER_LEN};
 use crate::plugin::Plugin;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -218,13 +218,13 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
             anyhow::bail!("unexpected {:?} frame from the daemon", header.kind);
         }
         read_payload(&mut reader, header.len, &mut payload)?;
-        let (id, entry) = (header.value, header.extra as usize);
-        if entry >= claims::ENTRIES {
-            anyhow::bail!("request {id} came with claim entry {entry}");
-        }
+        let id = header.value;
+        let Some(ticket) = Ticket::decode(header.extra) else {
+            anyhow::bail!("request {id} came with claim ticket {:#x}", header.extra);
+        };
         // The daemon may have taken it back (it waited behind a slow call)
         // and given it to another worker: then it must not run here.
-        if !claims.start(entry, id) {
+        if !claims.start(ticket, id) {
             continue;
         }
         let started = Instant::now();

@@ -77,13 +77,13 @@ impl Daemon {
             let Assignment {
                 slot,
                 id,
-                entry,
+                ticket,
                 payload,
             } = assignment;
             // Staged in its claim entry before the worker can see it; the
             // payload is shared with the dispatcher, not copied.
-            worker.claims.stage(entry, id);
-            worker.link.queue_request(id, entry, payload);
+            worker.claims.stage(ticket, id);
+            worker.link.queue_request(id, ticket.encode(), payload);
             if self.dispatcher.held(slot) == 1 {
                 idle.push(slot);
             } else if !idle.contains(&slot) && !self.links_to_flush.contains(&slot) {
@@ -222,6 +222,15 @@ impl Daemon {
     }
 
     fn on_worker_ready(&mut self, slot: usize, incarnation: u64, body: &[u8]) {
+        if self
+            .links
+            .get(slot)
+            .and_then(Option::as_ref)
+            .is_some_and(|w| w.ready)
+        {
+            log::warn!("worker {incarnation} (slot {slot}) said Ready twice; ignored");
+            return;
+        }
         if self.supervisor.is_retiring(slot) {
             // Told to stop while starting (SIGTTOU, a rejected reload): it
             // gets no work, and exits on the signal it already has.
@@ -277,12 +286,12 @@ impl Daemon {
     /// behind it go to other workers. Returns how many failed and went back.
     fn lose_worker(&mut self, slot: usize, why: &str) -> (usize, usize) {
         let worker = self.links.get_mut(slot).and_then(Option::take);
-        let (failed, requeued) = self.dispatcher.worker_died(slot, |entry, id| {
+        let (failed, requeued) = self.dispatcher.worker_died(slot, |ticket, id| {
             // Without its claims (never the case for a started worker),
             // any request may have run.
             worker
                 .as_ref()
-                .map_or(true, |w| w.claims.started(entry, id))
+                .map_or(true, |w| w.claims.started(ticket, id))
         });
         if let Some(worker) = worker {
             self.forget_link(worker);
@@ -304,13 +313,19 @@ impl Daemon {
     pub(super) fn take_back_stuck(&mut self, now: Instant) {
         let stuck = self.dispatcher.stuck(now);
         // In reverse: each goes back to the head of the queue.
-        for &(slot, id, entry) in stuck.iter().rev() {
+        for &(slot, id, ticket) in stuck.iter().rev() {
             let Some(worker) = self.links.get(slot).and_then(Option::as_ref) else {
                 continue;
             };
-            if worker.claims.withdraw(entry, id) {
-                self.dispatcher.taken_back(id);
-                log::debug!("took back request {id} from slot {slot}: its worker runs a slow call");
+            if !worker.claims.withdraw(ticket, id) {
+                // It has started it: the slow call is over.
+                self.dispatcher.take_back_failed(slot);
+                continue;
+            }
+            log::debug!("took back request {id} from slot {slot}: its worker runs a slow call");
+            if let Some(key) = self.dispatcher.taken_back(id) {
+                // Waiting in the queue again: a client that leaves must be seen.
+                self.watch_if_waiting(key);
             }
         }
     }
