@@ -33,6 +33,10 @@ const STOP_CHECK: Duration = Duration::from_millis(250);
 /// taken in one `read`.
 const READ_BUFFER: usize = 64 * 1024;
 
+/// A handler's error message is cut to this many bytes: it is for logs
+/// and statuses, and must fit a frame.
+const MAX_ERROR: usize = 64 * 1024;
+
 /// Request and reply buffers larger than this are freed after use.
 const KEEP_BUFFER: usize = 8 * 1024 * 1024;
 
@@ -242,6 +246,7 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
             }
             Ok(None) => writer.write_all(&link::reply_header(Kind::Reply, micros, 0, id))?,
             Err(error) => {
+                let error = clip(&error, MAX_ERROR);
                 let header = link::reply_header(Kind::Failed, micros, error.len(), id);
                 writer.write_all(&header)?;
                 writer.write_all(error.as_bytes())?;
@@ -258,6 +263,15 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
     log::debug!("worker {}: stopping", args.incarnation);
     drop(plugin);
     Ok(())
+}
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn clip(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// Whether a read should simply be tried again: interrupted, or woken by
@@ -302,4 +316,16 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_error_messages_are_cut_at_a_character_boundary() {
+        assert_eq!(clip("short", 64), "short");
+        assert_eq!(clip("héllo", 2), "h", "not inside the two-byte é");
+        assert_eq!(clip(&"x".repeat(100_000), MAX_ERROR).len(), MAX_ERROR);
+    }
 }
