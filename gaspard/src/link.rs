@@ -180,8 +180,6 @@ pub struct Link {
     /// The last read came back short: the socket was empty, and the next
     /// bytes to arrive will be announced by a new readiness event.
     drained: bool,
-    /// The stream ended in the middle of a frame.
-    torn: bool,
 }
 
 impl Link {
@@ -196,7 +194,6 @@ impl Link {
             large: None,
             closed: false,
             drained: false,
-            torn: false,
         }
     }
 
@@ -221,7 +218,8 @@ impl Link {
     }
 
     /// Whether queued frames are waiting for the socket to take them.
-    pub fn has_output(&self) -> bool {
+    #[cfg(test)]
+    fn has_output(&self) -> bool {
         !self.out.is_empty()
     }
 
@@ -268,13 +266,9 @@ impl Link {
     }
 
     /// Whether the worker's end is closed and everything it sent was taken.
-    pub fn is_closed(&self) -> bool {
+    #[cfg(test)]
+    fn is_closed(&self) -> bool {
         self.closed
-    }
-
-    /// Whether the stream ended in the middle of a frame (dropped).
-    pub fn is_torn(&self) -> bool {
-        self.torn
     }
 
     /// The next whole frame, reading from the socket as needed. `Ok(None)`:
@@ -330,7 +324,7 @@ impl Link {
                     // the request it was running: that request's fate is
                     // settled with the worker's death, like any other.
                     self.closed = true;
-                    self.torn = self.large.take().is_some() || self.end > self.start;
+                    self.large = None;
                     self.start = 0;
                     self.end = 0;
                     return Ok(None);
@@ -558,7 +552,7 @@ mod tests {
             link.try_recv().unwrap().is_none(),
             "the torn frame is dropped"
         );
-        assert!(link.is_closed() && link.is_torn());
+        assert!(link.is_closed());
 
         let (mut link, mut worker) = linked();
         worker.write_all(&[9; HEADER_LEN]).unwrap();
