@@ -1,25 +1,38 @@
-//! The link between the daemon and one local worker: a Unix stream socket
-//! pair made when the worker is started, one end kept by the daemon's loop,
-//! the other inherited by the worker process.
+//! The link between the daemon and one local worker, made when the worker is
+//! started: a Unix stream socket pair that carries requests to the worker
+//! (and large replies back), and a pipe that carries replies. The daemon's
+//! loop keeps one end of each; the worker process inherits the other two.
 //!
 //! Why not zmq ipc: libzmq moves every message through an I/O thread on each
 //! side, so one request cost about nine thread wake-ups more than the work
-//! itself (see `docs/benchmarks.md`). A socket pair costs one wake-up each
-//! way, and none at all while the worker still has requests buffered. It is
-//! private by construction (no path anyone could connect to), belongs to one
+//! itself (see `docs/benchmarks.md`). A link costs one wake-up each way, and
+//! none at all while the worker still has requests buffered. It is private
+//! by construction (no path anyone could connect to), belongs to one
 //! incarnation (nothing of a dead worker can reach its replacement), and
 //! tells each side at once when the other is gone.
+//!
+//! Why a pipe for replies: the worker writes each reply on its own (so that
+//! if it dies, the daemon has every reply it finished), and a pipe write
+//! costs half what a socket write does. It also spares the worker a wake-up:
+//! a socket's reader is woken whenever its peer frees buffer space, so
+//! replies read from the socket the worker sleeps on would wake it for
+//! nothing. Why not a pipe both ways: a pipe copies in and out under one
+//! lock, so a large body crosses it at half the speed of a socket, where
+//! the reader copies out while the writer still copies in. Requests leave in
+//! batches (one `writev`), where the socket's cost hardly shows, and a reply
+//! body larger than [`MAX_PIPED_BODY`] follows its header on the socket.
 //!
 //! Both directions carry frames: a [`HEADER_LEN`]-byte header (a [`Kind`]
 //! byte; for replies, how long the handler ran in microseconds, for
 //! requests, the request's claim ticket (`claims.rs`), as a 24-bit
 //! little-endian number, saturating, else three zero bytes; the body length
-//! as u32 little-endian; a value as u64 little-endian), then the body. Frames are written back to back, so one
-//! `read` can bring many and one `writev` can send many.
+//! as u32 little-endian; a value as u64 little-endian), then the body. Frames
+//! are written back to back, so one `read` can bring many and one `writev`
+//! can send many.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 
 pub const HEADER_LEN: usize = 16;
@@ -110,25 +123,49 @@ pub fn parse_header(bytes: &[u8; HEADER_LEN]) -> io::Result<Header> {
     })
 }
 
-/// Makes the two ends of a new link, both close-on-exec: the daemon's
-/// (non-blocking, for the loop) and the worker's (blocking; the supervisor
-/// lets exactly one child inherit it).
-pub fn pair() -> io::Result<(mio::net::UnixStream, OwnedFd)> {
+/// The worker's ends of its link, which the supervisor lets exactly one
+/// child inherit.
+#[derive(Debug)]
+pub struct WorkerEnds {
+    /// The socket: requests in, large reply bodies out. Blocking.
+    pub requests: OwnedFd,
+    /// The pipe's write end: replies out. Blocking.
+    pub replies: OwnedFd,
+}
+
+/// Makes a new link: the daemon's ends (non-blocking, for the loop) and the
+/// worker's. All four fds are close-on-exec.
+pub fn pair() -> io::Result<(Link, WorkerEnds)> {
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-    let (daemon, worker) = socketpair(
+    let (to_worker, requests) = socketpair(
         AddressFamily::Unix,
         SockType::Stream,
         None,
         SockFlag::SOCK_CLOEXEC,
     )?;
-    // Larger socket buffers (as far as the kernel allows without privilege)
-    // move a large request or reply in fewer write/wake-up rounds.
-    for end in [&daemon, &worker] {
+    // Larger buffers (as far as the kernel allows) move a large request or
+    // reply in fewer write/wake-up rounds; memory is only taken while in use.
+    for end in [&to_worker, &requests] {
         let _ = socket2::SockRef::from(end).set_send_buffer_size(SOCKET_BUFFER);
     }
-    let daemon = std::os::unix::net::UnixStream::from(daemon);
-    daemon.set_nonblocking(true)?;
-    Ok((mio::net::UnixStream::from_std(daemon), worker))
+    let to_worker = std::os::unix::net::UnixStream::from(to_worker);
+    to_worker.set_nonblocking(true)?;
+    let (replies, from_worker) = mio::unix::pipe::new()?;
+    replies.set_nonblocking(false)?;
+    // The most replies that fit the pipe before the worker must wait for
+    // the daemon; a pipe's pages too are only taken while in use.
+    for size in PIPE_SIZES {
+        let set_size = nix::fcntl::FcntlArg::F_SETPIPE_SZ(size);
+        if nix::fcntl::fcntl(from_worker.as_raw_fd(), set_size).is_ok() {
+            break;
+        }
+    }
+    let link = Link::new(mio::net::UnixStream::from_std(to_worker), from_worker);
+    let ends = WorkerEnds {
+        requests,
+        replies: replies.into(),
+    };
+    Ok((link, ends))
 }
 
 /// One frame received by the daemon.
@@ -141,13 +178,18 @@ pub struct Message {
     pub body: Vec<u8>,
 }
 
-/// Size of the daemon's read buffer per link: many small frames per `read`.
+/// Reply bodies up to this size travel in the pipe with their header;
+/// larger ones follow it on the socket (and are read straight into their
+/// own buffer, so they are copied once).
+pub const MAX_PIPED_BODY: usize = 32 * 1024;
+/// Size of the daemon's read buffer per link: many replies per `read`.
 const INPUT_LEN: usize = 64 * 1024;
-/// Bodies larger than this are read straight into their own buffer rather
-/// than through the read buffer, so they are copied once.
-const LARGE_BODY: usize = INPUT_LEN / 2;
-/// The send buffer each end asks for (the kernel caps it at net.core.wmem_max).
+/// The socket send buffer each end asks for (the kernel caps it at
+/// `net.core.wmem_max`).
 const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+/// Sizes to ask for the reply pipe, largest first (`fs.pipe-max-size`, 1 MiB
+/// by default, caps an unprivileged daemon; 64 KiB is the kernel's default).
+const PIPE_SIZES: [i32; 2] = [1 << 20, 256 << 10];
 /// Frames per `writev`.
 const FRAMES_PER_WRITE: usize = 64;
 
@@ -166,9 +208,16 @@ struct LargeBody {
 
 /// The daemon's end of a link: frames to send, and a buffer of bytes
 /// received. Never blocks: the loop calls [`Link::flush`] when the socket is
-/// writable and [`Link::try_recv`] until it returns `None` when readable.
+/// writable and [`Link::try_recv`] until it returns `None` when the socket
+/// or the pipe is readable.
 pub struct Link {
-    stream: mio::net::UnixStream,
+    /// Requests out, large reply bodies in.
+    socket: mio::net::UnixStream,
+    /// Replies in.
+    pipe: mio::unix::pipe::Receiver,
+    /// The loop is told when the socket is writable (only while frames wait
+    /// for room: each time the worker reads, the socket would say so).
+    watching_writable: bool,
     out: VecDeque<Outgoing>,
     /// Bytes of `out`'s first frame already written.
     written: usize,
@@ -177,15 +226,17 @@ pub struct Link {
     end: usize,
     large: Option<LargeBody>,
     closed: bool,
-    /// The last read came back short: the socket was empty, and the next
+    /// The last read of the pipe came back short: it was empty, and the next
     /// bytes to arrive will be announced by a new readiness event.
     drained: bool,
 }
 
 impl Link {
-    pub fn new(stream: mio::net::UnixStream) -> Link {
+    fn new(socket: mio::net::UnixStream, pipe: mio::unix::pipe::Receiver) -> Link {
         Link {
-            stream,
+            socket,
+            pipe,
+            watching_writable: false,
             out: VecDeque::new(),
             written: 0,
             input: vec![0; INPUT_LEN].into_boxed_slice(),
@@ -197,15 +248,42 @@ impl Link {
         }
     }
 
-    /// The socket is readable again (or is read to its end now): the next
-    /// [`Link::try_recv`] reads it even if the last read came back short.
+    /// The link is readable again (or is read to its end now): the next
+    /// [`Link::try_recv`] reads the pipe even if the last read came back short.
     pub fn readable(&mut self) {
         self.drained = false;
     }
 
-    /// The socket, to register with the loop.
-    pub fn source(&mut self) -> &mut mio::net::UnixStream {
-        &mut self.stream
+    /// Puts the link into the loop, under one token for both ends.
+    pub fn register(&mut self, registry: &mio::Registry, token: mio::Token) -> io::Result<()> {
+        registry.register(&mut self.socket, token, mio::Interest::READABLE)?;
+        registry.register(&mut self.pipe, token, mio::Interest::READABLE)
+    }
+
+    /// Takes the link out of the loop.
+    pub fn deregister(&mut self, registry: &mio::Registry) {
+        let _ = registry.deregister(&mut self.socket);
+        let _ = registry.deregister(&mut self.pipe);
+    }
+
+    /// Asks the loop to say when the socket is writable while frames wait
+    /// for room, and to stop when none do. Call after [`Link::flush`].
+    pub fn watch_writable(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+    ) -> io::Result<()> {
+        let waiting = !self.out.is_empty();
+        if waiting != self.watching_writable {
+            let interest = if waiting {
+                mio::Interest::READABLE | mio::Interest::WRITABLE
+            } else {
+                mio::Interest::READABLE
+            };
+            registry.reregister(&mut self.socket, token, interest)?;
+            self.watching_writable = waiting;
+        }
+        Ok(())
     }
 
     /// Queues request `id` with its encoded claim ticket; [`Link::flush`]
@@ -217,7 +295,7 @@ impl Link {
         });
     }
 
-    /// Whether queued frames are waiting for the socket to take them.
+    /// Whether queued frames are waiting for the pipe to take them.
     #[cfg(test)]
     fn has_output(&self) -> bool {
         !self.out.is_empty()
@@ -245,7 +323,7 @@ impl Link {
                     }
                 }
             }
-            let n = match self.stream.write_vectored(&slices) {
+            let n = match self.socket.write_vectored(&slices) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
@@ -271,16 +349,16 @@ impl Link {
         self.closed
     }
 
-    /// The next whole frame, reading from the socket as needed. `Ok(None)`:
-    /// nothing more until the socket is readable again (or it closed; a
-    /// frame cut short by the end is dropped). An error means the stream is
-    /// broken or out of step.
+    /// The next whole frame, reading from the pipe (and for a large reply
+    /// body, the socket) as needed. `Ok(None)`: nothing more until the link
+    /// is readable again (or it closed; a frame cut short by the end is
+    /// dropped). An error means the stream is broken or out of step.
     pub fn try_recv(&mut self) -> io::Result<Option<Message>> {
         loop {
             if let Some(message) = self.take_buffered()? {
                 return Ok(Some(message));
             }
-            if self.closed || self.drained {
+            if self.closed {
                 return Ok(None);
             }
             let read = match &mut self.large {
@@ -288,7 +366,7 @@ impl Link {
                     // Appends what is there, even when it then hits WouldBlock.
                     let missing = (large.header.len - large.body.len()) as u64;
                     let before = large.body.len();
-                    match (&self.stream).take(missing).read_to_end(&mut large.body) {
+                    match (&self.socket).take(missing).read_to_end(&mut large.body) {
                         Ok(_) if large.body.len() == large.header.len => continue,
                         Ok(_) => Ok(0), // the end of the stream
                         Err(e) if large.body.len() > before => {
@@ -297,9 +375,14 @@ impl Link {
                             }
                             Err(e)
                         }
+                        // A worker that dies with requests unread makes the
+                        // kernel report ECONNRESET once everything it sent
+                        // was read: that is the end of the stream too.
+                        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(0),
                         Err(e) => Err(e),
                     }
                 }
+                None if self.drained => return Ok(None),
                 None => {
                     if self.end == self.input.len() {
                         // Only a partial frame is left: move it to the front.
@@ -307,15 +390,8 @@ impl Link {
                         self.end -= self.start;
                         self.start = 0;
                     }
-                    self.stream.read(&mut self.input[self.end..])
+                    self.pipe.read(&mut self.input[self.end..])
                 }
-            };
-            // A worker that dies with requests unread in its end makes the
-            // kernel report ECONNRESET once everything it sent was read:
-            // that is the end of the stream too, not a broken one.
-            let read = match read {
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(0),
-                other => other,
             };
             match read {
                 Ok(0) => {
@@ -330,7 +406,7 @@ impl Link {
                     return Ok(None);
                 }
                 Ok(n) => {
-                    // Short: the socket is empty for now (saves the read
+                    // Short: the pipe is empty for now (saves the read
                     // that would only say so).
                     self.drained = self.end + n < self.input.len();
                     self.end += n;
@@ -366,19 +442,9 @@ impl Link {
             .expect("HEADER_LEN bytes");
         let header = parse_header(head)?;
         let body_start = self.start + HEADER_LEN;
-        let have = self.end - body_start;
-        if header.len <= have {
-            let body = self.input[body_start..body_start + header.len].to_vec();
-            self.start = body_start + header.len;
-            self.rewind_if_empty();
-            return Ok(Some(Message {
-                kind: header.kind,
-                micros: header.extra,
-                value: header.value,
-                body,
-            }));
-        }
-        if header.len > LARGE_BODY {
+        if header.len > MAX_PIPED_BODY {
+            // The body follows on the socket; the pipe goes on with the
+            // next frame, which waits in `input` until this one is whole.
             let mut body = Vec::new();
             if body.try_reserve_exact(header.len).is_err() {
                 return Err(io::Error::new(
@@ -386,12 +452,23 @@ impl Link {
                     format!("cannot allocate {} bytes for a reply", header.len),
                 ));
             }
-            body.extend_from_slice(&self.input[body_start..self.end]);
+            self.start = body_start;
+            self.rewind_if_empty();
             self.large = Some(LargeBody { header, body });
-            self.start = 0;
-            self.end = 0;
+            return Ok(None);
         }
-        Ok(None)
+        if header.len > self.end - body_start {
+            return Ok(None);
+        }
+        let body = self.input[body_start..body_start + header.len].to_vec();
+        self.start = body_start + header.len;
+        self.rewind_if_empty();
+        Ok(Some(Message {
+            kind: header.kind,
+            micros: header.extra,
+            value: header.value,
+            body,
+        }))
     }
 
     fn rewind_if_empty(&mut self) {
@@ -405,11 +482,34 @@ impl Link {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
     use std::os::unix::net::UnixStream;
 
-    fn linked() -> (Link, UnixStream) {
-        let (daemon, worker) = pair().unwrap();
-        (Link::new(daemon), UnixStream::from(worker))
+    /// The worker's ends, blocking.
+    struct Worker {
+        socket: UnixStream,
+        pipe: File,
+    }
+
+    impl Worker {
+        /// Sends a frame as the worker does: a large body on the socket.
+        fn send(&mut self, frame: &[u8]) {
+            if frame.len() - HEADER_LEN <= MAX_PIPED_BODY {
+                self.pipe.write_all(frame).unwrap();
+            } else {
+                self.pipe.write_all(&frame[..HEADER_LEN]).unwrap();
+                self.socket.write_all(&frame[HEADER_LEN..]).unwrap();
+            }
+        }
+    }
+
+    fn linked() -> (Link, Worker) {
+        let (link, ends) = pair().unwrap();
+        let worker = Worker {
+            socket: UnixStream::from(ends.requests),
+            pipe: File::from(ends.replies),
+        };
+        (link, worker)
     }
 
     fn frame(kind: Kind, value: u64, body: &[u8]) -> Vec<u8> {
@@ -444,7 +544,7 @@ mod tests {
         let writer = std::thread::spawn(move || {
             // Odd-sized writes split headers and bodies across reads.
             for chunk in bytes.chunks(997) {
-                worker.write_all(chunk).unwrap();
+                worker.pipe.write_all(chunk).unwrap();
             }
         });
         let mut next = 0u64;
@@ -467,9 +567,11 @@ mod tests {
     fn a_large_body_is_read_whole_then_the_stream_continues() {
         let (mut link, mut worker) = linked();
         let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        let mut bytes = frame(Kind::Reply, 1, &big);
-        bytes.extend(frame(Kind::Failed, 2, b"after"));
-        let writer = std::thread::spawn(move || worker.write_all(&bytes).unwrap());
+        let first = frame(Kind::Reply, 1, &big);
+        let writer = std::thread::spawn(move || {
+            worker.send(&first);
+            worker.send(&frame(Kind::Failed, 2, b"after"));
+        });
         let mut got = Vec::new();
         while got.len() < 2 {
             link.readable();
@@ -487,20 +589,16 @@ mod tests {
     }
 
     #[test]
-    fn queued_frames_are_written_whole_even_when_the_socket_fills() {
-        let (mut link, worker) = linked();
+    fn queued_frames_are_written_whole_even_when_the_pipe_fills() {
+        let (mut link, mut worker) = linked();
         let big = vec![7u8; 16 << 20];
         link.queue_request(1, 0, Rc::new(big.clone()));
         link.queue_request(2, 1, Rc::new(b"small".to_vec()));
         link.flush().unwrap();
-        assert!(
-            link.has_output(),
-            "1 MiB does not fit a socket buffer at once"
-        );
+        assert!(link.has_output(), "16 MiB does not fit a pipe at once");
         let reader = std::thread::spawn(move || {
-            let mut worker = worker;
             let mut all = Vec::new();
-            worker.read_to_end(&mut all).unwrap();
+            worker.socket.read_to_end(&mut all).unwrap();
             all
         });
         while link.has_output() {
@@ -519,7 +617,7 @@ mod tests {
     #[test]
     fn a_closed_peer_is_reported_a_torn_frame_dropped_and_garbage_refused() {
         let (mut link, mut worker) = linked();
-        worker.write_all(&frame(Kind::Ready, 3, b"42")).unwrap();
+        worker.send(&frame(Kind::Ready, 3, b"42"));
         drop(worker);
         let message = link.try_recv().unwrap().unwrap();
         assert_eq!((message.kind, message.value), (Kind::Ready, 3));
@@ -532,7 +630,7 @@ mod tests {
         let (mut link, mut worker) = linked();
         link.queue_request(9, 0, Rc::new(b"never read".to_vec()));
         link.flush().unwrap();
-        worker.write_all(&frame(Kind::Reply, 8, b"done")).unwrap();
+        worker.send(&frame(Kind::Reply, 8, b"done"));
         drop(worker);
         let message = link.try_recv().unwrap().unwrap();
         assert_eq!((message.value, &message.body[..]), (8, &b"done"[..]));
@@ -542,10 +640,11 @@ mod tests {
 
         let (mut link, mut worker) = linked();
         worker
+            .pipe
             .write_all(&frame(Kind::Reply, 1, b"abc")[..10])
             .unwrap();
         drop(worker);
-        // A short read: nothing more is read until the socket is readable again.
+        // A short read: nothing more is read until the pipe is readable again.
         assert!(link.try_recv().unwrap().is_none());
         link.readable();
         assert!(
@@ -554,8 +653,19 @@ mod tests {
         );
         assert!(link.is_closed());
 
+        // Killed halfway through a large body on the socket: the frame is
+        // dropped too, even though the pipe had its whole header.
         let (mut link, mut worker) = linked();
-        worker.write_all(&[9; HEADER_LEN]).unwrap();
+        let large = frame(Kind::Reply, 2, &[5; MAX_PIPED_BODY + 1]);
+        worker.pipe.write_all(&large[..HEADER_LEN]).unwrap();
+        worker.socket.write_all(&large[HEADER_LEN..1000]).unwrap();
+        drop(worker);
+        link.readable();
+        assert!(link.try_recv().unwrap().is_none());
+        assert!(link.is_closed());
+
+        let (mut link, mut worker) = linked();
+        worker.pipe.write_all(&[9; HEADER_LEN]).unwrap();
         assert!(link.try_recv().is_err(), "garbage is an error");
     }
 }

@@ -203,10 +203,11 @@ impl Supervisor {
         let snapshot = self.snapshots.get(&generation).cloned().ok_or_else(|| {
             std::io::Error::other(format!("no snapshot of handler generation {generation}"))
         })?;
-        let (daemon_end, worker_end) = link::pair()?;
+        let (link, worker_ends) = link::pair()?;
         let (claims, claims_fd) = Claims::create()?;
         let args = WorkerArgs {
-            link_fd: worker_end.as_raw_fd(),
+            requests_fd: worker_ends.requests.as_raw_fd(),
+            replies_fd: worker_ends.replies.as_raw_fd(),
             claims_fd: claims_fd.as_raw_fd(),
             incarnation,
             load_from: snapshot,
@@ -216,10 +217,14 @@ impl Supervisor {
         for name in crate::notify::DAEMON_ONLY_ENV {
             command.env_remove(name);
         }
-        // The two fds the worker inherits. The loop thread is the only one
-        // that starts processes, and both are closed (dropped) right after,
+        // The three fds the worker inherits. The loop thread is the only one
+        // that starts processes, and all are closed (dropped) right after,
         // so no other child can inherit them.
-        for fd in [worker_end.as_raw_fd(), claims_fd.as_raw_fd()] {
+        for fd in [
+            worker_ends.requests.as_raw_fd(),
+            worker_ends.replies.as_raw_fd(),
+            claims_fd.as_raw_fd(),
+        ] {
             nix::fcntl::fcntl(
                 fd,
                 nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
@@ -234,7 +239,7 @@ impl Supervisor {
             // alone, which then stops the workers in order.
             .process_group(0)
             .spawn();
-        drop(worker_end);
+        drop(worker_ends);
         drop(claims_fd);
         let child = match spawned {
             Ok(child) => child,
@@ -262,7 +267,7 @@ impl Supervisor {
             .recycling
             .max_requests
             .map(|n| n.saturating_add(jitter));
-        Ok((incarnation, Link::new(daemon_end), claims))
+        Ok((incarnation, link, claims))
     }
 
     /// The incarnation running (or starting) in `slot`.

@@ -3,12 +3,13 @@
 //! requests one at a time until it is killed or the daemon disappears.
 //!
 //! It knows nothing about TCP clients: requests come in on its end of the
-//! link to the daemon (a socket inherited at start, see `link.rs`) and its
-//! replies go back the same way.
+//! link to the daemon (a socket and a pipe inherited at start, see `link.rs`)
+//! and its replies go back on the pipe.
 
 use crate::claims::{Claims, Ticket};
 use crate::link::{self, Kind, HEADER_LEN};
 use crate::plugin::Plugin;
+use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -46,8 +47,10 @@ pub const EXIT_INIT_FAILED: u8 = 3;
 /// What the daemon tells a worker on its command line.
 #[derive(Debug, Clone)]
 pub struct WorkerArgs {
-    /// The worker's end of its link to the daemon, inherited open.
-    pub link_fd: RawFd,
+    /// The worker's ends of its link to the daemon, inherited open: the
+    /// socket it reads requests from, and the pipe it writes replies to.
+    pub requests_fd: RawFd,
+    pub replies_fd: RawFd,
     /// Its claims (`claims.rs`), a memfd inherited open.
     pub claims_fd: RawFd,
     pub incarnation: u64,
@@ -64,7 +67,8 @@ impl WorkerArgs {
     pub fn to_args(&self) -> Vec<std::ffi::OsString> {
         vec![
             WORKER_ARG.into(),
-            self.link_fd.to_string().into(),
+            self.requests_fd.to_string().into(),
+            self.replies_fd.to_string().into(),
             self.claims_fd.to_string().into(),
             self.incarnation.to_string().into(),
             self.daemon_pid.to_string().into(),
@@ -76,14 +80,16 @@ impl WorkerArgs {
     /// Parses what [`Self::to_args`] wrote (after `__worker`).
     pub fn parse(mut args: impl Iterator<Item = std::ffi::OsString>) -> Result<WorkerArgs, String> {
         let mut next = |what: &str| args.next().ok_or_else(|| format!("worker: missing {what}"));
-        let link_fd = next("link fd")?;
+        let requests_fd = next("requests fd")?;
+        let replies_fd = next("replies fd")?;
         let claims_fd = next("claims fd")?;
         let number = |text: std::ffi::OsString, what: &str| {
             text.to_str()
                 .and_then(|t| t.parse::<u64>().ok())
                 .ok_or_else(|| format!("worker: bad {what}"))
         };
-        let link_fd = number(link_fd, "link fd")? as RawFd;
+        let requests_fd = number(requests_fd, "requests fd")? as RawFd;
+        let replies_fd = number(replies_fd, "replies fd")? as RawFd;
         let claims_fd = number(claims_fd, "claims fd")? as RawFd;
         let incarnation = number(next("incarnation")?, "incarnation")?;
         let daemon_pid = number(next("daemon pid")?, "daemon pid")? as i32;
@@ -91,7 +97,8 @@ impl WorkerArgs {
         let load_from = PathBuf::from(next("handler snapshot")?);
         let handler_config = std::env::var(CONFIG_ENV).unwrap_or_default();
         Ok(WorkerArgs {
-            link_fd,
+            requests_fd,
+            replies_fd,
             claims_fd,
             incarnation,
             daemon_pid,
@@ -167,24 +174,24 @@ fn inherited(fd: RawFd, what: &str, kind: nix::sys::stat::SFlag) -> anyhow::Resu
 
 fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
     use nix::sys::stat::SFlag;
-    let link = UnixStream::from(inherited(args.link_fd, "link", SFlag::S_IFSOCK)?);
+    let socket = UnixStream::from(inherited(args.requests_fd, "requests", SFlag::S_IFSOCK)?);
+    let pipe = File::from(inherited(args.replies_fd, "replies", SFlag::S_IFIFO)?);
     let claims = Claims::open(inherited(args.claims_fd, "claims", SFlag::S_IFREG)?)?;
-    let mut writer = &link;
-    let send = |writer: &mut &UnixStream, kind: Kind, value: u64, body: &[u8]| {
-        writer.write_all(&link::header(kind, body.len(), value))?;
-        writer.write_all(body)
+    let outbox = Outbox {
+        pipe: &pipe,
+        socket: &socket,
+    };
+    let send = |kind: Kind, value: u64, body: &[u8]| {
+        let mut frame = link::header(kind, body.len(), value).to_vec();
+        frame.extend_from_slice(body);
+        outbox.send(&frame)
     };
 
     let mut plugin = match Plugin::load_as(&args.load_from, &args.handler, &args.handler_config) {
         Ok(plugin) => plugin,
         Err(e) => {
             let reason = e.to_string();
-            send(
-                &mut writer,
-                Kind::InitFailed,
-                args.incarnation,
-                reason.as_bytes(),
-            )?;
+            send(Kind::InitFailed, args.incarnation, reason.as_bytes())?;
             std::process::exit(EXIT_INIT_FAILED.into());
         }
     };
@@ -200,13 +207,13 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
     let pid = std::process::id().to_string();
-    send(&mut writer, Kind::Ready, args.incarnation, pid.as_bytes())?;
+    send(Kind::Ready, args.incarnation, pid.as_bytes())?;
 
-    let mut reader = BufReader::with_capacity(READ_BUFFER, &link);
+    let mut reader = BufReader::with_capacity(READ_BUFFER, &socket);
     let mut payload = Vec::new();
     let mut spare = Vec::new();
     // Waiting for a request wakes every STOP_CHECK to look at the stop flag.
-    link.set_read_timeout(Some(STOP_CHECK))?;
+    socket.set_read_timeout(Some(STOP_CHECK))?;
     while !stop.load(Ordering::Relaxed) {
         match reader.fill_buf() {
             // The daemon is gone: nobody is left to answer.
@@ -241,15 +248,15 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
                 let len = reply.len() - HEADER_LEN;
                 let header = link::reply_header(Kind::Reply, micros, len, id);
                 reply[..HEADER_LEN].copy_from_slice(&header);
-                writer.write_all(&reply)?;
+                outbox.send(&reply)?;
                 spare = reply;
             }
-            Ok(None) => writer.write_all(&link::reply_header(Kind::Reply, micros, 0, id))?,
+            Ok(None) => outbox.send(&link::reply_header(Kind::Reply, micros, 0, id))?,
             Err(error) => {
                 let error = clip(&error, MAX_ERROR);
-                let header = link::reply_header(Kind::Failed, micros, error.len(), id);
-                writer.write_all(&header)?;
-                writer.write_all(error.as_bytes())?;
+                let mut frame = link::reply_header(Kind::Failed, micros, error.len(), id).to_vec();
+                frame.extend_from_slice(error.as_bytes());
+                outbox.send(&frame)?;
             }
         }
         // Buffers are reused between requests, but one large request must
@@ -263,6 +270,27 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
     log::debug!("worker {}: stopping", args.incarnation);
     drop(plugin);
     Ok(())
+}
+
+/// Where a worker's frames go: the pipe, except that a body larger than
+/// [`link::MAX_PIPED_BODY`] follows its header on the socket (`link.rs`).
+struct Outbox<'a> {
+    pipe: &'a File,
+    socket: &'a UnixStream,
+}
+
+impl Outbox<'_> {
+    /// Sends `frame`, a header and its body. A small frame leaves in one
+    /// `write`, so a worker that dies leaves at most the frame it was
+    /// writing torn.
+    fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        let (header, body) = frame.split_at(HEADER_LEN);
+        if body.len() <= link::MAX_PIPED_BODY {
+            return { self.pipe }.write_all(frame);
+        }
+        { self.pipe }.write_all(header)?;
+        { self.socket }.write_all(body)
+    }
 }
 
 /// `text` cut to at most `max` bytes, at a character boundary.

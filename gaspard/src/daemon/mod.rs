@@ -220,7 +220,8 @@ impl Daemon {
 
         let program = std::env::current_exe().context("cannot find gaspard's own executable")?;
         let template = WorkerArgs {
-            link_fd: -1,
+            requests_fd: -1,
+            replies_fd: -1,
             claims_fd: -1,
             incarnation: 0,
             daemon_pid: std::process::id() as i32,

@@ -10,7 +10,7 @@ use crate::metrics::Outcome;
 use crate::supervisor::{self, Death, SlotState};
 use anyhow::bail;
 use mio::event::Event;
-use mio::{Interest, Token};
+use mio::Token;
 use nix::sys::signal::Signal;
 use std::os::unix::process::ExitStatusExt;
 use std::time::Instant;
@@ -37,11 +37,7 @@ impl Daemon {
             self.links.resize_with(slot + 1, || None);
         }
         self.drop_link(slot);
-        self.poll.registry().register(
-            link.source(),
-            Token(LINK_BASE + slot),
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
+        link.register(self.poll.registry(), Token(LINK_BASE + slot))?;
         self.links[slot] = Some(WorkerLink {
             link,
             claims,
@@ -113,8 +109,13 @@ impl Daemon {
         let Some(worker) = self.links.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
-        if let Err(e) = worker.link.flush() {
+        let registry = self.poll.registry();
+        let token = Token(LINK_BASE + slot);
+        let flushed = worker.link.flush();
+        let watched = worker.link.watch_writable(registry, token);
+        if let Err(e) = flushed.and(watched) {
             worker.link.discard_output();
+            let _ = worker.link.watch_writable(registry, token);
             log::error!("cannot send requests to worker slot {slot}: {e}; killing it");
             self.dispatcher.worker_draining(slot);
             self.supervisor.signal(slot, Signal::SIGKILL);
@@ -275,7 +276,7 @@ impl Daemon {
     }
 
     fn forget_link(&mut self, mut worker: WorkerLink) {
-        let _ = self.poll.registry().deregister(worker.link.source());
+        worker.link.deregister(self.poll.registry());
         if worker.ready {
             self.metrics.workers_ready.dec();
         }
