@@ -3,8 +3,9 @@
 //!
 //! Clients send gaspar's framed requests over TCP; one mio loop
 //! ([`daemon`]) reads them ([`connection`], [`protocol`]), queues them
-//! ([`dispatcher`]) and hands them over socket pairs ([`link`]) to worker processes
-//! ([`supervisor`], [`worker`]) that run a handler plugin ([`plugin`]).
+//! ([`dispatcher`]) and hands them over links ([`link`]: a socket pair and
+//! a pipe each) to worker processes ([`supervisor`], [`worker`]) that run a
+//! handler plugin ([`plugin`]).
 //! `docs/architecture.md` tells the whole story.
 
 pub mod check;
