@@ -5,8 +5,9 @@
 //!
 //! Why not zmq ipc: libzmq moves every message through an I/O thread on each
 //! side, so one request cost about nine thread wake-ups more than the work
-//! itself (see `docs/benchmarks.md`). A link costs one wake-up each way, and
-//! none at all while the worker still has requests buffered. It is private
+//! itself (see `docs/benchmarks.md`). A link costs one wake-up each way (two
+//! for a reply over [`MAX_PIPED_BODY`]), and none at all while the worker
+//! still has requests buffered. It is private
 //! by construction (no path anyone could connect to), belongs to one
 //! incarnation (nothing of a dead worker can reach its replacement), and
 //! tells each side at once when the other is gone.
@@ -22,7 +23,8 @@
 //! batches (one `writev`), where the socket's cost hardly shows, and a reply
 //! body larger than [`MAX_PIPED_BODY`] follows its header on the socket.
 //!
-//! Both directions carry frames: a [`HEADER_LEN`]-byte header (a [`Kind`]
+//! Both directions carry frames (a large reply's body on the socket, as
+//! above): a [`HEADER_LEN`]-byte header (a [`Kind`]
 //! byte; for replies, how long the handler ran in microseconds, for
 //! requests, the request's claim ticket (`claims.rs`), as a 24-bit
 //! little-endian number, saturating, else three zero bytes; the body length
@@ -153,7 +155,9 @@ pub fn pair() -> io::Result<(Link, WorkerEnds)> {
     let (replies, from_worker) = mio::unix::pipe::new()?;
     replies.set_nonblocking(false)?;
     // The most replies that fit the pipe before the worker must wait for
-    // the daemon; a pipe's pages too are only taken while in use.
+    // the daemon. Pages are only taken while in use, but the size counts
+    // against the user's pipe quota (`fs.pipe-user-pages-soft`, not for
+    // root), so a larger size is not always granted.
     for size in PIPE_SIZES {
         let set_size = nix::fcntl::FcntlArg::F_SETPIPE_SZ(size);
         if nix::fcntl::fcntl(from_worker.as_raw_fd(), set_size).is_ok() {
@@ -187,8 +191,9 @@ const INPUT_LEN: usize = 64 * 1024;
 /// The socket send buffer each end asks for (the kernel caps it at
 /// `net.core.wmem_max`).
 const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
-/// Sizes to ask for the reply pipe, largest first (`fs.pipe-max-size`, 1 MiB
-/// by default, caps an unprivileged daemon; 64 KiB is the kernel's default).
+/// Sizes to ask for the reply pipe, largest first (an unprivileged daemon is
+/// capped by `fs.pipe-max-size`, 1 MiB by default, and by its user's pipe
+/// quota; 64 KiB is the kernel's default).
 const PIPE_SIZES: [i32; 2] = [1 << 20, 256 << 10];
 /// Frames per `writev`.
 const FRAMES_PER_WRITE: usize = 64;
@@ -295,7 +300,7 @@ impl Link {
         });
     }
 
-    /// Whether queued frames are waiting for the pipe to take them.
+    /// Whether queued frames are waiting for the socket to take them.
     #[cfg(test)]
     fn has_output(&self) -> bool {
         !self.out.is_empty()
@@ -369,16 +374,17 @@ impl Link {
                     match (&self.socket).take(missing).read_to_end(&mut large.body) {
                         Ok(_) if large.body.len() == large.header.len => continue,
                         Ok(_) => Ok(0), // the end of the stream
-                        Err(e) if large.body.len() > before => {
-                            if e.kind() == io::ErrorKind::WouldBlock {
+                        // A worker that dies with requests unread makes the
+                        // kernel report ECONNRESET once everything it sent
+                        // was read (here, perhaps right after the part of
+                        // the body it sent): the end of the stream too.
+                        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(0),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            if large.body.len() > before {
                                 return Ok(None);
                             }
                             Err(e)
                         }
-                        // A worker that dies with requests unread makes the
-                        // kernel report ECONNRESET once everything it sent
-                        // was read: that is the end of the stream too.
-                        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(0),
                         Err(e) => Err(e),
                     }
                 }
@@ -589,13 +595,16 @@ mod tests {
     }
 
     #[test]
-    fn queued_frames_are_written_whole_even_when_the_pipe_fills() {
+    fn queued_frames_are_written_whole_even_when_the_socket_fills() {
         let (mut link, mut worker) = linked();
         let big = vec![7u8; 16 << 20];
         link.queue_request(1, 0, Rc::new(big.clone()));
         link.queue_request(2, 1, Rc::new(b"small".to_vec()));
         link.flush().unwrap();
-        assert!(link.has_output(), "16 MiB does not fit a pipe at once");
+        assert!(
+            link.has_output(),
+            "16 MiB does not fit a socket buffer at once"
+        );
         let reader = std::thread::spawn(move || {
             let mut all = Vec::new();
             worker.socket.read_to_end(&mut all).unwrap();
@@ -653,16 +662,26 @@ mod tests {
         );
         assert!(link.is_closed());
 
-        // Killed halfway through a large body on the socket: the frame is
+        // Killed halfway through a large body on the socket, with a request
+        // still unread there (so the daemon's read ends in ECONNRESET, in the
+        // same read as the body's last bytes or the next): the frame is
         // dropped too, even though the pipe had its whole header.
-        let (mut link, mut worker) = linked();
-        let large = frame(Kind::Reply, 2, &[5; MAX_PIPED_BODY + 1]);
-        worker.pipe.write_all(&large[..HEADER_LEN]).unwrap();
-        worker.socket.write_all(&large[HEADER_LEN..1000]).unwrap();
-        drop(worker);
-        link.readable();
-        assert!(link.try_recv().unwrap().is_none());
-        assert!(link.is_closed());
+        for read_before_death in [false, true] {
+            let (mut link, mut worker) = linked();
+            link.queue_request(9, 0, Rc::new(b"never read".to_vec()));
+            link.flush().unwrap();
+            let large = frame(Kind::Reply, 2, &[5; MAX_PIPED_BODY + 1]);
+            worker.pipe.write_all(&large[..HEADER_LEN]).unwrap();
+            worker.socket.write_all(&large[HEADER_LEN..1000]).unwrap();
+            if read_before_death {
+                assert!(link.try_recv().unwrap().is_none());
+                worker.socket.write_all(&large[1000..2000]).unwrap();
+            }
+            drop(worker);
+            link.readable();
+            assert!(link.try_recv().unwrap().is_none());
+            assert!(link.is_closed());
+        }
 
         let (mut link, mut worker) = linked();
         worker.pipe.write_all(&[9; HEADER_LEN]).unwrap();
