@@ -7,6 +7,7 @@
 //! | `pid`          | replies with its process id, in ASCII decimal           |
 //! | `echo:BYTES`   | replies with BYTES                                      |
 //! | `big:N`        | replies with N bytes of a repeating `0123456789` pattern |
+//! | `late:MS:N`    | sleeps MS milliseconds, then replies as `big:N`         |
 //! | `sleep:MS`     | sleeps MS milliseconds, then replies `slept`            |
 //! | `error:TEXT`   | returns an error with message TEXT                      |
 //! | `panic:TEXT`   | panics with message TEXT                                |
@@ -16,12 +17,40 @@
 //! | `alloc:MIB`    | allocates and touches MIB MiB, then replies `allocated` |
 //!
 //! `--handler-config` chooses how `init` behaves: empty for success, or
-//! `fail` (init returns an error), `panic`, `segv`, `exit:CODE`, `sleep:MS`.
+//! `fail` (init returns an error), `panic`, `segv`, `exit:CODE`, `sleep:MS`,
+//! or `mark-shutdown:PATH` (succeeds, and shutdown appends `shutdown PID` to
+//! PATH, so that tests can tell whether it ran).
 
 use gaspard_handler_abi::Handler;
+use std::io::Write;
 use std::time::Duration;
 
-struct Fault;
+struct Fault {
+    /// Where shutdown leaves its mark, if anywhere.
+    shutdown_mark: Option<String>,
+}
+
+const FAULT: Fault = Fault {
+    shutdown_mark: None,
+};
+
+impl Drop for Fault {
+    // The handler's shutdown: gaspard drops the state.
+    fn drop(&mut self) {
+        if let Some(path) = &self.shutdown_mark {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .expect("the shutdown mark's file opens");
+            writeln!(file, "shutdown {}", std::process::id()).expect("the mark is written");
+        }
+    }
+}
+
+fn repeating(len: usize) -> Vec<u8> {
+    b"0123456789".iter().copied().cycle().take(len).collect()
+}
 
 fn split(text: &str) -> (&str, &str) {
     text.split_once(':').unwrap_or((text, ""))
@@ -47,15 +76,18 @@ impl Handler for Fault {
 
     fn init(config: &str) -> Result<Self, String> {
         match split(config) {
-            ("", _) => Ok(Fault),
+            ("", _) => Ok(FAULT),
             ("fail", _) => Err("init refused by configuration (fail)".to_string()),
             ("panic", _) => panic!("init panicked by configuration"),
             ("segv", _) => segfault(),
             ("exit", code) => std::process::exit(number(code)? as i32),
             ("sleep", ms) => {
                 std::thread::sleep(Duration::from_millis(number(ms)?));
-                Ok(Fault)
+                Ok(FAULT)
             }
+            ("mark-shutdown", path) => Ok(Fault {
+                shutdown_mark: Some(path.to_string()),
+            }),
             (other, _) => Err(format!("unknown init behaviour {other:?}")),
         }
     }
@@ -69,9 +101,12 @@ impl Handler for Fault {
         match command {
             b"pid" => Ok(std::process::id().to_string().into_bytes()),
             b"echo" => Ok(arg.to_vec()),
-            b"big" => {
-                let len = number(&text())? as usize;
-                Ok(b"0123456789".iter().copied().cycle().take(len).collect())
+            b"big" => Ok(repeating(number(&text())? as usize)),
+            b"late" => {
+                let text = text();
+                let (ms, len) = split(&text);
+                std::thread::sleep(Duration::from_millis(number(ms)?));
+                Ok(repeating(number(len)? as usize))
             }
             b"sleep" => {
                 std::thread::sleep(Duration::from_millis(number(&text())?));

@@ -519,10 +519,14 @@ impl Daemon {
         } else {
             WORKER_STOP_GRACE
         };
-        self.supervisor.stop_all(grace);
+        // Links first: a worker still in its handler cannot write its reply
+        // into a link nobody reads any more (it would block there until
+        // killed, and never call the handler's shutdown); with the link
+        // closed, the write fails and the worker stops on its own.
         for slot in 0..self.links.len() {
             self.drop_link(slot);
         }
+        self.supervisor.stop_all(grace);
     }
 }
 

@@ -520,6 +520,44 @@ fn a_second_sigterm_stops_at_once() {
     daemon.expect_log("again: stopping now");
 }
 
+/// A stop that gives up on a request still running (here `--shutdown-timeout`
+/// passes) must not leave its worker stuck writing a large reply that nobody
+/// will read: the worker stops, and the handler's shutdown still runs.
+#[test]
+fn a_worker_writing_a_large_reply_as_the_daemon_stops_still_shuts_its_handler_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let marks = dir.path().join("marks");
+    let config = format!("mark-shutdown:{}", marks.display());
+    let args = [
+        "--workers",
+        "1",
+        "--shutdown-timeout",
+        "1",
+        "--handler-config",
+        &config,
+    ];
+    let mut daemon = start("fault", &args);
+    let addr = daemon.addr;
+    // 2 s in the handler, then 64 MiB: far more than the link holds.
+    let late = std::thread::spawn(move || request(addr, b"late:2000:67108864"));
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.signal(libc::SIGTERM);
+    let status = daemon
+        .wait_exit(Duration::from_secs(30))
+        .expect("gaspard exits");
+    assert_eq!(status.code(), Some(0));
+    assert!(is_reset(&late.join().unwrap()), "the request is reset");
+    let marks = std::fs::read_to_string(&marks).unwrap_or_default();
+    assert_eq!(
+        marks
+            .lines()
+            .filter(|line| line.starts_with("shutdown "))
+            .count(),
+        1,
+        "the handler's shutdown ran: {marks:?}"
+    );
+}
+
 #[test]
 fn under_journald_lines_carry_a_priority_and_no_timestamp() {
     let daemon = gaspard_tests::try_start_with_env(
