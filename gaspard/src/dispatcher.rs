@@ -438,12 +438,7 @@ impl Dispatcher {
         let mut stuck = Vec::new();
         // Only as many as other workers can take now: the rest would only
         // wait in the queue for the same worker instead.
-        let mut room: usize = self
-            .workers
-            .iter()
-            .filter(|load| load.ready && !is_stuck(load, now))
-            .map(|load| self.credit_of(load, now).saturating_sub(load.held.len()))
-            .sum();
+        let mut room = self.room_elsewhere(now);
         for (slot, load) in self.workers.iter().enumerate() {
             if !is_stuck(load, now) {
                 continue;
@@ -465,12 +460,26 @@ impl Dispatcher {
         stuck
     }
 
+    /// How many requests workers that are not stuck could take now.
+    fn room_elsewhere(&self, now: Instant) -> usize {
+        self.workers
+            .iter()
+            .filter(|load| load.ready && !is_stuck(load, now))
+            .map(|load| self.credit_of(load, now).saturating_sub(load.held.len()))
+            .sum()
+    }
+
     /// When [`Self::stuck`] may next find something, for the loop's timeout.
-    pub fn next_stuck(&self) -> Option<Instant> {
+    /// A worker already stuck counts only while another has room: else
+    /// nothing can change before a reply or a new worker wakes the loop
+    /// anyway (and waking it every millisecond meanwhile is waste).
+    pub fn next_stuck(&self, now: Instant) -> Option<Instant> {
+        let room = self.room_elsewhere(now) > 0;
         self.workers
             .iter()
             .filter(|load| load.held.len() > 1 && !load.take_back_failed)
             .filter_map(|load| Some(load.busy_since? + SLOW_CALL))
+            .filter(|&at| at > now || room)
             .min()
     }
 
@@ -822,7 +831,7 @@ mod tests {
         assert!(on0.len() >= 2, "staged at worker 0: {on0:?}");
         assert_eq!(d.stuck(now), vec![], "nothing is slow yet");
         let later = now + SLOW_CALL;
-        assert_eq!(d.next_stuck(), Some(later));
+        assert_eq!(d.next_stuck(now), Some(later));
         assert_eq!(
             d.stuck(later),
             vec![],
@@ -868,10 +877,18 @@ mod tests {
             assert_eq!(d.next_assignment(later).unwrap().slot, 1);
         }
         assert_eq!(d.stuck(later), vec![(0, on0[1], tickets[1])]);
-        // Nobody can take any: nothing is taken back.
+        assert_eq!(d.next_stuck(later), Some(later));
+        // Nobody can take any: nothing is taken back, and the loop is not
+        // woken for it (a reply will wake it).
         d.submit(5, vec![]);
         assert_eq!(d.next_assignment(later).unwrap().slot, 1);
         assert_eq!(d.stuck(later), vec![]);
+        assert_eq!(
+            d.next_stuck(later),
+            Some(later + SLOW_CALL),
+            "only when worker 1's call may turn slow"
+        );
+        assert_eq!(d.next_stuck(now), Some(later), "not slow yet: woken then");
     }
 
     #[test]
@@ -890,9 +907,9 @@ mod tests {
         assert_eq!(d.stuck(later).len(), 2);
         d.take_back_failed(0);
         assert_eq!(d.stuck(later), vec![], "no retry on every loop turn");
-        assert_eq!(d.next_stuck(), None);
+        assert_eq!(d.next_stuck(later), None);
         d.complete(ids[0], 5);
-        assert!(d.next_stuck().is_some(), "tried again after a reply");
+        assert!(d.next_stuck(later).is_some(), "tried again after a reply");
         // A client gone: taking its request back drops it.
         d.client_gone(ids[2]);
         assert_eq!(d.taken_back(ids[2]), None);

@@ -402,7 +402,7 @@ impl Daemon {
         };
         let deadlines = [
             self.dispatcher.next_deadline(),
-            self.dispatcher.next_stuck(),
+            self.dispatcher.next_stuck(now),
             self.supervisor.next_deadline(),
             self.accept_paused_until,
             self.startup_deadline,
