@@ -119,7 +119,8 @@ pub const MAX_AUTO_CREDIT: usize = ENTRIES;
 /// usual time. Not less: on a busy (virtual) machine a worker may wait a
 /// scheduler slice (1.4 ms here) just to run, which must not count as a slow
 /// call. With 500 µs, one request in six at 256 echo clients was taken back
-/// and sent again, for 0.61-0.69x the baseline; with 2 ms, 0.70-0.75x.
+/// and sent again, for 0.61-0.71x the baseline; with 2 ms (and only as many
+/// taken back as others can take), 0.68-0.87x.
 pub const SLOW_CALL: Duration = STAGE_BUDGET;
 
 /// A request to hand to a worker now.
@@ -430,12 +431,16 @@ impl Dispatcher {
         }
     }
 
-    /// Requests staged at workers whose running call has turned out slower
-    /// than their recent ones: they should be taken back. Returns (slot,
-    /// id, ticket) for each, to be tried with the worker's claims: then
-    /// [`Self::taken_back`] or [`Self::take_back_failed`].
+    /// Requests staged at workers whose running call has turned out slow
+    /// (run for [`SLOW_CALL`]), as many as other workers have room for now:
+    /// they should be taken back, before the room goes to newer requests.
+    /// Returns (slot, id, ticket) for each, to be tried with the worker's
+    /// claims: then [`Self::taken_back`] or [`Self::take_back_failed`].
     pub fn stuck(&self, now: Instant) -> Vec<(usize, RequestId, Ticket)> {
         let mut stuck = Vec::new();
+        if !self.workers.iter().any(|load| is_stuck(load, now)) {
+            return stuck;
+        }
         // Only as many as other workers can take now: the rest would only
         // wait in the queue for the same worker instead.
         let mut room = self.room_elsewhere(now);

@@ -494,7 +494,6 @@ impl Daemon {
             self.sweep(now);
         }
         self.kill_overdue(now);
-        self.take_back_stuck(now);
         self.reload_timeout(now);
         // Also while draining: queued requests still need workers.
         for slot in self.supervisor.due(now) {

@@ -64,6 +64,10 @@ impl Daemon {
     /// loop turn, so that a turn's requests for it leave in one write.
     pub(super) fn dispatch(&mut self) {
         let now = Instant::now();
+        // First: room a reply has just freed goes to requests stuck behind
+        // a slow call (they go back to the head of the queue) rather than
+        // to newer ones, or under steady load they would never move.
+        self.take_back_stuck(now);
         let mut idle = Vec::new();
         while let Some(assignment) = self.dispatcher.next_assignment(now) {
             let Some(worker) = self.links.get_mut(assignment.slot).and_then(Option::as_mut) else {

@@ -97,6 +97,44 @@ fn without_a_timeout_quick_requests_still_do_not_wait_behind_a_long_call() {
     quick_requests_sent_with_a_long_one(&["--workers", "2", "--timeout", "0"]);
 }
 
+/// Under steady load, room freed by the other worker must go to requests
+/// stuck behind a slow call before newer ones, or they wait for the whole
+/// call. 16 clients keep sending 1 ms requests (so the queue is never empty
+/// for long) while one 4 s request runs: none of the quick ones may take
+/// anywhere near that long.
+#[test]
+fn under_steady_load_requests_behind_a_slow_call_move_before_newer_ones() {
+    let daemon = start("fault", &["--workers", "2", "--timeout", "0"]);
+    let addr = daemon.addr;
+    let done = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let done = Arc::clone(&done);
+            std::thread::spawn(move || {
+                let mut slowest = Duration::ZERO;
+                while !done.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    assert_eq!(request(addr, b"sleep:1").unwrap(), b"slept");
+                    slowest = slowest.max(started.elapsed());
+                }
+                slowest
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(request(addr, b"sleep:4000").unwrap(), b"slept");
+    done.store(true, Ordering::Relaxed);
+    let slowest = clients
+        .into_iter()
+        .map(|client| client.join().unwrap())
+        .max()
+        .unwrap();
+    assert!(
+        slowest < Duration::from_millis(2000),
+        "a quick request waited {slowest:?}, behind the 4 s one"
+    );
+}
+
 /// Warms the workers up with quick requests, sends a 3 s one and 8 quick
 /// ones back to back (so that they reach the daemon in the same moment),
 /// and checks that the quick ones are all answered well before the long one.
