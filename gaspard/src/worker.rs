@@ -290,12 +290,13 @@ impl Outbox<'_> {
     /// `write`, so a worker that dies leaves at most the frame it was
     /// writing torn.
     fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        let (mut pipe, mut socket) = (self.pipe, self.socket);
         let (header, body) = frame.split_at(HEADER_LEN);
         if body.len() <= link::MAX_PIPED_BODY {
-            return { self.pipe }.write_all(frame);
+            return pipe.write_all(frame);
         }
-        { self.pipe }.write_all(header)?;
-        { self.socket }.write_all(body)
+        pipe.write_all(header)?;
+        socket.write_all(body)
     }
 }
 
