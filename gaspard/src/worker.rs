@@ -144,6 +144,15 @@ pub fn run(args: WorkerArgs) -> ExitCode {
     }
     match serve(&args) {
         Ok(()) => ExitCode::SUCCESS,
+        // The daemon closed the link while this worker wrote to it or read
+        // a frame (it is stopping, or gone): nobody is left to answer.
+        Err(e) if e.downcast_ref().is_some_and(daemon_gone) => {
+            log::debug!(
+                "worker {}: the daemon closed the link: {e}",
+                args.incarnation
+            );
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             log::error!("worker {}: {e:#}", args.incarnation);
             ExitCode::FAILURE
@@ -220,7 +229,6 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
             Ok([]) => break,
             Ok(_) => {}
             Err(e) if is_retry(&e) => continue,
-            Err(e) if daemon_gone(&e) => break,
             Err(e) => return Err(e.into()),
         }
         let mut head = [0; HEADER_LEN];
@@ -244,26 +252,21 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
         let micros = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
         // Each reply leaves before the next request is claimed: if this
         // worker dies, its claims tell the daemon which one was running.
-        let sent = match outcome {
+        match outcome {
             Ok(Some(ReplyBuffer(mut reply))) => {
                 let len = reply.len() - HEADER_LEN;
                 let header = link::reply_header(Kind::Reply, micros, len, id);
                 reply[..HEADER_LEN].copy_from_slice(&header);
-                let sent = outbox.send(&reply);
+                outbox.send(&reply)?;
                 spare = reply;
-                sent
             }
-            Ok(None) => outbox.send(&link::reply_header(Kind::Reply, micros, 0, id)),
+            Ok(None) => outbox.send(&link::reply_header(Kind::Reply, micros, 0, id))?,
             Err(error) => {
                 let error = clip(&error, MAX_ERROR);
                 let mut frame = link::reply_header(Kind::Failed, micros, error.len(), id).to_vec();
                 frame.extend_from_slice(error.as_bytes());
-                outbox.send(&frame)
+                outbox.send(&frame)?;
             }
-        };
-        match sent {
-            Err(e) if daemon_gone(&e) => break,
-            sent => sent?,
         }
         // Buffers are reused between requests, but one large request must
         // not keep its memory for the worker's whole life.
@@ -310,10 +313,11 @@ fn clip(text: &str, max: usize) -> &str {
 }
 
 /// Whether an error says the daemon has closed the link (it is stopping, or
-/// gone): there is nobody left to answer, and the worker stops quietly.
+/// gone): a write finds no reader, or a frame ends early. Its end of the
+/// link reaching its end between frames is the normal way to stop.
 fn daemon_gone(e: &std::io::Error) -> bool {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
-    matches!(e.kind(), BrokenPipe | ConnectionReset)
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+    matches!(e.kind(), BrokenPipe | ConnectionReset | UnexpectedEof)
 }
 
 /// Whether a read should simply be tried again: interrupted, or woken by

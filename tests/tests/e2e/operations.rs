@@ -556,6 +556,11 @@ fn a_worker_writing_a_large_reply_as_the_daemon_stops_still_shuts_its_handler_do
         1,
         "the handler's shutdown ran: {marks:?}"
     );
+    // The worker finds the link closed: a stop, not an error.
+    let errors: Vec<String> = (daemon.log.lines().into_iter())
+        .filter(|line| line.contains("ERROR"))
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
 }
 
 #[test]
