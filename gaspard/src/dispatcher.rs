@@ -652,6 +652,18 @@ mod tests {
     }
 
     /// Runs one request through worker 0 so that its handler time is known.
+    /// Submits `n` requests and hands each to a worker; their assignments.
+    fn assign(d: &mut Dispatcher, n: usize, now: Instant) -> Vec<Assignment> {
+        (0..n)
+            .map(|client| {
+                let id = d.submit(client, vec![]);
+                let assignment = d.next_assignment(now).unwrap();
+                assert_eq!(assignment.id, id);
+                assignment
+            })
+            .collect()
+    }
+
     fn timed(d: &mut Dispatcher, micros: u32, now: Instant) {
         let id = d.submit(99, vec![]);
         let assignment = d.next_assignment(now).unwrap();
@@ -804,10 +816,9 @@ mod tests {
         let mut d = Dispatcher::new(Credit::Fixed(3), None);
         d.worker_ready(0);
         let now = Instant::now();
-        let ids: Vec<RequestId> = (0..3).map(|client| d.submit(client, vec![])).collect();
-        let entries: Vec<usize> = (0..3)
-            .map(|_| d.next_assignment(now).unwrap().ticket.entry)
-            .collect();
+        let assigned = assign(&mut d, 3, now);
+        let ids: Vec<RequestId> = assigned.iter().map(|a| a.id).collect();
+        let entries: Vec<usize> = assigned.iter().map(|a| a.ticket.entry).collect();
         assert_eq!(entries, vec![0, 1, 2], "each in its own claim entry");
         assert_eq!(d.worker_died(0, |_, _| false), (vec![], vec![0, 1, 2]));
         d.worker_ready(0);
@@ -870,10 +881,7 @@ mod tests {
         let mut d = Dispatcher::new(Credit::Fixed(3), None);
         d.worker_ready(0);
         let now = Instant::now();
-        let on0: Vec<RequestId> = (0..3).map(|client| d.submit(client, vec![])).collect();
-        let tickets: Vec<Ticket> = (0..3)
-            .map(|_| d.next_assignment(now).unwrap().ticket)
-            .collect();
+        let on0 = assign(&mut d, 3, now);
         // Worker 1 starts later and holds two of its three.
         d.worker_ready(1);
         let later = now + SLOW_CALL;
@@ -881,7 +889,7 @@ mod tests {
             d.submit(client, vec![]);
             assert_eq!(d.next_assignment(later).unwrap().slot, 1);
         }
-        assert_eq!(d.stuck(later), vec![(0, on0[1], tickets[1])]);
+        assert_eq!(d.stuck(later), vec![(0, on0[1].id, on0[1].ticket)]);
         assert_eq!(d.next_stuck(later), Some(later));
         // Nobody can take any: nothing is taken back, and the loop is not
         // woken for it (a reply will wake it).
@@ -901,10 +909,8 @@ mod tests {
         let mut d = Dispatcher::new(Credit::Fixed(3), Some(Duration::from_secs(30)));
         d.worker_ready(0);
         let now = Instant::now();
-        let ids: Vec<RequestId> = (0..3).map(|client| d.submit(client, vec![])).collect();
-        let tickets: Vec<Ticket> = (0..3)
-            .map(|_| d.next_assignment(now).unwrap().ticket)
-            .collect();
+        let assigned = assign(&mut d, 3, now);
+        let ids: Vec<RequestId> = assigned.iter().map(|a| a.id).collect();
         // An idle worker could take them.
         d.worker_ready(1);
         // Fixed credit too: 2 ms is slow.
@@ -925,8 +931,8 @@ mod tests {
         let assignment = d.next_assignment(Instant::now()).unwrap();
         assert_eq!(assignment.id, again);
         // Entry 0, freed by the reply, is the lowest free one.
-        assert_eq!(assignment.ticket.entry, tickets[0].entry);
-        assert_ne!(assignment.ticket.generation, tickets[0].generation);
+        assert_eq!(assignment.ticket.entry, assigned[0].ticket.entry);
+        assert_ne!(assignment.ticket.generation, assigned[0].ticket.generation);
     }
 
     #[test]
