@@ -1,12 +1,33 @@
 //! Command-line flags and `GASPARD_*` environment variables, turned into one
 //! validated [`Config`].
 
-use crate::dispatcher::Credit;
 use clap::Parser;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// Why the flags do not make a configuration.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--{flag} must be a number of seconds >= 0, not {value}")]
+    Seconds { flag: &'static str, value: f64 },
+    #[error("--max-request-size {0} exceeds the protocol's limit of {limit} bytes", limit = gaspar_protocol::MAX_PAYLOAD)]
+    RequestSize(u64),
+    #[error("expected auto or a number from 1 to 64, not {0:?}")]
+    Credit(String),
+}
+
+/// How many requests a worker may hold at once (--worker-credit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credit {
+    /// Always at most this many (1: strictly one at a time).
+    Fixed(usize),
+    /// As many as it can run in about 2 ms, judged by its recent handler
+    /// times, and none staged behind a call that has run that long (see
+    /// the dispatcher).
+    Auto,
+}
 
 /// Serve a handler plugin on a TCP port, spreading requests over worker processes.
 ///
@@ -196,10 +217,9 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn from_cli(cli: &Cli) -> Result<Config, String> {
-        let seconds = |name: &str, value: f64| {
-            Duration::try_from_secs_f64(value)
-                .map_err(|_| format!("--{name} must be a number of seconds >= 0, not {value}"))
+    pub fn from_cli(cli: &Cli) -> Result<Config, ConfigError> {
+        let seconds = |flag: &'static str, value: f64| {
+            Duration::try_from_secs_f64(value).map_err(|_| ConfigError::Seconds { flag, value })
         };
         let timeout = seconds("timeout", cli.timeout)?;
         let read_timeout = seconds("read-timeout", cli.read_timeout)?;
@@ -209,12 +229,7 @@ impl Config {
         let max_request_size = u32::try_from(cli.max_request_size)
             .ok()
             .filter(|&size| u64::from(size) <= protocol_limit)
-            .ok_or_else(|| {
-                format!(
-                    "--max-request-size {} exceeds the protocol's limit of {protocol_limit} bytes",
-                    cli.max_request_size
-                )
-            })?;
+            .ok_or(ConfigError::RequestSize(cli.max_request_size))?;
         Ok(Config {
             handler: cli.handler.clone(),
             handler_config: cli.handler_config.clone(),
@@ -241,20 +256,18 @@ impl Config {
     }
 }
 
-/// systemd's `$RUNTIME_DIRECTORY` (the first, if RuntimeDirectory= names several).
 /// `--worker-credit`: `auto`, or a number from 1 to 64.
-fn parse_credit(text: &str) -> Result<Credit, String> {
+fn parse_credit(text: &str) -> Result<Credit, ConfigError> {
     if text == "auto" {
         return Ok(Credit::Auto);
     }
     match text.parse::<usize>() {
         Ok(n @ 1..=64) => Ok(Credit::Fixed(n)),
-        _ => Err(format!(
-            "expected auto or a number from 1 to 64, not {text:?}"
-        )),
+        _ => Err(ConfigError::Credit(text.to_string())),
     }
 }
 
+/// systemd's `$RUNTIME_DIRECTORY` (the first, if RuntimeDirectory= names several).
 fn runtime_directory_from_systemd() -> Option<PathBuf> {
     let dirs = std::env::var_os("RUNTIME_DIRECTORY")?;
     let first = dirs.to_str()?.split(':').next()?;
@@ -279,7 +292,8 @@ mod tests {
         let cli = Cli::parse_from(["gaspard", "--handler", "x.so", "--max-request-size", "5G"]);
         assert!(Config::from_cli(&cli)
             .unwrap_err()
-            .contains("--max-request-size"));
+            .to_string()
+            .contains("--max-request-size 5368709120 exceeds"));
     }
 
     #[test]

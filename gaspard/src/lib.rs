@@ -2,26 +2,28 @@
 //! spreads it over every core.
 //!
 //! Clients send gaspar's framed requests over TCP; one mio loop
-//! ([`daemon`]) reads them ([`connection`], [`protocol`]), queues them
-//! ([`dispatcher`]) and hands them over links ([`link`]: a socket pair and
-//! a pipe each) to worker processes ([`supervisor`], [`worker`]) that run a
-//! handler plugin ([`plugin`]).
-//! `docs/architecture.md` tells the whole story.
+//! ([`daemon`]) drives the clients part (`clients`: connections, sessions,
+//! deadlines, outcomes), the workers part (`workers`: worker processes,
+//! the endpoint each is reached through, who holds which request, reload)
+//! and the metrics endpoint (`scrape`). Worker processes ([`worker`]) run
+//! a handler plugin (`plugin`). `docs/architecture.md` tells the whole
+//! story.
+//!
+//! The library exists for the `gaspard` executable: only what it needs is
+//! public.
 
 pub mod check;
-pub mod claims;
+mod clients;
 pub mod config;
-pub mod connection;
 pub mod daemon;
-pub mod dispatcher;
-pub mod link;
-pub mod listener;
+mod gather;
+mod listener;
 pub mod logging;
-pub mod metrics;
-pub mod notify;
-pub mod plugin;
-pub mod privileges;
-pub mod protocol;
-pub mod session;
-pub mod supervisor;
+mod metrics;
+mod notify;
+mod plugin;
+mod privileges;
+mod protocol;
+mod scrape;
 pub mod worker;
+mod workers;

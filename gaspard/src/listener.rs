@@ -1,17 +1,39 @@
 //! The listening socket: bound by gaspard, or handed over by systemd's socket
 //! activation (LISTEN_FDS / LISTEN_PID, the first descriptor, fd 3).
 
-use anyhow::{bail, Context as _};
 use mio::net::TcpListener;
 use socket2::{Domain, Socket, Type};
+use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, RawFd};
 
 /// The first descriptor systemd passes.
 const SD_LISTEN_FDS_START: RawFd = 3;
 
+/// Why there is no listening socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("socket activation: fd 3 is not a socket: {0}")]
+    NotASocket(io::Error),
+    #[error("socket activation: fd 3 is not a listening stream socket")]
+    NotListening,
+    #[error("socket activation: fd 3 is not a TCP socket (use ListenStream=PORT)")]
+    NotTcp,
+    #[error("socket activation: {0}")]
+    Activated(io::Error),
+}
+
+/// Errors after which retrying accept at once would spin: out of file
+/// descriptors or memory.
+pub(crate) fn is_resource_exhaustion(error: &io::Error) -> bool {
+    use nix::libc::{EMFILE, ENFILE, ENOBUFS, ENOMEM};
+    matches!(error.raw_os_error(), Some(errno) if [EMFILE, ENFILE, ENOBUFS, ENOMEM].contains(&errno))
+}
+
 /// The listener, and whether it came from socket activation.
-pub fn open(addr: SocketAddr, backlog: i32) -> anyhow::Result<(TcpListener, bool)> {
+pub(crate) fn open(addr: SocketAddr, backlog: i32) -> Result<(TcpListener, bool), ListenError> {
     if let Some(listener) = activated()? {
         return Ok((listener, true));
     }
@@ -20,21 +42,21 @@ pub fn open(addr: SocketAddr, backlog: i32) -> anyhow::Result<(TcpListener, bool
 
 /// A listening socket with our backlog (mio's default of 1024 is small for
 /// bursts; gaspar's 50 made clients wait for SYN retries).
-fn bind(addr: SocketAddr, backlog: i32) -> anyhow::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket
-        .bind(&addr.into())
-        .with_context(|| format!("cannot listen on {addr}"))?;
-    socket
-        .listen(backlog)
-        .with_context(|| format!("cannot listen on {addr}"))?;
+fn bind(addr: SocketAddr, backlog: i32) -> Result<TcpListener, ListenError> {
+    let listen = || -> io::Result<Socket> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(backlog)?;
+        Ok(socket)
+    };
+    let socket = listen().map_err(|source| ListenError::Bind { addr, source })?;
     Ok(TcpListener::from_std(socket.into()))
 }
 
 /// The socket systemd passed, if it passed one to this process.
-fn activated() -> anyhow::Result<Option<TcpListener>> {
+fn activated() -> Result<Option<TcpListener>, ListenError> {
     let Some(pid) = std::env::var_os("LISTEN_PID") else {
         return Ok(None);
     };
@@ -54,17 +76,16 @@ fn activated() -> anyhow::Result<Option<TcpListener>> {
     // SAFETY: systemd's protocol hands this process descriptors 3.. as its
     // own; nothing else in gaspard has taken fd 3.
     let socket = unsafe { Socket::from_raw_fd(SD_LISTEN_FDS_START) };
-    let kind = socket
-        .r#type()
-        .context("socket activation: fd 3 is not a socket")?;
+    let kind = socket.r#type().map_err(ListenError::NotASocket)?;
     if kind != Type::STREAM || !socket.is_listener().unwrap_or(false) {
-        bail!("socket activation: fd 3 is not a listening stream socket");
+        return Err(ListenError::NotListening);
     }
-    socket.local_addr()?.as_socket().ok_or_else(|| {
-        anyhow::anyhow!("socket activation: fd 3 is not a TCP socket (use ListenStream=PORT)")
-    })?;
+    let local = socket.local_addr().map_err(ListenError::Activated)?;
+    local.as_socket().ok_or(ListenError::NotTcp)?;
     // Workers must not inherit it.
-    socket.set_cloexec(true)?;
-    socket.set_nonblocking(true)?;
+    socket.set_cloexec(true).map_err(ListenError::Activated)?;
+    socket
+        .set_nonblocking(true)
+        .map_err(ListenError::Activated)?;
     Ok(Some(TcpListener::from_std(socket.into())))
 }

@@ -34,15 +34,19 @@ fn main() -> ExitCode {
             }
         };
     }
-    let result = Config::from_cli(&cli)
-        .map_err(anyhow::Error::msg)
-        .and_then(|config| Daemon::new(config, &log_filter))
-        .and_then(Daemon::run);
-    match result {
+    match serve(&cli, &log_filter) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("gaspard: {e:#}");
+            eprintln!("gaspard: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs the daemon until it stops. Each error's message already says what
+/// it is about, its cause included.
+fn serve(cli: &Cli, log_filter: &str) -> anyhow::Result<()> {
+    let config = Config::from_cli(cli)?;
+    Daemon::new(config, log_filter)?.run()?;
+    Ok(())
 }

@@ -12,7 +12,7 @@ use prometheus_client::registry::Registry;
 /// How a request ended.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)] // label values are conventionally snake_case
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The reply was written in full.
     ok,
     /// A zero-length request, closed without a reply.
@@ -41,17 +41,17 @@ struct CauseLabel {
     cause: String,
 }
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     requests: Family<OutcomeLabel, Counter>,
-    pub in_flight: Gauge,
-    pub queued: Gauge,
-    pub connections: Gauge,
-    pub workers_ready: Gauge,
-    pub worker_starts: Counter,
+    pub(crate) in_flight: Gauge,
+    pub(crate) queued: Gauge,
+    pub(crate) connections: Gauge,
+    pub(crate) workers_ready: Gauge,
+    pub(crate) worker_starts: Counter,
     worker_exits: Family<CauseLabel, Counter>,
     /// From the whole request being read to its reply being ready.
-    pub latency: Histogram,
+    pub(crate) latency: Histogram,
 }
 
 impl Default for Metrics {
@@ -117,12 +117,18 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn request_ended(&self, outcome: Outcome) {
+    pub(crate) fn request_ended(&self, outcome: Outcome) {
         self.requests.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 
+    /// A request answered: the time from its whole request read to its reply.
+    pub(crate) fn observe_latency(&self, received: std::time::Instant, now: std::time::Instant) {
+        self.latency
+            .observe(now.saturating_duration_since(received).as_secs_f64());
+    }
+
     /// `cause`: a signal name, `exit_N`, or `stopped` for a planned stop.
-    pub fn worker_exited(&self, cause: &str) {
+    pub(crate) fn worker_exited(&self, cause: &str) {
         self.worker_exits
             .get_or_create(&CauseLabel {
                 cause: cause.to_string(),
@@ -131,7 +137,7 @@ impl Metrics {
     }
 
     /// The exposition text.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut text = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
@@ -140,11 +146,11 @@ impl Metrics {
 }
 
 /// The most bytes of an HTTP request the metrics endpoint reads.
-pub const MAX_HTTP_REQUEST: usize = 8 * 1024;
+pub(crate) const MAX_HTTP_REQUEST: usize = 8 * 1024;
 
 /// Answers one HTTP request for the metrics endpoint: `Some(response)` once
 /// the request head is complete, `None` while more is needed.
-pub fn http_response(request: &[u8], metrics: impl FnOnce() -> String) -> Option<Vec<u8>> {
+pub(crate) fn http_response(request: &[u8], metrics: impl FnOnce() -> String) -> Option<Vec<u8>> {
     let head_end = request.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&request[..head_end]);
     let mut words = head.lines().next().unwrap_or("").split_whitespace();

@@ -1,38 +1,72 @@
 //! Dropping root: after binding the port, the daemon (and so every worker it
 //! starts) runs as `--user` / `--group`.
 
-use anyhow::{anyhow, Context as _};
+use nix::errno::Errno;
 use nix::unistd::{setgid, setgroups, setuid, Gid, Group, Uid, User};
+
+/// Why privileges could not be dropped.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivilegeError {
+    #[error("cannot look up {what} {name}: {source}")]
+    Lookup {
+        what: &'static str,
+        name: String,
+        source: Errno,
+    },
+    #[error("--user {0}: no such user")]
+    NoSuchUser(String),
+    #[error("--group {0}: no such group")]
+    NoSuchGroup(String),
+    #[error("cannot drop supplementary groups (is gaspard root?): {0}")]
+    Groups(Errno),
+    #[error("cannot change group: {0}")]
+    Group(Errno),
+    #[error("cannot become user {name}: {source}")]
+    User { name: String, source: Errno },
+    #[error("privileges could be regained after dropping them")]
+    Regainable,
+}
 
 /// Switches to `user` (with its primary group, unless `group` is given) or to
 /// `group` alone. A no-op when neither is given.
-pub fn drop_to(user: Option<&str>, group: Option<&str>) -> anyhow::Result<()> {
+pub(crate) fn drop_to(user: Option<&str>, group: Option<&str>) -> Result<(), PrivilegeError> {
     if user.is_none() && group.is_none() {
         return Ok(());
     }
     let user = user
         .map(|name| {
             User::from_name(name)
-                .with_context(|| format!("cannot look up user {name}"))?
-                .ok_or_else(|| anyhow!("--user {name}: no such user"))
+                .map_err(|source| PrivilegeError::Lookup {
+                    what: "user",
+                    name: name.to_string(),
+                    source,
+                })?
+                .ok_or_else(|| PrivilegeError::NoSuchUser(name.to_string()))
         })
         .transpose()?;
     let gid: Gid = match group {
         Some(name) => {
             Group::from_name(name)
-                .with_context(|| format!("cannot look up group {name}"))?
-                .ok_or_else(|| anyhow!("--group {name}: no such group"))?
+                .map_err(|source| PrivilegeError::Lookup {
+                    what: "group",
+                    name: name.to_string(),
+                    source,
+                })?
+                .ok_or_else(|| PrivilegeError::NoSuchGroup(name.to_string()))?
                 .gid
         }
         None => user.as_ref().expect("one of them is given").gid,
     };
     // Supplementary groups first, while still allowed to change them.
-    setgroups(&[gid]).context("cannot drop supplementary groups (is gaspard root?)")?;
-    setgid(gid).context("cannot change group")?;
+    setgroups(&[gid]).map_err(PrivilegeError::Groups)?;
+    setgid(gid).map_err(PrivilegeError::Group)?;
     if let Some(user) = &user {
-        setuid(user.uid).with_context(|| format!("cannot become user {}", user.name))?;
+        setuid(user.uid).map_err(|source| PrivilegeError::User {
+            name: user.name.clone(),
+            source,
+        })?;
         if user.uid != Uid::from_raw(0) && setuid(Uid::from_raw(0)).is_ok() {
-            return Err(anyhow!("privileges could be regained after dropping them"));
+            return Err(PrivilegeError::Regainable);
         }
     }
     log::info!(

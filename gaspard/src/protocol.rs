@@ -9,9 +9,10 @@
 
 // The wire format itself is gaspar-protocol's, shared with the client and
 // the load generator; this module adds the daemon's incremental decoder.
+#[cfg(test)]
+pub use gaspar_protocol::request as pack;
 pub use gaspar_protocol::{
-    handshake, reply_header, request as pack, Status, EXTENSION_MARK, HEADER_LEN, PREAMBLE,
-    REPLY_HEADER_LEN,
+    handshake, reply_header, Status, EXTENSION_MARK, HEADER_LEN, PREAMBLE, REPLY_HEADER_LEN,
 };
 
 /// Bytes read into a request body per step, so that memory grows with the

@@ -6,9 +6,9 @@
 //! link to the daemon (a socket and a pipe inherited at start, see `link.rs`)
 //! and its replies go back on the pipe.
 
-use crate::claims::{Claims, Ticket};
-use crate::link::{self, Kind, HEADER_LEN};
 use crate::plugin::Plugin;
+use crate::workers::claims::{Claims, Ticket};
+use crate::workers::link::{self, Kind, HEADER_LEN};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -63,6 +63,21 @@ pub struct WorkerArgs {
 }
 
 impl WorkerArgs {
+    /// What every worker of a daemon is told: the fds and incarnation are
+    /// filled in for each.
+    pub(crate) fn template(handler: PathBuf, handler_config: String) -> WorkerArgs {
+        WorkerArgs {
+            requests_fd: -1,
+            replies_fd: -1,
+            claims_fd: -1,
+            incarnation: 0,
+            daemon_pid: std::process::id() as i32,
+            handler,
+            load_from: PathBuf::new(),
+            handler_config,
+        }
+    }
+
     /// The command-line arguments after the program name.
     pub fn to_args(&self) -> Vec<std::ffi::OsString> {
         vec![
@@ -77,22 +92,27 @@ impl WorkerArgs {
         ]
     }
 
-    /// Parses what [`Self::to_args`] wrote (after `__worker`).
-    pub fn parse(mut args: impl Iterator<Item = std::ffi::OsString>) -> Result<WorkerArgs, String> {
-        let mut next = |what: &str| args.next().ok_or_else(|| format!("worker: missing {what}"));
-        let requests_fd = next("requests fd")?;
-        let replies_fd = next("replies fd")?;
-        let claims_fd = next("claims fd")?;
-        let number = |text: std::ffi::OsString, what: &str| {
+    /// Parses what [`Self::to_args`] wrote (after `__worker`). Every number
+    /// is checked for its own type: an fd or a pid out of range is refused,
+    /// never truncated into another one.
+    pub fn parse(
+        mut args: impl Iterator<Item = std::ffi::OsString>,
+    ) -> Result<WorkerArgs, WorkerError> {
+        let mut next = |what: &'static str| args.next().ok_or(WorkerError::MissingArg(what));
+        fn number<T: std::str::FromStr + PartialOrd + Default>(
+            text: std::ffi::OsString,
+            what: &'static str,
+        ) -> Result<T, WorkerError> {
             text.to_str()
-                .and_then(|t| t.parse::<u64>().ok())
-                .ok_or_else(|| format!("worker: bad {what}"))
-        };
-        let requests_fd = number(requests_fd, "requests fd")? as RawFd;
-        let replies_fd = number(replies_fd, "replies fd")? as RawFd;
-        let claims_fd = number(claims_fd, "claims fd")? as RawFd;
-        let incarnation = number(next("incarnation")?, "incarnation")?;
-        let daemon_pid = number(next("daemon pid")?, "daemon pid")? as i32;
+                .and_then(|t| t.parse::<T>().ok())
+                .filter(|n| *n >= T::default())
+                .ok_or(WorkerError::BadArg(what))
+        }
+        let requests_fd: RawFd = number(next("requests fd")?, "requests fd")?;
+        let replies_fd: RawFd = number(next("replies fd")?, "replies fd")?;
+        let claims_fd: RawFd = number(next("claims fd")?, "claims fd")?;
+        let incarnation: u64 = number(next("incarnation")?, "incarnation")?;
+        let daemon_pid: i32 = number(next("daemon pid")?, "daemon pid")?;
         let handler = PathBuf::from(next("handler")?);
         let load_from = PathBuf::from(next("handler snapshot")?);
         let handler_config = std::env::var(CONFIG_ENV).unwrap_or_default();
@@ -107,6 +127,31 @@ impl WorkerArgs {
             handler_config,
         })
     }
+}
+
+/// Why a worker stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("worker: missing {0}")]
+    MissingArg(&'static str),
+    #[error("worker: bad {0}")]
+    BadArg(&'static str),
+    #[error("{what} fd {fd}: {source}")]
+    Fd {
+        what: &'static str,
+        fd: RawFd,
+        source: nix::errno::Errno,
+    },
+    #[error("{what} fd {fd} is not what the daemon passes")]
+    FdKind { what: &'static str, fd: RawFd },
+    #[error("unexpected {0:?} frame from the daemon")]
+    UnexpectedFrame(Kind),
+    #[error("request {id} came with claim ticket {bits:#x}")]
+    BadTicket { id: u64, bits: u32 },
+    #[error("cannot watch for SIGTERM: {0}")]
+    Signals(std::io::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// A reply the handler writes into, with room in front for the frame
@@ -146,7 +191,7 @@ pub fn run(args: WorkerArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // The daemon closed the link while this worker wrote to it or read
         // a frame (it is stopping, or gone): nobody is left to answer.
-        Err(e) if e.downcast_ref().is_some_and(daemon_gone) => {
+        Err(WorkerError::Io(e)) if daemon_gone(&e) => {
             log::debug!(
                 "worker {}: the daemon closed the link: {e}",
                 args.incarnation
@@ -154,7 +199,7 @@ pub fn run(args: WorkerArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            log::error!("worker {}: {e:#}", args.incarnation);
+            log::error!("worker {}: {e}", args.incarnation);
             ExitCode::FAILURE
         }
     }
@@ -162,11 +207,15 @@ pub fn run(args: WorkerArgs) -> ExitCode {
 
 /// Takes an fd the daemon passed, if it is of the `kind` expected (a
 /// worker started by hand with a wrong number must not write into a file).
-fn inherited(fd: RawFd, what: &str, kind: nix::sys::stat::SFlag) -> anyhow::Result<OwnedFd> {
+fn inherited(
+    fd: RawFd,
+    what: &'static str,
+    kind: nix::sys::stat::SFlag,
+) -> Result<OwnedFd, WorkerError> {
     use nix::sys::stat::{fstat, SFlag};
-    let stat = fstat(fd).map_err(|e| anyhow::anyhow!("{what} fd {fd}: {e}"))?;
+    let stat = fstat(fd).map_err(|source| WorkerError::Fd { what, fd, source })?;
     if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != kind {
-        anyhow::bail!("{what} fd {fd} is not what the daemon passes");
+        return Err(WorkerError::FdKind { what, fd });
     }
     // SAFETY: the daemon passed this fd open for this process alone (see
     // Supervisor::start), it is of the expected kind (checked above), and
@@ -177,11 +226,12 @@ fn inherited(fd: RawFd, what: &str, kind: nix::sys::stat::SFlag) -> anyhow::Resu
     nix::fcntl::fcntl(
         owned.as_raw_fd(),
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )?;
+    )
+    .map_err(|source| WorkerError::Fd { what, fd, source })?;
     Ok(owned)
 }
 
-fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
+fn serve(args: &WorkerArgs) -> Result<(), WorkerError> {
     use nix::sys::stat::SFlag;
     let socket = UnixStream::from(inherited(args.requests_fd, "requests", SFlag::S_IFSOCK)?);
     let pipe = File::from(inherited(args.replies_fd, "replies", SFlag::S_IFIFO)?);
@@ -214,7 +264,8 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
     // call the handler's shutdown. Set up before Ready, so that a stop sent
     // as soon as the daemon knows this worker still calls shutdown.
     let stop = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))
+        .map_err(WorkerError::Signals)?;
     let pid = std::process::id().to_string();
     send(Kind::Ready, args.incarnation, pid.as_bytes())?;
 
@@ -235,12 +286,15 @@ fn serve(args: &WorkerArgs) -> anyhow::Result<()> {
         read_full(&mut reader, &mut head)?;
         let header = link::parse_header(&head)?;
         if header.kind != Kind::Request {
-            anyhow::bail!("unexpected {:?} frame from the daemon", header.kind);
+            return Err(WorkerError::UnexpectedFrame(header.kind));
         }
         read_payload(&mut reader, header.len, &mut payload)?;
         let id = header.value;
         let Some(ticket) = Ticket::decode(header.extra) else {
-            anyhow::bail!("request {id} came with claim ticket {:#x}", header.extra);
+            return Err(WorkerError::BadTicket {
+                id,
+                bits: header.extra,
+            });
         };
         // The daemon may have taken it back (it waited behind a slow call)
         // and given it to another worker: then it must not run here.

@@ -10,7 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-pub use gaspard::protocol::pack;
+pub use gaspar_protocol::request as pack;
 
 /// How long a daemon may take to start serving before a test gives up.
 const START_TIMEOUT: Duration = Duration::from_secs(60);

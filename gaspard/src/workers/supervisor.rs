@@ -14,8 +14,8 @@
 //!
 //! The supervisor owns processes only; the dispatcher owns the requests.
 
-use crate::claims::Claims;
-use crate::link::{self, Link};
+use super::claims::Claims;
+use super::link::{self, Link};
 use crate::worker::WorkerArgs;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -33,15 +33,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// What a slot is doing.
 #[derive(Debug)]
-pub enum SlotState {
+enum SlotState {
     /// Started; waiting for its Ready message.
     Starting { child: Child, incarnation: u64 },
     /// Serving.
-    Ready {
-        child: Child,
-        incarnation: u64,
-        pid: u32,
-    },
+    Ready { child: Child, incarnation: u64 },
     /// Waiting to be restarted after failures.
     Backoff { until: Instant },
     /// No worker, and none to start: a free slot.
@@ -50,10 +46,10 @@ pub enum SlotState {
 
 /// One worker position, kept across restarts.
 #[derive(Debug)]
-pub struct Slot {
-    pub state: SlotState,
+struct Slot {
+    state: SlotState,
     /// The handler generation this slot's workers load.
-    pub generation: u64,
+    generation: u64,
     /// Consecutive deaths without a served request in between.
     failures: u32,
     /// Requests the current incarnation has served.
@@ -68,40 +64,50 @@ pub struct Slot {
 
 impl Slot {
     /// Whether a process runs (or is about to) in this slot.
-    pub fn is_live(&self) -> bool {
+    fn is_live(&self) -> bool {
         !matches!(self.state, SlotState::Stopped)
     }
 
     /// Whether it counts towards the worker count: live and staying.
-    pub fn is_active(&self) -> bool {
+    fn is_active(&self) -> bool {
         self.is_live() && !self.removing
     }
 }
 
 /// Why a worker went away.
 #[derive(Debug, Clone)]
-pub struct Death {
-    pub slot: usize,
-    pub incarnation: u64,
-    pub status: ExitStatus,
+pub(super) struct Death {
+    pub(super) slot: usize,
+    pub(super) incarnation: u64,
+    pub(super) status: ExitStatus,
     /// It never reported Ready.
-    pub before_ready: bool,
+    pub(super) before_ready: bool,
     /// It was stopped on purpose, not a failure.
-    pub retired: bool,
+    pub(super) retired: bool,
     /// Its slot is now free (`false`: a worker restarts after `restart_in`).
-    pub removed: bool,
+    pub(super) removed: bool,
     /// When the slot's next worker starts (back-off after repeated failures).
-    pub restart_in: Duration,
+    pub(super) restart_in: Duration,
+}
+
+/// What became of a signal meant for a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Signalled {
+    Sent,
+    /// Not sent: the worker has exited (its pid is no longer its own).
+    Exited,
+    /// Not sent: no worker runs in that slot.
+    NotRunning,
 }
 
 /// When workers are recycled (--max-requests and its jitter).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Recycling {
-    pub max_requests: Option<u64>,
-    pub jitter: u64,
+pub(crate) struct Recycling {
+    pub(crate) max_requests: Option<u64>,
+    pub(crate) jitter: u64,
 }
 
-pub struct Supervisor {
+pub(crate) struct Supervisor {
     program: PathBuf,
     template: WorkerArgs,
     /// Where handler snapshots are kept (the private runtime directory).
@@ -112,12 +118,12 @@ pub struct Supervisor {
     /// Handler snapshots by generation.
     snapshots: BTreeMap<u64, PathBuf>,
     next_incarnation: u64,
-    pub slots: Vec<Slot>,
+    slots: Vec<Slot>,
 }
 
 impl Supervisor {
     /// `template.handler` is the operator's file; workers load snapshots of it.
-    pub fn new(
+    pub(crate) fn new(
         program: PathBuf,
         template: WorkerArgs,
         runtime_dir: PathBuf,
@@ -137,7 +143,7 @@ impl Supervisor {
     }
 
     /// Copies the handler file into the runtime directory as a new generation.
-    pub fn snapshot_handler(&mut self) -> std::io::Result<u64> {
+    pub(crate) fn snapshot_handler(&mut self) -> std::io::Result<u64> {
         let generation = self.snapshots.keys().next_back().map_or(1, |g| g + 1);
         let snapshot = self.runtime_dir.join(format!("handler-{generation}.so"));
         std::fs::copy(&self.template.handler, &snapshot)?;
@@ -146,7 +152,7 @@ impl Supervisor {
     }
 
     /// Deletes the snapshots no slot uses any more, except `keep`.
-    pub fn forget_unused_snapshots(&mut self, keep: u64) {
+    pub(crate) fn forget_unused_snapshots(&mut self, keep: u64) {
         let used: Vec<u64> = self
             .slots
             .iter()
@@ -163,14 +169,14 @@ impl Supervisor {
     }
 
     /// The operator's handler file.
-    pub fn handler_source(&self) -> &Path {
+    pub(crate) fn handler_source(&self) -> &Path {
         &self.template.handler
     }
 
     /// Adds a worker position for `generation` (reusing a free one) and
     /// starts its worker. Returns the slot, the daemon's end of the link and
     /// the worker's claims.
-    pub fn add(&mut self, generation: u64) -> std::io::Result<(usize, Link, Claims)> {
+    pub(crate) fn add(&mut self, generation: u64) -> std::io::Result<(usize, Link, Claims)> {
         let slot = match self.slots.iter().position(|slot| !slot.is_live()) {
             Some(free) => free,
             None => {
@@ -190,13 +196,13 @@ impl Supervisor {
         entry.generation = generation;
         entry.failures = 0;
         entry.removing = false;
-        let (_, link, claims) = self.start(slot)?;
+        let (link, claims) = self.start(slot)?;
         Ok((slot, link, claims))
     }
 
-    /// Starts a worker in `slot`. Returns its incarnation, the daemon's end
-    /// of its link, and its claims.
-    pub fn start(&mut self, slot: usize) -> std::io::Result<(u64, Link, Claims)> {
+    /// Starts a worker in `slot`. Returns the daemon's end of its link, and
+    /// its claims.
+    pub(crate) fn start(&mut self, slot: usize) -> std::io::Result<(Link, Claims)> {
         let incarnation = self.next_incarnation;
         self.next_incarnation += 1;
         let generation = self.slots[slot].generation;
@@ -267,11 +273,11 @@ impl Supervisor {
             .recycling
             .max_requests
             .map(|n| n.saturating_add(jitter));
-        Ok((incarnation, link, claims))
+        Ok((link, claims))
     }
 
     /// The incarnation running (or starting) in `slot`.
-    pub fn incarnation_of(&self, slot: usize) -> Option<u64> {
+    pub(crate) fn incarnation_of(&self, slot: usize) -> Option<u64> {
         match self.slots.get(slot)?.state {
             SlotState::Starting { incarnation, .. } | SlotState::Ready { incarnation, .. } => {
                 Some(incarnation)
@@ -280,24 +286,68 @@ impl Supervisor {
         }
     }
 
-    /// The slot whose current incarnation is `incarnation`.
-    pub fn slot_of(&self, incarnation: u64) -> Option<usize> {
-        self.slots.iter().position(|slot| match &slot.state {
-            SlotState::Starting { incarnation: i, .. }
-            | SlotState::Ready { incarnation: i, .. } => *i == incarnation,
-            _ => false,
+    /// How many workers serve (ready, and not being stopped).
+    pub(crate) fn ready_count(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|slot| matches!(slot.state, SlotState::Ready { .. }) && !slot.retiring)
+            .count()
+    }
+
+    /// Whether the worker in `slot` has said it is ready.
+    pub(crate) fn is_ready(&self, slot: usize) -> bool {
+        matches!(self.slots[slot].state, SlotState::Ready { .. })
+    }
+
+    /// How many worker positions there are, free ones included.
+    pub(crate) fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The last slot whose worker counts towards the worker count, other
+    /// than `except`: the one to retire when there should be one fewer.
+    pub(crate) fn last_active(&self, except: Option<usize>) -> Option<usize> {
+        (0..self.slots.len())
+            .rev()
+            .find(|&i| self.slots[i].is_active() && Some(i) != except)
+    }
+
+    /// Whether a worker of `generation` is starting (not backing off).
+    pub(crate) fn any_starting(&self, generation: u64) -> bool {
+        self.slots.iter().any(|slot| {
+            slot.generation == generation
+                && slot.is_active()
+                && matches!(slot.state, SlotState::Starting { .. })
         })
     }
 
+    /// The first staying worker of another generation than `generation`.
+    pub(crate) fn first_active_not_of(&self, generation: u64) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|slot| slot.is_active() && slot.generation != generation)
+    }
+
+    /// Whether a worker of another generation still runs (finishing).
+    pub(crate) fn any_live_not_of(&self, generation: u64) -> bool {
+        self.slots
+            .iter()
+            .any(|slot| slot.is_live() && slot.generation != generation)
+    }
+
+    /// How many staying workers run `generation`.
+    pub(crate) fn active_of(&self, generation: u64) -> usize {
+        self.slots
+            .iter()
+            .filter(|slot| slot.is_active() && slot.generation == generation)
+            .count()
+    }
+
     /// Marks a starting worker as serving.
-    pub fn mark_ready(&mut self, slot: usize, pid: u32) {
+    pub(crate) fn mark_ready(&mut self, slot: usize) {
         let state = std::mem::replace(&mut self.slots[slot].state, SlotState::Stopped);
         self.slots[slot].state = match state {
-            SlotState::Starting { child, incarnation } => SlotState::Ready {
-                child,
-                incarnation,
-                pid,
-            },
+            SlotState::Starting { child, incarnation } => SlotState::Ready { child, incarnation },
             other => other,
         };
     }
@@ -305,7 +355,7 @@ impl Supervisor {
     /// Marks a worker to be stopped on purpose; with `remove`, its slot is
     /// freed afterwards instead of restarted. A slot with no process is
     /// freed (or left to restart) at once.
-    pub fn retire(&mut self, slot: usize, remove: bool) {
+    pub(crate) fn retire(&mut self, slot: usize, remove: bool) {
         let entry = &mut self.slots[slot];
         entry.removing |= remove;
         match entry.state {
@@ -316,13 +366,13 @@ impl Supervisor {
     }
 
     /// Whether the worker in `slot` is being stopped on purpose.
-    pub fn is_retiring(&self, slot: usize) -> bool {
+    pub(crate) fn is_retiring(&self, slot: usize) -> bool {
         self.slots[slot].retiring
     }
 
     /// The slots whose worker has exited but is not yet reaped: what they
     /// wrote before dying is all in their links now, to be read first.
-    pub fn exited(&mut self) -> Vec<usize> {
+    pub(crate) fn exited(&mut self) -> Vec<usize> {
         let mut exited = Vec::new();
         for (index, slot) in self.slots.iter_mut().enumerate() {
             if let SlotState::Starting { child, .. } | SlotState::Ready { child, .. } =
@@ -338,7 +388,7 @@ impl Supervisor {
     }
 
     /// Collects the workers of `slots` that have exited (see [`Self::exited`]).
-    pub fn reap(&mut self, slots: &[usize]) -> Vec<Death> {
+    pub(crate) fn reap(&mut self, slots: &[usize]) -> Vec<Death> {
         let mut deaths = Vec::new();
         for (index, slot) in self.slots.iter_mut().enumerate() {
             if !slots.contains(&index) {
@@ -394,7 +444,7 @@ impl Supervisor {
     /// A worker answered a request (even with a handler error): the handler
     /// works, so a later death restarts at once. Returns true when the worker
     /// has reached its --max-requests and should be retired.
-    pub fn note_served(&mut self, slot: usize) -> bool {
+    pub(crate) fn note_served(&mut self, slot: usize) -> bool {
         let slot = &mut self.slots[slot];
         slot.failures = 0;
         slot.served += 1;
@@ -405,7 +455,7 @@ impl Supervisor {
     /// twice or more without serving a request): the handler crashes at init
     /// or on every request, and restarts are backing off. One death is not
     /// enough: a crash on one bad request restarts at once.
-    pub fn all_failing(&self) -> bool {
+    pub(crate) fn all_failing(&self) -> bool {
         let mut active = self.slots.iter().filter(|slot| slot.is_active()).peekable();
         active.peek().is_some()
             && active
@@ -413,7 +463,7 @@ impl Supervisor {
     }
 
     /// Slots whose back-off has run out, to be started again.
-    pub fn due(&self, now: Instant) -> Vec<usize> {
+    pub(crate) fn due(&self, now: Instant) -> Vec<usize> {
         (0..self.slots.len())
             .filter(
                 |&i| matches!(self.slots[i].state, SlotState::Backoff { until } if until <= now),
@@ -422,7 +472,7 @@ impl Supervisor {
     }
 
     /// The earliest back-off deadline, for the loop's timeout.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.slots
             .iter()
             .filter_map(|slot| match slot.state {
@@ -432,20 +482,32 @@ impl Supervisor {
             .min()
     }
 
-    /// Sends `signal` to the worker in `slot`, if it is running.
-    pub fn signal(&self, slot: usize, signal: Signal) {
-        let child = match &self.slots[slot].state {
+    /// Sends `signal` to the worker in `slot`, if it is running. Never once
+    /// its exit status is known: from then on its pid may be reused by an
+    /// unrelated process. Until that status is collected (here, or by
+    /// [`Self::exited`]), an exited worker is a zombie whose pid is still
+    /// ours, and nothing else in the daemon reaps children.
+    pub(crate) fn signal(&mut self, slot: usize, signal: Signal) -> Signalled {
+        let child = match &mut self.slots[slot].state {
             SlotState::Starting { child, .. } | SlotState::Ready { child, .. } => child,
-            _ => return,
+            _ => return Signalled::NotRunning,
         };
-        // The child is not reaped until `reap` sees it exit, so the pid is still ours.
-        if let Err(e) = kill(Pid::from_raw(child.id() as i32), signal) {
-            log::warn!("cannot send {signal} to worker pid {}: {e}", child.id());
+        // `try_wait` keeps a status it found, so a known exit is never
+        // asked for again, nor signalled.
+        if !matches!(child.try_wait(), Ok(None)) {
+            return Signalled::Exited;
+        }
+        match kill(Pid::from_raw(child.id() as i32), signal) {
+            Ok(()) => Signalled::Sent,
+            Err(e) => {
+                log::warn!("cannot send {signal} to worker pid {}: {e}", child.id());
+                Signalled::Exited
+            }
         }
     }
 
     /// Whether any worker process is still running.
-    pub fn any_running(&self) -> bool {
+    pub(crate) fn any_running(&self) -> bool {
         self.slots.iter().any(|slot| {
             matches!(
                 slot.state,
@@ -456,7 +518,7 @@ impl Supervisor {
 
     /// Stops every worker: SIGTERM, then SIGKILL after `grace`, and waits for
     /// all of them so that none outlives the daemon.
-    pub fn stop_all(&mut self, grace: Duration) {
+    pub(crate) fn stop_all(&mut self, grace: Duration) {
         for slot in 0..self.slots.len() {
             self.retire(slot, true);
             self.signal(slot, Signal::SIGTERM);
@@ -504,7 +566,7 @@ fn random_u64() -> u64 {
 }
 
 /// Describes an exit status for the log: "exited with status 3", "was killed by SIGSEGV".
-pub fn describe(status: &ExitStatus) -> String {
+pub(super) fn describe(status: &ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     if let Some(code) = status.code() {
         format!("exited with status {code}")

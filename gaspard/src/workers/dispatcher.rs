@@ -11,17 +11,19 @@
 //! The dispatcher knows connections only by an opaque key and workers only by
 //! slot number; it does no I/O.
 
-use crate::claims::{Ticket, ENTRIES};
+use super::claims::{Ticket, ENTRIES};
+use super::ClientKey;
+use crate::config::Credit;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-pub type RequestId = u64;
+pub(crate) type RequestId = u64;
 
 /// A request's bytes, shared with the link that sends them: kept until the
 /// reply, so that a request staged at a worker that dies before starting it
 /// can go to another.
-pub type Payload = Rc<Vec<u8>>;
+pub(crate) type Payload = Rc<Vec<u8>>;
 
 /// Where a request is.
 #[derive(Debug)]
@@ -49,7 +51,8 @@ struct Request {
 
 #[derive(Debug, Default)]
 struct WorkerLoad {
-    ready: bool,
+    /// It takes new requests: ready, and not being retired or killed.
+    open: bool,
     held: Vec<RequestId>,
     /// The claim entries its requests are in (a bit each; `claims.rs`).
     entries: u64,
@@ -98,22 +101,10 @@ fn is_stuck(load: &WorkerLoad, now: Instant) -> bool {
             .is_some_and(|since| now >= since + SLOW_CALL)
 }
 
-/// How many requests a worker may hold at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Credit {
-    /// Always at most this many (1: strictly one at a time).
-    Fixed(usize),
-    /// As many as it can run in about [`STAGE_BUDGET`], judged by its recent
-    /// handler times, and none staged behind a call that has run for
-    /// [`SLOW_CALL`]: what is staged then is taken back
-    /// ([`Dispatcher::stuck`]). One at a time until its first call is timed.
-    Auto,
-}
-
 /// The most handler time the requests staged at a busy worker may add up to.
-pub const STAGE_BUDGET: Duration = Duration::from_millis(2);
+pub(crate) const STAGE_BUDGET: Duration = Duration::from_millis(2);
 /// The most requests a worker holds under [`Credit::Auto`].
-pub const MAX_AUTO_CREDIT: usize = ENTRIES;
+pub(crate) const MAX_AUTO_CREDIT: usize = ENTRIES;
 /// A call that has run this long stops staging at its worker, and what is
 /// staged behind it may be taken back: the budget, whatever the handler's
 /// usual time. Not less: on a busy (virtual) machine a worker may wait a
@@ -121,23 +112,32 @@ pub const MAX_AUTO_CREDIT: usize = ENTRIES;
 /// call. With 500 µs, one request in six at 256 echo clients was taken back
 /// and sent again, for 0.61-0.71x the baseline; with 2 ms (and only as many
 /// taken back as others can take), 0.68-0.87x.
-pub const SLOW_CALL: Duration = STAGE_BUDGET;
+pub(crate) const SLOW_CALL: Duration = STAGE_BUDGET;
+
+/// Why a worker's reply completes nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotHeld {
+    /// The request was already settled (failed when its worker timed out).
+    Settled,
+    /// Another worker holds it, or it is queued: the worker that answered
+    /// it never had it.
+    ByOther,
+}
 
 /// A request to hand to a worker now.
 #[derive(Debug)]
-pub struct Assignment {
-    pub slot: usize,
-    pub id: RequestId,
+pub(crate) struct Assignment {
+    pub(crate) slot: usize,
+    pub(crate) id: RequestId,
     /// Its claim ticket.
-    pub ticket: Ticket,
-    pub payload: Payload,
+    pub(crate) ticket: Ticket,
+    pub(crate) payload: Payload,
 }
 
-pub struct Dispatcher {
+pub(crate) struct Dispatcher {
     requests: HashMap<RequestId, Request>,
-    /// Ids in arrival order; ids no longer queued are skipped lazily.
+    /// The ids of the requests waiting for a worker, in arrival order.
     queue: VecDeque<RequestId>,
-    queued: usize,
     workers: Vec<WorkerLoad>,
     credit: Credit,
     timeout: Option<Duration>,
@@ -147,11 +147,10 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn new(credit: Credit, timeout: Option<Duration>) -> Dispatcher {
+    pub(crate) fn new(credit: Credit, timeout: Option<Duration>) -> Dispatcher {
         Dispatcher {
             requests: HashMap::new(),
             queue: VecDeque::new(),
-            queued: 0,
             workers: Vec::new(),
             credit: match credit {
                 Credit::Fixed(n) => Credit::Fixed(n.max(1)),
@@ -164,7 +163,7 @@ impl Dispatcher {
     }
 
     /// Queues a client's request.
-    pub fn submit(&mut self, client: usize, payload: Vec<u8>) -> RequestId {
+    pub(crate) fn submit(&mut self, client: ClientKey, payload: Vec<u8>) -> RequestId {
         let id = self.next_id;
         self.next_id += 1;
         self.requests.insert(
@@ -175,36 +174,35 @@ impl Dispatcher {
             },
         );
         self.queue.push_back(id);
-        self.queued += 1;
         id
     }
 
     /// Whether request `id` waits for a worker.
-    pub fn is_queued(&self, id: RequestId) -> bool {
+    pub(crate) fn is_queued(&self, id: RequestId) -> bool {
         self.requests
             .get(&id)
             .is_some_and(|request| matches!(request.place, Place::Queued(_)))
     }
 
     /// Requests waiting for a worker.
-    pub fn queued(&self) -> usize {
-        self.queued
+    pub(crate) fn queued(&self) -> usize {
+        self.queue.len()
     }
 
     /// Requests accepted and not yet answered (queued or running).
-    pub fn outstanding(&self) -> usize {
+    pub(crate) fn outstanding(&self) -> usize {
         self.requests.len()
     }
 
     /// The next request to send and the worker to send it to, if a request is
     /// queued and a worker has credit. The caller must either send it or give
     /// it back with [`Self::unassign`].
-    pub fn next_assignment(&mut self, now: Instant) -> Option<Assignment> {
+    pub(crate) fn next_assignment(&mut self, now: Instant) -> Option<Assignment> {
         let slot = self.idle_worker(now)?;
         loop {
             let id = self.queue.pop_front()?;
             let Some(request) = self.requests.get_mut(&id) else {
-                continue; // cancelled while queued
+                continue; // never the case: a cancelled request leaves the queue
             };
             // The clock starts when the worker starts it: only the first
             // request a worker holds is running; others (credit > 1) wait.
@@ -225,7 +223,6 @@ impl Dispatcher {
                 deadline,
                 payload: Rc::clone(&payload),
             };
-            self.queued -= 1;
             if load.held.is_empty() {
                 load.busy_since = Some(now);
             }
@@ -241,7 +238,7 @@ impl Dispatcher {
     }
 
     /// Puts back an assignment that could not be sent, at the head of the queue.
-    pub fn unassign(&mut self, assignment: Assignment) {
+    pub(crate) fn unassign(&mut self, assignment: Assignment) {
         let Assignment {
             slot,
             id,
@@ -257,7 +254,6 @@ impl Dispatcher {
         if let Some(request) = self.requests.get_mut(&id) {
             request.place = Place::Queued(payload);
             self.queue.push_front(id);
-            self.queued += 1;
         }
     }
 
@@ -273,7 +269,7 @@ impl Dispatcher {
             .map(|i| (self.cursor + i) % n)
             .filter(|&slot| {
                 let load = &self.workers[slot];
-                load.ready && load.held.len() < self.credit_of(load, now)
+                load.open && load.held.len() < self.credit_of(load, now)
             })
             .min_by_key(|&slot| self.workers[slot].held.len())
     }
@@ -302,28 +298,43 @@ impl Dispatcher {
 
     /// A worker can take requests. Slots are numbered by the supervisor and
     /// may grow (SIGTTIN, reloads).
-    pub fn worker_ready(&mut self, slot: usize) {
+    pub(crate) fn open_worker(&mut self, slot: usize) {
         if self.workers.len() <= slot {
             self.workers.resize_with(slot + 1, WorkerLoad::default);
         }
         // A new worker in the slot: nothing known of its handler times yet.
         let load = &mut self.workers[slot];
         debug_assert!(load.held.is_empty(), "a new worker holds nothing");
-        load.ready = true;
+        load.open = true;
         load.busy_since = None;
         load.service_micros = None;
         load.entries = 0;
         load.take_back_failed = false;
     }
 
-    /// A worker's reply arrived. Returns the worker's slot and the client to
-    /// answer, if it is still there; `None` for ids already failed.
-    /// `micros` is how long the handler ran.
-    pub fn complete(&mut self, id: RequestId, micros: u32) -> Option<(usize, Option<usize>)> {
-        let Place::Running { slot, ticket, .. } = self.requests.get(&id)?.place else {
-            return None; // a worker cannot answer a request it was never given
+    /// The worker in `slot` answered request `id`, after its handler ran
+    /// `micros`. Returns the client to answer, if it is still there. A reply
+    /// for a request that worker does not hold is refused: for one already
+    /// settled (its worker was given up on) it is dropped; from a worker
+    /// that never held it, it means the worker cannot be trusted.
+    pub(crate) fn complete(
+        &mut self,
+        slot: usize,
+        id: RequestId,
+        micros: u32,
+    ) -> Result<Option<ClientKey>, NotHeld> {
+        let ticket = match self.requests.get(&id).map(|request| &request.place) {
+            None => return Err(NotHeld::Settled),
+            Some(Place::Running {
+                slot: held_by,
+                ticket,
+                ..
+            }) if *held_by == slot => *ticket,
+            Some(_) => return Err(NotHeld::ByOther),
         };
-        let request = self.requests.remove(&id)?;
+        let Some(request) = self.requests.remove(&id) else {
+            return Err(NotHeld::Settled);
+        };
         let load = &mut self.workers[slot];
         load.held.retain(|&held| held != id);
         load.free_entry(ticket);
@@ -348,27 +359,27 @@ impl Dispatcher {
                 }
             }
         }
-        Some((slot, request.client))
+        Ok(request.client)
     }
 
     /// How many more requests ready workers could take right now.
-    pub fn idle_credit(&self, now: Instant) -> usize {
+    pub(crate) fn idle_credit(&self, now: Instant) -> usize {
         self.workers
             .iter()
-            .filter(|load| load.ready)
+            .filter(|load| load.open)
             .map(|load| self.credit_of(load, now).saturating_sub(load.held.len()))
             .sum()
     }
 
-    /// Stops giving a worker requests (it is being retired).
-    pub fn worker_draining(&mut self, slot: usize) {
+    /// Stops giving a worker requests (it is being retired, or killed).
+    pub(crate) fn close_worker(&mut self, slot: usize) {
         if let Some(load) = self.workers.get_mut(slot) {
-            load.ready = false;
+            load.open = false;
         }
     }
 
     /// How many requests the worker in `slot` holds.
-    pub fn held(&self, slot: usize) -> usize {
+    pub(crate) fn held(&self, slot: usize) -> usize {
         self.workers.get(slot).map_or(0, |load| load.held.len())
     }
 
@@ -378,15 +389,15 @@ impl Dispatcher {
     /// clients, if they have any). The others never started and go back to
     /// the head of the queue, in order, for another worker (returned: their
     /// clients).
-    pub fn worker_died(
+    pub(crate) fn worker_died(
         &mut self,
         slot: usize,
         started: impl Fn(Ticket, RequestId) -> bool,
-    ) -> (Vec<(RequestId, usize)>, Vec<usize>) {
+    ) -> (Vec<(RequestId, ClientKey)>, Vec<usize>) {
         let Some(load) = self.workers.get_mut(slot) else {
             return (Vec::new(), Vec::new());
         };
-        load.ready = false;
+        load.open = false;
         load.busy_since = None;
         load.entries = 0;
         load.take_back_failed = false;
@@ -427,7 +438,6 @@ impl Dispatcher {
         if let Some(request) = self.requests.get_mut(&id) {
             request.place = Place::Queued(payload);
             self.queue.push_front(id);
-            self.queued += 1;
         }
     }
 
@@ -436,7 +446,7 @@ impl Dispatcher {
     /// they should be taken back, before the room goes to newer requests.
     /// Returns (slot, id, ticket) for each, to be tried with the worker's
     /// claims: then [`Self::taken_back`] or [`Self::take_back_failed`].
-    pub fn stuck(&self, now: Instant) -> Vec<(usize, RequestId, Ticket)> {
+    pub(crate) fn stuck(&self, now: Instant) -> Vec<(usize, RequestId, Ticket)> {
         let mut stuck = Vec::new();
         if !self.workers.iter().any(|load| is_stuck(load, now)) {
             return stuck;
@@ -469,7 +479,7 @@ impl Dispatcher {
     fn room_elsewhere(&self, now: Instant) -> usize {
         self.workers
             .iter()
-            .filter(|load| load.ready && !is_stuck(load, now))
+            .filter(|load| load.open && !is_stuck(load, now))
             .map(|load| self.credit_of(load, now).saturating_sub(load.held.len()))
             .sum()
     }
@@ -478,7 +488,7 @@ impl Dispatcher {
     /// A worker already stuck counts only while another has room: else
     /// nothing can change before a reply or a new worker wakes the loop
     /// anyway (and waking it every millisecond meanwhile is waste).
-    pub fn next_stuck(&self, now: Instant) -> Option<Instant> {
+    pub(crate) fn next_stuck(&self, now: Instant) -> Option<Instant> {
         let room = self.room_elsewhere(now) > 0;
         self.workers
             .iter()
@@ -492,7 +502,7 @@ impl Dispatcher {
     /// it waits at the head of the queue again (taken back in reverse
     /// order, requests keep their order). Returns its client, if it still
     /// has one; a request nobody waits for is dropped.
-    pub fn taken_back(&mut self, id: RequestId) -> Option<usize> {
+    pub(crate) fn taken_back(&mut self, id: RequestId) -> Option<usize> {
         let Some(Request {
             place:
                 Place::Running {
@@ -521,7 +531,7 @@ impl Dispatcher {
     /// The worker in `slot` had already started a request the daemon tried
     /// to take back: its slow call is over. Nothing more is tried there
     /// until its next reply.
-    pub fn take_back_failed(&mut self, slot: usize) {
+    pub(crate) fn take_back_failed(&mut self, slot: usize) {
         if let Some(load) = self.workers.get_mut(slot) {
             load.take_back_failed = true;
         }
@@ -531,7 +541,7 @@ impl Dispatcher {
     /// (returned, to be failed) while their workers, about to be killed,
     /// still hold them: `worker_died` then knows which request each ran.
     /// Those workers take nothing more.
-    pub fn expire(&mut self, now: Instant) -> Vec<(usize, RequestId, Option<usize>)> {
+    pub(crate) fn expire(&mut self, now: Instant) -> Vec<(usize, RequestId, Option<ClientKey>)> {
         let mut expired = Vec::new();
         // Only the first request a worker holds runs, so only it has a deadline.
         for (slot, load) in self.workers.iter_mut().enumerate() {
@@ -541,7 +551,7 @@ impl Dispatcher {
             if let Place::Running { deadline, .. } = &mut request.place {
                 if deadline.is_some_and(|at| at <= now) {
                     *deadline = None;
-                    load.ready = false;
+                    load.open = false;
                     expired.push((slot, load.held[0], request.client.take()));
                 }
             }
@@ -552,11 +562,11 @@ impl Dispatcher {
     /// The worker in `slot` cannot be trusted with what it held (its link
     /// broke): it takes no more requests, and every request it held fails.
     /// Returns them with their clients.
-    pub fn worker_lost(&mut self, slot: usize) -> Vec<(RequestId, usize)> {
+    pub(crate) fn worker_lost(&mut self, slot: usize) -> Vec<(RequestId, ClientKey)> {
         let Some(load) = self.workers.get_mut(slot) else {
             return Vec::new();
         };
-        load.ready = false;
+        load.open = false;
         load.busy_since = None;
         load.entries = 0;
         load.take_back_failed = false;
@@ -568,14 +578,18 @@ impl Dispatcher {
 
     /// The client of `id` went away: a queued request is dropped, a running
     /// one's reply will be discarded.
-    pub fn client_gone(&mut self, id: RequestId) {
+    pub(crate) fn client_gone(&mut self, id: RequestId) {
         let Some(request) = self.requests.get_mut(&id) else {
             return;
         };
         match request.place {
             Place::Queued(_) => {
                 self.requests.remove(&id);
-                self.queued -= 1;
+                // Rare (a client that gives up while its request waits),
+                // and the queue is bounded by --max-queue.
+                if let Some(at) = self.queue.iter().position(|&queued| queued == id) {
+                    self.queue.remove(at);
+                }
             }
             Place::Running { .. } => request.client = None,
         }
@@ -583,19 +597,18 @@ impl Dispatcher {
 
     /// Fails every queued request (no worker will take them). Returns them
     /// with their clients.
-    pub fn fail_queued(&mut self) -> Vec<(RequestId, usize)> {
+    pub(crate) fn fail_queued(&mut self) -> Vec<(RequestId, ClientKey)> {
         let mut clients = Vec::new();
         for id in self.queue.drain(..) {
             if let Some(client) = self.requests.remove(&id).and_then(|r| r.client) {
                 clients.push((id, client));
             }
         }
-        self.queued = 0;
         clients
     }
 
     /// The earliest deadline of a running request, for the loop's timeout.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.workers
             .iter()
             .flat_map(|load| &load.held)
@@ -614,8 +627,8 @@ mod tests {
     #[test]
     fn an_idle_worker_never_waits_behind_a_busy_one() {
         let mut d = Dispatcher::new(Credit::Fixed(1), None);
-        d.worker_ready(0);
-        d.worker_ready(1);
+        d.open_worker(0);
+        d.open_worker(1);
         let now = Instant::now();
         let a = d.submit(10, b"a".to_vec());
         let b = d.submit(11, b"b".to_vec());
@@ -628,7 +641,7 @@ mod tests {
             d.next_assignment(now).is_none(),
             "both workers hold their credit"
         );
-        assert_eq!(d.complete(b, 5), Some((second.slot, Some(11))));
+        assert_eq!(d.complete(second.slot, b, 5), Ok(Some(11)));
         let third = d.next_assignment(now).unwrap();
         assert_eq!((third.id, third.slot), (c, second.slot));
     }
@@ -636,8 +649,8 @@ mod tests {
     #[test]
     fn with_more_credit_busy_workers_take_a_second_request_only_when_none_is_idle() {
         let mut d = Dispatcher::new(Credit::Fixed(2), None);
-        d.worker_ready(0);
-        d.worker_ready(1);
+        d.open_worker(0);
+        d.open_worker(1);
         let now = Instant::now();
         for client in 0..5 {
             d.submit(client, vec![]);
@@ -668,13 +681,13 @@ mod tests {
         let id = d.submit(99, vec![]);
         let assignment = d.next_assignment(now).unwrap();
         assert_eq!(assignment.id, id);
-        d.complete(id, micros);
+        d.complete(assignment.slot, id, micros).unwrap();
     }
 
     #[test]
     fn auto_credit_stages_behind_quick_requests_only() {
         let mut d = Dispatcher::new(Credit::Auto, Some(Duration::from_secs(30)));
-        d.worker_ready(0);
+        d.open_worker(0);
         let now = Instant::now();
         for client in 0..100 {
             d.submit(client, vec![]);
@@ -685,7 +698,7 @@ mod tests {
             "nothing is staged before a handler call was timed"
         );
         let mut d = Dispatcher::new(Credit::Auto, Some(Duration::from_secs(30)));
-        d.worker_ready(0);
+        d.open_worker(0);
         timed(&mut d, 100, now);
         for client in 0..100 {
             d.submit(client, vec![]);
@@ -702,7 +715,7 @@ mod tests {
     fn auto_credit_stages_nothing_after_a_slow_call_or_behind_a_long_running_one() {
         let now = Instant::now();
         let mut d = Dispatcher::new(Credit::Auto, Some(Duration::from_secs(30)));
-        d.worker_ready(0);
+        d.open_worker(0);
         timed(&mut d, 10, now);
         // One slow call is enough to stop staging at once...
         timed(&mut d, 5_000, now);
@@ -717,7 +730,7 @@ mod tests {
         // ...and a quick worker whose request has run for SLOW_CALL gets
         // nothing behind it.
         let mut d = Dispatcher::new(Credit::Auto, Some(Duration::from_secs(30)));
-        d.worker_ready(0);
+        d.open_worker(0);
         timed(&mut d, 10, now);
         d.submit(1, vec![]);
         d.submit(2, vec![]);
@@ -727,7 +740,7 @@ mod tests {
 
         // Nor one whose calls take 1 ms.
         let mut d = Dispatcher::new(Credit::Auto, Some(Duration::from_secs(30)));
-        d.worker_ready(0);
+        d.open_worker(0);
         timed(&mut d, 1_000, now);
         d.submit(1, vec![]);
         d.submit(2, vec![]);
@@ -740,7 +753,7 @@ mod tests {
     fn a_staged_request_gets_its_deadline_when_its_worker_starts_it() {
         let timeout = Duration::from_secs(1);
         let mut d = Dispatcher::new(Credit::Fixed(2), Some(timeout));
-        d.worker_ready(0);
+        d.open_worker(0);
         let start = Instant::now();
         let first = d.submit(1, vec![]);
         let second = d.submit(2, vec![]);
@@ -751,18 +764,44 @@ mod tests {
             Some(start + timeout),
             "only the first runs"
         );
-        d.complete(first, 5);
+        d.complete(0, first, 5).unwrap();
         let restarted = d.next_deadline().unwrap();
         assert!(restarted > start + timeout, "the second's clock starts now");
-        d.complete(second, 5);
+        d.complete(0, second, 5).unwrap();
         assert_eq!(d.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_worker_cannot_answer_a_request_it_does_not_hold() {
+        let mut d = Dispatcher::new(Credit::Fixed(1), None);
+        d.open_worker(0);
+        d.open_worker(1);
+        let now = Instant::now();
+        let [on0, on1] = [d.submit(1, vec![]), d.submit(2, vec![])];
+        d.next_assignment(now).unwrap();
+        d.next_assignment(now).unwrap();
+        let queued = d.submit(3, vec![]);
+        assert_eq!(d.complete(1, on0, 5), Err(NotHeld::ByOther));
+        assert_eq!(d.complete(0, queued, 5), Err(NotHeld::ByOther));
+        assert_eq!(d.complete(0, 999, 5), Err(NotHeld::Settled));
+        assert_eq!(
+            (d.held(0), d.held(1), d.queued()),
+            (1, 1, 1),
+            "nothing moved"
+        );
+        assert_eq!(
+            d.complete(0, on0, 5),
+            Ok(Some(1)),
+            "its own worker still can"
+        );
+        assert_eq!(d.complete(1, on1, 5), Ok(Some(2)));
     }
 
     #[test]
     fn a_lost_worker_fails_exactly_its_requests() {
         let mut d = Dispatcher::new(Credit::Fixed(1), None);
-        d.worker_ready(0);
-        d.worker_ready(1);
+        d.open_worker(0);
+        d.open_worker(1);
         let now = Instant::now();
         d.submit(1, vec![]);
         d.submit(2, vec![]);
@@ -776,8 +815,8 @@ mod tests {
             "the lost worker takes nothing"
         );
         assert_eq!(
-            d.complete(on0.id, 5),
-            None,
+            d.complete(on0.slot, on0.id, 5),
+            Err(NotHeld::Settled),
             "a late reply from the dead worker is ignored"
         );
     }
@@ -785,7 +824,7 @@ mod tests {
     #[test]
     fn a_dead_worker_fails_the_request_it_ran_and_gives_back_the_staged_ones() {
         let mut d = Dispatcher::new(Credit::Fixed(3), None);
-        d.worker_ready(0);
+        d.open_worker(0);
         let now = Instant::now();
         let ids: Vec<RequestId> = (0..4)
             .map(|client| d.submit(client, vec![client as u8]))
@@ -793,7 +832,7 @@ mod tests {
         for _ in 0..3 {
             d.next_assignment(now).unwrap();
         }
-        assert_eq!(d.complete(ids[0], 5), Some((0, Some(0))));
+        assert_eq!(d.complete(0, ids[0], 5), Ok(Some(0)));
         // It died running ids[1] (claimed); ids[2] was staged behind it.
         let ran = ids[1];
         assert_eq!(
@@ -801,7 +840,7 @@ mod tests {
             (vec![(ids[1], 1)], vec![2])
         );
         assert_eq!(d.queued(), 2);
-        d.worker_ready(0);
+        d.open_worker(0);
         let again = d.next_assignment(now).unwrap();
         assert_eq!(
             (again.id, &again.payload[..]),
@@ -814,14 +853,14 @@ mod tests {
     #[test]
     fn a_worker_that_started_none_of_its_requests_gives_all_of_them_back() {
         let mut d = Dispatcher::new(Credit::Fixed(3), None);
-        d.worker_ready(0);
+        d.open_worker(0);
         let now = Instant::now();
         let assigned = assign(&mut d, 3, now);
         let ids: Vec<RequestId> = assigned.iter().map(|a| a.id).collect();
         let entries: Vec<usize> = assigned.iter().map(|a| a.ticket.entry).collect();
         assert_eq!(entries, vec![0, 1, 2], "each in its own claim entry");
         assert_eq!(d.worker_died(0, |_, _| false), (vec![], vec![0, 1, 2]));
-        d.worker_ready(0);
+        d.open_worker(0);
         let order: Vec<RequestId> = (0..3).map(|_| d.next_assignment(now).unwrap().id).collect();
         assert_eq!(order, ids, "in their first order");
     }
@@ -829,8 +868,8 @@ mod tests {
     #[test]
     fn requests_staged_behind_a_call_that_turns_out_slow_can_be_taken_back() {
         let mut d = Dispatcher::new(Credit::Auto, Some(Duration::from_secs(30)));
-        d.worker_ready(0);
-        d.worker_ready(1);
+        d.open_worker(0);
+        d.open_worker(1);
         let now = Instant::now();
         timed(&mut d, 10, now);
         // Worker 1 is busy too, so three go to worker 0: one runs, two wait.
@@ -853,7 +892,7 @@ mod tests {
             vec![],
             "worker 1's call is as slow: nobody could take them"
         );
-        d.complete(other, 10);
+        d.complete(1, other, 10).unwrap();
         let stuck = d.stuck(later);
         let expected: Vec<_> = on0[1..]
             .iter()
@@ -879,11 +918,11 @@ mod tests {
     #[test]
     fn only_as_many_are_taken_back_as_other_workers_can_take() {
         let mut d = Dispatcher::new(Credit::Fixed(3), None);
-        d.worker_ready(0);
+        d.open_worker(0);
         let now = Instant::now();
         let on0 = assign(&mut d, 3, now);
         // Worker 1 starts later and holds two of its three.
-        d.worker_ready(1);
+        d.open_worker(1);
         let later = now + SLOW_CALL;
         for client in 3..5 {
             d.submit(client, vec![]);
@@ -907,26 +946,26 @@ mod tests {
     #[test]
     fn a_failed_take_back_stops_further_tries_until_the_next_reply() {
         let mut d = Dispatcher::new(Credit::Fixed(3), Some(Duration::from_secs(30)));
-        d.worker_ready(0);
+        d.open_worker(0);
         let now = Instant::now();
         let assigned = assign(&mut d, 3, now);
         let ids: Vec<RequestId> = assigned.iter().map(|a| a.id).collect();
         // An idle worker could take them.
-        d.worker_ready(1);
+        d.open_worker(1);
         // Fixed credit too: 2 ms is slow.
         let later = now + SLOW_CALL;
         assert_eq!(d.stuck(later).len(), 2);
         d.take_back_failed(0);
         assert_eq!(d.stuck(later), vec![], "no retry on every loop turn");
         assert_eq!(d.next_stuck(later), None);
-        d.complete(ids[0], 5);
+        d.complete(0, ids[0], 5).unwrap();
         assert!(d.next_stuck(later).is_some(), "tried again after a reply");
         // A client gone: taking its request back drops it.
         d.client_gone(ids[2]);
         assert_eq!(d.taken_back(ids[2]), None);
         assert_eq!(d.queued(), 0);
         // Entries come back with a new generation each time they are used.
-        d.worker_draining(1);
+        d.close_worker(1);
         let again = d.submit(7, vec![]);
         let assignment = d.next_assignment(Instant::now()).unwrap();
         assert_eq!(assignment.id, again);
@@ -939,8 +978,8 @@ mod tests {
     fn an_overdue_request_is_failed_at_once_and_its_worker_settled_at_death() {
         let timeout = Duration::from_secs(1);
         let mut d = Dispatcher::new(Credit::Fixed(2), Some(timeout));
-        d.worker_ready(0);
-        d.worker_ready(1);
+        d.open_worker(0);
+        d.open_worker(1);
         let now = Instant::now();
         let slow = d.submit(1, vec![]);
         let other = d.submit(2, vec![]);
@@ -950,7 +989,7 @@ mod tests {
         let behind = d.next_assignment(now).unwrap();
         assert_eq!((on0.id, on1.id, behind.id), (slow, other, staged));
         assert_eq!(behind.slot, on0.slot);
-        d.complete(other, 5);
+        d.complete(on1.slot, other, 5).unwrap();
         let late = now + timeout * 2;
         assert_eq!(d.expire(late), vec![(on0.slot, slow, Some(1))]);
         assert_eq!(d.expire(late), vec![], "failed once");
@@ -974,7 +1013,7 @@ mod tests {
     #[test]
     fn gone_clients_cost_nothing() {
         let mut d = Dispatcher::new(Credit::Fixed(1), Some(Duration::from_secs(1)));
-        d.worker_ready(0);
+        d.open_worker(0);
         let now = Instant::now();
         let running = d.submit(1, vec![]);
         let queued = d.submit(2, vec![]);
@@ -989,8 +1028,8 @@ mod tests {
             "a stuck worker is killed even if nobody waits for it"
         );
         assert_eq!(
-            d.complete(assignment.id, 5),
-            Some((0, None)),
+            d.complete(0, assignment.id, 5),
+            Ok(None),
             "the reply is discarded"
         );
         assert!(d.next_assignment(now).is_none());

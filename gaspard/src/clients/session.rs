@@ -1,37 +1,26 @@
 //! A persistent, pipelined connection: the opt-in protocol extension
 //! (docs/protocol.md, "Extensions"). The client sends v1 frames back to back;
 //! replies go out in request order, each as status, length, payload. Like
-//! [`crate::connection`], it knows nothing about workers or their links: the daemon
-//! takes the requests that arrived and hands back each one's outcome.
+//! [`super::connection`], it knows nothing about workers or their links: the
+//! clients part takes the requests that arrived and hands back each one's
+//! outcome.
 
-use crate::connection::{read_step, ReadStep};
-use crate::dispatcher::RequestId;
+use super::io::{read_step, Next, ReadStep};
+use crate::gather::gather;
 use crate::protocol::{handshake, reply_header, Status, REPLY_HEADER_LEN};
 use crate::protocol::{Decoded, RequestDecoder};
+use crate::workers::RequestId;
 use mio::net::TcpStream;
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, Write};
+use std::io::{self, Write};
 use std::time::Instant;
 
 /// The most requests a client may have outstanding on one connection; past
 /// it, gaspard stops reading until replies go out (told in the handshake).
-pub const WINDOW: u32 = 128;
+pub(crate) const WINDOW: u32 = 128;
 
 /// Slices per vectored write: many small replies leave in one syscall.
 const MAX_IOVECS: usize = 64;
-
-/// What a session asks of the event loop after progress.
-#[derive(Debug)]
-pub enum Step {
-    /// Wait for readiness.
-    Wait,
-    /// Everything is answered and the client is done: close cleanly.
-    Close,
-    /// A framing violation: reset, logging why.
-    Reset(String),
-    /// The client went away.
-    Gone(io::Error),
-}
 
 /// One piece of output.
 enum Segment<R> {
@@ -51,7 +40,7 @@ impl<R: AsRef<[u8]>> Segment<R> {
 }
 
 /// A reply body: the worker's bytes, or a message from gaspard.
-pub enum Body<R> {
+pub(crate) enum Body<R> {
     Reply(R),
     Text(String),
 }
@@ -62,7 +51,7 @@ struct Pending<R> {
     done: Option<(Status, Body<R>)>,
 }
 
-pub struct Session<R> {
+pub(crate) struct Session<R> {
     decoder: RequestDecoder,
     /// Requests read and not yet taken by the daemon.
     arrived: Vec<Vec<u8>>,
@@ -91,7 +80,7 @@ pub struct Session<R> {
 impl<R: AsRef<[u8]>> Session<R> {
     /// A session that has just accepted the preamble; the acknowledgement is
     /// the first thing it writes.
-    pub fn new(limit: u32) -> Session<R> {
+    pub(crate) fn new(limit: u32) -> Session<R> {
         let mut out = VecDeque::new();
         out.push_back(Segment::Head(handshake(WINDOW), 8));
         Session {
@@ -112,7 +101,7 @@ impl<R: AsRef<[u8]>> Session<R> {
     /// Decodes requests from bytes read (or that followed the preamble).
     /// Past a full window the rest waits in `leftover`: one read can carry
     /// many small requests, and the window must hold all the same.
-    pub fn feed(&mut self, mut input: &[u8]) -> Result<(), String> {
+    pub(crate) fn feed(&mut self, mut input: &[u8]) -> Result<(), String> {
         while !input.is_empty() && !self.ending {
             if self.window_full() {
                 self.leftover.extend_from_slice(input);
@@ -139,14 +128,14 @@ impl<R: AsRef<[u8]>> Session<R> {
         !self.ending && !self.window_full()
     }
 
-    fn leftover_or_read(&mut self, stream: &mut TcpStream, scratch: &mut [u8]) -> Result<(), Step> {
+    fn leftover_or_read(&mut self, stream: &mut TcpStream, scratch: &mut [u8]) -> Result<(), Next> {
         if !self.leftover.is_empty() {
             let bytes = std::mem::take(&mut self.leftover);
-            return self.feed(&bytes).map_err(Step::Reset);
+            return self.feed(&bytes).map_err(Next::Reset);
         }
         if self.input_closed {
             if self.decoder.started() {
-                return Err(Step::Reset(
+                return Err(Next::Reset(
                     "closed its side in the middle of a request".into(),
                 ));
             }
@@ -155,7 +144,7 @@ impl<R: AsRef<[u8]>> Session<R> {
             return Ok(());
         }
         match read_step(stream, &mut self.decoder, scratch) {
-            Ok(ReadStep::WouldBlock) => Err(Step::Wait),
+            Ok(ReadStep::WouldBlock) => Err(Next::Wait),
             Ok(ReadStep::Eof) => {
                 self.input_closed = true;
                 Ok(())
@@ -165,19 +154,19 @@ impl<R: AsRef<[u8]>> Session<R> {
                 Ok(())
             }
             Ok(ReadStep::Direct(None)) => Ok(()),
-            Ok(ReadStep::Scratch(n)) => self.feed(&scratch[..n]).map_err(Step::Reset),
-            Err(e) => Err(Step::Gone(e)),
+            Ok(ReadStep::Scratch(n)) => self.feed(&scratch[..n]).map_err(Next::Reset),
+            Err(e) => Err(Next::Gone(e)),
         }
     }
 
     /// Reading stopped at a full window and there is room again: readiness
     /// is edge-triggered, so the loop must read without waiting for an event.
-    pub fn should_resume(&self) -> bool {
+    pub(crate) fn should_resume(&self) -> bool {
         self.paused && self.wants_to_read()
     }
 
     /// Reads requests until the socket is empty or the window is full.
-    pub fn on_readable(&mut self, stream: &mut TcpStream, scratch: &mut [u8]) -> Step {
+    pub(crate) fn on_readable(&mut self, stream: &mut TcpStream, scratch: &mut [u8]) -> Next {
         self.paused = false;
         while self.wants_to_read() {
             if let Err(step) = self.leftover_or_read(stream, scratch) {
@@ -190,12 +179,12 @@ impl<R: AsRef<[u8]>> Session<R> {
 
     /// Requests that arrived, for the daemon to submit in this order, each
     /// followed by [`Self::submitted`] or [`Self::refused`].
-    pub fn take_arrived(&mut self) -> Vec<Vec<u8>> {
+    pub(crate) fn take_arrived(&mut self) -> Vec<Vec<u8>> {
         std::mem::take(&mut self.arrived)
     }
 
     /// The next arrived request went to the dispatcher as `id`.
-    pub fn submitted(&mut self, id: RequestId, now: Instant) {
+    pub(crate) fn submitted(&mut self, id: RequestId, now: Instant) {
         self.pending.push_back(Pending {
             id: Some(id),
             received: now,
@@ -204,7 +193,7 @@ impl<R: AsRef<[u8]>> Session<R> {
     }
 
     /// The next arrived request was refused at once.
-    pub fn refused(&mut self, status: Status, message: String, now: Instant) {
+    pub(crate) fn refused(&mut self, status: Status, message: String, now: Instant) {
         self.pending.push_back(Pending {
             id: None,
             received: now,
@@ -215,7 +204,12 @@ impl<R: AsRef<[u8]>> Session<R> {
 
     /// The outcome of request `id`. Returns when the request arrived, for
     /// the latency histogram, or `None` if `id` is not this session's.
-    pub fn complete(&mut self, id: RequestId, status: Status, body: Body<R>) -> Option<Instant> {
+    pub(crate) fn complete(
+        &mut self,
+        id: RequestId,
+        status: Status,
+        body: Body<R>,
+    ) -> Option<Instant> {
         let pending = self.pending.iter_mut().find(|p| p.id == Some(id))?;
         pending.done = Some((status, body));
         let received = pending.received;
@@ -233,13 +227,23 @@ impl<R: AsRef<[u8]>> Session<R> {
             else {
                 unreachable!("checked above");
             };
-            let segment = match body {
+            let mut segment = match body {
                 Body::Reply(reply) => Segment::Reply(reply),
                 Body::Text(text) => Segment::Text(text.into_bytes()),
             };
-            let len = segment.bytes().len();
+            let mut status = status;
+            // A worker's reply is at most u32::MAX bytes (its link says so),
+            // but a length that does not fit must never go out cut short.
+            let len32 = match u32::try_from(segment.bytes().len()) {
+                Ok(len) => len,
+                Err(_) => {
+                    status = Status::HandlerError;
+                    segment = Segment::Text(b"reply too large for the extension".to_vec());
+                    segment.bytes().len() as u32
+                }
+            };
+            let len = len32 as usize;
             let mut head = [0; 8];
-            let len32 = u32::try_from(len).unwrap_or(u32::MAX);
             head[..REPLY_HEADER_LEN].copy_from_slice(&reply_header(status, len32));
             self.out
                 .push_back(Segment::Head(head, REPLY_HEADER_LEN as u8));
@@ -252,25 +256,19 @@ impl<R: AsRef<[u8]>> Session<R> {
     }
 
     /// Writes what is ready, many replies per syscall.
-    pub fn on_writable(&mut self, stream: &mut TcpStream) -> Step {
+    pub(crate) fn on_writable(&mut self, stream: &mut TcpStream) -> Next {
         while !self.out.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-            let mut count = 0;
-            for (i, segment) in self.out.iter().take(MAX_IOVECS).enumerate() {
-                let bytes = segment.bytes();
-                slices[i] = IoSlice::new(if i == 0 {
-                    &bytes[self.written..]
-                } else {
-                    bytes
-                });
-                count += 1;
-            }
-            match stream.write_vectored(&slices[..count]) {
-                Ok(0) => return Step::Gone(io::ErrorKind::WriteZero.into()),
+            let slices = gather(
+                self.out.iter().map(Segment::bytes),
+                self.written,
+                MAX_IOVECS,
+            );
+            match stream.write_vectored(&slices) {
+                Ok(0) => return Next::Gone(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.advance(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Wait,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Wait,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Step::Gone(e),
+                Err(e) => return Next::Gone(e),
             }
         }
         self.progress_after_write()
@@ -307,20 +305,20 @@ impl<R: AsRef<[u8]>> Session<R> {
         }
     }
 
-    fn progress_after_write(&mut self) -> Step {
+    fn progress_after_write(&mut self) -> Next {
         if self.out.is_empty() {
             self.output_waiting_since = None;
         }
         if self.ending && self.pending.is_empty() && self.arrived.is_empty() && self.out.is_empty()
         {
-            Step::Close
+            Next::Close
         } else {
-            Step::Wait
+            Next::Wait
         }
     }
 
     /// Nothing in flight or waiting to be written: the connection is idle.
-    pub fn is_idle(&self) -> bool {
+    pub(crate) fn is_idle(&self) -> bool {
         self.pending.is_empty()
             && self.arrived.is_empty()
             && self.out.is_empty()
@@ -328,24 +326,24 @@ impl<R: AsRef<[u8]>> Session<R> {
     }
 
     /// Since when replies have waited for the client to take them, if any do.
-    pub fn output_waiting_since(&self) -> Option<Instant> {
+    pub(crate) fn output_waiting_since(&self) -> Option<Instant> {
         self.output_waiting_since
     }
 
     /// Takes no more requests (a graceful stop): what is outstanding is
     /// answered, then the session closes cleanly.
-    pub fn stop_taking_requests(&mut self) {
+    pub(crate) fn stop_taking_requests(&mut self) {
         self.ending = true;
         self.leftover.clear();
     }
 
     /// Whether part of a request has arrived.
-    pub fn mid_request(&self) -> bool {
+    pub(crate) fn mid_request(&self) -> bool {
         self.decoder.started() || !self.leftover.is_empty()
     }
 
     /// The requests still with the dispatcher, to cancel if the client goes.
-    pub fn outstanding(&self) -> impl Iterator<Item = RequestId> + '_ {
+    pub(crate) fn outstanding(&self) -> impl Iterator<Item = RequestId> + '_ {
         self.pending
             .iter()
             .filter(|p| p.done.is_none())

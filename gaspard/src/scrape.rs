@@ -1,19 +1,29 @@
 //! The metrics endpoint (`--metrics ADDR`): one HTTP GET per connection,
-//! answered from the daemon's own loop, so scraping needs no thread.
+//! answered from the daemon's own loop, so scraping needs no thread. It has
+//! its own listener, connections and buffer, so a scrape never waits behind
+//! client work.
 
-use super::{Daemon, METRICS_LISTENER, SCRAPE_BASE};
-use crate::metrics::{http_response, MAX_HTTP_REQUEST};
-use mio::net::TcpStream;
-use mio::{Interest, Token};
+use crate::metrics::{http_response, Metrics, MAX_HTTP_REQUEST};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry, Token};
+use slab::Slab;
 use std::io::{self, Read, Write};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
+
+/// The metrics listener's token.
+pub(crate) const METRICS_LISTENER: Token = Token(3);
+/// Metrics scrapes: `SCRAPE_BASE + slab key`.
+pub(crate) const SCRAPE_BASE: usize = 1 << 17;
+/// The first token above the scrapes'.
+pub(crate) const SCRAPE_END: usize = 1 << 18;
 
 /// Scrapes served at once; more wait in the backlog.
 const MAX_SCRAPES: usize = 64;
 /// A scrape must be over within this long.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub(super) struct Scrape {
+struct Scrape {
     stream: TcpStream,
     request: Vec<u8>,
     response: Option<(Vec<u8>, usize)>,
@@ -25,18 +35,43 @@ enum Step {
     Done,
 }
 
-impl Daemon {
-    pub(super) fn accept_scrapes(&mut self) {
+pub(crate) struct Scrapes {
+    registry: Registry,
+    listener: TcpListener,
+    scrapes: Slab<Scrape>,
+    scratch: Vec<u8>,
+    metrics: Rc<Metrics>,
+}
+
+impl Scrapes {
+    /// Serves `metrics` on `listener` from now on.
+    pub(crate) fn new(
+        mut listener: TcpListener,
+        registry: Registry,
+        metrics: Rc<Metrics>,
+    ) -> io::Result<Scrapes> {
+        registry.register(&mut listener, METRICS_LISTENER, Interest::READABLE)?;
+        log::info!(
+            "serving metrics on http://{}/metrics",
+            listener.local_addr()?
+        );
+        Ok(Scrapes {
+            registry,
+            listener,
+            scrapes: Slab::new(),
+            scratch: vec![0; MAX_HTTP_REQUEST],
+            metrics,
+        })
+    }
+
+    pub(crate) fn accept(&mut self) {
         while self.scrapes.len() < MAX_SCRAPES {
-            let Some(listener) = self.metrics_listener.as_ref() else {
-                return;
-            };
-            let stream = match listener.accept() {
+            let stream = match self.listener.accept() {
                 Ok((stream, _)) => stream,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    if super::clients::is_resource_exhaustion(&e) {
+                    if crate::listener::is_resource_exhaustion(&e) {
                         log::warn!("cannot accept a metrics scrape: {e}");
                     }
                     return;
@@ -50,54 +85,50 @@ impl Daemon {
                 deadline: Instant::now() + SCRAPE_TIMEOUT,
             };
             let token = Token(SCRAPE_BASE + entry.key());
+            let interest = Interest::READABLE | Interest::WRITABLE;
             if self
-                .poll
-                .registry()
-                .register(
-                    &mut scrape.stream,
-                    token,
-                    Interest::READABLE | Interest::WRITABLE,
-                )
+                .registry
+                .register(&mut scrape.stream, token, interest)
                 .is_ok()
             {
                 entry.insert(scrape);
             }
         }
         // At the limit: stop watching the listener until a scrape ends.
-        if let Some(listener) = self.metrics_listener.as_mut() {
-            let _ = self.poll.registry().deregister(listener);
-        }
+        let _ = self.registry.deregister(&mut self.listener);
     }
 
-    pub(super) fn on_scrape_event(&mut self, key: usize) {
+    pub(crate) fn on_event(&mut self, token: Token) {
+        let key = token.0 - SCRAPE_BASE;
         let Some(scrape) = self.scrapes.get_mut(key) else {
             return;
         };
         let metrics = &self.metrics;
-        let step = step(scrape, &mut self.scratch, || metrics.encode());
-        if let Step::Done = step {
-            self.end_scrape(key);
+        if let Step::Done = step(scrape, &mut self.scratch, || metrics.encode()) {
+            self.end(key);
         }
     }
 
-    fn end_scrape(&mut self, key: usize) {
+    fn end(&mut self, key: usize) {
         let Some(mut scrape) = self.scrapes.try_remove(key) else {
             return;
         };
-        let _ = self.poll.registry().deregister(&mut scrape.stream);
+        let _ = self.registry.deregister(&mut scrape.stream);
         let _ = scrape.stream.shutdown(std::net::Shutdown::Write);
         if self.scrapes.len() == MAX_SCRAPES - 1 {
-            if let Some(listener) = self.metrics_listener.as_mut() {
-                let _ =
-                    self.poll
-                        .registry()
-                        .register(listener, METRICS_LISTENER, Interest::READABLE);
-            }
-            self.accept_scrapes();
+            let _ =
+                self.registry
+                    .register(&mut self.listener, METRICS_LISTENER, Interest::READABLE);
         }
     }
 
-    pub(super) fn sweep_scrapes(&mut self, now: Instant) {
+    /// When the oldest scrape runs out of time.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.scrapes.iter().map(|(_, scrape)| scrape.deadline).min()
+    }
+
+    /// Ends the scrapes past their deadline.
+    pub(crate) fn on_timers(&mut self, now: Instant) {
         let overdue: Vec<usize> = self
             .scrapes
             .iter()
@@ -105,7 +136,7 @@ impl Daemon {
             .map(|(key, _)| key)
             .collect();
         for key in overdue {
-            self.end_scrape(key);
+            self.end(key);
         }
     }
 }

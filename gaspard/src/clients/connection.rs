@@ -1,24 +1,26 @@
 //! One client connection: read one request, wait for its reply, write the
 //! reply in full, close; or, if the client opens with the extension's
-//! preamble, a persistent pipelined session ([`crate::session`]). Each step
+//! preamble, a persistent pipelined session ([`super::session`]). Each step
 //! returns what should happen next; the connection knows nothing about
 //! workers or their links.
 
-use crate::dispatcher::RequestId;
+use super::io::{read_step, Next, ReadStep};
+use super::session::Session;
+use crate::metrics::Outcome;
 use crate::protocol::{Decoded, RequestDecoder};
-use crate::session::{Session, Step};
+use crate::workers::RequestId;
 use mio::net::TcpStream;
 use std::io::{self, Read, Write};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Extra bytes a client may send after its request before it is cut off.
 /// gaspar ignored them; a trailing newline from a shell pipeline is common.
 const MAX_TRAILING: usize = 64 * 1024;
 
 /// Where a connection is in its life.
-pub enum State<R> {
+pub(crate) enum State<R> {
     Reading(RequestDecoder),
-    /// The request is with the dispatcher.
+    /// The request is with the workers.
     Waiting(RequestId),
     Writing {
         reply: R,
@@ -28,83 +30,42 @@ pub enum State<R> {
     Pipelined(Box<Session<R>>),
 }
 
-/// What one read did for a decoder.
-pub enum ReadStep {
-    /// Nothing to read now.
-    WouldBlock,
-    /// The client closed its sending side.
-    Eof,
-    /// Bytes went straight into a large body; the request, if now complete.
-    Direct(Option<Vec<u8>>),
-    /// This many bytes are in the scratch buffer, to be fed to the decoder.
-    Scratch(usize),
-}
-
-/// One read for `decoder`: a large body is read straight into place without
-/// the scratch copy (nor zeroing it first); anything else goes to `scratch`,
-/// which saves a syscall per small request (header and body in one read).
-pub fn read_step(
-    stream: &mut TcpStream,
-    decoder: &mut RequestDecoder,
-    scratch: &mut [u8],
-) -> io::Result<ReadStep> {
-    let direct = decoder
-        .body_missing()
-        .is_some_and(|missing| missing >= scratch.len());
-    if direct {
-        let (body, step) = decoder.body_to_fill();
-        let before = body.len();
-        // Appends what is there, even when it then hits WouldBlock.
-        let result = (&mut *stream).take(step as u64).read_to_end(body);
-        let read = body.len() - before;
-        return match result {
-            Ok(_) if read == 0 => Ok(ReadStep::Eof),
-            Err(e) if read == 0 && e.kind() == io::ErrorKind::WouldBlock => {
-                Ok(ReadStep::WouldBlock)
-            }
-            Ok(_) => Ok(ReadStep::Direct(decoder.take_body())),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                Ok(ReadStep::Direct(decoder.take_body()))
-            }
-            Err(e) => Err(e),
-        };
-    }
-    loop {
-        return match stream.read(scratch) {
-            Ok(0) => Ok(ReadStep::Eof),
-            Ok(n) => Ok(ReadStep::Scratch(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(ReadStep::WouldBlock),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => Err(e),
-        };
-    }
-}
-
-/// What the event loop should do after a connection made progress.
+/// Why a connection ends: the one place that says which [`Outcome`] it
+/// counts, whether the client sees a clean close or a reset, and what the
+/// log says.
 #[derive(Debug)]
-pub enum Next {
-    /// Nothing yet: wait for the next readiness event.
-    Wait,
-    /// A whole request arrived.
-    Request(Vec<u8>),
-    /// Close cleanly: the reply is written, or the request was empty.
-    Close,
-    /// Close with a reset, logging `reason`.
-    Reset(String),
-    /// The client went away; there is nobody to tell.
+pub(crate) enum End {
+    /// The connection asked to close: reply written, empty request, a
+    /// session done, or a client that left without a word.
+    Done,
+    /// The client broke the protocol or a limit.
+    BadRequest(String),
+    /// The client went away.
     Gone(io::Error),
+    /// Its request failed (handler error, worker lost, timeout).
+    Failed(Outcome, String),
+    /// Its request was refused at once (queue full, no worker can run it).
+    Refused(String),
+    /// Its --read-timeout deadline passed.
+    Overdue,
+    /// The daemon stops now.
+    Stopping,
+    /// The loop cannot watch its socket.
+    Unwatchable(io::Error),
 }
 
-pub struct Connection<R> {
-    pub stream: TcpStream,
-    pub state: State<R>,
-    /// When the client must have sent its request, or taken its reply, by
-    /// (--read-timeout); `None` while a worker has the request.
-    pub deadline: Option<Instant>,
+pub(crate) struct Connection<R> {
+    stream: TcpStream,
+    state: State<R>,
+    /// When the client must have sent its request, or taken its reply, by;
+    /// `None` while its requests are with the workers.
+    deadline: Option<Instant>,
+    /// --read-timeout.
+    timeout: Option<Duration>,
     /// When the whole request had arrived, for the latency histogram.
-    pub received: Option<Instant>,
-    /// In the loop's poll (only once it has to wait; see the daemon).
-    pub registered: bool,
+    received: Option<Instant>,
+    /// In the loop's poll (only once it has to wait; see `Clients::watch`).
+    pub(super) registered: bool,
     trailing: usize,
     /// The last read found the socket empty, so there is nothing to drain
     /// (saves a read per request, and one at close).
@@ -112,11 +73,17 @@ pub struct Connection<R> {
 }
 
 impl<R: AsRef<[u8]>> Connection<R> {
-    pub fn new(stream: TcpStream, max_request: u32, deadline: Option<Instant>) -> Connection<R> {
+    pub(crate) fn new(
+        stream: TcpStream,
+        max_request: u32,
+        timeout: Option<Duration>,
+        now: Instant,
+    ) -> Connection<R> {
         Connection {
             stream,
             state: State::Reading(RequestDecoder::first_on_connection(max_request)),
-            deadline,
+            deadline: timeout.map(|t| now + t),
+            timeout,
             received: None,
             registered: false,
             trailing: 0,
@@ -125,13 +92,11 @@ impl<R: AsRef<[u8]>> Connection<R> {
     }
 
     /// Reads what the socket has into the request, or the session.
-    pub fn on_readable(&mut self, scratch: &mut [u8]) -> Next {
+    pub(crate) fn on_readable(&mut self, scratch: &mut [u8]) -> Next {
         loop {
             let decoder = match &mut self.state {
                 State::Reading(decoder) => decoder,
-                State::Pipelined(session) => {
-                    return step(session.on_readable(&mut self.stream, scratch))
-                }
+                State::Pipelined(session) => return session.on_readable(&mut self.stream, scratch),
                 _ => return self.discard_trailing(scratch),
             };
             self.input_drained = false;
@@ -208,23 +173,62 @@ impl<R: AsRef<[u8]>> Connection<R> {
 
     /// Whether bytes may still wait in the socket after the last read
     /// (readiness is edge-triggered, so the caller must read again now).
-    pub fn may_have_input(&self) -> bool {
+    pub(crate) fn may_have_input(&self) -> bool {
         !self.input_drained
     }
 
-    /// Takes the reply and starts writing it; the client must take it all by
-    /// `deadline`.
-    pub fn reply(&mut self, reply: R, deadline: Option<Instant>) -> Next {
+    /// Its request went to the workers as `id`: no deadline of the client's
+    /// runs while they have it.
+    pub(crate) fn submitted(&mut self, id: RequestId, now: Instant) {
+        self.state = State::Waiting(id);
+        self.deadline = None;
+        self.received = Some(now);
+    }
+
+    /// Where it is in its life.
+    pub(crate) fn state(&self) -> &State<R> {
+        &self.state
+    }
+
+    /// When its whole request had arrived, if it is a one-shot request.
+    pub(crate) fn received(&self) -> Option<Instant> {
+        self.received
+    }
+
+    /// Takes the reply and starts writing it; the client must take it all
+    /// within --read-timeout.
+    pub(crate) fn reply(&mut self, reply: R, now: Instant) -> Next {
         self.state = State::Writing { reply, written: 0 };
-        self.deadline = deadline;
+        self.deadline = self.timeout.map(|t| now + t);
         self.on_writable()
     }
 
+    /// When the client must next have done something by.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Sets a session's deadline from what it waits for: replies the client
+    /// does not take are held for --read-timeout, and so is an idle session;
+    /// none runs while its requests are with the workers.
+    pub(crate) fn refresh_session_deadline(&mut self, now: Instant) {
+        let State::Pipelined(session) = &self.state else {
+            return;
+        };
+        let idle = session.is_idle();
+        self.deadline = match (session.output_waiting_since(), idle, self.deadline) {
+            (Some(since), _, _) => self.timeout.map(|t| since + t),
+            (None, true, None) => self.timeout.map(|t| now + t),
+            (None, true, deadline) => deadline,
+            (None, false, _) => None,
+        };
+    }
+
     /// Writes as much of the reply as the socket takes.
-    pub fn on_writable(&mut self) -> Next {
+    pub(crate) fn on_writable(&mut self) -> Next {
         let (reply, written) = match &mut self.state {
             State::Writing { reply, written } => (reply, written),
-            State::Pipelined(session) => return step(session.on_writable(&mut self.stream)),
+            State::Pipelined(session) => return session.on_writable(&mut self.stream),
             _ => return Next::Wait,
         };
         let bytes = reply.as_ref();
@@ -241,7 +245,7 @@ impl<R: AsRef<[u8]>> Connection<R> {
     }
 
     /// Whether the client sent any byte of a request.
-    pub fn sent_anything(&self) -> bool {
+    pub(crate) fn sent_anything(&self) -> bool {
         match &self.state {
             State::Reading(decoder) => decoder.started(),
             _ => true,
@@ -249,12 +253,12 @@ impl<R: AsRef<[u8]>> Connection<R> {
     }
 
     /// Whether the client opened a persistent session.
-    pub fn is_pipelined(&self) -> bool {
+    pub(crate) fn is_pipelined(&self) -> bool {
         matches!(self.state, State::Pipelined(_))
     }
 
     /// The persistent session, if the client opened one.
-    pub fn session(&mut self) -> Option<&mut Session<R>> {
+    pub(crate) fn session(&mut self) -> Option<&mut Session<R>> {
         match &mut self.state {
             State::Pipelined(session) => Some(session),
             _ => None,
@@ -262,7 +266,7 @@ impl<R: AsRef<[u8]>> Connection<R> {
     }
 
     /// Requests of this connection still with the dispatcher.
-    pub fn outstanding(&self) -> Vec<RequestId> {
+    pub(crate) fn outstanding(&self) -> Vec<RequestId> {
         match &self.state {
             State::Waiting(id) => vec![*id],
             State::Pipelined(session) => session.outstanding().collect(),
@@ -271,31 +275,85 @@ impl<R: AsRef<[u8]>> Connection<R> {
     }
 
     /// What the connection was doing when its deadline passed, for the log.
-    pub fn stalled_doing(&self) -> &'static str {
+    fn stalled_doing(&self) -> &'static str {
         match &self.state {
-            State::Reading(decoder) if decoder.started() => "sent part of a request",
+            State::Reading(decoder) if decoder.started() => "did not send its whole request",
             State::Reading(_) => "sent no request",
             State::Waiting(_) => "waited",
             State::Writing { .. } => "did not take its whole reply",
             State::Pipelined(session) if session.output_waiting_since().is_some() => {
                 "did not take its replies"
             }
-            State::Pipelined(session) if session.mid_request() => "sent part of a request",
+            State::Pipelined(session) if session.mid_request() => "did not send its whole request",
             State::Pipelined(_) => "stayed idle",
         }
     }
 
-    /// The request this connection waits for, if any.
-    pub fn waiting_for(&self) -> Option<RequestId> {
-        match self.state {
-            State::Waiting(id) => Some(id),
-            _ => None,
+    /// What ending this way counts. `None`: nothing to count (a client
+    /// that left without a word), or a session, which counts each of its
+    /// requests as it ends.
+    pub(crate) fn outcome(&self, end: &End) -> Option<Outcome> {
+        let sent = self.sent_anything();
+        match (&self.state, end) {
+            (_, End::BadRequest(_)) => Some(Outcome::bad_request),
+            (State::Pipelined(_), _) => None,
+            (State::Writing { .. }, End::Done) => Some(Outcome::ok),
+            (_, End::Done) => sent.then_some(Outcome::empty),
+            (State::Waiting(_) | State::Writing { .. }, End::Gone(_)) => Some(Outcome::client_gone),
+            (_, End::Gone(_)) => None,
+            (_, End::Failed(outcome, _)) => Some(*outcome),
+            (_, End::Refused(_)) => Some(Outcome::refused),
+            (State::Writing { .. }, End::Overdue) => Some(Outcome::client_gone),
+            // Silence before any byte is an idle connection, not a request.
+            (_, End::Overdue) => sent.then_some(Outcome::bad_request),
+            (State::Waiting(_), End::Stopping) => Some(Outcome::worker_lost),
+            (_, End::Stopping) => None,
+            (_, End::Unwatchable(_)) => sent.then_some(Outcome::client_gone),
         }
+    }
+
+    /// Whether ending this way is a clean close rather than a reset: a reset
+    /// tells the client that a request of its failed.
+    pub(crate) fn ends_cleanly(&self, end: &End) -> bool {
+        match (&self.state, end) {
+            (_, End::Done) => true,
+            // An idle persistent connection: nothing is lost by closing it.
+            (State::Pipelined(session), End::Overdue) => {
+                !session.mid_request() && session.output_waiting_since().is_none()
+            }
+            _ => false,
+        }
+    }
+
+    /// What the log says of a reset, if anything.
+    pub(crate) fn reason(&self, end: &End) -> Option<String> {
+        match end {
+            End::BadRequest(reason) | End::Refused(reason) => Some(reason.clone()),
+            End::Failed(Outcome::handler_error, reason) => {
+                Some(format!("handler failed: {reason}"))
+            }
+            End::Failed(_, reason) => Some(reason.clone()),
+            End::Overdue => Some(format!("{} within --read-timeout", self.stalled_doing())),
+            End::Unwatchable(e) => Some(format!("cannot watch the connection: {e}")),
+            End::Done | End::Gone(_) | End::Stopping => None,
+        }
+    }
+
+    /// The client's address, for the log.
+    pub(crate) fn peer(&self) -> String {
+        self.stream
+            .peer_addr()
+            .map_or_else(|_| "?".to_string(), |a| a.to_string())
+    }
+
+    /// The socket, to register with the loop.
+    pub(crate) fn stream_mut(&mut self) -> &mut TcpStream {
+        &mut self.stream
     }
 
     /// Ends the connection cleanly: pending input is drained so the kernel
     /// sends FIN after the reply rather than a reset, then the socket closes.
-    pub fn close(mut self, scratch: &mut [u8]) {
+    pub(crate) fn close(mut self, scratch: &mut [u8]) {
         if self.input_drained {
             return;
         }
@@ -308,18 +366,9 @@ impl<R: AsRef<[u8]>> Connection<R> {
 
     /// Ends the connection with a reset (RST), which tells the client its
     /// request failed.
-    pub fn reset(self) {
+    pub(crate) fn reset(self) {
         let socket = socket2::SockRef::from(&self.stream);
         // SO_LINGER with a zero timeout makes close() send RST.
         let _ = socket.set_linger(Some(std::time::Duration::ZERO));
-    }
-}
-
-fn step(step: Step) -> Next {
-    match step {
-        Step::Wait => Next::Wait,
-        Step::Close => Next::Close,
-        Step::Reset(reason) => Next::Reset(reason),
-        Step::Gone(e) => Next::Gone(e),
     }
 }

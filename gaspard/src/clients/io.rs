@@ -1,0 +1,75 @@
+//! What reading and writing a client socket shares between a one-shot
+//! connection and a persistent session: the step a socket asks for next, and
+//! the reads that go straight into a large body.
+
+use crate::protocol::RequestDecoder;
+use mio::net::TcpStream;
+use std::io::{self, Read};
+
+/// What the event loop should do after a connection made progress.
+#[derive(Debug)]
+pub(crate) enum Next {
+    /// Nothing yet: wait for the next readiness event.
+    Wait,
+    /// A whole request arrived (one-shot connections only: a session keeps
+    /// what arrives until the loop takes it).
+    Request(Vec<u8>),
+    /// Close cleanly: the reply is written, or the request was empty.
+    Close,
+    /// A framing violation or a limit: close with a reset, logging why.
+    Reset(String),
+    /// The client went away; there is nobody to tell.
+    Gone(io::Error),
+}
+
+/// What one read did for a decoder.
+pub(crate) enum ReadStep {
+    /// Nothing to read now.
+    WouldBlock,
+    /// The client closed its sending side.
+    Eof,
+    /// Bytes went straight into a large body; the request, if now complete.
+    Direct(Option<Vec<u8>>),
+    /// This many bytes are in the scratch buffer, to be fed to the decoder.
+    Scratch(usize),
+}
+
+/// One read for `decoder`: a large body is read straight into place without
+/// the scratch copy (nor zeroing it first); anything else goes to `scratch`,
+/// which saves a syscall per small request (header and body in one read).
+pub(crate) fn read_step(
+    stream: &mut TcpStream,
+    decoder: &mut RequestDecoder,
+    scratch: &mut [u8],
+) -> io::Result<ReadStep> {
+    let direct = decoder
+        .body_missing()
+        .is_some_and(|missing| missing >= scratch.len());
+    if direct {
+        let (body, step) = decoder.body_to_fill();
+        let before = body.len();
+        // Appends what is there, even when it then hits WouldBlock.
+        let result = (&mut *stream).take(step as u64).read_to_end(body);
+        let read = body.len() - before;
+        return match result {
+            Ok(_) if read == 0 => Ok(ReadStep::Eof),
+            Err(e) if read == 0 && e.kind() == io::ErrorKind::WouldBlock => {
+                Ok(ReadStep::WouldBlock)
+            }
+            Ok(_) => Ok(ReadStep::Direct(decoder.take_body())),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                Ok(ReadStep::Direct(decoder.take_body()))
+            }
+            Err(e) => Err(e),
+        };
+    }
+    loop {
+        return match stream.read(scratch) {
+            Ok(0) => Ok(ReadStep::Eof),
+            Ok(n) => Ok(ReadStep::Scratch(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(ReadStep::WouldBlock),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => Err(e),
+        };
+    }
+}

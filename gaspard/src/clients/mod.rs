@@ -1,0 +1,551 @@
+//! The clients part: the listener, every client connection and persistent
+//! session, their deadlines (--read-timeout), the connection limit, and how
+//! each request ended (the outcome metrics). It hands whole requests to the
+//! workers through [`Requests`] and takes back each one's [`Answer`]; it
+//! knows nothing of how workers are reached.
+
+mod connection;
+mod io;
+mod session;
+
+use crate::logging::Throttle;
+use crate::metrics::{Metrics, Outcome};
+use crate::protocol::Status;
+use crate::workers::{Answer, RequestId, Requests};
+use connection::{Connection, End, State};
+use io::Next;
+use mio::net::TcpListener;
+use mio::{Interest, Registry, Token};
+use session::Body;
+use slab::Slab;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// The listener's token.
+pub(crate) const LISTENER: Token = Token(0);
+/// Client connections: `CONN_BASE + slab key`.
+pub(crate) const CONN_BASE: usize = 1 << 18;
+
+/// How long accept stays paused after running out of file descriptors, or
+/// after failing the same way over and over.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// Accept errors in a row, of a kind not known to be harmless, before accept
+/// pauses rather than spin on an error that keeps coming back.
+const MAX_ACCEPT_ERRORS: u32 = 16;
+/// The loop-wide read buffer.
+const SCRATCH_LEN: usize = 64 * 1024;
+
+/// The limits a client is held to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientLimits {
+    /// --max-connections, lowered to fit the file-descriptor limit.
+    pub max_connections: usize,
+    /// --max-request-size.
+    pub max_request_size: u32,
+    /// --read-timeout.
+    pub read_timeout: Option<Duration>,
+}
+
+/// Whether new connections are taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Accepting {
+    /// Not yet serving, or draining: the listener is out of the loop.
+    No,
+    Yes,
+    /// Out of the loop until `Some(instant)`, or (`None`) until a connection
+    /// closes: --max-connections are open.
+    Paused(Option<Instant>),
+}
+
+pub(crate) struct Clients {
+    registry: Registry,
+    listener: Option<TcpListener>,
+    accepting: Accepting,
+    conns: Slab<Connection<Vec<u8>>>,
+    limits: ClientLimits,
+    /// A graceful stop is under way: sessions take no new requests.
+    draining: bool,
+    scratch: Vec<u8>,
+    /// When client deadlines were last checked.
+    last_sweep: Instant,
+    /// Resets of misbehaving clients, kept from flooding the log.
+    reset_warnings: Throttle,
+    /// Accept pausing at the connection limit, which repeats under a flood.
+    capacity_warnings: Throttle,
+    /// Accept failing with other errors.
+    accept_warnings: Throttle,
+    metrics: Rc<Metrics>,
+}
+
+impl Clients {
+    pub(crate) fn new(
+        listener: TcpListener,
+        registry: Registry,
+        limits: ClientLimits,
+        metrics: Rc<Metrics>,
+    ) -> Clients {
+        Clients {
+            registry,
+            listener: Some(listener),
+            accepting: Accepting::No,
+            conns: Slab::new(),
+            limits,
+            draining: false,
+            scratch: vec![0; SCRATCH_LEN],
+            last_sweep: Instant::now(),
+            reset_warnings: Throttle::default(),
+            capacity_warnings: Throttle::default(),
+            accept_warnings: Throttle::default(),
+            metrics,
+        }
+    }
+
+    /// Starts taking connections (those that queued in the backlog while
+    /// workers started are reported at once).
+    pub(crate) fn start(&mut self) -> std::io::Result<()> {
+        if let Some(listener) = self.listener.as_mut() {
+            self.registry
+                .register(listener, LISTENER, Interest::READABLE)?;
+        }
+        self.accepting = Accepting::Yes;
+        Ok(())
+    }
+
+    /// Connections open.
+    pub(crate) fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// Takes the connections waiting in the backlog.
+    pub(crate) fn accept(&mut self, work: &mut impl Requests) {
+        let mut errors = 0;
+        while self.accepting == Accepting::Yes {
+            if self.conns.len() >= self.limits.max_connections {
+                self.capacity_warnings.warn(
+                    Instant::now(),
+                    format_args!(
+                        "{} connections open (--max-connections); accept paused until one closes",
+                        self.conns.len()
+                    ),
+                );
+                self.pause_accept(None);
+                return;
+            }
+            let Some(listener) = self.listener.as_ref() else {
+                return;
+            };
+            let stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if crate::listener::is_resource_exhaustion(&e) => {
+                    // Retrying now would spin: the connection stays in the
+                    // backlog until a descriptor frees up.
+                    self.accept_warnings.warn(
+                        Instant::now(),
+                        format_args!(
+                            "cannot accept: {e}; pausing accept for {} ms ({} connections open)",
+                            ACCEPT_PAUSE.as_millis(),
+                            self.conns.len()
+                        ),
+                    );
+                    self.pause_accept(Some(Instant::now() + ACCEPT_PAUSE));
+                    return;
+                }
+                Err(e) => {
+                    // Most are one connection's own trouble (it was reset
+                    // in the backlog): take the next. One that keeps coming
+                    // back must not spin the loop.
+                    errors += 1;
+                    if errors < MAX_ACCEPT_ERRORS {
+                        log::debug!("accept failed: {e}");
+                        continue;
+                    }
+                    self.accept_warnings.warn(
+                        Instant::now(),
+                        format_args!(
+                            "accept failed {errors} times in a row ({e}); pausing accept for {} ms",
+                            ACCEPT_PAUSE.as_millis()
+                        ),
+                    );
+                    self.pause_accept(Some(Instant::now() + ACCEPT_PAUSE));
+                    return;
+                }
+            };
+            errors = 0;
+            let conn = Connection::new(
+                stream,
+                self.limits.max_request_size,
+                self.limits.read_timeout,
+                Instant::now(),
+            );
+            let key = self.conns.insert(conn);
+            self.metrics.connections.inc();
+            // Clients send their request as they connect: read it now, and
+            // watch the socket only if it has to wait (see `watch`).
+            self.drive(key, true, false, work);
+            self.watch(key, work);
+        }
+    }
+
+    /// Stops accepting, until `until` or (if `None`) until a connection closes.
+    fn pause_accept(&mut self, until: Option<Instant>) {
+        if let Some(listener) = self.listener.as_mut() {
+            let _ = self.registry.deregister(listener);
+        }
+        self.accepting = Accepting::Paused(until);
+    }
+
+    /// Accepts again after a pause. The listener goes back into the loop,
+    /// which reports at once any connection that waited meanwhile.
+    fn resume_accept(&mut self) {
+        if !matches!(self.accepting, Accepting::Paused(_)) {
+            return;
+        }
+        let Some(listener) = self.listener.as_mut() else {
+            return;
+        };
+        match self
+            .registry
+            .register(listener, LISTENER, Interest::READABLE)
+        {
+            Ok(()) => self.accepting = Accepting::Yes,
+            Err(e) => {
+                log::error!("cannot watch the listener again: {e}; retrying");
+                self.accepting = Accepting::Paused(Some(Instant::now() + ACCEPT_PAUSE));
+            }
+        }
+    }
+
+    /// A graceful stop begins: the connections the kernel completed before
+    /// it are accepted requests too, so they are taken; then the port
+    /// closes, and persistent sessions take no new requests (idle ones close
+    /// now, the others once their replies are out).
+    pub(crate) fn drain(&mut self, work: &mut impl Requests) {
+        self.accept(work);
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.registry.deregister(&mut listener);
+        }
+        self.accepting = Accepting::No;
+        self.draining = true;
+        let sessions: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, conn)| conn.is_pipelined())
+            .map(|(key, _)| key)
+            .collect();
+        for key in sessions {
+            self.pump_session(key, work);
+        }
+    }
+
+    /// Resets every connection (stopping now).
+    pub(crate) fn reset_all(&mut self, work: &mut impl Requests) {
+        let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            self.close(key, End::Stopping, work);
+        }
+    }
+
+    /// Readiness of a client connection.
+    pub(crate) fn on_event(
+        &mut self,
+        token: Token,
+        event: &mio::event::Event,
+        work: &mut impl Requests,
+    ) {
+        let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+        self.drive(token.0 - CONN_BASE, readable, event.is_writable(), work);
+    }
+
+    /// The workers are done with a request: its reply, or why it failed, or
+    /// that it waits in the queue again.
+    pub(crate) fn answer(&mut self, answer: Answer, work: &mut impl Requests) {
+        match answer {
+            Answer::Reply { client, id, reply } => self.deliver(client, id, reply, work),
+            Answer::Failure {
+                client,
+                id,
+                outcome,
+                reason,
+            } => self.fail(client, id, outcome, reason, work),
+            // Waiting in the queue again: a client that leaves must be seen.
+            Answer::Requeued { client } => self.watch(client, work),
+        }
+    }
+
+    /// When [`Self::on_timers`] has something to do.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        let paused_until = match self.accepting {
+            Accepting::Paused(until) => until,
+            _ => None,
+        };
+        let throttles = [
+            &self.reset_warnings,
+            &self.capacity_warnings,
+            &self.accept_warnings,
+        ];
+        let flush = throttles.into_iter().filter_map(Throttle::next_flush).min();
+        [paused_until, self.next_sweep(), flush]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Resumes a paused accept, resets clients past their deadline, and
+    /// says how many log lines were held back.
+    pub(crate) fn on_timers(&mut self, now: Instant, work: &mut impl Requests) {
+        if matches!(self.accepting, Accepting::Paused(Some(at)) if now >= at) {
+            self.resume_accept();
+        }
+        if self.next_sweep().is_some_and(|at| now >= at) {
+            self.sweep(now, work);
+        }
+        for throttle in [
+            &mut self.reset_warnings,
+            &mut self.capacity_warnings,
+            &mut self.accept_warnings,
+        ] {
+            throttle.flush(now);
+        }
+    }
+
+    /// Puts a connection in the poll once it has to wait for the client:
+    /// for more of its request, for room to write its reply, or as a
+    /// session. A one-shot request that went straight to a worker needs
+    /// nothing until its reply, so most connections are never registered
+    /// (one `epoll_ctl` less per request). One left waiting in the queue is
+    /// watched, so that a client that leaves meanwhile costs no worker time.
+    fn watch(&mut self, key: usize, work: &mut impl Requests) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.registered {
+            return;
+        }
+        if let State::Waiting(id) = conn.state() {
+            if !work.is_queued(*id) {
+                return;
+            }
+        }
+        // Both directions at once: edge-triggered, so no re-registering later;
+        // what is ready already is reported at once.
+        let token = Token(CONN_BASE + key);
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        match self.registry.register(conn.stream_mut(), token, interest) {
+            Ok(()) => conn.registered = true,
+            Err(e) => self.close(key, End::Unwatchable(e), work),
+        }
+    }
+
+    /// Reads and writes what a connection is ready for, and acts on it.
+    fn drive(&mut self, key: usize, readable: bool, writable: bool, work: &mut impl Requests) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return; // closed earlier in this batch
+        };
+        let mut next = Next::Wait;
+        if readable {
+            next = conn.on_readable(&mut self.scratch);
+        }
+        if matches!(next, Next::Wait) && writable {
+            next = conn.on_writable();
+        }
+        loop {
+            let was_request = matches!(next, Next::Request(_));
+            self.advance(key, next, work);
+            // Readiness is edge-triggered: whatever followed the request in
+            // the socket must be read now, or no event would say so again.
+            match self.conns.get_mut(key) {
+                Some(conn) if was_request && conn.may_have_input() => {
+                    next = conn.on_readable(&mut self.scratch)
+                }
+                Some(conn) if conn.is_pipelined() => return self.pump_session(key, work),
+                _ => return,
+            }
+        }
+    }
+
+    /// Acts on what a connection asked for.
+    fn advance(&mut self, key: usize, next: Next, work: &mut impl Requests) {
+        match next {
+            Next::Wait => {}
+            Next::Request(payload) => match work.submit(key, payload) {
+                Ok(id) => {
+                    self.conns[key].submitted(id, Instant::now());
+                    // An idle worker starts on it now, not after the whole batch.
+                    work.dispatch();
+                }
+                Err(refusal) => self.close(key, End::Refused(refusal), work),
+            },
+            Next::Close => self.close(key, End::Done, work),
+            Next::Reset(reason) => self.close(key, End::BadRequest(reason), work),
+            Next::Gone(e) => self.close(key, End::Gone(e), work),
+        }
+    }
+
+    /// Moves a persistent session along: submits the requests that arrived
+    /// (or refuses them, in order), writes finished replies, and reads again
+    /// when a full window has room.
+    fn pump_session(&mut self, key: usize, work: &mut impl Requests) {
+        loop {
+            let Some(conn) = self.conns.get_mut(key) else {
+                return;
+            };
+            let Some(session) = conn.session() else {
+                return;
+            };
+            if self.draining {
+                // Opened after the stop began: what came with the preamble is
+                // answered, nothing more is taken.
+                session.stop_taking_requests();
+            }
+            let now = Instant::now();
+            for payload in session.take_arrived() {
+                match work.submit(key, payload) {
+                    Ok(id) => session.submitted(id, now),
+                    Err(refusal) => {
+                        self.metrics.request_ended(Outcome::refused);
+                        session.refused(Status::Overloaded, refusal, now);
+                    }
+                }
+            }
+            work.dispatch();
+            let next = conn.on_writable();
+            if !matches!(next, Next::Wait) {
+                return self.advance(key, next, work);
+            }
+            if conn.session().is_some_and(|s| s.should_resume()) {
+                let next = conn.on_readable(&mut self.scratch);
+                if matches!(next, Next::Wait) {
+                    continue; // submit what that read brought
+                }
+                return self.advance(key, next, work);
+            }
+            conn.refresh_session_deadline(now);
+            return;
+        }
+    }
+
+    /// Hands the reply to request `id` to its client, if still connected.
+    fn deliver(&mut self, key: usize, id: RequestId, reply: Vec<u8>, work: &mut impl Requests) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let now = Instant::now();
+        if let Some(session) = conn.session() {
+            // A session counts each request as it ends; one-shot connections
+            // count at close.
+            if let Some(received) = session.complete(id, Status::Ok, Body::Reply(reply)) {
+                self.metrics.observe_latency(received, now);
+                self.metrics.request_ended(Outcome::ok);
+            }
+            return self.pump_session(key, work);
+        }
+        if let Some(received) = conn.received() {
+            self.metrics.observe_latency(received, now);
+        }
+        let next = conn.reply(reply, now);
+        self.advance(key, next, work);
+        // The socket did not take the whole reply at once.
+        self.watch(key, work);
+    }
+
+    /// Request `id` of client `key` failed: a one-shot client sees a reset
+    /// (and the log says why); a persistent session gets `reason` as that
+    /// request's status and payload.
+    fn fail(
+        &mut self,
+        key: usize,
+        id: RequestId,
+        outcome: Outcome,
+        reason: String,
+        work: &mut impl Requests,
+    ) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Some(session) = conn.session() else {
+            return self.close(key, End::Failed(outcome, reason), work);
+        };
+        let status = match outcome {
+            Outcome::handler_error => Status::HandlerError,
+            Outcome::timeout => Status::Timeout,
+            Outcome::refused => Status::Overloaded,
+            _ => Status::WorkerLost,
+        };
+        if session.complete(id, status, Body::Text(reason)).is_some() {
+            self.metrics.request_ended(outcome);
+        }
+        self.pump_session(key, work);
+    }
+
+    /// Removes a connection: counts how its request ended, withdraws what
+    /// the workers still have of it, and closes cleanly or with a reset.
+    fn close(&mut self, key: usize, end: End, work: &mut impl Requests) {
+        let Some(mut conn) = self.conns.try_remove(key) else {
+            return;
+        };
+        self.metrics.connections.dec();
+        if let Some(outcome) = conn.outcome(&end) {
+            self.metrics.request_ended(outcome);
+        }
+        let in_session = conn.session().is_some();
+        for id in conn.outstanding() {
+            work.cancel(id);
+            if in_session {
+                self.metrics.request_ended(Outcome::client_gone);
+            }
+        }
+        if let End::Gone(e) = &end {
+            log::debug!("client went away: {e}");
+        }
+        // No deregister: closing the socket removes it from epoll (it is
+        // never duplicated), and saves a syscall per request.
+        if conn.ends_cleanly(&end) {
+            conn.close(&mut self.scratch);
+        } else {
+            if let Some(reason) = conn.reason(&end) {
+                let peer = conn.peer();
+                self.reset_warnings.warn(
+                    Instant::now(),
+                    format_args!("client {peer}: {reason}; connection reset"),
+                );
+            }
+            conn.reset();
+        }
+        if self.accepting == Accepting::Paused(None)
+            && self.conns.len() < self.limits.max_connections
+        {
+            self.resume_accept();
+        }
+    }
+
+    /// When client deadlines should next be checked: a periodic sweep over
+    /// the open connections is cheaper than a timer per connection.
+    fn next_sweep(&self) -> Option<Instant> {
+        let timeout = self.limits.read_timeout?;
+        if self.conns.is_empty() {
+            return None;
+        }
+        let every = (timeout / 8).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        Some(self.last_sweep + every)
+    }
+
+    /// Resets (or, if idle, closes) every client past its deadline.
+    fn sweep(&mut self, now: Instant, work: &mut impl Requests) {
+        self.last_sweep = now;
+        let overdue: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, conn)| conn.deadline().is_some_and(|deadline| deadline <= now))
+            .map(|(key, _)| key)
+            .collect();
+        for key in overdue {
+            self.close(key, End::Overdue, work);
+        }
+    }
+}

@@ -1,0 +1,904 @@
+//! The workers part: the worker processes ([`supervisor`]), the endpoint
+//! each is reached through ([`Endpoint`]: a [`link`] and its [`claims`]),
+//! which worker holds which request and with how much credit
+//! ([`dispatcher`]), and changing the workers on purpose (hot reload on
+//! SIGHUP, [`reload`]; one more or one fewer on SIGTTIN / SIGTTOU).
+//!
+//! The clients part reaches it only through [`Requests`] and gets back an
+//! [`Answer`] for every request it submitted; the loop reads those with
+//! [`Workers::take_answers`]. Nothing here knows about TCP clients beyond an
+//! opaque [`ClientKey`].
+
+pub(crate) mod claims;
+mod dispatcher;
+pub(crate) mod link;
+mod reload;
+mod supervisor;
+
+use crate::metrics::{Metrics, Outcome};
+use claims::{Claims, Ticket};
+use dispatcher::{Assignment, Dispatcher};
+use link::{Kind, Link, Message};
+use mio::{Registry, Token};
+use nix::sys::signal::Signal;
+use reload::{Reload, Step};
+use std::os::unix::process::ExitStatusExt;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+use supervisor::{Death, Supervisor};
+
+pub(crate) use dispatcher::RequestId;
+pub(crate) use supervisor::Recycling;
+
+/// A client connection, as the workers know it: an opaque key.
+pub(crate) type ClientKey = usize;
+
+/// Links to workers: `LINK_BASE + slot`.
+pub(crate) const LINK_BASE: usize = 1 << 16;
+/// The most worker slots a daemon may have (their tokens sit below `LINK_END`).
+pub(crate) const MAX_WORKERS: usize = LINK_END - LINK_BASE - 2;
+/// The first token above the links'.
+pub(crate) const LINK_END: usize = 1 << 17;
+
+/// Messages taken from one worker per loop turn before other sources get a turn.
+const REPLIES_PER_TURN: usize = 1024;
+
+/// Why a worker part operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkersError {
+    #[error("cannot start a worker process: {0}")]
+    Start(#[source] std::io::Error),
+    /// The first workers could not load the handler: the daemon cannot serve.
+    #[error("{0}")]
+    Load(String),
+}
+
+/// What the clients part asks of the workers.
+pub(crate) trait Requests {
+    /// Queues a request of `client`, or says why it cannot be taken now
+    /// (the queue is full, or no worker can run it): refusing at once beats
+    /// queueing without end.
+    fn submit(&mut self, client: ClientKey, payload: Vec<u8>) -> Result<RequestId, String>;
+    /// Hands queued requests to workers with credit.
+    fn dispatch(&mut self);
+    /// The client of `id` went away: a queued request is dropped, a running
+    /// one's reply will be discarded.
+    fn cancel(&mut self, id: RequestId);
+    /// Whether `id` still waits for a worker.
+    fn is_queued(&self, id: RequestId) -> bool;
+}
+
+/// What became of a submitted request, for its client.
+#[derive(Debug)]
+pub(crate) enum Answer {
+    Reply {
+        client: ClientKey,
+        id: RequestId,
+        reply: Vec<u8>,
+    },
+    Failure {
+        client: ClientKey,
+        id: RequestId,
+        outcome: Outcome,
+        reason: String,
+    },
+    /// It waits in the queue again: its worker died before starting it, or
+    /// it was taken back from behind a slow call.
+    Requeued { client: ClientKey },
+}
+
+/// What the loop should tell the service manager.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Notice {
+    /// A reload (SIGHUP) began.
+    Reloading,
+    /// A reload ended, done or rejected: serving as before.
+    Reloaded,
+}
+
+/// How one worker is reached: today the local link (a socket pair and a
+/// reply pipe) and its claim entries. The dispatcher sees only what it
+/// needs of a worker: requests sent with a ticket, replies received, and
+/// whether a staged request was started (or can still be taken back).
+struct Endpoint {
+    link: Link,
+    claims: Claims,
+}
+
+impl Endpoint {
+    /// Stages request `id` in its claim entry before the worker can see it,
+    /// then queues it; the payload is shared with the dispatcher, not copied.
+    fn send(&mut self, assignment: Assignment) {
+        let Assignment {
+            id,
+            ticket,
+            payload,
+            ..
+        } = assignment;
+        self.claims.stage(ticket, id);
+        self.link.queue_request(id, ticket.encode(), payload);
+    }
+
+    /// Whether the worker had started request `id` (it may have run).
+    fn started(&self, ticket: Ticket, id: RequestId) -> bool {
+        self.claims.started(ticket, id)
+    }
+
+    /// Takes back request `id` if the worker has not started it.
+    fn withdraw(&self, ticket: Ticket, id: RequestId) -> bool {
+        self.claims.withdraw(ticket, id)
+    }
+}
+
+/// Settings of the workers part.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkersConfig {
+    /// gaspard's own executable, started in worker mode.
+    pub program: std::path::PathBuf,
+    /// What every worker is told; the fds and incarnation are its own.
+    pub template: crate::worker::WorkerArgs,
+    /// Where handler snapshots are kept (the private runtime directory).
+    pub runtime_dir: std::path::PathBuf,
+    /// The daemon's log filter, so workers log at the same level.
+    pub log_filter: String,
+    pub recycling: Recycling,
+    /// --worker-credit.
+    pub credit: crate::config::Credit,
+    /// --workers.
+    pub workers: usize,
+    /// --max-queue.
+    pub max_queue: usize,
+    /// --timeout.
+    pub timeout: Option<Duration>,
+}
+
+pub(crate) struct Workers {
+    registry: Registry,
+    /// Each running worker's endpoint, by slot.
+    endpoints: Vec<Option<Endpoint>>,
+    /// Slots whose links had more messages than one turn takes.
+    pending: Vec<usize>,
+    /// Slots with requests staged for the end of this turn.
+    to_flush: Vec<usize>,
+    supervisor: Supervisor,
+    dispatcher: Dispatcher,
+    reload: Reload,
+    /// How many workers to run (--workers, changed by SIGTTIN / SIGTTOU).
+    target: usize,
+    /// The handler generation new workers load.
+    generation: u64,
+    /// --max-queue.
+    max_queue: usize,
+    /// --timeout.
+    timeout: Option<Duration>,
+    /// The first workers have all been ready: from then on a worker that
+    /// cannot load the handler is restarted rather than fatal.
+    started: bool,
+    answers: Vec<Answer>,
+    notices: Vec<Notice>,
+    metrics: Rc<Metrics>,
+}
+
+impl Workers {
+    /// Snapshots the handler; no worker starts before [`Self::start`].
+    pub(crate) fn new(
+        registry: Registry,
+        config: WorkersConfig,
+        metrics: Rc<Metrics>,
+    ) -> std::io::Result<Workers> {
+        let mut supervisor = Supervisor::new(
+            config.program,
+            config.template,
+            config.runtime_dir,
+            &config.log_filter,
+            config.recycling,
+        );
+        let generation = supervisor.snapshot_handler()?;
+        Ok(Workers {
+            registry,
+            endpoints: Vec::new(),
+            pending: Vec::new(),
+            to_flush: Vec::new(),
+            supervisor,
+            dispatcher: Dispatcher::new(config.credit, config.timeout),
+            reload: Reload::Idle,
+            target: config.workers,
+            generation,
+            max_queue: config.max_queue,
+            timeout: config.timeout,
+            started: false,
+            answers: Vec::new(),
+            notices: Vec::new(),
+            metrics,
+        })
+    }
+
+    /// Starts the first workers.
+    pub(crate) fn start(&mut self) -> Result<(), WorkersError> {
+        for _ in 0..self.target {
+            self.add_worker(self.generation)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the first workers are all up (once true, it stays true).
+    pub(crate) fn first_ready(&mut self) -> bool {
+        if !self.started && self.supervisor.ready_count() >= self.target {
+            self.started = true;
+        }
+        self.started
+    }
+
+    /// The operator's handler file.
+    pub(crate) fn handler_source(&self) -> &std::path::Path {
+        self.supervisor.handler_source()
+    }
+
+    /// How many workers it runs.
+    pub(crate) fn target(&self) -> usize {
+        self.target
+    }
+
+    /// Requests accepted and not yet answered.
+    pub(crate) fn outstanding(&self) -> usize {
+        self.dispatcher.outstanding()
+    }
+
+    /// What became of requests since the last call, for the clients part.
+    pub(crate) fn take_answers(&mut self) -> Vec<Answer> {
+        std::mem::take(&mut self.answers)
+    }
+
+    /// What the service manager should be told since the last call.
+    pub(crate) fn take_notices(&mut self) -> Vec<Notice> {
+        std::mem::take(&mut self.notices)
+    }
+
+    /// Whether links have messages left over from the last turn.
+    pub(crate) fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// The earliest moment [`Self::on_timers`] has something to do.
+    pub(crate) fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        [
+            self.dispatcher.next_deadline(),
+            self.dispatcher.next_stuck(now),
+            self.supervisor.next_deadline(),
+            self.reload.deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Adds a worker of `generation` and starts it.
+    fn add_worker(&mut self, generation: u64) -> Result<usize, WorkersError> {
+        self.metrics.worker_starts.inc();
+        let (slot, link, claims) = self
+            .supervisor
+            .add(generation)
+            .map_err(WorkersError::Start)?;
+        self.install(slot, link, claims)?;
+        Ok(slot)
+    }
+
+    /// Puts a just-started worker's endpoint into the loop.
+    fn install(&mut self, slot: usize, mut link: Link, claims: Claims) -> Result<(), WorkersError> {
+        if self.endpoints.len() <= slot {
+            self.endpoints.resize_with(slot + 1, || None);
+        }
+        self.close_endpoint(slot);
+        link.register(&self.registry, Token(LINK_BASE + slot))
+            .map_err(WorkersError::Start)?;
+        self.endpoints[slot] = Some(Endpoint { link, claims });
+        Ok(())
+    }
+
+    /// Closes a worker's endpoint: nothing more is sent to it or read from
+    /// it (a live worker reads the end of its link and stops).
+    fn close_endpoint(&mut self, slot: usize) {
+        if let Some(mut endpoint) = self.endpoints.get_mut(slot).and_then(Option::take) {
+            endpoint.link.deregister(&self.registry);
+        }
+    }
+
+    /// Sets the gauges of the requests.
+    fn update_gauges(&self) {
+        self.metrics.queued.set(self.dispatcher.queued() as i64);
+        self.metrics
+            .in_flight
+            .set((self.dispatcher.outstanding() - self.dispatcher.queued()) as i64);
+    }
+
+    /// Sets the gauge of the workers ready to serve.
+    fn update_ready_gauge(&self) {
+        self.metrics
+            .workers_ready
+            .set(self.supervisor.ready_count() as i64);
+    }
+
+    /// The end of a loop turn: hands out what is queued, then sends what
+    /// was staged during the turn.
+    pub(crate) fn dispatch_and_flush(&mut self) {
+        self.dispatch();
+        self.flush();
+    }
+
+    /// Sends what [`Requests::dispatch`] staged during this turn.
+    fn flush(&mut self) {
+        for slot in std::mem::take(&mut self.to_flush) {
+            self.flush_endpoint(slot);
+        }
+    }
+
+    /// Writes what a worker's link has queued. A worker that cannot be
+    /// written to is gone or broken: it is killed, and its requests are
+    /// settled when its death is (see `lose_worker`).
+    fn flush_endpoint(&mut self, slot: usize) {
+        let Some(endpoint) = self.endpoints.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let token = Token(LINK_BASE + slot);
+        let flushed = endpoint.link.flush();
+        let watched = endpoint.link.watch_writable(&self.registry, token);
+        if let Err(e) = flushed.and(watched) {
+            endpoint.link.discard_output();
+            let _ = endpoint.link.watch_writable(&self.registry, token);
+            log::error!("cannot send requests to worker slot {slot}: {e}; killing it");
+            self.dispatcher.close_worker(slot);
+            self.supervisor.signal(slot, Signal::SIGKILL);
+        }
+    }
+
+    /// Readiness of a worker's link.
+    pub(crate) fn on_link_event(
+        &mut self,
+        token: Token,
+        event: &mio::event::Event,
+    ) -> Result<(), WorkersError> {
+        let slot = token.0 - LINK_BASE;
+        if event.is_writable() {
+            self.flush_endpoint(slot);
+        }
+        if event.is_readable() || event.is_read_closed() {
+            if let Some(endpoint) = self.endpoints.get_mut(slot).and_then(Option::as_mut) {
+                endpoint.link.readable();
+            }
+            self.take_messages(slot, REPLIES_PER_TURN)?;
+        }
+        Ok(())
+    }
+
+    /// Takes what links had left over from the last turn, a fair share each.
+    pub(crate) fn on_pending(&mut self) -> Result<(), WorkersError> {
+        for slot in std::mem::take(&mut self.pending) {
+            self.take_messages(slot, REPLIES_PER_TURN)?;
+        }
+        Ok(())
+    }
+
+    /// Takes up to `limit` messages from a worker's link; if more may be
+    /// waiting, the slot is marked for the next turn.
+    fn take_messages(&mut self, slot: usize, limit: usize) -> Result<(), WorkersError> {
+        for _ in 0..limit {
+            let Some(endpoint) = self.endpoints.get_mut(slot).and_then(Option::as_mut) else {
+                return Ok(());
+            };
+            match endpoint.link.try_recv() {
+                Ok(Some(message)) => self.on_message(slot, message)?,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    // Anything a worker sends is untrusted: a broken stream
+                    // means its memory is corrupt, and what it ran is unknown.
+                    self.abandon_worker(slot, &format!("sent garbage: {e}"));
+                    return Ok(());
+                }
+            }
+        }
+        if !self.pending.contains(&slot) {
+            self.pending.push(slot);
+        }
+        Ok(())
+    }
+
+    fn on_message(&mut self, slot: usize, message: Message) -> Result<(), WorkersError> {
+        match message.kind {
+            Kind::Reply | Kind::Failed => self.on_reply(slot, message),
+            Kind::Ready => self.on_worker_ready(slot, &message.body),
+            Kind::InitFailed => {
+                let reason = String::from_utf8_lossy(&message.body).into_owned();
+                let incarnation = self.supervisor.incarnation_of(slot).unwrap_or(0);
+                if !self.started {
+                    return Err(WorkersError::Load(reason));
+                }
+                if self.reload.is_probe(incarnation) {
+                    self.reject_reload(&reason);
+                } else {
+                    log::error!("worker {incarnation} could not start: {reason}");
+                }
+            }
+            Kind::Request => self.abandon_worker(slot, "sent a request frame"),
+        }
+        Ok(())
+    }
+
+    fn on_reply(&mut self, slot: usize, message: Message) {
+        let id = message.value;
+        let client = match self.dispatcher.complete(slot, id, message.micros) {
+            Ok(client) => client,
+            // Its worker was already given up on (timed out): nobody waits.
+            Err(dispatcher::NotHeld::Settled) => return,
+            Err(dispatcher::NotHeld::ByOther) => {
+                return self.abandon_worker(slot, &format!("answered request {id}, not its own"));
+            }
+        };
+        if self.supervisor.note_served(slot) {
+            self.retire(slot, false);
+        } else if self.supervisor.is_retiring(slot) && self.dispatcher.held(slot) == 0 {
+            self.stop_retired(slot);
+        }
+        let Some(client) = client else {
+            return; // the client went away
+        };
+        self.answers.push(if message.kind == Kind::Failed {
+            Answer::Failure {
+                client,
+                id,
+                outcome: Outcome::handler_error,
+                reason: String::from_utf8_lossy(&message.body).into_owned(),
+            }
+        } else {
+            Answer::Reply {
+                client,
+                id,
+                reply: message.body,
+            }
+        });
+    }
+
+    fn on_worker_ready(&mut self, slot: usize, body: &[u8]) {
+        let incarnation = self.supervisor.incarnation_of(slot).unwrap_or(0);
+        if self.supervisor.is_ready(slot) {
+            log::warn!("worker {incarnation} (slot {slot}) said Ready twice; ignored");
+            return;
+        }
+        if self.supervisor.is_retiring(slot) {
+            // Told to stop while starting (SIGTTOU, a rejected reload): it
+            // gets no work, and exits on the signal it already has.
+            return;
+        }
+        let pid: u32 = std::str::from_utf8(body)
+            .ok()
+            .and_then(|text| text.parse().ok())
+            .unwrap_or(0);
+        self.supervisor.mark_ready(slot);
+        self.dispatcher.open_worker(slot);
+        self.update_ready_gauge();
+        log::debug!("worker {incarnation} (slot {slot}, pid {pid}) is ready");
+        if let Some(generation) = self.reload.validated(incarnation) {
+            log::info!(
+                "reload: the new handler loaded; replacing {} workers one at a time",
+                self.target
+            );
+            self.generation = generation;
+        }
+    }
+
+    /// Settles the requests of a worker that died, once everything it sent
+    /// was read: the one it may have been running fails, the ones staged
+    /// behind it go to other workers. Returns how many failed and went back.
+    fn lose_worker(&mut self, slot: usize, why: &str) -> (usize, usize) {
+        let endpoint = self.endpoints.get_mut(slot).and_then(Option::take);
+        let (failed, requeued) = self.dispatcher.worker_died(slot, |ticket, id| {
+            // Without its endpoint (never the case for a started worker),
+            // any request may have run.
+            endpoint.as_ref().map_or(true, |e| e.started(ticket, id))
+        });
+        if let Some(mut endpoint) = endpoint {
+            endpoint.link.deregister(&self.registry);
+        }
+        let count = failed.len();
+        for (id, client) in failed {
+            self.answers.push(Answer::Failure {
+                client,
+                id,
+                outcome: Outcome::worker_lost,
+                reason: why.to_string(),
+            });
+        }
+        let back = requeued.len();
+        self.answers.extend(
+            requeued
+                .into_iter()
+                .map(|client| Answer::Requeued { client }),
+        );
+        self.update_gauges();
+        (count, back)
+    }
+
+    /// Takes back the requests staged behind calls that turned out slow,
+    /// if their workers have not started them: they go to whichever worker
+    /// is free first (see `claims.rs`).
+    fn take_back_stuck(&mut self, now: Instant) {
+        let stuck = self.dispatcher.stuck(now);
+        // In reverse: each goes back to the head of the queue.
+        for &(slot, id, ticket) in stuck.iter().rev() {
+            let Some(endpoint) = self.endpoints.get(slot).and_then(Option::as_ref) else {
+                continue;
+            };
+            if !endpoint.withdraw(ticket, id) {
+                // It has started it: the slow call is over.
+                self.dispatcher.take_back_failed(slot);
+                continue;
+            }
+            log::debug!("took back request {id} from slot {slot}: its worker runs a slow call");
+            if let Some(client) = self.dispatcher.taken_back(id) {
+                self.answers.push(Answer::Requeued { client });
+            }
+        }
+    }
+
+    /// Gives up on a worker that broke its link's rules: what it ran is
+    /// unknown, so every request it held fails now, and it is killed.
+    fn abandon_worker(&mut self, slot: usize, what: &str) {
+        let incarnation = self.supervisor.incarnation_of(slot).unwrap_or(0);
+        log::error!("worker {incarnation} (slot {slot}) {what}; killing it");
+        self.close_endpoint(slot);
+        for (id, client) in self.dispatcher.worker_lost(slot) {
+            self.answers.push(Answer::Failure {
+                client,
+                id,
+                outcome: Outcome::worker_lost,
+                reason: "its worker's link broke".to_string(),
+            });
+        }
+        self.supervisor.signal(slot, Signal::SIGKILL);
+        self.update_gauges();
+        self.update_ready_gauge();
+    }
+
+    /// Stops a worker on purpose without failing anything: it gets no new
+    /// requests and is sent SIGTERM once it holds none. With `remove`, its
+    /// slot is freed rather than restarted.
+    fn retire(&mut self, slot: usize, remove: bool) {
+        self.supervisor.retire(slot, remove);
+        self.dispatcher.close_worker(slot);
+        if self.dispatcher.held(slot) == 0 {
+            self.stop_retired(slot);
+        }
+    }
+
+    fn stop_retired(&mut self, slot: usize) {
+        self.close_endpoint(slot);
+        self.supervisor.signal(slot, Signal::SIGTERM);
+        self.update_ready_gauge();
+    }
+
+    /// SIGCHLD: settles the workers that exited.
+    pub(crate) fn on_exits(&mut self) -> Result<(), WorkersError> {
+        // What a worker wrote before it died is in its link: a last reply
+        // is delivered, an account of a failed start is read, before its
+        // death is handled. Only those: one that exits meanwhile is handled
+        // on its own SIGCHLD, after its link is read.
+        let exited = self.supervisor.exited();
+        for &slot in &exited {
+            if let Some(endpoint) = self.endpoints.get_mut(slot).and_then(Option::as_mut) {
+                endpoint.link.readable();
+            }
+            self.take_messages(slot, usize::MAX)?;
+        }
+        for death in self.supervisor.reap(&exited) {
+            self.on_death(death)?;
+        }
+        // Snapshots of generations no worker runs any more (a rejected
+        // reload, the end of a rolling one) can go now.
+        if !self.reload.is_validating() {
+            self.supervisor.forget_unused_snapshots(self.generation);
+        }
+        if self.supervisor.all_failing() {
+            let queued = self.dispatcher.fail_queued();
+            if !queued.is_empty() {
+                log::error!(
+                    "no worker can serve (the handler keeps failing); resetting {} queued requests",
+                    queued.len()
+                );
+            }
+            for (id, client) in queued {
+                self.answers.push(Answer::Failure {
+                    client,
+                    id,
+                    outcome: Outcome::refused,
+                    reason: "no worker can serve: the handler keeps failing".to_string(),
+                });
+            }
+        }
+        self.update_gauges();
+        self.update_ready_gauge();
+        Ok(())
+    }
+
+    /// One worker's death: settle its requests, say why in one line.
+    fn on_death(&mut self, death: Death) -> Result<(), WorkersError> {
+        let Death {
+            slot,
+            incarnation,
+            status,
+            before_ready,
+            retired,
+            removed,
+            restart_in,
+        } = death;
+        let how = supervisor::describe(&status);
+        let cause = match (retired, status.signal()) {
+            (true, _) => "stopped".to_string(),
+            (false, Some(signal)) => Signal::try_from(signal)
+                .map_or_else(|_| format!("signal_{signal}"), |s| s.as_str().to_string()),
+            (false, None) => format!("exit_{}", status.code().unwrap_or(-1)),
+        };
+        self.metrics.worker_exited(&cause);
+        if !self.started && !retired {
+            // Its own account of why (InitFailed) was read first, if it
+            // gave one.
+            return Err(WorkersError::Load(format!(
+                "handler {}: worker {how} while loading the handler",
+                self.supervisor.handler_source().display()
+            )));
+        }
+        if self.reload.is_probe(incarnation) {
+            // Died loading the new handler without saying why (an
+            // InitFailed would have rejected the reload already).
+            self.supervisor.retire(slot, true);
+            self.lose_worker(slot, "its worker died");
+            self.reject_reload(&format!("its first worker {how} while loading it"));
+            return Ok(());
+        }
+        let (failed, requeued) = self.lose_worker(slot, &format!("its worker {how}"));
+        if retired {
+            let why = if removed {
+                "stopped"
+            } else {
+                "recycled after reaching --max-requests"
+            };
+            log::info!("worker {incarnation} (slot {slot}) {why}");
+            return Ok(());
+        }
+        let stage = if before_ready {
+            " before it was ready"
+        } else {
+            ""
+        };
+        let next = if removed {
+            String::new()
+        } else if restart_in.is_zero() {
+            "; restarting it".to_string()
+        } else {
+            format!(
+                "; restarting it in {} ms (back-off after repeated failures)",
+                restart_in.as_millis()
+            )
+        };
+        let requeued = match requeued {
+            0 => String::new(),
+            n => format!(" ({n} staged behind it went to other workers)"),
+        };
+        log::warn!(
+            "worker {incarnation} (slot {slot}) {how}{stage}; {failed} requests failed{requeued}{next}"
+        );
+        Ok(())
+    }
+
+    /// Deadlines: requests past --timeout fail and their workers are killed
+    /// (as gunicorn does with stuck workers; what was staged behind them goes
+    /// to other workers once they are dead); a reload that takes too long is
+    /// rejected; workers whose back-off ran out start again (also while
+    /// draining: queued requests still need workers).
+    pub(crate) fn on_timers(&mut self, now: Instant) {
+        for (slot, id, client) in self.dispatcher.expire(now) {
+            log::error!(
+                "a request ran past --timeout ({:?}) in worker slot {slot}; killing the worker",
+                self.timeout.unwrap_or_default()
+            );
+            if let Some(client) = client {
+                self.answers.push(Answer::Failure {
+                    client,
+                    id,
+                    outcome: Outcome::timeout,
+                    reason: "request ran past --timeout".to_string(),
+                });
+            }
+            self.supervisor.signal(slot, Signal::SIGKILL);
+        }
+        if self
+            .reload
+            .deadline()
+            .is_some_and(|deadline| now >= deadline)
+        {
+            self.reject_reload("the new handler did not finish loading within --timeout");
+        }
+        for slot in self.supervisor.due(now) {
+            self.metrics.worker_starts.inc();
+            let started = self
+                .supervisor
+                .start(slot)
+                .map_err(WorkersError::Start)
+                .and_then(|(link, claims)| self.install(slot, link, claims));
+            if let Err(e) = started {
+                log::error!("{e}");
+            }
+        }
+    }
+
+    /// SIGTTIN (+1) / SIGTTOU (-1): one more or one fewer worker.
+    pub(crate) fn scale(&mut self, delta: i32) {
+        if delta > 0 {
+            if self.supervisor.slot_count() >= MAX_WORKERS {
+                log::warn!("SIGTTIN ignored: {MAX_WORKERS} worker slots is the most");
+                return;
+            }
+            self.target += 1;
+            match self.add_worker(self.generation) {
+                Ok(_) => log::info!("SIGTTIN: one more worker ({} now)", self.target),
+                Err(e) => log::error!("SIGTTIN: {e}"),
+            }
+            return;
+        }
+        if self.target <= 1 {
+            log::warn!("SIGTTOU ignored: one worker is the fewest");
+            return;
+        }
+        // Not the worker validating a reload: retiring it would reject the
+        // reload for no fault of the handler.
+        let Some(slot) = self.supervisor.last_active(self.reload.probe_slot()) else {
+            return;
+        };
+        self.target -= 1;
+        self.retire(slot, true);
+        log::info!("SIGTTOU: one fewer worker ({} now)", self.target);
+    }
+
+    /// SIGHUP: load the handler file again. The new file is loaded by one new
+    /// worker first; only when it is up are the old workers replaced, one at
+    /// a time, each finishing its request first. A broken file changes nothing.
+    pub(crate) fn start_reload(&mut self) {
+        if self.reload != Reload::Idle {
+            log::warn!("SIGHUP ignored: a reload is already under way");
+            return;
+        }
+        let source = self.supervisor.handler_source().display().to_string();
+        self.notices.push(Notice::Reloading);
+        let generation = match self.supervisor.snapshot_handler() {
+            Ok(generation) => generation,
+            Err(e) => {
+                log::error!(
+                    "reload rejected: cannot copy {source}: {e}; the old handler keeps serving"
+                );
+                self.notices.push(Notice::Reloaded);
+                return;
+            }
+        };
+        log::info!("SIGHUP: reloading handler {source} (generation {generation})");
+        match self.add_worker(generation) {
+            Ok(slot) => {
+                let incarnation = self.supervisor.incarnation_of(slot).unwrap_or(0);
+                let deadline = self.timeout.map(|t| Instant::now() + t);
+                self.reload = Reload::validating(generation, slot, incarnation, deadline);
+            }
+            Err(e) => {
+                log::error!("reload rejected: {e}");
+                self.supervisor.forget_unused_snapshots(self.generation);
+                self.notices.push(Notice::Reloaded);
+            }
+        }
+    }
+
+    fn reject_reload(&mut self, reason: &str) {
+        let Some((slot, incarnation)) = self.reload.probe() else {
+            return;
+        };
+        log::error!("reload rejected: {reason}; the old handler keeps serving");
+        if self.supervisor.incarnation_of(slot) == Some(incarnation) {
+            self.supervisor.retire(slot, true);
+            self.supervisor.signal(slot, Signal::SIGKILL);
+            self.close_endpoint(slot);
+        }
+        self.reload = Reload::Idle;
+        // Its snapshot goes once the worker is reaped (on_exits).
+        self.notices.push(Notice::Reloaded);
+    }
+
+    /// One step of a validated reload, every loop turn: when no new worker
+    /// is still starting, retire one old worker and start its replacement;
+    /// when no old worker is left, the reload is done.
+    pub(crate) fn advance_reload(&mut self) {
+        match self.reload.next_step(&self.supervisor, self.target) {
+            Step::Wait => {}
+            Step::Done(generation) => {
+                self.reload = Reload::Idle;
+                self.supervisor.forget_unused_snapshots(generation);
+                log::info!(
+                    "reload complete: {} workers serve handler generation {generation}",
+                    self.target
+                );
+                self.notices.push(Notice::Reloaded);
+            }
+            Step::Replace { old, start_new } => {
+                if start_new {
+                    if let Err(e) = self.add_worker(self.generation) {
+                        log::error!("reload: {e}");
+                        return;
+                    }
+                }
+                self.retire(old, true);
+            }
+        }
+    }
+
+    /// Stops every worker: links first, so that a worker still in its
+    /// handler cannot block writing a reply into a link nobody reads (it
+    /// would never call the handler's shutdown); with the link closed, the
+    /// write fails and the worker stops on its own. Then SIGTERM, and
+    /// SIGKILL after `grace`.
+    pub(crate) fn stop_all(&mut self, grace: Duration) {
+        for slot in 0..self.endpoints.len() {
+            self.close_endpoint(slot);
+        }
+        self.supervisor.stop_all(grace);
+    }
+}
+
+impl Requests for Workers {
+    fn submit(&mut self, client: ClientKey, payload: Vec<u8>) -> Result<RequestId, String> {
+        if self.supervisor.all_failing() {
+            return Err("no worker can take the request: the handler keeps failing".into());
+        }
+        // Requests that idle workers are about to take are not waiting.
+        let queued = self.dispatcher.queued();
+        let idle_credit = self.dispatcher.idle_credit(Instant::now());
+        let waiting = queued.saturating_sub(idle_credit);
+        if queued >= idle_credit && waiting >= self.max_queue {
+            return Err(format!(
+                "queue is full ({waiting} requests waiting, --max-queue)"
+            ));
+        }
+        Ok(self.dispatcher.submit(client, payload))
+    }
+
+    /// A worker that was idle gets its requests at once, in one write; what
+    /// is staged behind a busy worker's request waits for [`Workers::flush`]
+    /// at the end of the loop turn, so that a turn's requests for it leave
+    /// in one write.
+    fn dispatch(&mut self) {
+        let now = Instant::now();
+        // First: room a reply has just freed goes to requests stuck behind
+        // a slow call (they go back to the head of the queue) rather than
+        // to newer ones, or under steady load they would never move.
+        self.take_back_stuck(now);
+        let mut idle = Vec::new();
+        while let Some(assignment) = self.dispatcher.next_assignment(now) {
+            let slot = assignment.slot;
+            let Some(endpoint) = self.endpoints.get_mut(slot).and_then(Option::as_mut) else {
+                self.dispatcher.unassign(assignment);
+                break;
+            };
+            endpoint.send(assignment);
+            if self.dispatcher.held(slot) == 1 {
+                idle.push(slot);
+            } else if !idle.contains(&slot) && !self.to_flush.contains(&slot) {
+                self.to_flush.push(slot);
+            }
+        }
+        for slot in idle {
+            self.flush_endpoint(slot);
+        }
+        self.update_gauges();
+    }
+
+    fn cancel(&mut self, id: RequestId) {
+        self.dispatcher.client_gone(id);
+    }
+
+    fn is_queued(&self, id: RequestId) -> bool {
+        self.dispatcher.is_queued(id)
+    }
+}
