@@ -8,7 +8,7 @@
 //! Everything is non-blocking and edge-triggered; partial reads and writes are
 //! the normal case, and a request may be up to 64 MiB.
 
-use crate::frame;
+use crate::frame::{self, Header};
 use crate::limits;
 use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
@@ -272,37 +272,39 @@ impl Connection {
     }
 
     /// Acts on the bytes received: `Some` ends the connection.
+    ///
+    /// Not gaspar-protocol's `RequestDecoder`: that one gathers each payload
+    /// into a `Vec` of its own, which in GSP2 would be an allocation and a
+    /// copy per request on top of this server's, as it answers from its
+    /// receive buffer. Only the header's rules ([`Header`]) are shared.
     fn parse(&mut self, window: usize) -> Option<Verdict> {
         loop {
             match &mut self.mode {
                 Mode::Start => {
-                    let len = be_u32(&self.rx)?;
-                    if len == frame::EXTENSION_MARK {
-                        if self.rx.len() < frame::PREAMBLE.len() {
-                            return None;
+                    let len = match Header::peek(&self.rx, MAX_REQUEST, true)? {
+                        Err(_) => return Some(Verdict::Reset),
+                        Ok(Header::Empty) => return Some(Verdict::Close),
+                        Ok(Header::Payload(len)) => len as usize,
+                        Ok(Header::Extension) => {
+                            if self.rx.len() < frame::PREAMBLE.len() {
+                                return None;
+                            }
+                            if self.rx[..frame::PREAMBLE.len()] != frame::PREAMBLE {
+                                return Some(Verdict::Reset);
+                            }
+                            // Pipelined small replies must not wait for an ACK.
+                            if self.stream.set_nodelay(true).is_err() {
+                                return Some(Verdict::Close);
+                            }
+                            self.rx_pos = frame::PREAMBLE.len();
+                            self.tx.extend_from_slice(&frame::handshake(window as u32));
+                            self.mode = Mode::Persistent {
+                                replies: VecDeque::new(),
+                                ending: false,
+                            };
+                            continue;
                         }
-                        if self.rx[..frame::PREAMBLE.len()] != frame::PREAMBLE {
-                            return Some(Verdict::Reset);
-                        }
-                        // Pipelined small replies must not wait for an ACK.
-                        if self.stream.set_nodelay(true).is_err() {
-                            return Some(Verdict::Close);
-                        }
-                        self.rx_pos = frame::PREAMBLE.len();
-                        self.tx.extend_from_slice(&frame::handshake(window as u32));
-                        self.mode = Mode::Persistent {
-                            replies: VecDeque::new(),
-                            ending: false,
-                        };
-                        continue;
-                    }
-                    if len > MAX_REQUEST {
-                        return Some(Verdict::Reset);
-                    }
-                    if len == 0 {
-                        return Some(Verdict::Close);
-                    }
-                    let len = len as usize;
+                    };
                     // The whole request, allocated once (at most 64 MiB).
                     self.rx
                         .reserve_exact((frame::HEADER_LEN + len).saturating_sub(self.rx.len()));
@@ -325,15 +327,17 @@ impl Connection {
                 Mode::Persistent { replies, ending } => {
                     while !*ending && replies.len() < window {
                         let input = &self.rx[self.rx_pos..];
-                        let Some(len) = be_u32(input) else { break };
-                        if len > MAX_REQUEST {
-                            return Some(Verdict::Reset);
-                        }
-                        if len == 0 {
-                            *ending = true;
-                            self.rx_pos += frame::HEADER_LEN;
-                            break;
-                        }
+                        let len = match Header::peek(input, MAX_REQUEST, false) {
+                            None => break,
+                            // Extension: not after the first frame.
+                            Some(Err(_) | Ok(Header::Extension)) => return Some(Verdict::Reset),
+                            Some(Ok(Header::Empty)) => {
+                                *ending = true;
+                                self.rx_pos += frame::HEADER_LEN;
+                                break;
+                            }
+                            Some(Ok(Header::Payload(len))) => len,
+                        };
                         let whole = frame::HEADER_LEN + len as usize;
                         if input.len() < whole {
                             self.rx.reserve(whole - input.len());
@@ -407,10 +411,11 @@ impl Connection {
         let input = &self.rx[self.rx_pos..];
         !*ending
             && replies.len() < window
-            && match be_u32(input) {
+            && match Header::peek(input, MAX_REQUEST, false) {
                 None => false,
-                Some(len) if len == 0 || len > MAX_REQUEST => true,
-                Some(len) => input.len() >= frame::HEADER_LEN + len as usize,
+                // Acted on at once: the end, or a reset.
+                Some(Err(_) | Ok(Header::Empty | Header::Extension)) => true,
+                Some(Ok(Header::Payload(len))) => input.len() >= frame::HEADER_LEN + len as usize,
             }
     }
 
@@ -460,11 +465,6 @@ impl Connection {
         self.registered = Some(wanted);
         Ok(())
     }
-}
-
-/// The big-endian u32 at the start of `bytes`, if there are four.
-fn be_u32(bytes: &[u8]) -> Option<u32> {
-    Some(u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?))
 }
 
 #[cfg(test)]
