@@ -88,10 +88,12 @@ pub const DEFAULT_PORT: u16 = 10123;
 /// Bytes in a request's length header.
 pub const HEADER_LEN: usize = gaspar_protocol::HEADER_LEN;
 
-/// The largest message the 32-bit length header can announce: 4 GiB - 1.
-/// The daemon's own limit (`--max-request-size`, 64 MiB by default) is
-/// usually lower; a request over it is reset.
-pub const MAX_MESSAGE_LEN: usize = u32::MAX as usize;
+/// The largest message a request can carry: 4 GiB - 2. The all-ones length
+/// (4 GiB - 1) is not a request's: it announces the persistent extension,
+/// and gaspard resets it as a bad preamble. The daemon's own limit
+/// (`--max-request-size`, 64 MiB by default) is usually lower; a request
+/// over it is reset.
+pub const MAX_MESSAGE_LEN: usize = gaspar_protocol::MAX_PAYLOAD as usize;
 
 /// [`Options::connect_timeout`] unless set otherwise: 10 seconds.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -117,8 +119,8 @@ const FIRST_WRITE: usize = 64 * 1024;
 ///
 /// # Panics
 ///
-/// If the message is longer than [`MAX_MESSAGE_LEN`], which no header can
-/// announce. [`request`] returns [`Error::TooLarge`] instead.
+/// If the message is longer than [`MAX_MESSAGE_LEN`], which no request can
+/// carry. [`request`] returns [`Error::TooLarge`] instead.
 pub fn pack(message: impl AsRef<[u8]>) -> Vec<u8> {
     let message = message.as_ref();
     let header = header(message.len()).unwrap_or_else(|e| panic!("{e}"));
@@ -128,11 +130,14 @@ pub fn pack(message: impl AsRef<[u8]>) -> Vec<u8> {
     frame
 }
 
-/// The length header for a message of `len` bytes.
+/// The length header for a message of `len` bytes, checked here for every
+/// way a request is sent, one-shot or pipelined.
 fn header(len: usize) -> Result<[u8; HEADER_LEN], Error> {
     u32::try_from(len)
+        .ok()
+        .filter(|&len| u64::from(len) <= gaspar_protocol::MAX_PAYLOAD)
         .map(u32::to_be_bytes)
-        .map_err(|_| Error::TooLarge { len })
+        .ok_or(Error::TooLarge { len })
 }
 
 /// How long [`request_with`] (and a [`Connection`]) waits. `None` waits as
@@ -660,16 +665,27 @@ mod tests {
         assert_eq!(pack(b"hello"), b"\0\0\0\x05hello");
         assert_eq!(pack(vec![7u8; 0x0102_0304])[..5], [1, 2, 3, 4, 7]);
         assert_eq!(pack(""), [0, 0, 0, 0]);
-        assert_eq!(header(MAX_MESSAGE_LEN).unwrap(), [0xff; 4]);
+        assert_eq!(header(MAX_MESSAGE_LEN).unwrap(), [0xff, 0xff, 0xff, 0xfe]);
+    }
+
+    #[test]
+    fn a_message_the_length_of_the_extension_mark_is_refused() {
+        // Its header would be the preamble's 0xFFFFFFFF.
+        let error = header(u32::MAX as usize).unwrap_err();
+        assert!(matches!(error, Error::TooLarge { len } if len == 0xffff_ffff));
+        assert_eq!(
+            error.to_string(),
+            "a message of 4294967295 bytes is over the protocol's limit of 4294967294 bytes"
+        );
     }
 
     #[test]
     fn a_message_over_4_gib_is_refused_before_connecting() {
-        let error = header(MAX_MESSAGE_LEN + 1).unwrap_err();
+        let error = header(u32::MAX as usize + 1).unwrap_err();
         assert!(matches!(error, Error::TooLarge { len } if len == 1 << 32));
         assert_eq!(
             error.to_string(),
-            "a message of 4294967296 bytes is over the protocol's limit of 4294967295 bytes"
+            "a message of 4294967296 bytes is over the protocol's limit of 4294967294 bytes"
         );
     }
 
