@@ -29,7 +29,7 @@ Exit status:
      (or as much of it as the reader, such as head, wanted)
   1  any other error: the address does not resolve, a network error, reading
      standard input or writing standard output failed
-  2  bad arguments
+  2  bad arguments, such as an ADDR without a port number
   3  reset: the daemon reset the connection, the request failed (the handler
      returned an error or crashed, or the request ran past the daemon's
      --timeout or over its --max-request-size; the daemon's log says which)
@@ -74,7 +74,7 @@ struct Cli {
 #[derive(Args, Debug)]
 struct Send {
     /// The daemon's address, HOST:PORT, such as 127.0.0.1:10123
-    #[arg(value_name = "ADDR", required = true)]
+    #[arg(value_name = "ADDR", required = true, value_parser = address)]
     addr: Option<String>,
 
     /// The request's bytes; - reads them from standard input
@@ -131,6 +131,19 @@ fn seconds(text: &str) -> Result<Timeout, String> {
     })
 }
 
+/// ADDR, split as the standard library resolves it (the port after the last
+/// colon), so that one without a port number is a usage error, exit status
+/// 2, before any name is looked up.
+fn address(text: &str) -> Result<String, String> {
+    let Some((_, port)) = text.rsplit_once(':') else {
+        return Err("expected HOST:PORT, such as 127.0.0.1:10123: no port".into());
+    };
+    port.parse::<u16>().map_err(|_| {
+        format!("expected HOST:PORT, such as 127.0.0.1:10123: {port:?} is not a port number")
+    })?;
+    Ok(text.to_string())
+}
+
 /// A one-line failure and its exit status.
 struct Failure(u8, String);
 
@@ -177,9 +190,6 @@ fn send(args: Send) -> Result<(), Failure> {
             }
             Error::Timeout { .. } if args.timeout.limit.is_some() => {
                 format!("{e} within {} s (--timeout)", args.timeout.given)
-            }
-            Error::Resolve(io) if io.kind() == io::ErrorKind::InvalidInput => {
-                format!("{addr}: not an address of the form HOST:PORT ({io})")
             }
             Error::Resolve(_) => format!("{addr}: {e}"),
             _ => e.to_string(),
@@ -276,5 +286,17 @@ mod tests {
         assert!(Cli::try_parse_from(["gaspar", "127.0.0.1:1"]).is_err());
         assert!(Cli::try_parse_from(["gaspar", "pack"]).is_err());
         assert!(Cli::try_parse_from(["gaspar"]).is_err());
+    }
+
+    #[test]
+    fn an_address_needs_a_port_number() {
+        assert_eq!(address("localhost:10123").unwrap(), "localhost:10123");
+        assert_eq!(address("[::1]:1").unwrap(), "[::1]:1");
+        assert!(address("localhost").unwrap_err().ends_with("no port"));
+        assert!(address("localhost:x")
+            .unwrap_err()
+            .ends_with("\"x\" is not a port number"));
+        assert!(address("localhost:65536").is_err());
+        assert!(address("localhost:").is_err());
     }
 }

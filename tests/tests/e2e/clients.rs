@@ -247,11 +247,13 @@ fn gaspar_messages_name_the_flag_that_ran_out() {
     let port = gaspard_tests::refusing_port();
     let output = gaspar(&[&port.addr.to_string(), "x"], b"");
     assert_eq!(output.status.code(), Some(REFUSED));
+    // An address without a port number is a usage error (client/tests/cli.rs).
     let output = gaspar(&["no-port-here", "x"], b"");
-    assert_eq!(output.status.code(), Some(1), "{output:?}");
-    assert_eq!(
-        String::from_utf8_lossy(&output.stderr),
-        "gaspar: no-port-here: not an address of the form HOST:PORT (invalid socket address)\n"
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("'no-port-here' for '<ADDR>': expected HOST:PORT"),
+        "{output:?}"
     );
 }
 
