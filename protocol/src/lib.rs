@@ -77,6 +77,12 @@ pub fn reply_header(status: Status, len: u32) -> [u8; REPLY_HEADER_LEN] {
     bytes
 }
 
+/// A GSP2 reply's status and payload length, from its header.
+pub fn parse_reply_header(bytes: &[u8; REPLY_HEADER_LEN]) -> (Status, u32) {
+    let [status, len @ ..] = *bytes;
+    (Status::from(status), u32::from_be_bytes(len))
+}
+
 /// A GSP2 reply's status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Status {
@@ -215,12 +221,9 @@ impl ReplyDecoder {
                     return None;
                 }
                 self.header_len = 0;
-                let len = u32::from_be_bytes(self.header[1..].try_into().expect("4 bytes"));
+                let (status, len) = parse_reply_header(&self.header);
                 self.body_left = Some(len);
-                Some(Piece::Head {
-                    status: Status::from(self.header[0]),
-                    len,
-                })
+                Some(Piece::Head { status, len })
             }
         }
     }
@@ -515,6 +518,20 @@ mod tests {
         );
         assert_eq!(&PREAMBLE[4..], b"GSP2");
         assert_eq!(request(b"hello"), b"\0\0\0\x05hello");
+    }
+
+    #[test]
+    fn reply_headers_round_trip() {
+        let header = reply_header(Status::WorkerLost, 0x0102_0304);
+        assert_eq!(header, [4, 1, 2, 3, 4]);
+        assert_eq!(
+            parse_reply_header(&header),
+            (Status::WorkerLost, 0x0102_0304)
+        );
+        assert_eq!(
+            parse_reply_header(&[0xff; REPLY_HEADER_LEN]),
+            (Status::Unknown(0xff), u32::MAX)
+        );
     }
 
     #[test]
