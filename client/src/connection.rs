@@ -15,7 +15,9 @@ use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 // The wire format is gaspar-protocol's, shared with gaspard.
-use gaspar_protocol::{END_OF_REQUESTS, MAGIC, PREAMBLE, REPLY_HEADER_LEN};
+use gaspar_protocol::{
+    parse_handshake, parse_reply_header, END_OF_REQUESTS, HANDSHAKE_LEN, PREAMBLE, REPLY_HEADER_LEN,
+};
 
 /// Request bytes gathered into one write: many small pipelined requests
 /// leave in one syscall, and the payload of a large one is written from the
@@ -298,12 +300,11 @@ impl Connection {
             .map_err(|error| Error::Io { addr, error })?;
         socket.write_all(&PREAMBLE).map_err(not_supported)?;
         let mut reader = BufReader::with_capacity(BATCH, socket);
-        let mut ack = [0; 8];
-        reader.read_exact(&mut ack).map_err(not_supported)?;
-        if ack[..4] != MAGIC {
+        let mut answer = [0; HANDSHAKE_LEN];
+        reader.read_exact(&mut answer).map_err(not_supported)?;
+        let Some(window) = parse_handshake(&answer) else {
             return Err(Error::NotSupported { addr });
-        }
-        let window = u32::from_be_bytes([ack[4], ack[5], ack[6], ack[7]]);
+        };
         if window == 0 {
             return Err(Error::Protocol {
                 addr,
@@ -790,7 +791,10 @@ impl Connection {
         self.reader.get_mut().deadline = deadline;
         let mut head = [0; REPLY_HEADER_LEN];
         self.reader.read_exact(&mut head).map_err(error)?;
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+        // Not gaspar-protocol's ReplyDecoder, which hands out the payload
+        // from the input buffer: a large payload is read straight into its
+        // Vec here, without going through the BufReader's buffer.
+        let (status, len) = parse_reply_header(&head);
         // Grown as the bytes arrive, rather than trusting the length at once.
         let mut payload = Vec::with_capacity((len as usize).min(BATCH));
         (&mut self.reader)
@@ -800,11 +804,11 @@ impl Connection {
         if payload.len() as u64 != u64::from(len) {
             return Err(Error::Closed { addr });
         }
-        match head[0] {
-            0 => Ok(payload),
-            code => Err(Error::Failed {
+        match status {
+            Status::Ok => Ok(payload),
+            status => Err(Error::Failed {
                 addr,
-                status: Status::from_code(code),
+                status,
                 message: String::from_utf8(payload)
                     .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
             }),
@@ -918,9 +922,9 @@ mod tests {
             let mut preamble = [0; 8];
             peer.stream.read_exact(&mut preamble).unwrap();
             assert_eq!(preamble, PREAMBLE);
-            let mut ack = MAGIC.to_vec();
-            ack.extend_from_slice(&window.to_be_bytes());
-            peer.stream.write_all(&ack).unwrap();
+            peer.stream
+                .write_all(&gaspar_protocol::handshake(window))
+                .unwrap();
             peer
         }
 
@@ -937,8 +941,8 @@ mod tests {
         }
 
         fn reply(&mut self, status: u8, payload: &[u8]) {
-            let mut reply = vec![status];
-            reply.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+            let len = u32::try_from(payload.len()).unwrap();
+            let mut reply = gaspar_protocol::reply_header(Status::from_code(status), len).to_vec();
             reply.extend_from_slice(payload);
             self.stream.write_all(&reply).unwrap();
         }

@@ -4,10 +4,11 @@
 //! The protocol is one request per TCP connection: a 4-byte unsigned
 //! big-endian length, then that many bytes. The reply is raw bytes ended by a
 //! clean close; a request that failed ends with a connection reset instead
-//! (see `docs/protocol.md`). This crate speaks it with `std::net` alone: the
-//! library has no dependencies. (The `gaspar` command built from it needs
-//! clap; depend on this crate with `default-features = false` to leave it
-//! out.)
+//! (see `docs/protocol.md`). This crate speaks it with `std::net` alone; its
+//! one dependency, gaspar-protocol (the wire format it shares with gaspard),
+//! has no dependencies and does no I/O. (The `gaspar` command built from it
+//! needs clap; depend on this crate with `default-features = false` to leave
+//! it out.)
 //!
 //! ```
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
