@@ -46,7 +46,7 @@ pub use gaspar_protocol::Status;
 /// use gaspar_client::{Connection, Error, Options, Status};
 ///
 /// # fn main() -> Result<(), Error> {
-/// # let addr = doc_server::gsp2();
+/// # let addr = doc_server::gaspard();
 /// # /*
 /// let addr = "127.0.0.1:10123";
 /// # */
@@ -71,39 +71,7 @@ pub use gaspar_protocol::Status;
 /// connection.close()?;
 /// # Ok(())
 /// # }
-/// # mod doc_server {
-/// #     use std::io::{Read, Write};
-/// #     /// A GSP2 server for one connection: echoes, and fails "error:TEXT" with TEXT.
-/// #     pub fn gsp2() -> std::net::SocketAddr {
-/// #         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-/// #         let addr = listener.local_addr().unwrap();
-/// #         std::thread::spawn(move || -> std::io::Result<()> {
-/// #             let (mut stream, _) = listener.accept()?;
-/// #             let mut preamble = [0; 8];
-/// #             stream.read_exact(&mut preamble)?;
-/// #             assert_eq!(&preamble, b"\xff\xff\xff\xffGSP2");
-/// #             stream.write_all(b"GSP2\0\0\0\x80")?;
-/// #             loop {
-/// #                 let mut header = [0; 4];
-/// #                 stream.read_exact(&mut header)?;
-/// #                 let mut body = vec![0; u32::from_be_bytes(header) as usize];
-/// #                 if body.is_empty() {
-/// #                     return Ok(());
-/// #                 }
-/// #                 stream.read_exact(&mut body)?;
-/// #                 let (status, body) = match body.strip_prefix(b"error:") {
-/// #                     Some(text) => (1, text.to_vec()),
-/// #                     None => (0, body),
-/// #                 };
-/// #                 let mut reply = vec![status];
-/// #                 reply.extend_from_slice(&(body.len() as u32).to_be_bytes());
-/// #                 reply.extend_from_slice(&body);
-/// #                 stream.write_all(&reply)?;
-/// #             }
-/// #         });
-/// #         addr
-/// #     }
-/// # }
+/// # include!(concat!(env!("CARGO_MANIFEST_DIR"), "/src/doc_server.rs"));
 /// ```
 ///
 /// # Pipelining
@@ -227,7 +195,7 @@ impl Connection {
     /// use gaspar_client::{request_with, Connection, Error, Options};
     ///
     /// # fn main() -> Result<(), Error> {
-    /// # let addr = doc_server::v1_only();
+    /// # let addr = doc_server::gaspar();
     /// # /*
     /// let addr = "127.0.0.1:10123";
     /// # */
@@ -240,29 +208,7 @@ impl Connection {
     /// # assert_eq!(reply, b"hello");
     /// # Ok(())
     /// # }
-    /// # mod doc_server {
-    /// #     use std::io::{Read, Write};
-    /// #     /// A v1 echo server, which resets a connection that opens with 0xFFFFFFFF.
-    /// #     pub fn v1_only() -> std::net::SocketAddr {
-    /// #         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    /// #         let addr = listener.local_addr().unwrap();
-    /// #         std::thread::spawn(move || {
-    /// #             for stream in listener.incoming() {
-    /// #                 let mut stream = stream.unwrap();
-    /// #                 let mut header = [0; 4];
-    /// #                 stream.read_exact(&mut header).unwrap();
-    /// #                 if header == [0xff; 4] {
-    /// #                     continue; // closed with "GSP2" unread: a reset
-    /// #                 }
-    /// #                 let mut body = vec![0; u32::from_be_bytes(header) as usize];
-    /// #                 stream.read_exact(&mut body).unwrap();
-    /// #                 stream.write_all(&body).unwrap();
-    /// #                 return;
-    /// #             }
-    /// #         });
-    /// #         addr
-    /// #     }
-    /// # }
+    /// # include!(concat!(env!("CARGO_MANIFEST_DIR"), "/src/doc_server.rs"));
     /// ```
     ///
     /// # Errors
@@ -380,7 +326,7 @@ impl Connection {
     /// use gaspar_client::{Connection, Error, Options};
     ///
     /// # fn main() -> Result<(), Error> {
-    /// # let addr = doc_server::gsp2();
+    /// # let addr = doc_server::gaspard();
     /// # /*
     /// let addr = "127.0.0.1:10123";
     /// # */
@@ -395,29 +341,7 @@ impl Connection {
     /// assert!(matches!(connection.recv(), Err(Error::NothingOutstanding { .. })));
     /// # Ok(())
     /// # }
-    /// # mod doc_server {
-    /// #     use std::io::{Read, Write};
-    /// #     /// A GSP2 echo server for one connection.
-    /// #     pub fn gsp2() -> std::net::SocketAddr {
-    /// #         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    /// #         let addr = listener.local_addr().unwrap();
-    /// #         std::thread::spawn(move || -> std::io::Result<()> {
-    /// #             let (mut stream, _) = listener.accept()?;
-    /// #             stream.read_exact(&mut [0; 8])?;
-    /// #             stream.write_all(b"GSP2\0\0\0\x80")?;
-    /// #             loop {
-    /// #                 let mut header = [0; 4];
-    /// #                 stream.read_exact(&mut header)?;
-    /// #                 let mut body = vec![0; u32::from_be_bytes(header) as usize];
-    /// #                 stream.read_exact(&mut body)?;
-    /// #                 stream.write_all(&[0])?;
-    /// #                 stream.write_all(&header)?;
-    /// #                 stream.write_all(&body)?;
-    /// #             }
-    /// #         });
-    /// #         addr
-    /// #     }
-    /// # }
+    /// # include!(concat!(env!("CARGO_MANIFEST_DIR"), "/src/doc_server.rs"));
     /// ```
     ///
     /// # Errors
@@ -459,7 +383,7 @@ impl Connection {
     /// use gaspar_client::{Connection, Error, Options};
     ///
     /// # fn main() -> Result<(), Error> {
-    /// # let addr = doc_server::gsp2();
+    /// # let addr = doc_server::gaspard();
     /// # /*
     /// let addr = "127.0.0.1:10123";
     /// # */
@@ -472,28 +396,7 @@ impl Connection {
     /// }
     /// # Ok(())
     /// # }
-    /// # mod doc_server {
-    /// #     use std::io::{BufReader, Read, Write};
-    /// #     /// A GSP2 echo server for one connection, window 16.
-    /// #     pub fn gsp2() -> std::net::SocketAddr {
-    /// #         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    /// #         let addr = listener.local_addr().unwrap();
-    /// #         std::thread::spawn(move || -> std::io::Result<()> {
-    /// #             let (mut stream, _) = listener.accept()?;
-    /// #             let mut input = BufReader::new(stream.try_clone()?);
-    /// #             input.read_exact(&mut [0; 8])?;
-    /// #             stream.write_all(b"GSP2\0\0\0\x10")?;
-    /// #             loop {
-    /// #                 let mut header = [0; 4];
-    /// #                 input.read_exact(&mut header)?;
-    /// #                 let mut body = vec![0; u32::from_be_bytes(header) as usize];
-    /// #                 input.read_exact(&mut body)?;
-    /// #                 stream.write_all(&[&[0], &header[..], &body].concat())?;
-    /// #             }
-    /// #         });
-    /// #         addr
-    /// #     }
-    /// # }
+    /// # include!(concat!(env!("CARGO_MANIFEST_DIR"), "/src/doc_server.rs"));
     /// ```
     ///
     /// Each result is what [`recv`](Connection::recv) would have returned

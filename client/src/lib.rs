@@ -12,7 +12,7 @@
 //!
 //! ```
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! # let addr = doc_server::echo()?;
+//! # let addr = doc_server::gaspard();
 //! # /*
 //! let reply = gaspar_client::request("127.0.0.1:10123", "hello")?;
 //! # */
@@ -20,23 +20,7 @@
 //! assert_eq!(reply, b"hello");
 //! # Ok(())
 //! # }
-//! # mod doc_server {
-//! #     use std::io::{Read, Write};
-//! #     /// An echo server for one request, speaking gaspar's protocol.
-//! #     pub fn echo() -> std::io::Result<std::net::SocketAddr> {
-//! #         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-//! #         let addr = listener.local_addr()?;
-//! #         std::thread::spawn(move || {
-//! #             let (mut stream, _) = listener.accept().unwrap();
-//! #             let mut header = [0; 4];
-//! #             stream.read_exact(&mut header).unwrap();
-//! #             let mut body = vec![0; u32::from_be_bytes(header) as usize];
-//! #             stream.read_exact(&mut body).unwrap();
-//! #             stream.write_all(&body).unwrap();
-//! #         });
-//! #         Ok(addr)
-//! #     }
-//! # }
+//! # include!(concat!(env!("CARGO_MANIFEST_DIR"), "/src/doc_server.rs"));
 //! ```
 //!
 //! Every failure says which of the protocol's outcomes it was, so that a
@@ -406,29 +390,15 @@ impl From<Error> for io::Error {
 ///
 /// ```
 /// # fn main() -> Result<(), gaspar_client::Error> {
-/// # let addr = doc_server::reply(b"\x00\xff")?;
+/// # let addr = doc_server::gaspard();
 /// # /*
 /// let addr = "127.0.0.1:10123";
 /// # */
 /// let reply: Vec<u8> = gaspar_client::request(addr, [0xde, 0xad, 0xbe, 0xef])?;
-/// # assert_eq!(reply, b"\x00\xff");
+/// # assert_eq!(reply, [0xde, 0xad, 0xbe, 0xef]);
 /// # Ok(())
 /// # }
-/// # mod doc_server {
-/// #     use std::io::{Read, Write};
-/// #     /// Answers one request with `reply`.
-/// #     pub fn reply(reply: &'static [u8]) -> Result<std::net::SocketAddr, gaspar_client::Error> {
-/// #         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-/// #         let addr = listener.local_addr().unwrap();
-/// #         std::thread::spawn(move || {
-/// #             let (mut stream, _) = listener.accept().unwrap();
-/// #             let mut request = [0; 8];
-/// #             stream.read_exact(&mut request).unwrap();
-/// #             stream.write_all(reply).unwrap();
-/// #         });
-/// #         Ok(addr)
-/// #     }
-/// # }
+/// # include!(concat!(env!("CARGO_MANIFEST_DIR"), "/src/doc_server.rs"));
 /// ```
 ///
 /// # Errors
