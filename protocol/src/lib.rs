@@ -775,4 +775,288 @@ mod tests {
             }
         }
     }
+
+    /// Properties of every decoder of bytes from the other side: whatever
+    /// they are fed, in whatever split, they do not panic, they refuse bad
+    /// input with an error, and they decode a split stream as the whole.
+    mod properties {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        /// A request decoder's outcome, with where it ended counted from
+        /// the start of the stream rather than of the last input.
+        #[derive(Debug, PartialEq, Eq)]
+        enum Outcome {
+            Incomplete,
+            /// Decoded::Empty says nothing of how much it consumed.
+            Empty,
+            Request {
+                payload: Vec<u8>,
+                end: usize,
+            },
+            Extension {
+                end: usize,
+            },
+            Refused(FrameError),
+        }
+
+        /// Feeds `stream` to `decoder` through `feed` alone, in pieces of
+        /// the sizes in `cuts` (cycled), until it has an answer.
+        fn feed_in_pieces(mut decoder: RequestDecoder, stream: &[u8], cuts: &[usize]) -> Outcome {
+            let mut fed = 0;
+            let mut cuts = cuts.iter().cycle();
+            while fed < stream.len() {
+                let n = cuts
+                    .next()
+                    .copied()
+                    .unwrap_or(1)
+                    .clamp(1, stream.len() - fed);
+                let chunk = &stream[fed..fed + n];
+                let before = fed;
+                fed += n;
+                match decoder.feed(chunk) {
+                    Ok(Decoded::Incomplete) => {}
+                    Ok(Decoded::Empty) => return Outcome::Empty,
+                    Ok(Decoded::Request { payload, consumed }) => {
+                        assert!(consumed <= n, "consumed {consumed} of {n}");
+                        return Outcome::Request {
+                            payload,
+                            end: before + consumed,
+                        };
+                    }
+                    Ok(Decoded::Extension { consumed }) => {
+                        assert!(consumed <= n, "consumed {consumed} of {n}");
+                        return Outcome::Extension {
+                            end: before + consumed,
+                        };
+                    }
+                    Err(error) => return Outcome::Refused(error),
+                }
+            }
+            Outcome::Incomplete
+        }
+
+        /// What the v1 rules say `stream` is, read directly from the bytes:
+        /// the model the decoder is checked against.
+        fn expected(stream: &[u8], limit: u32, first: bool) -> Outcome {
+            let Some(header) = stream.get(..HEADER_LEN) else {
+                return Outcome::Incomplete;
+            };
+            let announced = u32::from_be_bytes(header.try_into().unwrap());
+            if announced == EXTENSION_MARK && first {
+                return match stream.get(HEADER_LEN..PREAMBLE.len()) {
+                    None => Outcome::Incomplete,
+                    Some(magic) if magic == &PREAMBLE[HEADER_LEN..] => Outcome::Extension {
+                        end: PREAMBLE.len(),
+                    },
+                    Some(_) => Outcome::Refused(FrameError::BadPreamble),
+                };
+            }
+            if announced > limit {
+                return Outcome::Refused(FrameError::TooLarge { announced, limit });
+            }
+            if announced == 0 {
+                return Outcome::Empty;
+            }
+            let end = HEADER_LEN + announced as usize;
+            match stream.get(HEADER_LEN..end) {
+                Some(payload) => Outcome::Request {
+                    payload: payload.to_vec(),
+                    end,
+                },
+                None => Outcome::Incomplete,
+            }
+        }
+
+        /// Bytes that are often, but not always, a well-formed start: a
+        /// small length or the preamble, then arbitrary bytes.
+        fn stream() -> impl Strategy<Value = Vec<u8>> {
+            let start = prop_oneof![
+                (0u32..600).prop_map(|len| len.to_be_bytes().to_vec()),
+                Just(PREAMBLE.to_vec()),
+                Just(vec![0; HEADER_LEN]),
+                Just(PREAMBLE[..HEADER_LEN].to_vec()),
+                vec(any::<u8>(), 0..8),
+            ];
+            (start, vec(any::<u8>(), 0..700)).prop_map(|(mut start, rest)| {
+                start.extend(rest);
+                start
+            })
+        }
+
+        /// Eight bytes: the magic and a window, the magic with one byte
+        /// changed, or anything.
+        fn handshake_like() -> impl Strategy<Value = [u8; HANDSHAKE_LEN]> {
+            (0usize..6, any::<[u8; HANDSHAKE_LEN]>()).prop_map(|(change, mut bytes)| {
+                if change <= MAGIC.len() {
+                    let noise = bytes[change % MAGIC.len()];
+                    bytes[..MAGIC.len()].copy_from_slice(&MAGIC);
+                    if change < MAGIC.len() {
+                        bytes[change] = noise;
+                    }
+                }
+                bytes
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn requests_decode_as_the_rules_say_under_any_split(
+                stream in stream(),
+                cuts in vec(1usize..64, 1..12),
+                limit in 0u32..700,
+                near in any::<bool>(),
+                step in 0u32..3,
+                first in any::<bool>(),
+            ) {
+                // Often a limit one under, at or one over the length.
+                let limit = match stream.get(..HEADER_LEN) {
+                    Some(header) if near => u32::from_be_bytes(header.try_into().unwrap())
+                        .saturating_sub(1)
+                        .saturating_add(step),
+                    _ => limit,
+                };
+                let decoder = || if first {
+                    RequestDecoder::first_on_connection(limit)
+                } else {
+                    RequestDecoder::new(limit)
+                };
+                let whole = feed_in_pieces(decoder(), &stream, &[stream.len().max(1)]);
+                prop_assert_eq!(&whole, &expected(&stream, limit, first));
+                let split = feed_in_pieces(decoder(), &stream, &cuts);
+                prop_assert_eq!(split, whole);
+            }
+
+            #[test]
+            fn requests_back_to_back_decode_one_after_another(
+                payloads in vec(vec(any::<u8>(), 1..300), 1..6),
+                cuts in vec(1usize..100, 1..12),
+            ) {
+                let stream: Vec<u8> = payloads.iter().flat_map(|p| request(p)).collect();
+                let mut rest = &stream[..];
+                for payload in &payloads {
+                    match feed_in_pieces(RequestDecoder::new(300), rest, &cuts) {
+                        Outcome::Request { payload: got, end } => {
+                            prop_assert_eq!(&got, payload);
+                            rest = &rest[end..];
+                        }
+                        other => prop_assert!(false, "{:?}", other),
+                    }
+                }
+                prop_assert!(rest.is_empty());
+            }
+
+            #[test]
+            fn handshakes_are_the_magic_then_the_window(
+                bytes in handshake_like(),
+                window in any::<u32>(),
+            ) {
+                prop_assert_eq!(parse_handshake(&handshake(window)), Some(window));
+                let want = (bytes[..4] == MAGIC)
+                    .then(|| u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]));
+                prop_assert_eq!(parse_handshake(&bytes), want);
+            }
+
+            #[test]
+            fn reply_headers_round_trip(code in any::<u8>(), len in any::<u32>()) {
+                let header = reply_header(Status::from(code), len);
+                prop_assert_eq!(header[0], code);
+                prop_assert_eq!(parse_reply_header(&header), (Status::from(code), len));
+            }
+
+            #[test]
+            fn replies_decode_the_same_under_any_split(
+                replies in vec((any::<u8>(), vec(any::<u8>(), 0..200)), 0..8),
+                tail in vec(any::<u8>(), 0..12),
+                cuts in vec(1usize..64, 1..12),
+            ) {
+                let mut stream = Vec::new();
+                for (code, payload) in &replies {
+                    stream.extend_from_slice(&reply_header(Status::from(*code), payload.len() as u32));
+                    stream.extend_from_slice(payload);
+                }
+                // Arbitrary bytes after the last reply: the start of one
+                // more, or a header announcing more than follows.
+                stream.extend_from_slice(&tail);
+                let (whole, _) = decode_replies(&stream, &[stream.len().max(1)]);
+                let (split, partial) = decode_replies(&stream, &cuts);
+                prop_assert_eq!(&split, &whole);
+                let want: Vec<_> = replies
+                    .iter()
+                    .map(|(code, payload)| (Status::from(*code), payload.clone()))
+                    .collect();
+                prop_assert_eq!(&split[..want.len()], &want[..]);
+                // What follows the whole replies decodes as on its own.
+                let (after, tail_partial) = decode_replies(&tail, &cuts);
+                prop_assert_eq!(&split[want.len()..], &after[..]);
+                prop_assert_eq!(partial, tail_partial);
+            }
+
+            #[test]
+            fn arbitrary_reply_bytes_never_outrun_their_header(
+                stream in vec(any::<u8>(), 0..600),
+                cuts in vec(1usize..64, 1..12),
+            ) {
+                let (whole, _) = decode_replies(&stream, &[stream.len().max(1)]);
+                let (split, _) = decode_replies(&stream, &cuts);
+                prop_assert_eq!(split, whole);
+            }
+        }
+
+        /// Decodes a reply stream fed in pieces of the sizes in `cuts`
+        /// (cycled): the whole replies, and whether one was left begun.
+        /// Checks as it goes that every byte is used once and that no reply
+        /// carries more than its header announced.
+        fn decode_replies(stream: &[u8], cuts: &[usize]) -> (Vec<(Status, Vec<u8>)>, bool) {
+            let mut decoder = ReplyDecoder::default();
+            let mut replies = Vec::new();
+            let mut current: Option<(Status, u32, Vec<u8>)> = None;
+            let mut used = 0;
+            let mut cuts = cuts.iter().cycle();
+            let mut rest = stream;
+            loop {
+                let n = cuts
+                    .next()
+                    .copied()
+                    .unwrap_or(1)
+                    .clamp(1, rest.len().max(1))
+                    .min(rest.len());
+                let (chunk, tail) = rest.split_at(n);
+                rest = tail;
+                let mut input = chunk;
+                loop {
+                    let before = input.len();
+                    let piece = decoder.next(&mut input);
+                    used += before - input.len();
+                    let Some(piece) = piece else { break };
+                    match piece {
+                        Piece::Head { status, len } => {
+                            assert!(current.is_none(), "a header inside a reply");
+                            current = Some((status, len, Vec::new()));
+                        }
+                        Piece::Body(bytes) => {
+                            let (_, len, body) = current.as_mut().expect("a body inside a reply");
+                            assert!(!bytes.is_empty(), "an empty body piece");
+                            body.extend_from_slice(bytes);
+                            assert!(body.len() <= *len as usize, "more than announced");
+                        }
+                        Piece::End => {
+                            let (status, len, body) =
+                                current.take().expect("an end inside a reply");
+                            assert_eq!(body.len(), len as usize);
+                            replies.push((status, body));
+                        }
+                    }
+                }
+                // Without a piece, the decoder has taken all it was given.
+                assert!(input.is_empty(), "input left over");
+                if rest.is_empty() {
+                    break;
+                }
+            }
+            assert_eq!(used, stream.len());
+            (replies, decoder.in_reply())
+        }
+    }
 }
