@@ -19,7 +19,6 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::notify::{self, Notifier};
 use crate::scrape::{Scrapes, METRICS_LISTENER, SCRAPE_BASE, SCRAPE_END};
-use crate::worker::WorkerArgs;
 use crate::workers::{
     Notice, Recycling, Workers, WorkersConfig, WorkersError, LINK_BASE, LINK_END, MAX_WORKERS,
 };
@@ -170,7 +169,8 @@ impl Daemon {
             poll.registry().try_clone()?,
             WorkersConfig {
                 program,
-                template: WorkerArgs::template(handler.clone(), config.handler_config.clone()),
+                handler: handler.clone(),
+                handler_config: config.handler_config.clone(),
                 runtime_dir: runtime_dir.path().to_path_buf(),
                 log_filter: log_filter.to_string(),
                 recycling: Recycling {

@@ -7,24 +7,17 @@
 //! and its replies go back on the pipe.
 
 use crate::plugin::Plugin;
+pub use crate::workers::args::{ArgsError, WorkerArgs, WORKER_ARG};
 use crate::workers::claims::{Claims, Ticket};
 use crate::workers::link::{self, Kind, HEADER_LEN};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// The argument that selects worker mode.
-pub const WORKER_ARG: &str = "__worker";
-
-/// The handler config travels in the environment, which only the owner can
-/// read, rather than on the command line, which `ps` shows to everyone.
-pub const CONFIG_ENV: &str = "GASPARD_WORKER_HANDLER_CONFIG";
 
 /// How often a worker waiting for a request re-checks whether it was asked to
 /// stop: a SIGTERM that lands just before the wait must not be lost.
@@ -44,98 +37,9 @@ const KEEP_BUFFER: usize = 8 * 1024 * 1024;
 /// Exit code of a worker whose handler could not be loaded.
 pub const EXIT_INIT_FAILED: u8 = 3;
 
-/// What the daemon tells a worker on its command line.
-#[derive(Debug, Clone)]
-pub struct WorkerArgs {
-    /// The worker's ends of its link to the daemon, inherited open: the
-    /// socket it reads requests from, and the pipe it writes replies to.
-    pub requests_fd: RawFd,
-    pub replies_fd: RawFd,
-    /// Its claims (`claims.rs`), a memfd inherited open.
-    pub claims_fd: RawFd,
-    pub incarnation: u64,
-    pub daemon_pid: i32,
-    /// The operator's handler file, as named in messages.
-    pub handler: PathBuf,
-    /// The snapshot of it that this worker loads.
-    pub load_from: PathBuf,
-    pub handler_config: String,
-}
-
-impl WorkerArgs {
-    /// What every worker of a daemon is told: the fds and incarnation are
-    /// filled in for each.
-    pub(crate) fn template(handler: PathBuf, handler_config: String) -> WorkerArgs {
-        WorkerArgs {
-            requests_fd: -1,
-            replies_fd: -1,
-            claims_fd: -1,
-            incarnation: 0,
-            daemon_pid: std::process::id() as i32,
-            handler,
-            load_from: PathBuf::new(),
-            handler_config,
-        }
-    }
-
-    /// The command-line arguments after the program name.
-    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
-        vec![
-            WORKER_ARG.into(),
-            self.requests_fd.to_string().into(),
-            self.replies_fd.to_string().into(),
-            self.claims_fd.to_string().into(),
-            self.incarnation.to_string().into(),
-            self.daemon_pid.to_string().into(),
-            self.handler.clone().into(),
-            self.load_from.clone().into(),
-        ]
-    }
-
-    /// Parses what [`Self::to_args`] wrote (after `__worker`). Every number
-    /// is checked for its own type: an fd or a pid out of range is refused,
-    /// never truncated into another one.
-    pub fn parse(
-        mut args: impl Iterator<Item = std::ffi::OsString>,
-    ) -> Result<WorkerArgs, WorkerError> {
-        let mut next = |what: &'static str| args.next().ok_or(WorkerError::MissingArg(what));
-        fn number<T: std::str::FromStr + PartialOrd + Default>(
-            text: std::ffi::OsString,
-            what: &'static str,
-        ) -> Result<T, WorkerError> {
-            text.to_str()
-                .and_then(|t| t.parse::<T>().ok())
-                .filter(|n| *n >= T::default())
-                .ok_or(WorkerError::BadArg(what))
-        }
-        let requests_fd: RawFd = number(next("requests fd")?, "requests fd")?;
-        let replies_fd: RawFd = number(next("replies fd")?, "replies fd")?;
-        let claims_fd: RawFd = number(next("claims fd")?, "claims fd")?;
-        let incarnation: u64 = number(next("incarnation")?, "incarnation")?;
-        let daemon_pid: i32 = number(next("daemon pid")?, "daemon pid")?;
-        let handler = PathBuf::from(next("handler")?);
-        let load_from = PathBuf::from(next("handler snapshot")?);
-        let handler_config = std::env::var(CONFIG_ENV).unwrap_or_default();
-        Ok(WorkerArgs {
-            requests_fd,
-            replies_fd,
-            claims_fd,
-            incarnation,
-            daemon_pid,
-            handler,
-            load_from,
-            handler_config,
-        })
-    }
-}
-
 /// Why a worker stopped serving.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("worker: missing {0}")]
-    MissingArg(&'static str),
-    #[error("worker: bad {0}")]
-    BadArg(&'static str),
     #[error("{what} fd {fd}: {source}")]
     Fd {
         what: &'static str,

@@ -14,9 +14,9 @@
 //!
 //! The supervisor owns processes only; the dispatcher owns the requests.
 
+use super::args::{WorkerArgs, CONFIG_ENV};
 use super::claims::Claims;
 use super::link::{self, Link};
-use crate::worker::WorkerArgs;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
@@ -98,6 +98,8 @@ pub(crate) enum Signalled {
     Exited,
     /// Not sent: no worker runs in that slot.
     NotRunning,
+    /// kill(2) refused.
+    Failed(nix::errno::Errno),
 }
 
 /// When workers are recycled (--max-requests and its jitter).
@@ -240,7 +242,7 @@ impl Supervisor {
             .args(args.to_args())
             .stdin(Stdio::null())
             .env(crate::logging::FILTER_ENV, &self.log_filter)
-            .env(crate::worker::CONFIG_ENV, &self.template.handler_config)
+            .env(CONFIG_ENV, &self.template.handler_config)
             // Its own process group: a terminal's Ctrl-C reaches the daemon
             // alone, which then stops the workers in order.
             .process_group(0)
@@ -501,7 +503,7 @@ impl Supervisor {
             Ok(()) => Signalled::Sent,
             Err(e) => {
                 log::warn!("cannot send {signal} to worker pid {}: {e}", child.id());
-                Signalled::Exited
+                Signalled::Failed(e)
             }
         }
     }
@@ -577,5 +579,66 @@ pub(super) fn describe(status: &ExitStatus) -> String {
         }
     } else {
         status.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A supervisor whose "workers" are `true`: they exit at once.
+    fn supervisor(dir: &Path) -> Supervisor {
+        let handler = dir.join("handler.so");
+        std::fs::write(&handler, b"not loaded").unwrap();
+        let template = WorkerArgs::template(handler, String::new());
+        let mut supervisor = Supervisor::new(
+            PathBuf::from("/bin/true"),
+            template,
+            dir.to_path_buf(),
+            "info",
+            Recycling::default(),
+        );
+        supervisor.snapshot_handler().unwrap();
+        supervisor
+    }
+
+    fn wait_exited(supervisor: &mut Supervisor) -> Vec<usize> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let exited = supervisor.exited();
+            if !exited.is_empty() || Instant::now() > deadline {
+                return exited;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_worker_whose_exit_is_known_is_never_signalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut supervisor = supervisor(dir.path());
+        let (slot, _link, _claims) = supervisor.add(1).unwrap();
+        assert_eq!(wait_exited(&mut supervisor), vec![slot]);
+        // Its status is known, so its pid may belong to anyone by now.
+        assert_eq!(supervisor.signal(slot, Signal::SIGKILL), Signalled::Exited);
+        let deaths = supervisor.reap(&[slot]);
+        assert_eq!(deaths.len(), 1);
+        assert_eq!(deaths[0].status.code(), Some(0), "the status is kept");
+        assert_eq!(
+            supervisor.signal(slot, Signal::SIGKILL),
+            Signalled::NotRunning
+        );
+    }
+
+    #[test]
+    fn signalling_a_worker_that_just_exited_does_not_lose_its_death() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut supervisor = supervisor(dir.path());
+        let (slot, _link, _claims) = supervisor.add(1).unwrap();
+        // Exited, but nobody has looked yet (a SIGCHLD on its way).
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(supervisor.signal(slot, Signal::SIGTERM), Signalled::Exited);
+        assert_eq!(supervisor.exited(), vec![slot], "still reported once");
+        assert_eq!(supervisor.reap(&[slot]).len(), 1);
     }
 }

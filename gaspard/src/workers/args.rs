@@ -1,0 +1,106 @@
+//! The command line between the supervisor, which starts a worker, and
+//! the worker process (`crate::worker`), which parses it.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+/// The argument that selects worker mode.
+pub const WORKER_ARG: &str = "__worker";
+
+/// The handler config travels in the environment, which only the owner can
+/// read, rather than on the command line, which `ps` shows to everyone.
+pub const CONFIG_ENV: &str = "GASPARD_WORKER_HANDLER_CONFIG";
+
+/// Why a worker's command line is not one the daemon wrote.
+#[derive(Debug, thiserror::Error)]
+pub enum ArgsError {
+    #[error("worker: missing {0}")]
+    Missing(&'static str),
+    #[error("worker: bad {0}")]
+    Bad(&'static str),
+}
+
+/// What the daemon tells a worker on its command line.
+#[derive(Debug, Clone)]
+pub struct WorkerArgs {
+    /// The worker's ends of its link to the daemon, inherited open: the
+    /// socket it reads requests from, and the pipe it writes replies to.
+    pub requests_fd: RawFd,
+    pub replies_fd: RawFd,
+    /// Its claims (`claims.rs`), a memfd inherited open.
+    pub claims_fd: RawFd,
+    pub incarnation: u64,
+    pub daemon_pid: i32,
+    /// The operator's handler file, as named in messages.
+    pub handler: PathBuf,
+    /// The snapshot of it that this worker loads.
+    pub load_from: PathBuf,
+    pub handler_config: String,
+}
+
+impl WorkerArgs {
+    /// What every worker of a daemon is told: the fds and incarnation are
+    /// filled in for each.
+    pub(crate) fn template(handler: PathBuf, handler_config: String) -> WorkerArgs {
+        WorkerArgs {
+            requests_fd: -1,
+            replies_fd: -1,
+            claims_fd: -1,
+            incarnation: 0,
+            daemon_pid: std::process::id() as i32,
+            handler,
+            load_from: PathBuf::new(),
+            handler_config,
+        }
+    }
+
+    /// The command-line arguments after the program name.
+    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
+        vec![
+            WORKER_ARG.into(),
+            self.requests_fd.to_string().into(),
+            self.replies_fd.to_string().into(),
+            self.claims_fd.to_string().into(),
+            self.incarnation.to_string().into(),
+            self.daemon_pid.to_string().into(),
+            self.handler.clone().into(),
+            self.load_from.clone().into(),
+        ]
+    }
+
+    /// Parses what [`Self::to_args`] wrote (after `__worker`). Every number
+    /// is checked for its own type: an fd or a pid out of range is refused,
+    /// never truncated into another one.
+    pub fn parse(
+        mut args: impl Iterator<Item = std::ffi::OsString>,
+    ) -> Result<WorkerArgs, ArgsError> {
+        let mut next = |what: &'static str| args.next().ok_or(ArgsError::Missing(what));
+        fn number<T: std::str::FromStr + PartialOrd + Default>(
+            text: std::ffi::OsString,
+            what: &'static str,
+        ) -> Result<T, ArgsError> {
+            text.to_str()
+                .and_then(|t| t.parse::<T>().ok())
+                .filter(|n| *n >= T::default())
+                .ok_or(ArgsError::Bad(what))
+        }
+        let requests_fd: RawFd = number(next("requests fd")?, "requests fd")?;
+        let replies_fd: RawFd = number(next("replies fd")?, "replies fd")?;
+        let claims_fd: RawFd = number(next("claims fd")?, "claims fd")?;
+        let incarnation: u64 = number(next("incarnation")?, "incarnation")?;
+        let daemon_pid: i32 = number(next("daemon pid")?, "daemon pid")?;
+        let handler = PathBuf::from(next("handler")?);
+        let load_from = PathBuf::from(next("handler snapshot")?);
+        let handler_config = std::env::var(CONFIG_ENV).unwrap_or_default();
+        Ok(WorkerArgs {
+            requests_fd,
+            replies_fd,
+            claims_fd,
+            incarnation,
+            daemon_pid,
+            handler,
+            load_from,
+            handler_config,
+        })
+    }
+}

@@ -1,0 +1,352 @@
+//! The workers part, changing its workers: deaths and what they cost,
+//! retiring on purpose, one more or one fewer (SIGTTIN / SIGTTOU), the
+//! steps of a hot reload, and stopping them all.
+
+use super::reload::{Reload, Step};
+use super::supervisor::{self, Death};
+use super::{Answer, Notice, Workers, WorkersError, MAX_WORKERS};
+use crate::metrics::Outcome;
+use nix::sys::signal::Signal;
+use std::os::unix::process::ExitStatusExt;
+use std::time::{Duration, Instant};
+
+impl Workers {
+    /// Settles the requests of a worker that died, once everything it sent
+    /// was read: the one it may have been running fails, the ones staged
+    /// behind it go to other workers. Returns how many failed and went back.
+    pub(super) fn lose_worker(&mut self, slot: usize, why: &str) -> (usize, usize) {
+        let endpoint = self.endpoints.get_mut(slot).and_then(Option::take);
+        let (failed, requeued) = self.dispatcher.worker_died(slot, |ticket, id| {
+            // Without its endpoint (never the case for a started worker),
+            // any request may have run.
+            endpoint.as_ref().map_or(true, |e| e.started(ticket, id))
+        });
+        if let Some(mut endpoint) = endpoint {
+            endpoint.link.deregister(&self.registry);
+        }
+        let count = failed.len();
+        for (id, client) in failed {
+            self.answers.push(Answer::Failure {
+                client,
+                id,
+                outcome: Outcome::worker_lost,
+                reason: why.to_string(),
+            });
+        }
+        let back = requeued.len();
+        self.answers.extend(
+            requeued
+                .into_iter()
+                .map(|client| Answer::Requeued { client }),
+        );
+        self.update_gauges();
+        (count, back)
+    }
+
+    /// Gives up on a worker that broke its link's rules: what it ran is
+    /// unknown, so every request it held fails now, and it is killed.
+    pub(super) fn abandon_worker(&mut self, slot: usize, what: &str) {
+        let incarnation = self.supervisor.incarnation_of(slot).unwrap_or(0);
+        log::error!("worker {incarnation} (slot {slot}) {what}; killing it");
+        self.close_endpoint(slot);
+        for (id, client) in self.dispatcher.worker_lost(slot) {
+            self.answers.push(Answer::Failure {
+                client,
+                id,
+                outcome: Outcome::worker_lost,
+                reason: "its worker's link broke".to_string(),
+            });
+        }
+        self.supervisor.signal(slot, Signal::SIGKILL);
+        self.update_gauges();
+        self.update_ready_gauge();
+    }
+
+    /// Stops a worker on purpose without failing anything: it gets no new
+    /// requests and is sent SIGTERM once it holds none. With `remove`, its
+    /// slot is freed rather than restarted.
+    pub(super) fn retire(&mut self, slot: usize, remove: bool) {
+        self.supervisor.retire(slot, remove);
+        self.dispatcher.close_worker(slot);
+        if self.dispatcher.held(slot) == 0 {
+            self.stop_retired(slot);
+        }
+    }
+
+    pub(super) fn stop_retired(&mut self, slot: usize) {
+        self.close_endpoint(slot);
+        self.supervisor.signal(slot, Signal::SIGTERM);
+        self.update_ready_gauge();
+    }
+
+    /// SIGCHLD: settles the workers that exited.
+    pub(crate) fn on_exits(&mut self) -> Result<(), WorkersError> {
+        // What a worker wrote before it died is in its link: a last reply
+        // is delivered, an account of a failed start is read, before its
+        // death is handled. Only those: one that exits meanwhile is handled
+        // on its own SIGCHLD, after its link is read.
+        let exited = self.supervisor.exited();
+        for &slot in &exited {
+            if let Some(endpoint) = self.endpoints.get_mut(slot).and_then(Option::as_mut) {
+                endpoint.link.readable();
+            }
+            self.take_messages(slot, usize::MAX)?;
+        }
+        for death in self.supervisor.reap(&exited) {
+            self.on_death(death)?;
+        }
+        // Snapshots of generations no worker runs any more (a rejected
+        // reload, the end of a rolling one) can go now.
+        if !self.reload.is_validating() {
+            self.supervisor.forget_unused_snapshots(self.generation);
+        }
+        if self.supervisor.all_failing() {
+            let queued = self.dispatcher.fail_queued();
+            if !queued.is_empty() {
+                log::error!(
+                    "no worker can serve (the handler keeps failing); resetting {} queued requests",
+                    queued.len()
+                );
+            }
+            for (id, client) in queued {
+                self.answers.push(Answer::Failure {
+                    client,
+                    id,
+                    outcome: Outcome::refused,
+                    reason: "no worker can serve: the handler keeps failing".to_string(),
+                });
+            }
+        }
+        self.update_gauges();
+        self.update_ready_gauge();
+        Ok(())
+    }
+
+    /// One worker's death: settle its requests, say why in one line.
+    pub(super) fn on_death(&mut self, death: Death) -> Result<(), WorkersError> {
+        let Death {
+            slot,
+            incarnation,
+            status,
+            before_ready,
+            retired,
+            removed,
+            restart_in,
+        } = death;
+        let how = supervisor::describe(&status);
+        let cause = match (retired, status.signal()) {
+            (true, _) => "stopped".to_string(),
+            (false, Some(signal)) => Signal::try_from(signal)
+                .map_or_else(|_| format!("signal_{signal}"), |s| s.as_str().to_string()),
+            (false, None) => format!("exit_{}", status.code().unwrap_or(-1)),
+        };
+        self.metrics.worker_exited(&cause);
+        if !self.started && !retired {
+            // Its own account of why (InitFailed) was read first, if it
+            // gave one.
+            return Err(WorkersError::Load(format!(
+                "handler {}: worker {how} while loading the handler",
+                self.supervisor.handler_source().display()
+            )));
+        }
+        if self.reload.is_probe(incarnation) {
+            // Died loading the new handler without saying why (an
+            // InitFailed would have rejected the reload already).
+            self.supervisor.retire(slot, true);
+            self.lose_worker(slot, "its worker died");
+            self.reject_reload(&format!("its first worker {how} while loading it"));
+            return Ok(());
+        }
+        let (failed, requeued) = self.lose_worker(slot, &format!("its worker {how}"));
+        if retired {
+            let why = if removed {
+                "stopped"
+            } else {
+                "recycled after reaching --max-requests"
+            };
+            log::info!("worker {incarnation} (slot {slot}) {why}");
+            return Ok(());
+        }
+        let stage = if before_ready {
+            " before it was ready"
+        } else {
+            ""
+        };
+        let next = if removed {
+            String::new()
+        } else if restart_in.is_zero() {
+            "; restarting it".to_string()
+        } else {
+            format!(
+                "; restarting it in {} ms (back-off after repeated failures)",
+                restart_in.as_millis()
+            )
+        };
+        let requeued = match requeued {
+            0 => String::new(),
+            n => format!(" ({n} staged behind it went to other workers)"),
+        };
+        log::warn!(
+            "worker {incarnation} (slot {slot}) {how}{stage}; {failed} requests failed{requeued}{next}"
+        );
+        Ok(())
+    }
+
+    /// Deadlines: requests past --timeout fail and their workers are killed
+    /// (as gunicorn does with stuck workers; what was staged behind them goes
+    /// to other workers once they are dead); a reload that takes too long is
+    /// rejected; workers whose back-off ran out start again (also while
+    /// draining: queued requests still need workers).
+    pub(crate) fn on_timers(&mut self, now: Instant) {
+        for (slot, id, client) in self.dispatcher.expire(now) {
+            log::error!(
+                "a request ran past --timeout ({:?}) in worker slot {slot}; killing the worker",
+                self.timeout.unwrap_or_default()
+            );
+            if let Some(client) = client {
+                self.answers.push(Answer::Failure {
+                    client,
+                    id,
+                    outcome: Outcome::timeout,
+                    reason: "request ran past --timeout".to_string(),
+                });
+            }
+            self.supervisor.signal(slot, Signal::SIGKILL);
+        }
+        if self
+            .reload
+            .deadline()
+            .is_some_and(|deadline| now >= deadline)
+        {
+            self.reject_reload("the new handler did not finish loading within --timeout");
+        }
+        for slot in self.supervisor.due(now) {
+            self.metrics.worker_starts.inc();
+            let started = self
+                .supervisor
+                .start(slot)
+                .map_err(WorkersError::Start)
+                .and_then(|(link, claims)| self.install(slot, link, claims));
+            if let Err(e) = started {
+                log::error!("{e}");
+            }
+        }
+    }
+
+    /// SIGTTIN (+1) / SIGTTOU (-1): one more or one fewer worker.
+    pub(crate) fn scale(&mut self, delta: i32) {
+        if delta > 0 {
+            if self.supervisor.slot_count() >= MAX_WORKERS {
+                log::warn!("SIGTTIN ignored: {MAX_WORKERS} worker slots is the most");
+                return;
+            }
+            self.target += 1;
+            match self.add_worker(self.generation) {
+                Ok(_) => log::info!("SIGTTIN: one more worker ({} now)", self.target),
+                Err(e) => log::error!("SIGTTIN: {e}"),
+            }
+            return;
+        }
+        if self.target <= 1 {
+            log::warn!("SIGTTOU ignored: one worker is the fewest");
+            return;
+        }
+        // Not the worker validating a reload: retiring it would reject the
+        // reload for no fault of the handler.
+        let Some(slot) = self.supervisor.last_active(self.reload.probe_slot()) else {
+            return;
+        };
+        self.target -= 1;
+        self.retire(slot, true);
+        log::info!("SIGTTOU: one fewer worker ({} now)", self.target);
+    }
+
+    /// SIGHUP: load the handler file again. The new file is loaded by one new
+    /// worker first; only when it is up are the old workers replaced, one at
+    /// a time, each finishing its request first. A broken file changes nothing.
+    pub(crate) fn start_reload(&mut self) {
+        if self.reload != Reload::Idle {
+            log::warn!("SIGHUP ignored: a reload is already under way");
+            return;
+        }
+        let source = self.supervisor.handler_source().display().to_string();
+        self.notices.push(Notice::Reloading);
+        let generation = match self.supervisor.snapshot_handler() {
+            Ok(generation) => generation,
+            Err(e) => {
+                log::error!(
+                    "reload rejected: cannot copy {source}: {e}; the old handler keeps serving"
+                );
+                self.notices.push(Notice::Reloaded);
+                return;
+            }
+        };
+        log::info!("SIGHUP: reloading handler {source} (generation {generation})");
+        match self.add_worker(generation) {
+            Ok(slot) => {
+                let incarnation = self.supervisor.incarnation_of(slot).unwrap_or(0);
+                let deadline = self.timeout.map(|t| Instant::now() + t);
+                self.reload = Reload::validating(generation, slot, incarnation, deadline);
+            }
+            Err(e) => {
+                log::error!("reload rejected: {e}");
+                self.supervisor.forget_unused_snapshots(self.generation);
+                self.notices.push(Notice::Reloaded);
+            }
+        }
+    }
+
+    pub(super) fn reject_reload(&mut self, reason: &str) {
+        let Some((slot, incarnation)) = self.reload.probe() else {
+            return;
+        };
+        log::error!("reload rejected: {reason}; the old handler keeps serving");
+        if self.supervisor.incarnation_of(slot) == Some(incarnation) {
+            self.supervisor.retire(slot, true);
+            self.supervisor.signal(slot, Signal::SIGKILL);
+            self.close_endpoint(slot);
+        }
+        self.reload = Reload::Idle;
+        // Its snapshot goes once the worker is reaped (on_exits).
+        self.notices.push(Notice::Reloaded);
+    }
+
+    /// One step of a validated reload, every loop turn: when no new worker
+    /// is still starting, retire one old worker and start its replacement;
+    /// when no old worker is left, the reload is done.
+    pub(crate) fn advance_reload(&mut self) {
+        match self.reload.next_step(&self.supervisor, self.target) {
+            Step::Wait => {}
+            Step::Done(generation) => {
+                self.reload = Reload::Idle;
+                self.supervisor.forget_unused_snapshots(generation);
+                log::info!(
+                    "reload complete: {} workers serve handler generation {generation}",
+                    self.target
+                );
+                self.notices.push(Notice::Reloaded);
+            }
+            Step::Replace { old, start_new } => {
+                if start_new {
+                    if let Err(e) = self.add_worker(self.generation) {
+                        log::error!("reload: {e}");
+                        return;
+                    }
+                }
+                self.retire(old, true);
+            }
+        }
+    }
+
+    /// Stops every worker: links first, so that a worker still in its
+    /// handler cannot block writing a reply into a link nobody reads (it
+    /// would never call the handler's shutdown); with the link closed, the
+    /// write fails and the worker stops on its own. Then SIGTERM, and
+    /// SIGKILL after `grace`.
+    pub(crate) fn stop_all(&mut self, grace: Duration) {
+        for slot in 0..self.endpoints.len() {
+            self.close_endpoint(slot);
+        }
+        self.supervisor.stop_all(grace);
+    }
+}
