@@ -145,7 +145,7 @@ fn serve(args: &WorkerArgs) -> Result<(), WorkerError> {
         socket: &socket,
     };
     let send = |kind: Kind, value: u64, body: &[u8]| {
-        let mut frame = link::header(kind, body.len(), value).to_vec();
+        let mut frame = link::header(kind, link::body_len(body.len())?, value).to_vec();
         frame.extend_from_slice(body);
         outbox.send(&frame)
     };
@@ -213,7 +213,7 @@ fn serve(args: &WorkerArgs) -> Result<(), WorkerError> {
         match outcome {
             Ok(Some(ReplyBuffer(mut reply))) => {
                 let len = reply.len() - HEADER_LEN;
-                let header = link::reply_header(Kind::Reply, micros, len, id);
+                let header = link::reply_header(Kind::Reply, micros, link::body_len(len)?, id);
                 reply[..HEADER_LEN].copy_from_slice(&header);
                 outbox.send(&reply)?;
                 spare = reply;
@@ -221,7 +221,8 @@ fn serve(args: &WorkerArgs) -> Result<(), WorkerError> {
             Ok(None) => outbox.send(&link::reply_header(Kind::Reply, micros, 0, id))?,
             Err(error) => {
                 let error = clip(&error, MAX_ERROR);
-                let mut frame = link::reply_header(Kind::Failed, micros, error.len(), id).to_vec();
+                let len = link::body_len(error.len())?;
+                let mut frame = link::reply_header(Kind::Failed, micros, len, id).to_vec();
                 frame.extend_from_slice(error.as_bytes());
                 outbox.send(&frame)?;
             }

@@ -46,6 +46,32 @@ pub(crate) struct ClientLimits {
     pub read_timeout: Option<Duration>,
 }
 
+/// What to do after accept failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AcceptError {
+    /// Nothing more to accept now.
+    Done,
+    /// Take the next connection.
+    Retry,
+    /// Stop accepting for [`ACCEPT_PAUSE`]: retrying now would spin.
+    Pause,
+}
+
+/// What to do after accept failed with `error`, the `in_a_row`th time in
+/// a row. Out of descriptors or memory, the connection stays in the backlog
+/// until some free up. Most other errors are one connection's own trouble
+/// (reset while in the backlog): the next is taken, but an error that keeps
+/// coming back must not spin the loop.
+fn on_accept_error(error: &std::io::Error, in_a_row: u32) -> AcceptError {
+    match error.kind() {
+        std::io::ErrorKind::WouldBlock => AcceptError::Done,
+        std::io::ErrorKind::Interrupted => AcceptError::Retry,
+        _ if crate::listener::is_resource_exhaustion(error) => AcceptError::Pause,
+        _ if in_a_row >= MAX_ACCEPT_ERRORS => AcceptError::Pause,
+        _ => AcceptError::Retry,
+    }
+}
+
 /// Whether new connections are taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Accepting {
@@ -140,41 +166,26 @@ impl Clients {
             };
             let stream = match listener.accept() {
                 Ok((stream, _)) => stream,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) if crate::listener::is_resource_exhaustion(&e) => {
-                    // Retrying now would spin: the connection stays in the
-                    // backlog until a descriptor frees up.
-                    self.accept_warnings.warn(
-                        Instant::now(),
-                        format_args!(
-                            "cannot accept: {e}; pausing accept for {} ms ({} connections open)",
-                            ACCEPT_PAUSE.as_millis(),
-                            self.conns.len()
-                        ),
-                    );
-                    self.pause_accept(Some(Instant::now() + ACCEPT_PAUSE));
-                    return;
-                }
-                Err(e) => {
-                    // Most are one connection's own trouble (it was reset
-                    // in the backlog): take the next. One that keeps coming
-                    // back must not spin the loop.
-                    errors += 1;
-                    if errors < MAX_ACCEPT_ERRORS {
+                Err(e) => match on_accept_error(&e, errors + 1) {
+                    AcceptError::Done => return,
+                    AcceptError::Retry => {
+                        errors += 1;
                         log::debug!("accept failed: {e}");
                         continue;
                     }
-                    self.accept_warnings.warn(
-                        Instant::now(),
-                        format_args!(
-                            "accept failed {errors} times in a row ({e}); pausing accept for {} ms",
-                            ACCEPT_PAUSE.as_millis()
-                        ),
-                    );
-                    self.pause_accept(Some(Instant::now() + ACCEPT_PAUSE));
-                    return;
-                }
+                    AcceptError::Pause => {
+                        self.accept_warnings.warn(
+                            Instant::now(),
+                            format_args!(
+                                "cannot accept: {e}; pausing accept for {} ms ({} connections open)",
+                                ACCEPT_PAUSE.as_millis(),
+                                self.conns.len()
+                            ),
+                        );
+                        self.pause_accept(Some(Instant::now() + ACCEPT_PAUSE));
+                        return;
+                    }
+                },
             };
             errors = 0;
             let conn = Connection::new(
@@ -547,5 +558,30 @@ impl Clients {
         for key in overdue {
             self.close(key, End::Overdue, work);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn an_accept_error_that_keeps_coming_back_pauses_accept() {
+        let aborted = Error::from_raw_os_error(nix::libc::ECONNABORTED);
+        assert_eq!(on_accept_error(&aborted, 1), AcceptError::Retry);
+        assert_eq!(
+            on_accept_error(&aborted, MAX_ACCEPT_ERRORS - 1),
+            AcceptError::Retry
+        );
+        assert_eq!(
+            on_accept_error(&aborted, MAX_ACCEPT_ERRORS),
+            AcceptError::Pause,
+            "not a spin"
+        );
+        let no_fds = Error::from_raw_os_error(nix::libc::EMFILE);
+        assert_eq!(on_accept_error(&no_fds, 1), AcceptError::Pause);
+        let empty = Error::from(ErrorKind::WouldBlock);
+        assert_eq!(on_accept_error(&empty, 1), AcceptError::Done);
     }
 }

@@ -85,25 +85,35 @@ pub const MAX_MICROS: u32 = (1 << 24) - 1;
 /// The most a body may hold: its length travels as a u32.
 pub const MAX_BODY: usize = u32::MAX as usize;
 
-/// Encodes a frame header. `len` must be at most [`MAX_BODY`].
-pub fn header(kind: Kind, len: usize, value: u64) -> [u8; HEADER_LEN] {
+/// Encodes a frame header.
+pub fn header(kind: Kind, len: u32, value: u64) -> [u8; HEADER_LEN] {
     reply_header(kind, 0, len, value)
 }
 
 /// Encodes the header of request `id` with its encoded claim ticket.
-pub fn request_header(ticket: u32, len: usize, id: u64) -> [u8; HEADER_LEN] {
+pub fn request_header(ticket: u32, len: u32, id: u64) -> [u8; HEADER_LEN] {
     reply_header(Kind::Request, ticket, len, id)
 }
 
 /// Encodes the header of a reply whose handler ran for `micros`.
-pub fn reply_header(kind: Kind, micros: u32, len: usize, value: u64) -> [u8; HEADER_LEN] {
-    debug_assert!(len <= MAX_BODY);
+pub fn reply_header(kind: Kind, micros: u32, len: u32, value: u64) -> [u8; HEADER_LEN] {
     let mut header = [0; HEADER_LEN];
     header[0] = kind as u8;
     header[1..4].copy_from_slice(&micros.min(MAX_MICROS).to_le_bytes()[..3]);
-    header[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+    header[4..8].copy_from_slice(&len.to_le_bytes());
     header[8..].copy_from_slice(&value.to_le_bytes());
     header
+}
+
+/// The length of a body as a frame carries it, or an error for a body
+/// larger than a frame can say (never cut short into another length).
+pub fn body_len(len: usize) -> io::Result<u32> {
+    u32::try_from(len).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a body of {len} bytes is more than a frame can carry"),
+        )
+    })
 }
 
 /// Decodes a frame header; an error means the stream cannot be trusted.
@@ -292,10 +302,12 @@ impl Link {
     }
 
     /// Queues request `id` with its encoded claim ticket; [`Link::flush`]
-    /// sends it, without copying the body.
+    /// sends it, without copying the body. The body is at most
+    /// [`MAX_BODY`] bytes: the workers part refuses larger requests.
     pub fn queue_request(&mut self, id: u64, ticket: u32, body: Rc<Vec<u8>>) {
+        let len = u32::try_from(body.len()).expect("requests over MAX_BODY are refused");
         self.out.push_back(Outgoing {
-            header: request_header(ticket, body.len(), id),
+            header: request_header(ticket, len, id),
             body,
         });
     }
@@ -519,7 +531,7 @@ mod tests {
     }
 
     fn frame(kind: Kind, value: u64, body: &[u8]) -> Vec<u8> {
-        let mut bytes = header(kind, body.len(), value).to_vec();
+        let mut bytes = header(kind, body_len(body.len()).unwrap(), value).to_vec();
         bytes.extend_from_slice(body);
         bytes
     }
@@ -538,6 +550,9 @@ mod tests {
         let mut bad = bytes;
         bad[0] = 9;
         assert!(parse_header(&bad).is_err());
+        // A length is never cut short into another one.
+        assert_eq!(body_len(MAX_BODY).unwrap(), u32::MAX);
+        assert!(body_len(MAX_BODY + 1).is_err());
     }
 
     #[test]
@@ -616,7 +631,7 @@ mod tests {
         }
         drop(link);
         let all = reader.join().unwrap();
-        let mut expected = request_header(0, big.len(), 1).to_vec();
+        let mut expected = request_header(0, body_len(big.len()).unwrap(), 1).to_vec();
         expected.extend(&big);
         expected.extend(request_header(1, 5, 2));
         expected.extend(b"small");

@@ -374,12 +374,18 @@ impl Workers {
     }
 
     fn on_message(&mut self, slot: usize, message: Message) -> Result<(), WorkersError> {
+        let incarnation = self.supervisor.incarnation_of(slot).unwrap_or(0);
+        let about_itself = matches!(message.kind, Kind::Ready | Kind::InitFailed);
+        if about_itself && message.value != incarnation {
+            let what = format!("said it is worker {}", message.value);
+            self.abandon_worker(slot, &what);
+            return Ok(());
+        }
         match message.kind {
             Kind::Reply | Kind::Failed => self.on_reply(slot, message),
             Kind::Ready => self.on_worker_ready(slot, &message.body),
             Kind::InitFailed => {
                 let reason = String::from_utf8_lossy(&message.body).into_owned();
-                let incarnation = self.supervisor.incarnation_of(slot).unwrap_or(0);
                 if !self.started {
                     return Err(WorkersError::Load(reason));
                 }
@@ -481,6 +487,14 @@ impl Workers {
 
 impl Requests for Workers {
     fn submit(&mut self, client: ClientKey, payload: Vec<u8>) -> Result<RequestId, String> {
+        // Never the case with --max-request-size's limit; checked so that
+        // no length is ever cut short on the link.
+        if payload.len() > link::MAX_BODY {
+            return Err(format!(
+                "a request of {} bytes does not fit the worker link",
+                payload.len()
+            ));
+        }
         if self.supervisor.all_failing() {
             return Err("no worker can take the request: the handler keeps failing".into());
         }
