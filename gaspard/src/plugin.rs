@@ -88,12 +88,19 @@ impl Plugin {
     /// worker loads a snapshot of the operator's file).
     pub fn load_as(path: &Path, shown: &Path, config: &str) -> Result<Plugin, PluginError> {
         let path_buf = || shown.to_path_buf();
+        // RTLD_NOW: every symbol the handler needs is bound here, so one
+        // missing from its dependencies refuses it at --check or reload
+        // instead of failing each request that reaches the call.
+        // RTLD_LOCAL: its symbols never satisfy another library's.
+        let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL;
         // SAFETY: loading a library runs its initialisers; choosing to trust
         // the handler's code is the operator's decision made with --handler.
-        let library = unsafe { libloading::Library::new(path) }.map_err(|e| PluginError::Load {
-            path: path_buf(),
-            reason: load_reason(e),
-        })?;
+        let library = unsafe { libloading::os::unix::Library::open(Some(path), flags) }
+            .map(libloading::Library::from)
+            .map_err(|e| PluginError::Load {
+                path: path_buf(),
+                reason: load_reason(e),
+            })?;
         // Never unloaded, not even when refused: dlclose of a Rust cdylib is unsound.
         let library = std::mem::ManuallyDrop::new(library);
         // SAFETY: the ABI defines gaspar_handler_entry with this signature.

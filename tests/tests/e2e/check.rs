@@ -1,6 +1,6 @@
 //! Refusing what is not a usable handler: `--check`, and the same at start-up.
 
-use gaspard_tests::{compile_c_library, handler, run_gaspard};
+use gaspard_tests::{compile_c_library, handler, launch, run_gaspard};
 use std::path::{Path, PathBuf};
 
 /// A real shared library that is not a gaspard handler: the C library this
@@ -145,4 +145,58 @@ fn a_failing_or_crashing_init_stops_the_daemon_instead_of_looping() {
     let stderr = start_refused(&fault, &["--handler-config", "segv"]);
     assert!(stderr.contains("SIGSEGV"), "{stderr}");
     assert!(stderr.contains("libfault.so"), "{stderr}");
+}
+
+/// A handler whose handle function calls a function no library defines:
+/// it links (shared libraries may leave symbols to be found at load), and
+/// only a lazy load would let it get as far as a request.
+const UNDEFINED_SYMBOL: &str = r#"
+#include "gaspar.h"
+extern void gaspard_test_missing_symbol(void);
+static int handle(void *s, const uint8_t *r, size_t n, const gaspar_host *h) {
+    (void)s; (void)r; (void)n; (void)h;
+    gaspard_test_missing_symbol();
+    return GASPAR_OK;
+}
+static const gaspar_handler_v1 table = { GASPAR_ABI_VERSION, "missing", 0, handle, 0 };
+const gaspar_handler_v1 *gaspar_handler_entry(void) { return &table; }
+"#;
+
+#[test]
+fn check_refuses_a_handler_with_an_undefined_symbol_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = compile_c_library(dir.path(), "missing", UNDEFINED_SYMBOL);
+    let (status, stdout, stderr) = check(&lib, &[]);
+    assert_eq!(status.unwrap().code(), Some(1), "{stdout}\n{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert_eq!(
+        lines[0],
+        format!(
+            "gaspard: handler {}: cannot load: undefined symbol: gaspard_test_missing_symbol",
+            lib.display()
+        )
+    );
+}
+
+#[test]
+fn a_reload_to_a_handler_with_an_undefined_symbol_is_rejected_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = compile_c_library(dir.path(), "missing", UNDEFINED_SYMBOL);
+    let path = dir.path().join("libhandler.so");
+    std::fs::copy(handler("echo"), &path).unwrap();
+    let daemon = launch(&path, &["--workers", "1"], &[])
+        .unwrap_or_else(|(status, log)| panic!("{status:?}: {}", log.lines().join("\n")));
+    // Replaced atomically, as an operator deploys.
+    let staging = dir.path().join("libhandler.new");
+    std::fs::copy(&broken, &staging).unwrap();
+    std::fs::rename(&staging, &path).unwrap();
+    daemon.signal(libc::SIGHUP);
+    let line = daemon.expect_log("reload rejected");
+    assert!(
+        line.contains("undefined symbol: gaspard_test_missing_symbol"),
+        "{line}"
+    );
+    assert!(line.contains("the old handler keeps serving"), "{line}");
+    assert_eq!(daemon.request(b"still echo").unwrap(), b"still echo");
 }
