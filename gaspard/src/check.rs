@@ -1,21 +1,188 @@
-//! `gaspard --check`: load and validate the handler in this process, say what
-//! was found, and exit, like `nginx -t`.
+//! `gaspard --check`: load and validate the handler, say what was found in
+//! one line, and exit, like `nginx -t`.
+//!
+//! The handler is loaded in a child process, gaspard re-executed with the
+//! hidden [`CHILD_ARG`]: its constructors and init run arbitrary code, and
+//! one that calls `exit(0)` or crashes must still be reported, in a line
+//! and a failing exit status, which only a process watching from outside
+//! can do. The child writes how far it got to a pipe.
 
 use crate::plugin::Plugin;
 use gaspard_handler_abi::ABI_VERSION;
-use std::path::Path;
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
 
-/// Loads the handler, runs its init with `config`, and shuts it down again.
-/// Returns the report for stdout, or the reason for refusing it.
-pub fn check(handler: &Path, config: &str) -> Result<String, String> {
-    let path = std::fs::canonicalize(handler)
-        .map_err(|e| format!("handler {}: cannot open: {e}", handler.display()))?;
-    let plugin = Plugin::load(&path, config).map_err(|e| e.to_string())?;
-    let report = format!(
-        "handler {}: ok: {:?} speaks handler ABI version {ABI_VERSION}, init succeeded",
-        path.display(),
-        plugin.name()
-    );
-    drop(plugin);
-    Ok(report)
+/// The argument that selects the check child's mode.
+pub const CHILD_ARG: &str = "__check";
+
+/// The handler config travels in the environment, like a worker's, rather
+/// than on the command line, which `ps` shows to everyone.
+const CONFIG_ENV: &str = "GASPARD_CHECK_HANDLER_CONFIG";
+
+/// The child's report is cut to this many bytes, so that it fits the pipe
+/// whole and the child never waits for the parent to read it.
+const MAX_REPORT: usize = 4096;
+
+/// What the child reports once the handler's init succeeded, before its
+/// shutdown runs; followed by the handler's name.
+const READY: &str = "ready ";
+/// What the child reports when the handler is refused; followed by why.
+const REFUSED: &str = "refused ";
+
+/// Why `--check` failed. Each message is one line naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("handler {path}: cannot open: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start a process to load the handler in: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// Refused by a check in `plugin.rs`; the reason names the file.
+    #[error("{0}")]
+    Refused(String),
+    #[error("handler {path}: init exited with status {code} before the handler was ready")]
+    Exited { path: PathBuf, code: i32 },
+    #[error("handler {path}: killed by {signal} while loading, before the handler was ready")]
+    Killed { path: PathBuf, signal: String },
+    #[error("handler {path}: init succeeded, but then its shutdown {how}")]
+    Shutdown { path: PathBuf, how: String },
+}
+
+/// Loads the handler in a child process, runs its init with `config`, and
+/// shuts it down again. Returns the report for stdout.
+pub fn check(handler: &Path, config: &str) -> Result<String, CheckError> {
+    // Absolute but not resolved, as the daemon names it.
+    let path = std::path::absolute(handler)
+        .and_then(|path| std::fs::metadata(&path).map(|_| path))
+        .map_err(|source| CheckError::Open {
+            path: handler.to_path_buf(),
+            source,
+        })?;
+    let (report, status) = load_in_child(&path, config).map_err(CheckError::Spawn)?;
+    if let Some(name) = report.strip_prefix(READY) {
+        return if status.success() {
+            Ok(format!(
+                "handler {}: ok: {name:?} speaks handler ABI version {ABI_VERSION}, init succeeded",
+                path.display()
+            ))
+        } else {
+            Err(CheckError::Shutdown {
+                path,
+                how: describe(&status),
+            })
+        };
+    }
+    if let Some(reason) = report.strip_prefix(REFUSED) {
+        return Err(CheckError::Refused(reason.to_string()));
+    }
+    // No report: the child ended while loading, whatever its status.
+    Err(match (status.code(), status.signal()) {
+        (Some(code), _) => CheckError::Exited { path, code },
+        (None, signal) => CheckError::Killed {
+            path,
+            signal: signal.map_or_else(|| status.to_string(), signal_name),
+        },
+    })
+}
+
+/// Starts the child on `path` and waits for it; returns its report (empty
+/// if it made none) and how it ended.
+fn load_in_child(path: &Path, config: &str) -> std::io::Result<(String, ExitStatus)> {
+    let (from_child, to_child) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    // Inherited by the child, the only process this one starts.
+    fcntl(to_child.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))?;
+    let spawned = Command::new(std::env::current_exe()?)
+        .arg(CHILD_ARG)
+        .arg(to_child.as_raw_fd().to_string())
+        .arg(path)
+        .env(CONFIG_ENV, config)
+        .stdin(Stdio::null())
+        .spawn();
+    drop(to_child);
+    let status = spawned?.wait()?;
+    // Read only after the exit, without blocking: a process the handler
+    // started may still hold the pipe open, and the report is in it whole.
+    fcntl(from_child.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+    let mut report = Vec::new();
+    // An error (WouldBlock) keeps what was read before it.
+    let _ = File::from(from_child).read_to_end(&mut report);
+    Ok((String::from_utf8_lossy(&report).into_owned(), status))
+}
+
+/// The check child's main function, for the arguments after [`CHILD_ARG`]:
+/// the report fd and the handler's path. Loads the handler, reports, then
+/// lets the handler shut down.
+pub fn run_child(mut args: impl Iterator<Item = OsString>) -> ExitCode {
+    let fd = args
+        .next()
+        .and_then(|fd| fd.to_str()?.parse::<RawFd>().ok());
+    let (Some(fd), Some(path), None) = (fd, args.next(), args.next()) else {
+        eprintln!("gaspard: check mode is started by gaspard --check itself");
+        return ExitCode::from(2);
+    };
+    let Some(mut report) = inherited_pipe(fd) else {
+        eprintln!("gaspard: fd {fd} is not the pipe that gaspard --check passes");
+        return ExitCode::from(2);
+    };
+    let config = std::env::var(CONFIG_ENV).unwrap_or_default();
+    match Plugin::load(Path::new(&path), &config) {
+        Ok(plugin) => {
+            // A parent that is gone has nobody to tell: ignore write errors.
+            let _ = report.write_all(cut(&format!("{READY}{}", plugin.name())));
+            drop(report);
+            drop(plugin);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let _ = report.write_all(cut(&format!("{REFUSED}{e}")));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Takes the report pipe's write end, if `fd` is a pipe (a child started by
+/// hand with a wrong number must not write into a file).
+fn inherited_pipe(fd: RawFd) -> Option<File> {
+    use nix::sys::stat::{fstat, SFlag};
+    let stat = fstat(fd).ok()?;
+    if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFIFO {
+        return None;
+    }
+    // SAFETY: the parent passed this fd open for this process alone (see
+    // load_in_child), it is a pipe (checked above), and nothing else here owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Not handed on to programs the handler starts.
+    fcntl(owned.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).ok()?;
+    Some(File::from(owned))
+}
+
+/// At most [`MAX_REPORT`] bytes of `text`, cut at a character boundary.
+fn cut(text: &str) -> &[u8] {
+    let mut end = text.len().min(MAX_REPORT);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text.as_bytes()[..end]
+}
+
+/// "exited with status 7", "was killed by SIGSEGV".
+fn describe(status: &ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => format!("was killed by {}", signal_name(signal)),
+        (None, None) => status.to_string(),
+    }
+}
+
+fn signal_name(signal: i32) -> String {
+    nix::sys::signal::Signal::try_from(signal)
+        .map_or_else(|_| format!("signal {signal}"), |s| s.as_str().to_string())
 }

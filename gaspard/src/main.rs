@@ -1,4 +1,5 @@
-//! The `gaspard` executable: the daemon, `--check`, and (hidden) worker mode.
+//! The `gaspard` executable: the daemon, `--check`, and (hidden) worker and
+//! check-child modes.
 
 use clap::Parser;
 use gaspard::config::{Cli, Config};
@@ -8,6 +9,12 @@ use gaspard::{check, logging};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|arg| arg == check::CHILD_ARG)
+    {
+        return check::run_child(std::env::args_os().skip(2));
+    }
     let mut args = std::env::args_os();
     if args.nth(1).is_some_and(|arg| arg == worker::WORKER_ARG) {
         logging::init_worker();

@@ -18,8 +18,9 @@
 //!
 //! `--handler-config` chooses how `init` behaves: empty for success, or
 //! `fail` (init returns an error), `panic`, `segv`, `exit:CODE`, `sleep:MS`,
-//! or `mark-shutdown:PATH` (succeeds, and shutdown appends `shutdown PID` to
-//! PATH, so that tests can tell whether it ran).
+//! `mark-shutdown:PATH` (succeeds, and shutdown appends `shutdown PID` to
+//! PATH, so that tests can tell whether it ran), or `shutdown-exit:CODE`
+//! (succeeds, and shutdown calls `exit(CODE)`).
 
 use gaspard_handler_abi::Handler;
 use std::io::Write;
@@ -28,10 +29,13 @@ use std::time::Duration;
 struct Fault {
     /// Where shutdown leaves its mark, if anywhere.
     shutdown_mark: Option<String>,
+    /// The status shutdown exits with, if it does.
+    shutdown_exit: Option<i32>,
 }
 
 const FAULT: Fault = Fault {
     shutdown_mark: None,
+    shutdown_exit: None,
 };
 
 impl Drop for Fault {
@@ -44,6 +48,9 @@ impl Drop for Fault {
                 .open(path)
                 .expect("the shutdown mark's file opens");
             writeln!(file, "shutdown {}", std::process::id()).expect("the mark is written");
+        }
+        if let Some(code) = self.shutdown_exit {
+            std::process::exit(code);
         }
     }
 }
@@ -87,6 +94,11 @@ impl Handler for Fault {
             }
             ("mark-shutdown", path) => Ok(Fault {
                 shutdown_mark: Some(path.to_string()),
+                shutdown_exit: None,
+            }),
+            ("shutdown-exit", code) => Ok(Fault {
+                shutdown_mark: None,
+                shutdown_exit: Some(number(code)? as i32),
             }),
             (other, _) => Err(format!("unknown init behaviour {other:?}")),
         }

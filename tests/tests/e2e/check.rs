@@ -200,3 +200,56 @@ fn a_reload_to_a_handler_with_an_undefined_symbol_is_rejected_naming_it() {
     assert!(line.contains("the old handler keeps serving"), "{line}");
     assert_eq!(daemon.request(b"still echo").unwrap(), b"still echo");
 }
+
+/// The one line a refused `--check` prints, after checking that it failed
+/// with status 1 and printed nothing else.
+fn refusal(status: Option<std::process::ExitStatus>, stdout: &str, stderr: &str) -> String {
+    let status = status.expect("--check exits by itself");
+    assert_eq!(status.code(), Some(1), "{status:?}: {stdout}\n{stderr}");
+    assert_eq!(stdout, "", "no report on stdout");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    lines[0].to_string()
+}
+
+#[test]
+fn check_fails_and_says_so_when_init_exits_whatever_the_status() {
+    let path = handler("fault");
+    for code in [0, 7] {
+        let config = format!("exit:{code}");
+        let (status, stdout, stderr) = check(&path, &["--handler-config", &config]);
+        assert_eq!(
+            refusal(status, &stdout, &stderr),
+            format!(
+                "gaspard: handler {}: init exited with status {code} before the handler was ready",
+                path.display()
+            )
+        );
+    }
+}
+
+#[test]
+fn check_survives_a_crash_in_init_and_names_the_signal() {
+    let path = handler("fault");
+    let (status, stdout, stderr) = check(&path, &["--handler-config", "segv"]);
+    assert_eq!(
+        refusal(status, &stdout, &stderr),
+        format!(
+            "gaspard: handler {}: killed by SIGSEGV while loading, before the handler was ready",
+            path.display()
+        )
+    );
+}
+
+#[test]
+fn check_fails_when_shutdown_does_not_end_well() {
+    let path = handler("fault");
+    let (status, stdout, stderr) = check(&path, &["--handler-config", "shutdown-exit:5"]);
+    assert_eq!(
+        refusal(status, &stdout, &stderr),
+        format!(
+            "gaspard: handler {}: init succeeded, but then its shutdown exited with status 5",
+            path.display()
+        )
+    );
+}
