@@ -253,3 +253,114 @@ fn check_fails_when_shutdown_does_not_end_well() {
         )
     );
 }
+
+/// The refusal messages in docs/handler-abi.md's table, each with its
+/// placeholders (REASON, NAME, N, SIGNAL) turned into `*`.
+fn documented_refusals() -> Vec<String> {
+    let doc = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/handler-abi.md"),
+    )
+    .unwrap();
+    let table = doc
+        .split("| problem | message |")
+        .nth(1)
+        .expect("handler-abi.md has the refusal table");
+    table
+        .lines()
+        .skip(2)
+        .take_while(|row| row.starts_with('|'))
+        .filter_map(|row| row.rsplit('|').nth(1))
+        .flat_map(|column| column.split('`').skip(1).step_by(2))
+        .map(placeholders_as_stars)
+        .collect()
+}
+
+fn placeholders_as_stars(message: &str) -> String {
+    let mut pattern = String::new();
+    let mut word = String::new();
+    for c in message.chars().map(Some).chain([None]) {
+        if let Some(c) = c.filter(|c| c.is_ascii_alphanumeric() || *c == '_') {
+            word.push(c);
+            continue;
+        }
+        let placeholder = ["REASON", "NAME", "N", "SIGNAL"].contains(&word.as_str());
+        pattern.push_str(if placeholder { "*" } else { &word });
+        word.clear();
+        pattern.extend(c);
+    }
+    pattern
+}
+
+/// Whether `text` matches `pattern`, where `*` is any text.
+fn matches(pattern: &str, text: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == text,
+        Some((head, tail)) => text.strip_prefix(head).is_some_and(|rest| {
+            (0..=rest.len())
+                .filter(|&at| rest.is_char_boundary(at))
+                .any(|at| matches(tail, &rest[at..]))
+        }),
+    }
+}
+
+const NULL_ENTRY: &str = r#"
+#include "gaspar.h"
+const gaspar_handler_v1 *gaspar_handler_entry(void) { return 0; }
+"#;
+
+const NO_HANDLE: &str = r#"
+#include "gaspar.h"
+static const gaspar_handler_v1 table = { GASPAR_ABI_VERSION, "headless", 0, 0, 0 };
+const gaspar_handler_v1 *gaspar_handler_entry(void) { return &table; }
+"#;
+
+#[test]
+fn every_check_refusal_is_worded_as_documented() {
+    let documented = documented_refusals();
+    assert!(documented.len() >= 10, "{documented:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.so");
+    std::fs::write(&garbage, b"this is not an ELF file").unwrap();
+    let fault = handler("fault");
+    let cases = [
+        (dir.path().join("nowhere.so"), ""),
+        (garbage, ""),
+        (
+            compile_c_library(dir.path(), "missing", UNDEFINED_SYMBOL),
+            "",
+        ),
+        (libc_path(), ""),
+        (compile_c_library(dir.path(), "null", NULL_ENTRY), ""),
+        (compile_c_library(dir.path(), "future", WRONG_VERSION), ""),
+        (compile_c_library(dir.path(), "headless", NO_HANDLE), ""),
+        (fault.clone(), "fail"),
+        (fault.clone(), "exit:3"),
+        (fault.clone(), "segv"),
+        (fault, "shutdown-exit:4"),
+    ];
+    for (path, config) in cases {
+        let (status, stdout, stderr) = check(&path, &["--handler-config", config]);
+        let line = refusal(status, &stdout, &stderr);
+        let prefix = format!("gaspard: handler {}: ", path.display());
+        let message = line
+            .strip_prefix(&prefix)
+            .unwrap_or_else(|| panic!("{line:?} does not start with {prefix:?}"));
+        assert!(
+            documented.iter().any(|pattern| matches(pattern, message)),
+            "{message:?} is not in handler-abi.md's table: {documented:#?}"
+        );
+    }
+}
+
+#[test]
+fn check_names_a_symlinked_handler_as_given_like_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("current.so");
+    std::os::unix::fs::symlink(handler("echo"), &link).unwrap();
+    let (status, stdout, stderr) = check(&link, &[]);
+    assert!(status.unwrap().success(), "{stderr}");
+    assert!(
+        stdout.starts_with(&format!("handler {}: ok: ", link.display())),
+        "{stdout}"
+    );
+}
