@@ -41,6 +41,8 @@ pub struct Plugin {
 }
 
 /// What a handler call produced: a reply, or the handler's error message.
+/// That message is the handler's own text, passed on to the log as data,
+/// not a failure of gaspard's, hence a plain String rather than an error type.
 pub type Outcome<R> = Result<Option<R>, String>;
 
 /// Where the host side of one call keeps the reply buffer and error text.
