@@ -236,18 +236,4 @@ mod tests {
             ]
         );
     }
-
-    /// When [`Self::flush`] has a count to report.
-    pub fn next_flush(&self) -> Option<std::time::Instant> {
-        let last = self.last?;
-        (self.held_back > 0).then_some(last + Self::WINDOW)
-    }
-
-    /// Reports the lines held back, once their window has passed.
-    pub fn flush(&mut self, now: std::time::Instant) {
-        if self.next_flush().is_some_and(|at| now >= at) {
-            let n = std::mem::take(&mut self.held_back);
-            log::warn!("{n} similar lines held back in the last second");
-        }
-    }
 }
