@@ -23,6 +23,8 @@ pub enum ListenError {
     NotTcp,
     #[error("socket activation: {0}")]
     Activated(io::Error),
+    #[error("cannot set SO_LINGER on the listener: {0}")]
+    Linger(io::Error),
 }
 
 /// Errors after which retrying accept at once would spin: out of file
@@ -33,11 +35,23 @@ pub(crate) fn is_resource_exhaustion(error: &io::Error) -> bool {
 }
 
 /// The listener, and whether it came from socket activation.
+///
+/// Connections it accepts start with SO_LINGER {on, 0} (Linux copies the
+/// listener's socket options into each accepted socket): until its reply
+/// is written in full, a client's socket closes with a reset, even when the
+/// daemon is killed and the kernel closes it. gaspar's framing ends a reply
+/// with the close, so a plain FIN there would read as a complete (short or
+/// empty) reply. A connection that ends well restores the normal close
+/// (`Connection::close`).
 pub(crate) fn open(addr: SocketAddr, backlog: i32) -> Result<(TcpListener, bool), ListenError> {
-    if let Some(listener) = activated()? {
-        return Ok((listener, true));
-    }
-    Ok((bind(addr, backlog)?, false))
+    let (listener, activated) = match activated()? {
+        Some(listener) => (listener, true),
+        None => (bind(addr, backlog)?, false),
+    };
+    socket2::SockRef::from(&listener)
+        .set_linger(Some(std::time::Duration::ZERO))
+        .map_err(ListenError::Linger)?;
+    Ok((listener, activated))
 }
 
 /// A listening socket with our backlog (mio's default of 1024 is small for

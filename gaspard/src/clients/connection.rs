@@ -352,8 +352,11 @@ impl<R: AsRef<[u8]>> Connection<R> {
     }
 
     /// Ends the connection cleanly: pending input is drained so the kernel
-    /// sends FIN after the reply rather than a reset, then the socket closes.
+    /// sends FIN after the reply rather than a reset, and the close the
+    /// socket was accepted with (a reset, see `listener::open`) becomes a
+    /// normal one, then the socket closes.
     pub(crate) fn close(mut self, scratch: &mut [u8]) {
+        let _ = socket2::SockRef::from(&self.stream).set_linger(None);
         if self.input_drained {
             return;
         }

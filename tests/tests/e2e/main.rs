@@ -5,6 +5,7 @@ mod chaos;
 mod check;
 mod clients;
 mod failures;
+mod killed;
 mod lifecycle;
 mod limits;
 mod operations;
