@@ -385,15 +385,15 @@ impl Dispatcher {
 
     /// The worker in `slot` died, and every reply it sent was taken.
     /// `started(ticket, id)` says whether it had claimed a request (see
-    /// `claims.rs`): those may have run, and fail (returned with their
-    /// clients, if they have any). The others never started and go back to
+    /// `claims.rs`): those may have run, and fail (returned, with their
+    /// clients if any still wait). The others never started and go back to
     /// the head of the queue, in order, for another worker (returned: their
     /// clients).
     pub(crate) fn worker_died(
         &mut self,
         slot: usize,
         started: impl Fn(Ticket, RequestId) -> bool,
-    ) -> (Vec<(RequestId, ClientKey)>, Vec<usize>) {
+    ) -> (Vec<(RequestId, Option<ClientKey>)>, Vec<usize>) {
         let Some(load) = self.workers.get_mut(slot) else {
             return (Vec::new(), Vec::new());
         };
@@ -417,7 +417,7 @@ impl Dispatcher {
             let client = *client;
             if started(*ticket, id) {
                 self.requests.remove(&id);
-                failed.extend(client.map(|client| (id, client)));
+                failed.push((id, client));
                 continue;
             }
             let Some(client) = client else {
@@ -837,7 +837,7 @@ mod tests {
         let ran = ids[1];
         assert_eq!(
             d.worker_died(0, |_, id| id == ran),
-            (vec![(ids[1], 1)], vec![2])
+            (vec![(ids[1], Some(1))], vec![2])
         );
         assert_eq!(d.queued(), 2);
         d.open_worker(0);
@@ -1005,7 +1005,7 @@ mod tests {
         // told twice, and the staged one goes back to the queue.
         assert_eq!(
             d.worker_died(on0.slot, |_, id| id == slow),
-            (vec![], vec![3])
+            (vec![(slow, None)], vec![3]),
         );
         assert_eq!(d.next_assignment(late).unwrap().id, staged);
     }

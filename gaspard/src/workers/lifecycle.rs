@@ -24,8 +24,11 @@ impl Workers {
         if let Some(mut endpoint) = endpoint {
             endpoint.link.deregister(&self.registry);
         }
+        // Every request it had started counts, also one whose client had
+        // already been answered (its --timeout) or had left.
         let count = failed.len();
         for (id, client) in failed {
+            let Some(client) = client else { continue };
             self.answers.push(Answer::Failure {
                 client,
                 id,
@@ -57,7 +60,7 @@ impl Workers {
                 reason: "its worker's link broke".to_string(),
             });
         }
-        self.supervisor.signal(slot, Signal::SIGKILL);
+        self.supervisor.kill(slot, "its link broke");
         self.update_gauges();
         self.update_ready_gauge();
     }
@@ -124,24 +127,21 @@ impl Workers {
 
     /// One worker's death: settle its requests, say why in one line.
     pub(super) fn on_death(&mut self, death: Death) -> Result<(), WorkersError> {
-        let Death {
-            slot,
-            incarnation,
-            status,
-            before_ready,
-            retired,
-            removed,
-            restart_in,
-        } = death;
-        let how = supervisor::describe(&status);
-        let cause = match (retired, status.signal()) {
+        let (slot, incarnation, status) = (death.slot, death.incarnation, death.status);
+        let how = match death.killed_because {
+            Some(why) if status.signal() == Some(nix::libc::SIGKILL) => {
+                format!("was killed because {why}")
+            }
+            _ => supervisor::describe(&status),
+        };
+        let cause = match (death.retired, status.signal()) {
             (true, _) => "stopped".to_string(),
             (false, Some(signal)) => Signal::try_from(signal)
                 .map_or_else(|_| format!("signal_{signal}"), |s| s.as_str().to_string()),
             (false, None) => format!("exit_{}", status.code().unwrap_or(-1)),
         };
         self.metrics.worker_exited(&cause);
-        if !self.started && !retired {
+        if !self.started && !death.retired {
             // Its own account of why (InitFailed) was read first, if it
             // gave one.
             return Err(WorkersError::Load(format!(
@@ -158,37 +158,13 @@ impl Workers {
             return Ok(());
         }
         let (failed, requeued) = self.lose_worker(slot, &format!("its worker {how}"));
-        if retired {
-            let why = if removed {
-                "stopped"
-            } else {
-                "recycled after reaching --max-requests"
-            };
-            log::info!("worker {incarnation} (slot {slot}) {why}");
-            return Ok(());
+        let line = death_line(&death, &how, failed, requeued);
+        match death.killed_because {
+            // Its cause was logged when it was killed: this is the sequel.
+            _ if death.retired => log::info!("{line}"),
+            Some(_) => log::info!("{line}"),
+            None => log::warn!("{line}"),
         }
-        let stage = if before_ready {
-            " before it was ready"
-        } else {
-            ""
-        };
-        let next = if removed {
-            String::new()
-        } else if restart_in.is_zero() {
-            "; restarting it".to_string()
-        } else {
-            format!(
-                "; restarting it in {} ms (back-off after repeated failures)",
-                restart_in.as_millis()
-            )
-        };
-        let requeued = match requeued {
-            0 => String::new(),
-            n => format!(" ({n} staged behind it went to other workers)"),
-        };
-        log::warn!(
-            "worker {incarnation} (slot {slot}) {how}{stage}; {failed} requests failed{requeued}{next}"
-        );
         Ok(())
     }
 
@@ -211,7 +187,7 @@ impl Workers {
                     reason: "request ran past --timeout".to_string(),
                 });
             }
-            self.supervisor.signal(slot, Signal::SIGKILL);
+            self.supervisor.kill(slot, "a request ran past --timeout");
         }
         if self
             .reload
@@ -303,7 +279,7 @@ impl Workers {
         log::error!("reload rejected: {reason}; the old handler keeps serving");
         if self.supervisor.incarnation_of(slot) == Some(incarnation) {
             self.supervisor.retire(slot, true);
-            self.supervisor.signal(slot, Signal::SIGKILL);
+            self.supervisor.kill(slot, "its reload was rejected");
             self.close_endpoint(slot);
         }
         self.reload = Reload::Idle;
@@ -349,4 +325,40 @@ impl Workers {
         }
         self.supervisor.stop_all(grace);
     }
+}
+
+/// The one line that tells a worker's death: what happened, what it cost,
+/// what comes next.
+fn death_line(death: &Death, how: &str, failed: usize, requeued: usize) -> String {
+    let (incarnation, slot) = (death.incarnation, death.slot);
+    if death.retired {
+        let why = if death.removed {
+            "stopped"
+        } else {
+            "recycled after reaching --max-requests"
+        };
+        return format!("worker {incarnation} (slot {slot}) {why}");
+    }
+    let stage = if death.before_ready {
+        " before it was ready"
+    } else {
+        ""
+    };
+    let next = if death.removed {
+        String::new()
+    } else if death.restart_in.is_zero() {
+        "; restarting it".to_string()
+    } else {
+        format!(
+            "; restarting it in {} ms (back-off after repeated failures)",
+            death.restart_in.as_millis()
+        )
+    };
+    let requeued = match requeued {
+        0 => String::new(),
+        n => format!(" ({n} staged behind it went to other workers)"),
+    };
+    format!(
+        "worker {incarnation} (slot {slot}) {how}{stage}; {failed} requests failed{requeued}{next}"
+    )
 }

@@ -135,6 +135,15 @@ pub fn parse_header(bytes: &[u8; HEADER_LEN]) -> io::Result<Header> {
     })
 }
 
+/// Whether a write error means the worker's end is closed: it died (or is
+/// exiting), which its death will tell.
+pub fn is_closed_by_peer(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
+}
+
 /// The worker's ends of its link, which the supervisor lets exactly one
 /// child inherit.
 #[derive(Debug)]

@@ -24,7 +24,6 @@ use dispatcher::Dispatcher;
 use endpoint::Endpoint;
 use link::{Kind, Link, Message};
 use mio::{Registry, Token};
-use nix::sys::signal::Signal;
 use reload::Reload;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -316,9 +315,16 @@ impl Workers {
         if let Err(e) = flushed.and(watched) {
             endpoint.link.discard_output();
             let _ = endpoint.link.watch_writable(&self.registry, token);
-            log::error!("cannot send requests to worker slot {slot}: {e}; killing it");
             self.dispatcher.close_worker(slot);
-            self.supervisor.signal(slot, Signal::SIGKILL);
+            if link::is_closed_by_peer(&e) {
+                // It died: its death, with its cause, is logged when it is
+                // reaped (this is only a consequence).
+                log::debug!("worker slot {slot} closed its link: {e}");
+                return;
+            }
+            log::error!("cannot send requests to worker slot {slot}: {e}; killing it");
+            self.supervisor
+                .kill(slot, "requests could not be sent to it");
         }
     }
 

@@ -60,6 +60,8 @@ struct Slot {
     retiring: bool,
     /// Not to be restarted once stopped (fewer workers, or replaced by a reload).
     removing: bool,
+    /// Why the daemon killed its current worker, if it did.
+    killed_because: Option<&'static str>,
 }
 
 impl Slot {
@@ -88,6 +90,9 @@ pub(super) struct Death {
     pub(super) removed: bool,
     /// When the slot's next worker starts (back-off after repeated failures).
     pub(super) restart_in: Duration,
+    /// Why the daemon killed it, if it did: its death is that cause's
+    /// consequence, not news of its own.
+    pub(super) killed_because: Option<&'static str>,
 }
 
 /// What became of a signal meant for a worker.
@@ -190,6 +195,7 @@ impl Supervisor {
                     request_limit: None,
                     retiring: false,
                     removing: false,
+                    killed_because: None,
                 });
                 self.slots.len() - 1
             }
@@ -271,6 +277,7 @@ impl Supervisor {
         slot.state = SlotState::Starting { child, incarnation };
         slot.served = 0;
         slot.retiring = false;
+        slot.killed_because = None;
         slot.request_limit = self
             .recycling
             .max_requests
@@ -438,6 +445,7 @@ impl Supervisor {
                 retired,
                 removed: slot.removing,
                 restart_in: delay,
+                killed_because: slot.killed_because.take(),
             });
         }
         deaths
@@ -506,6 +514,16 @@ impl Supervisor {
                 Signalled::Failed(e)
             }
         }
+    }
+
+    /// Kills the worker in `slot` (SIGKILL), remembering why for the account
+    /// of its death.
+    pub(crate) fn kill(&mut self, slot: usize, because: &'static str) -> Signalled {
+        let signalled = self.signal(slot, Signal::SIGKILL);
+        if signalled == Signalled::Sent {
+            self.slots[slot].killed_because.get_or_insert(because);
+        }
+        signalled
     }
 
     /// Whether any worker process is still running.

@@ -43,6 +43,13 @@ fn a_crashing_worker_fails_its_request_and_is_replaced() {
     daemon.expect_log("was killed by SIGABRT");
     daemon.expect_log("exited with status 7");
     assert_eq!(daemon.request(b"echo:alive").unwrap(), b"alive");
+    // A crash is told once, with its cause: a request sent to the dead
+    // worker before its death was read is not an error of its own.
+    let lines = daemon.log.lines();
+    assert!(
+        !lines.iter().any(|l| l.contains("cannot send requests")),
+        "{lines:#?}"
+    );
 }
 
 #[test]
@@ -54,6 +61,10 @@ fn a_request_past_the_timeout_is_reset_and_its_worker_replaced() {
     daemon.expect_log("ran past --timeout");
     daemon.wait_for_workers(1, &before, Duration::from_secs(30));
     assert_eq!(daemon.request(b"echo:next").unwrap(), b"next");
+    // Its death tells its cause and counts the request it failed.
+    daemon.expect_log(
+        "was killed because a request ran past --timeout; 1 requests failed; restarting it",
+    );
 }
 
 #[test]
