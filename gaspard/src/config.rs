@@ -115,6 +115,14 @@ pub struct Cli {
     )]
     pub max_connections: usize,
 
+    /// Most bytes held for clients at once: request bodies being read or
+    /// waiting for their reply, and replies not yet taken (suffixes K, M, G).
+    /// Over it, bodies that need more than one read wait and accept pauses
+    /// until it falls back; a client that does not take its reply is dropped
+    /// at --read-timeout as always.
+    #[arg(long, env = "GASPARD_MAX_BUFFERED", default_value = "1G", value_parser = parse_size, value_name = "BYTES")]
+    pub max_buffered: u64,
+
     /// Most requests waiting for a worker; past it, new requests are reset at once.
     #[arg(
         long,
@@ -203,6 +211,7 @@ pub struct Config {
     /// `None`: clients may take forever to send a request or take a reply.
     pub read_timeout: Option<Duration>,
     pub max_connections: usize,
+    pub max_buffered: usize,
     pub max_queue: usize,
     /// `None`: workers are never recycled.
     pub max_requests: Option<u64>,
@@ -239,6 +248,7 @@ impl Config {
             timeout: (!timeout.is_zero()).then_some(timeout),
             read_timeout: (!read_timeout.is_zero()).then_some(read_timeout),
             max_connections: cli.max_connections.max(1),
+            max_buffered: usize::try_from(cli.max_buffered).unwrap_or(usize::MAX),
             max_queue: cli.max_queue,
             max_requests: (cli.max_requests > 0).then_some(cli.max_requests),
             max_requests_jitter: cli.max_requests_jitter,

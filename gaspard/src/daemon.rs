@@ -192,6 +192,7 @@ impl Daemon {
             max_connections,
             max_request_size: config.max_request_size,
             read_timeout: config.read_timeout,
+            max_buffered: config.max_buffered,
         };
         let clients = Clients::new(
             listener,
@@ -432,6 +433,7 @@ impl Daemon {
             }
         }
         self.clients.on_timers(now, &mut self.workers);
+        self.clients.end_turn(&mut self.workers);
         if let Some(scrapes) = self.scrapes.as_mut() {
             scrapes.on_timers(now);
         }

@@ -8,6 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 /// How a request ended.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -49,6 +50,10 @@ pub(crate) struct Metrics {
     pub(crate) connections: Gauge,
     pub(crate) workers_ready: Gauge,
     pub(crate) worker_starts: Counter,
+    /// Bytes of requests and replies held for clients (--max-buffered).
+    pub(crate) bytes_held: Gauge,
+    /// Time spent holding more than --max-buffered.
+    pub(crate) over_budget_seconds: Counter<f64, AtomicU64>,
     worker_exits: Family<CauseLabel, Counter>,
     /// From the whole request being read to its reply being ready.
     pub(crate) latency: Histogram,
@@ -89,6 +94,18 @@ impl Default for Metrics {
             "Worker processes started",
             worker_starts.clone(),
         );
+        let bytes_held = Gauge::default();
+        registry.register(
+            "bytes_held",
+            "Bytes of requests and replies held for clients (--max-buffered)",
+            bytes_held.clone(),
+        );
+        let over_budget_seconds = Counter::<f64, AtomicU64>::default();
+        registry.register(
+            "over_budget_seconds",
+            "Time spent holding more than --max-buffered, accept paused",
+            over_budget_seconds.clone(),
+        );
         let worker_exits = Family::<CauseLabel, Counter>::default();
         registry.register(
             "worker_exits",
@@ -110,6 +127,8 @@ impl Default for Metrics {
             connections,
             workers_ready,
             worker_starts,
+            bytes_held,
+            over_budget_seconds,
             worker_exits,
             latency,
         }

@@ -4,6 +4,7 @@
 //! returns what should happen next; the connection knows nothing about
 //! workers or their links.
 
+use super::budget::{Account, Budget};
 use super::io::{read_step, Next, ReadStep};
 use super::session::Session;
 use crate::metrics::Outcome;
@@ -66,6 +67,14 @@ pub(crate) struct Connection<R> {
     received: Option<Instant>,
     /// In the loop's poll (only once it has to wait; see `Clients::watch`).
     pub(super) registered: bool,
+    /// Bytes charged to the budget (--max-buffered).
+    held: usize,
+    /// Bytes admitted for the request body being read, if one is.
+    admitted: usize,
+    /// The length of its request while the workers have it.
+    request_len: usize,
+    /// Waiting for the budget to read a body (in the clients part's queue).
+    parked: bool,
     trailing: usize,
     /// The last read found the socket empty, so there is nothing to drain
     /// (saves a read per request, and one at close).
@@ -86,19 +95,43 @@ impl<R: AsRef<[u8]>> Connection<R> {
             timeout,
             received: None,
             registered: false,
+            held: 0,
+            admitted: 0,
+            request_len: 0,
+            parked: false,
             trailing: 0,
             input_drained: false,
         }
     }
 
     /// Reads what the socket has into the request, or the session.
-    pub(crate) fn on_readable(&mut self, scratch: &mut [u8]) -> Next {
+    /// A body that needs more than the read at hand is read only once the
+    /// budget admits it ([`Next::Parked`] until then).
+    pub(crate) fn on_readable(&mut self, scratch: &mut [u8], budget: &mut Budget) -> Next {
         loop {
+            let mut account = Account {
+                budget: &mut *budget,
+                held: &mut self.held,
+            };
             let decoder = match &mut self.state {
                 State::Reading(decoder) => decoder,
-                State::Pipelined(session) => return session.on_readable(&mut self.stream, scratch),
+                State::Pipelined(session) => {
+                    let next = session.on_readable(&mut self.stream, scratch, &mut account);
+                    return match next {
+                        Next::Parked => self.park(),
+                        next => next,
+                    };
+                }
                 _ => return self.discard_trailing(scratch),
             };
+            if let Some(missing) = decoder.body_missing() {
+                if self.admitted == 0 {
+                    if !account.admit(missing) {
+                        return self.park();
+                    }
+                    self.admitted = missing;
+                }
+            }
             self.input_drained = false;
             let n = match read_step(&mut self.stream, decoder, scratch) {
                 Ok(ReadStep::WouldBlock) => {
@@ -177,12 +210,61 @@ impl<R: AsRef<[u8]>> Connection<R> {
         !self.input_drained
     }
 
-    /// Its request went to the workers as `id`: no deadline of the client's
-    /// runs while they have it.
-    pub(crate) fn submitted(&mut self, id: RequestId, now: Instant) {
+    /// Its request of `len` bytes went to the workers as `id`: no deadline
+    /// of the client's runs while they have it.
+    pub(crate) fn submitted(&mut self, id: RequestId, len: usize, now: Instant) {
         self.state = State::Waiting(id);
         self.deadline = None;
         self.received = Some(now);
+        self.request_len = len;
+        self.admitted = 0;
+    }
+
+    /// A body waits for the budget: [`Next::Parked`] once, then nothing
+    /// until [`Self::unpark`]. Its --read-timeout waits too: the stall is
+    /// the daemon's, not the client's.
+    fn park(&mut self) -> Next {
+        if std::mem::replace(&mut self.parked, true) {
+            return Next::Wait;
+        }
+        self.deadline = None;
+        Next::Parked
+    }
+
+    /// The budget may have room again after [`Next::Parked`]: the client's
+    /// --read-timeout runs again, from now.
+    pub(crate) fn unpark(&mut self, now: Instant) {
+        self.parked = false;
+        if !self.is_pipelined() {
+            self.deadline = self.timeout.map(|t| now + t);
+        }
+    }
+
+    /// Bytes it holds now: the body being read (as admitted), the request
+    /// the workers have, the reply being written.
+    fn holds(&self) -> usize {
+        match &self.state {
+            State::Reading(decoder) if decoder.body_missing().is_some() => self.admitted,
+            State::Reading(_) => 0,
+            State::Waiting(_) => self.request_len,
+            State::Writing { reply, .. } => reply.as_ref().len(),
+            State::Pipelined(session) => session.holds(),
+        }
+    }
+
+    /// Charges the budget with what it holds now.
+    pub(crate) fn settle(&mut self, budget: &mut Budget) {
+        let holds = self.holds();
+        Account {
+            budget,
+            held: &mut self.held,
+        }
+        .settle(holds);
+    }
+
+    /// What it has charged to the budget, to release when it closes.
+    pub(crate) fn held(&self) -> usize {
+        self.held
     }
 
     /// Where it is in its life.

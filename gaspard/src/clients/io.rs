@@ -16,6 +16,9 @@ pub(crate) enum Next {
     Request(Vec<u8>),
     /// Close cleanly: the reply is written, or the request was empty.
     Close,
+    /// A body is to be read and the budget of bytes in flight
+    /// (--max-buffered) has no room: read nothing more until it has.
+    Parked,
     /// A framing violation or a limit: close with a reset, logging why.
     Reset(String),
     /// The client went away; there is nobody to tell.

@@ -4,6 +4,7 @@
 //! workers through [`Requests`] and takes back each one's [`Answer`]; it
 //! knows nothing of how workers are reached.
 
+mod budget;
 mod connection;
 mod io;
 mod session;
@@ -12,12 +13,14 @@ use crate::logging::Throttle;
 use crate::metrics::{Metrics, Outcome};
 use crate::protocol::Status;
 use crate::workers::{Answer, RequestId, Requests};
+use budget::Budget;
 use connection::{Connection, End, State};
 use io::Next;
 use mio::net::TcpListener;
 use mio::{Interest, Registry, Token};
 use session::Body;
 use slab::Slab;
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -44,6 +47,8 @@ pub(crate) struct ClientLimits {
     pub max_request_size: u32,
     /// --read-timeout.
     pub read_timeout: Option<Duration>,
+    /// --max-buffered.
+    pub max_buffered: usize,
 }
 
 /// What to do after accept failed.
@@ -89,6 +94,10 @@ pub(crate) struct Clients {
     accepting: Accepting,
     conns: Slab<Connection<Vec<u8>>>,
     limits: ClientLimits,
+    /// The bytes held for clients, against --max-buffered.
+    budget: Budget,
+    /// Connections waiting for the budget to read a body, oldest first.
+    parked: VecDeque<usize>,
     /// A graceful stop is under way: sessions take no new requests.
     draining: bool,
     scratch: Vec<u8>,
@@ -100,6 +109,8 @@ pub(crate) struct Clients {
     capacity_warnings: Throttle,
     /// Accept failing with other errors.
     accept_warnings: Throttle,
+    /// Accept pausing over --max-buffered.
+    budget_warnings: Throttle,
     metrics: Rc<Metrics>,
 }
 
@@ -115,6 +126,8 @@ impl Clients {
             listener: Some(listener),
             accepting: Accepting::No,
             conns: Slab::new(),
+            budget: Budget::new(limits.max_buffered, Rc::clone(&metrics)),
+            parked: VecDeque::new(),
             limits,
             draining: false,
             scratch: vec![0; SCRATCH_LEN],
@@ -122,6 +135,7 @@ impl Clients {
             reset_warnings: Throttle::default(),
             capacity_warnings: Throttle::default(),
             accept_warnings: Throttle::default(),
+            budget_warnings: Throttle::default(),
             metrics,
         }
     }
@@ -150,6 +164,18 @@ impl Clients {
     pub(crate) fn accept(&mut self, work: &mut impl Requests) {
         let mut errors = 0;
         while self.accepting == Accepting::Yes {
+            if self.budget.is_over() {
+                self.budget_warnings.warn(
+                    Instant::now(),
+                    format_args!(
+                        "{} bytes held for clients (--max-buffered {}); accept paused until they fall back",
+                        self.budget.held(),
+                        self.budget.limit()
+                    ),
+                );
+                self.pause_accept(None);
+                return;
+            }
             if self.conns.len() >= self.limits.max_connections {
                 self.capacity_warnings.warn(
                     Instant::now(),
@@ -299,6 +325,7 @@ impl Clients {
             &self.reset_warnings,
             &self.capacity_warnings,
             &self.accept_warnings,
+            &self.budget_warnings,
         ];
         let flush = throttles.into_iter().filter_map(Throttle::next_flush).min();
         [paused_until, self.next_sweep(), flush]
@@ -320,8 +347,42 @@ impl Clients {
             &mut self.reset_warnings,
             &mut self.capacity_warnings,
             &mut self.accept_warnings,
+            &mut self.budget_warnings,
         ] {
             throttle.flush(now);
+        }
+    }
+
+    /// The end of a loop turn: bodies that waited for the budget are read
+    /// if it has room again, oldest first, and accept resumes once neither
+    /// the connection limit nor the budget holds it back.
+    pub(crate) fn end_turn(&mut self, work: &mut impl Requests) {
+        // Each at most once a turn: one the budget still cannot take goes
+        // to the back.
+        for _ in 0..self.parked.len() {
+            if !self.budget.has_room() {
+                break;
+            }
+            let Some(key) = self.parked.pop_front() else {
+                break;
+            };
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            conn.unpark(Instant::now());
+            self.drive(key, true, false, work);
+        }
+        self.resume_if_room();
+    }
+
+    /// Resumes accept paused by the connection limit or the budget, once
+    /// neither holds it back.
+    fn resume_if_room(&mut self) {
+        if self.accepting == Accepting::Paused(None)
+            && self.conns.len() < self.limits.max_connections
+            && !self.budget.is_over()
+        {
+            self.resume_accept();
         }
     }
 
@@ -360,7 +421,7 @@ impl Clients {
         };
         let mut next = Next::Wait;
         if readable {
-            next = conn.on_readable(&mut self.scratch);
+            next = conn.on_readable(&mut self.scratch, &mut self.budget);
         }
         if matches!(next, Next::Wait) && writable {
             next = conn.on_writable();
@@ -372,10 +433,11 @@ impl Clients {
             // the socket must be read now, or no event would say so again.
             match self.conns.get_mut(key) {
                 Some(conn) if was_request && conn.may_have_input() => {
-                    next = conn.on_readable(&mut self.scratch)
+                    next = conn.on_readable(&mut self.scratch, &mut self.budget)
                 }
                 Some(conn) if conn.is_pipelined() => return self.pump_session(key, work),
-                _ => return,
+                Some(conn) => return conn.settle(&mut self.budget),
+                None => return,
             }
         }
     }
@@ -384,14 +446,20 @@ impl Clients {
     fn advance(&mut self, key: usize, next: Next, work: &mut impl Requests) {
         match next {
             Next::Wait => {}
-            Next::Request(payload) => match work.submit(key, payload) {
-                Ok(id) => {
-                    self.conns[key].submitted(id, Instant::now());
-                    // An idle worker starts on it now, not after the whole batch.
-                    work.dispatch();
+            Next::Parked => self.parked.push_back(key),
+            Next::Request(payload) => {
+                let len = payload.len();
+                match work.submit(key, payload) {
+                    Ok(id) => {
+                        let conn = &mut self.conns[key];
+                        conn.submitted(id, len, Instant::now());
+                        conn.settle(&mut self.budget);
+                        // An idle worker starts on it now, not after the whole batch.
+                        work.dispatch();
+                    }
+                    Err(refusal) => self.close(key, End::Refused(refusal), work),
                 }
-                Err(refusal) => self.close(key, End::Refused(refusal), work),
-            },
+            }
             Next::Close => self.close(key, End::Done, work),
             Next::Reset(reason) => self.close(key, End::BadRequest(reason), work),
             Next::Gone(e) => self.close(key, End::Gone(e), work),
@@ -416,8 +484,9 @@ impl Clients {
             }
             let now = Instant::now();
             for payload in session.take_arrived() {
+                let len = payload.len();
                 match work.submit(key, payload) {
-                    Ok(id) => session.submitted(id, now),
+                    Ok(id) => session.submitted(id, len, now),
                     Err(refusal) => {
                         self.metrics.request_ended(Outcome::refused);
                         session.refused(Status::Overloaded, refusal, now);
@@ -430,13 +499,14 @@ impl Clients {
                 return self.advance(key, next, work);
             }
             if conn.session().is_some_and(|s| s.should_resume()) {
-                let next = conn.on_readable(&mut self.scratch);
+                let next = conn.on_readable(&mut self.scratch, &mut self.budget);
                 if matches!(next, Next::Wait) {
                     continue; // submit what that read brought
                 }
                 return self.advance(key, next, work);
             }
             conn.refresh_session_deadline(now);
+            conn.settle(&mut self.budget);
             return;
         }
     }
@@ -460,6 +530,7 @@ impl Clients {
             self.metrics.observe_latency(received, now);
         }
         let next = conn.reply(reply, now);
+        conn.settle(&mut self.budget);
         self.advance(key, next, work);
         // The socket did not take the whole reply at once.
         self.watch(key, work);
@@ -501,6 +572,7 @@ impl Clients {
             return;
         };
         self.metrics.connections.dec();
+        self.budget.release(conn.held());
         if let Some(outcome) = conn.outcome(&end) {
             self.metrics.request_ended(outcome);
         }
@@ -528,11 +600,7 @@ impl Clients {
             }
             conn.reset();
         }
-        if self.accepting == Accepting::Paused(None)
-            && self.conns.len() < self.limits.max_connections
-        {
-            self.resume_accept();
-        }
+        self.resume_if_room();
     }
 
     /// When client deadlines should next be checked: a periodic sweep over

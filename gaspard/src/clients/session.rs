@@ -5,6 +5,7 @@
 //! clients part takes the requests that arrived and hands back each one's
 //! outcome.
 
+use super::budget::Account;
 use super::io::{read_step, Next, ReadStep};
 use crate::gather::gather;
 use crate::protocol::{handshake, reply_header, Status, REPLY_HEADER_LEN};
@@ -47,6 +48,8 @@ pub(crate) enum Body<R> {
 
 struct Pending<R> {
     id: Option<RequestId>,
+    /// The request's length, held until its reply replaces it.
+    len: usize,
     received: Instant,
     done: Option<(Status, Body<R>)>,
 }
@@ -75,6 +78,8 @@ pub(crate) struct Session<R> {
     output_waiting_since: Option<Instant>,
     /// The client closed its sending side.
     input_closed: bool,
+    /// Bytes admitted by the budget for the request body being read.
+    admitted: usize,
 }
 
 impl<R: AsRef<[u8]>> Session<R> {
@@ -95,6 +100,7 @@ impl<R: AsRef<[u8]>> Session<R> {
             leftover: Vec::new(),
             input_closed: false,
             output_waiting_since: Some(Instant::now()),
+            admitted: 0,
         }
     }
 
@@ -112,6 +118,7 @@ impl<R: AsRef<[u8]>> Session<R> {
                 Decoded::Empty => self.ending = true,
                 Decoded::Request { payload, consumed } => {
                     self.arrived.push(payload);
+                    self.admitted = 0;
                     input = &input[consumed..];
                 }
                 Decoded::Extension { .. } => unreachable!("a session decoder has no preamble"),
@@ -128,7 +135,12 @@ impl<R: AsRef<[u8]>> Session<R> {
         !self.ending && !self.window_full()
     }
 
-    fn leftover_or_read(&mut self, stream: &mut TcpStream, scratch: &mut [u8]) -> Result<(), Next> {
+    fn leftover_or_read(
+        &mut self,
+        stream: &mut TcpStream,
+        scratch: &mut [u8],
+        account: &mut Account<'_>,
+    ) -> Result<(), Next> {
         if !self.leftover.is_empty() {
             let bytes = std::mem::take(&mut self.leftover);
             return self.feed(&bytes).map_err(Next::Reset);
@@ -143,6 +155,14 @@ impl<R: AsRef<[u8]>> Session<R> {
             self.ending = true;
             return Ok(());
         }
+        if let Some(missing) = self.decoder.body_missing() {
+            if self.admitted == 0 {
+                if !account.admit(missing) {
+                    return Err(Next::Parked);
+                }
+                self.admitted = missing;
+            }
+        }
         match read_step(stream, &mut self.decoder, scratch) {
             Ok(ReadStep::WouldBlock) => Err(Next::Wait),
             Ok(ReadStep::Eof) => {
@@ -151,6 +171,7 @@ impl<R: AsRef<[u8]>> Session<R> {
             }
             Ok(ReadStep::Direct(Some(payload))) => {
                 self.arrived.push(payload);
+                self.admitted = 0;
                 Ok(())
             }
             Ok(ReadStep::Direct(None)) => Ok(()),
@@ -166,10 +187,15 @@ impl<R: AsRef<[u8]>> Session<R> {
     }
 
     /// Reads requests until the socket is empty or the window is full.
-    pub(crate) fn on_readable(&mut self, stream: &mut TcpStream, scratch: &mut [u8]) -> Next {
+    pub(crate) fn on_readable(
+        &mut self,
+        stream: &mut TcpStream,
+        scratch: &mut [u8],
+        account: &mut Account<'_>,
+    ) -> Next {
         self.paused = false;
         while self.wants_to_read() {
-            if let Err(step) = self.leftover_or_read(stream, scratch) {
+            if let Err(step) = self.leftover_or_read(stream, scratch, account) {
                 return step;
             }
         }
@@ -183,10 +209,11 @@ impl<R: AsRef<[u8]>> Session<R> {
         std::mem::take(&mut self.arrived)
     }
 
-    /// The next arrived request went to the dispatcher as `id`.
-    pub(crate) fn submitted(&mut self, id: RequestId, now: Instant) {
+    /// The next arrived request, of `len` bytes, went to the workers as `id`.
+    pub(crate) fn submitted(&mut self, id: RequestId, len: usize, now: Instant) {
         self.pending.push_back(Pending {
             id: Some(id),
+            len,
             received: now,
             done: None,
         });
@@ -196,6 +223,7 @@ impl<R: AsRef<[u8]>> Session<R> {
     pub(crate) fn refused(&mut self, status: Status, message: String, now: Instant) {
         self.pending.push_back(Pending {
             id: None,
+            len: 0,
             received: now,
             done: Some((status, Body::Text(message))),
         });
@@ -317,6 +345,27 @@ impl<R: AsRef<[u8]>> Session<R> {
         }
     }
 
+    /// Bytes it holds: requests read and not yet answered, replies not yet
+    /// written, and the body being read (as admitted).
+    pub(crate) fn holds(&self) -> usize {
+        let arrived: usize = self.arrived.iter().map(Vec::len).sum();
+        let pending: usize = self
+            .pending
+            .iter()
+            .map(|p| match &p.done {
+                None => p.len,
+                Some((_, Body::Reply(reply))) => reply.as_ref().len(),
+                Some((_, Body::Text(text))) => text.len(),
+            })
+            .sum();
+        let out: usize = self.out.iter().map(|s| s.bytes().len()).sum();
+        let reading = match self.decoder.body_missing() {
+            Some(_) => self.admitted,
+            None => 0,
+        };
+        arrived + pending + out.saturating_sub(self.written) + reading + self.leftover.len()
+    }
+
     /// Nothing in flight or waiting to be written: the connection is idle.
     pub(crate) fn is_idle(&self) -> bool {
         self.pending.is_empty()
@@ -375,7 +424,7 @@ mod tests {
         assert!(session.mid_request(), "the rest waits undecoded");
         let now = Instant::now();
         for id in 0..WINDOW as u64 {
-            session.submitted(id, now);
+            session.submitted(id, 0, now);
         }
         assert!(!session.should_resume(), "no room until replies leave");
         // Finished replies still count while they wait to be written.
@@ -390,8 +439,8 @@ mod tests {
     fn replies_leave_in_request_order_whatever_order_they_finish_in() {
         let mut session: Session<Bytes> = Session::new(1024);
         let now = Instant::now();
-        session.submitted(1, now);
-        session.submitted(2, now);
+        session.submitted(1, 0, now);
+        session.submitted(2, 0, now);
         session.refused(Status::Overloaded, "full".into(), now);
         session.complete(2, Status::Ok, Body::Reply(Bytes(b"two".to_vec())));
         // Only the acknowledgement can go: request 1 holds the line.

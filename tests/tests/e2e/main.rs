@@ -8,6 +8,7 @@ mod failures;
 mod killed;
 mod lifecycle;
 mod limits;
+mod memory;
 mod operations;
 mod persistent;
 mod round_trip;
