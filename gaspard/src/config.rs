@@ -16,6 +16,16 @@ pub enum ConfigError {
     RequestSize(u64),
     #[error("expected auto or a number from 1 to 64, not {0:?}")]
     Credit(String),
+    #[error("expected an IPv4 or IPv6 address, optionally /PREFIX, not {0:?}")]
+    Cidr(String),
+    /// Refused rather than masked: `10.0.0.1/8` is more likely a typo for
+    /// `/32` than a wish to let in 16 million addresses.
+    #[error("{text} has bits set past /{prefix}: did you mean {network}/{prefix}?")]
+    CidrHostBits {
+        text: String,
+        network: IpAddr,
+        prefix: u8,
+    },
 }
 
 /// How many requests a worker may hold at once (--worker-credit).
@@ -58,6 +68,17 @@ pub struct Cli {
         value_name = "ADDR"
     )]
     pub bind: IpAddr,
+
+    /// Accept clients only from these addresses (ADDR or ADDR/PREFIX, IPv4 or
+    /// IPv6; repeat the flag or separate with commas). Others are reset at
+    /// accept, before any byte is read [default: any address].
+    #[arg(
+        long,
+        env = "GASPARD_ALLOW",
+        value_name = "CIDR[,CIDR...]",
+        value_delimiter = ','
+    )]
+    pub allow: Vec<Cidr>,
 
     /// Number of worker processes [default: the CPUs available to gaspard].
     #[arg(long, env = "GASPARD_WORKERS", value_name = "N")]
@@ -204,6 +225,8 @@ pub struct Config {
     pub handler: PathBuf,
     pub handler_config: String,
     pub listen: SocketAddr,
+    /// The clients' addresses that may connect; empty: any.
+    pub allow: Vec<Cidr>,
     pub workers: usize,
     pub max_request_size: u32,
     /// `None`: requests may run forever.
@@ -243,6 +266,7 @@ impl Config {
             handler: cli.handler.clone(),
             handler_config: cli.handler_config.clone(),
             listen: SocketAddr::new(cli.bind, cli.port),
+            allow: cli.allow.clone(),
             workers: cli.workers.map_or_else(default_workers, NonZeroUsize::get),
             max_request_size,
             timeout: (!timeout.is_zero()).then_some(timeout),
@@ -277,6 +301,94 @@ fn parse_credit(text: &str) -> Result<Credit, ConfigError> {
     }
 }
 
+/// A block of addresses, `ADDR/PREFIX` (an `--allow` entry). The protocol
+/// has no authentication, so this is how an operator says who may connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    /// With every bit past the prefix zero.
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `addr` is in the block. An IPv4-mapped IPv6 address
+    /// (`::ffff:a.b.c.d`, how a dual-stack socket sees IPv4 clients) is
+    /// matched as the IPv4 address it is.
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        match (self.network, addr.to_canonical()) {
+            (IpAddr::V4(network), IpAddr::V4(addr)) => {
+                u32::from(addr) & mask_v4(self.prefix) == u32::from(network)
+            }
+            (IpAddr::V6(network), IpAddr::V6(addr)) => {
+                u128::from(addr) & mask_v6(self.prefix) == u128::from(network)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn mask_v4(prefix: u8) -> u32 {
+    u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
+}
+
+fn mask_v6(prefix: u8) -> u128 {
+    u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0)
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = ConfigError;
+
+    /// `ADDR` (one address: /32 or /128) or `ADDR/PREFIX`.
+    fn from_str(text: &str) -> Result<Cidr, ConfigError> {
+        let bad = || ConfigError::Cidr(text.to_string());
+        let (addr, prefix) = match text.trim().split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text.trim(), None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let bits = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => bits,
+            // Digits only: `u8::from_str` would take "+8".
+            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|&p| p <= bits)
+                .ok_or_else(bad)?,
+            Some(_) => return Err(bad()),
+        };
+        let (network, prefix) = match addr {
+            IpAddr::V4(v4) => (IpAddr::V4((u32::from(v4) & mask_v4(prefix)).into()), prefix),
+            // A block of IPv4-mapped addresses is that IPv4 block, as
+            // peers are matched (see `contains`).
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) if prefix >= 96 => {
+                    let prefix = prefix - 96;
+                    (IpAddr::V4((u32::from(v4) & mask_v4(prefix)).into()), prefix)
+                }
+                _ => (
+                    IpAddr::V6((u128::from(v6) & mask_v6(prefix)).into()),
+                    prefix,
+                ),
+            },
+        };
+        if network != addr.to_canonical() {
+            return Err(ConfigError::CidrHostBits {
+                text: text.to_string(),
+                network,
+                prefix,
+            });
+        }
+        Ok(Cidr { network, prefix })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
 /// systemd's `$RUNTIME_DIRECTORY` (the first, if RuntimeDirectory= names several).
 fn runtime_directory_from_systemd() -> Option<PathBuf> {
     let dirs = std::env::var_os("RUNTIME_DIRECTORY")?;
@@ -304,6 +416,119 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("--max-request-size 5368709120 exceeds"));
+    }
+
+    fn cidr(text: &str) -> Result<Cidr, ConfigError> {
+        text.parse()
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn a_cidr_is_an_address_with_an_optional_prefix() {
+        assert_eq!(cidr("10.1.0.0/16").unwrap().to_string(), "10.1.0.0/16");
+        assert_eq!(cidr("192.0.2.7").unwrap().to_string(), "192.0.2.7/32");
+        assert_eq!(cidr("2001:db8::/32").unwrap().to_string(), "2001:db8::/32");
+        assert_eq!(cidr("::1").unwrap().to_string(), "::1/128");
+        assert_eq!(cidr("0.0.0.0/0").unwrap().to_string(), "0.0.0.0/0");
+        assert_eq!(cidr("::/0").unwrap().to_string(), "::/0");
+        // A block of IPv4-mapped addresses is the IPv4 block.
+        assert_eq!(
+            cidr("::ffff:10.0.0.0/104").unwrap().to_string(),
+            "10.0.0.0/8"
+        );
+        for bad in [
+            "",
+            "/8",
+            "10.0.0.0/",
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0.0/+8",
+            "10.0.0.0/-1",
+            "10.0.0.0/8/8",
+            "10.0.0",
+            "localhost",
+            "10.0.0.0 /8",
+            "[::1]",
+        ] {
+            assert_eq!(
+                cidr(bad),
+                Err(ConfigError::Cidr(bad.to_string())),
+                "{bad:?}"
+            );
+        }
+        let typo = cidr("10.0.0.1/8").unwrap_err();
+        assert_eq!(
+            typo.to_string(),
+            "10.0.0.1/8 has bits set past /8: did you mean 10.0.0.0/8?"
+        );
+        assert!(cidr("2001:db8::1/32").is_err());
+    }
+
+    #[test]
+    fn a_cidr_contains_the_addresses_under_its_prefix() {
+        let block = cidr("10.1.0.0/16").unwrap();
+        assert!(block.contains(ip("10.1.0.0")));
+        assert!(block.contains(ip("10.1.255.255")));
+        assert!(!block.contains(ip("10.2.0.0")));
+        assert!(!block.contains(ip("10.0.255.255")));
+        let one = cidr("127.0.0.2").unwrap();
+        assert!(one.contains(ip("127.0.0.2")));
+        assert!(!one.contains(ip("127.0.0.1")));
+        assert!(cidr("0.0.0.0/0").unwrap().contains(ip("203.0.113.9")));
+        let v6 = cidr("2001:db8::/32").unwrap();
+        assert!(v6.contains(ip("2001:db8:ffff::1")));
+        assert!(!v6.contains(ip("2001:db9::1")));
+        assert!(
+            !v6.contains(ip("10.1.0.1")),
+            "no IPv4 address is in an IPv6 block"
+        );
+        assert!(
+            !block.contains(ip("::a01:1")),
+            "nor an IPv4-compatible IPv6 one in an IPv4 block"
+        );
+        assert!(cidr("::/0").unwrap().contains(ip("::1")));
+        assert!(!cidr("::/0").unwrap().contains(ip("127.0.0.1")));
+    }
+
+    #[test]
+    fn an_ipv4_mapped_peer_is_matched_as_ipv4() {
+        assert!(cidr("10.1.0.0/16").unwrap().contains(ip("::ffff:10.1.2.3")));
+        assert!(!cidr("10.1.0.0/16").unwrap().contains(ip("::ffff:10.2.2.3")));
+        assert!(cidr("::ffff:10.1.0.0/112")
+            .unwrap()
+            .contains(ip("10.1.2.3")));
+        assert!(cidr("::ffff:10.1.0.0/112")
+            .unwrap()
+            .contains(ip("::ffff:10.1.2.3")));
+    }
+
+    #[test]
+    fn allow_takes_repeated_flags_and_comma_lists() {
+        let allow = |args: &[&str]| {
+            Cli::try_parse_from([&["gaspard", "--handler", "x.so"], args].concat())
+                .map(|cli| cli.allow.iter().map(Cidr::to_string).collect::<Vec<_>>())
+        };
+        assert_eq!(allow(&[]).unwrap(), Vec::<String>::new());
+        assert_eq!(
+            allow(&["--allow", "10.0.0.0/8,::1", "--allow", "192.0.2.1"]).unwrap(),
+            ["10.0.0.0/8", "::1/128", "192.0.2.1/32"]
+        );
+        let error = allow(&["--allow", "10.0.0.0/8,nonsense"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("not \"nonsense\""), "{error}");
+        let config = Config::from_cli(&Cli::parse_from([
+            "gaspard",
+            "--handler",
+            "x.so",
+            "--allow",
+            "127.0.0.2/32",
+        ]))
+        .unwrap();
+        assert_eq!(config.allow, [cidr("127.0.0.2/32").unwrap()]);
     }
 
     #[test]
