@@ -198,6 +198,7 @@ impl Daemon {
             listener,
             poll.registry().try_clone()?,
             limits,
+            config.allow.clone(),
             Rc::clone(&metrics),
         );
         let scrapes = match metrics_listener {

@@ -32,6 +32,19 @@ pub(crate) enum Outcome {
     client_gone,
 }
 
+/// Why a connection was reset at accept, before any byte of it was read.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub(crate) enum Refusal {
+    /// Its source address is not in --allow.
+    not_allowed,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabel {
+    reason: Refusal,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: Outcome,
@@ -48,6 +61,7 @@ pub(crate) struct Metrics {
     pub(crate) in_flight: Gauge,
     pub(crate) queued: Gauge,
     pub(crate) connections: Gauge,
+    connections_refused: Family<RefusalLabel, Counter>,
     pub(crate) workers_ready: Gauge,
     pub(crate) worker_starts: Counter,
     /// Bytes of requests and replies held for clients (--max-buffered).
@@ -81,6 +95,12 @@ impl Default for Metrics {
             "connections_open",
             "Client connections open",
             connections.clone(),
+        );
+        let connections_refused = Family::<RefusalLabel, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Client connections reset at accept, by reason (not_allowed: source address not in --allow)",
+            connections_refused.clone(),
         );
         let workers_ready = Gauge::default();
         registry.register(
@@ -125,6 +145,7 @@ impl Default for Metrics {
             in_flight,
             queued,
             connections,
+            connections_refused,
             workers_ready,
             worker_starts,
             bytes_held,
@@ -138,6 +159,13 @@ impl Default for Metrics {
 impl Metrics {
     pub(crate) fn request_ended(&self, outcome: Outcome) {
         self.requests.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// A connection reset at accept.
+    pub(crate) fn connection_refused(&self, reason: Refusal) {
+        self.connections_refused
+            .get_or_create(&RefusalLabel { reason })
+            .inc();
     }
 
     /// A request answered: the time from its whole request read to its reply.
@@ -208,6 +236,7 @@ mod tests {
         metrics.request_ended(Outcome::ok);
         metrics.request_ended(Outcome::handler_error);
         metrics.worker_exited("SIGSEGV");
+        metrics.connection_refused(Refusal::not_allowed);
         metrics.latency.observe(0.001);
         let text = metrics.encode();
         assert!(
@@ -220,6 +249,10 @@ mod tests {
         );
         assert!(
             text.contains("gaspard_worker_exits_total{cause=\"SIGSEGV\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gaspard_connections_refused_total{reason=\"not_allowed\"} 1"),
             "{text}"
         );
         assert!(

@@ -452,8 +452,13 @@ impl<R: AsRef<[u8]>> Connection<R> {
     /// Ends the connection with a reset (RST), which tells the client its
     /// request failed.
     pub(crate) fn reset(self) {
-        let socket = socket2::SockRef::from(&self.stream);
-        // SO_LINGER with a zero timeout makes close() send RST.
-        let _ = socket.set_linger(Some(std::time::Duration::ZERO));
+        reset(self.stream);
     }
+}
+
+/// Closes `stream` with a reset (RST) rather than FIN.
+pub(crate) fn reset(stream: TcpStream) {
+    let socket = socket2::SockRef::from(&stream);
+    // SO_LINGER with a zero timeout makes close() send RST.
+    let _ = socket.set_linger(Some(std::time::Duration::ZERO));
 }

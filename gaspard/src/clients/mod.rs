@@ -9,8 +9,9 @@ mod connection;
 mod io;
 mod session;
 
+use crate::config::Cidr;
 use crate::logging::Throttle;
-use crate::metrics::{Metrics, Outcome};
+use crate::metrics::{Metrics, Outcome, Refusal};
 use crate::protocol::Status;
 use crate::workers::{Answer, RequestId, Requests};
 use budget::Budget;
@@ -21,6 +22,7 @@ use mio::{Interest, Registry, Token};
 use session::Body;
 use slab::Slab;
 use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -77,6 +79,18 @@ fn on_accept_error(error: &std::io::Error, in_a_row: u32) -> AcceptError {
     }
 }
 
+/// The warning for a listener that anyone who can reach it may use: bound
+/// beyond loopback with no --allow (as Redis's protected mode warns).
+fn exposure_warning(local: SocketAddr, allow: &[Cidr]) -> Option<String> {
+    if !allow.is_empty() || local.ip().to_canonical().is_loopback() {
+        return None;
+    }
+    Some(format!(
+        "the client port {local} is open to anyone who can reach it (the protocol has no \
+         authentication); say who may connect with --allow CIDR[,CIDR...], or firewall it"
+    ))
+}
+
 /// Whether new connections are taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Accepting {
@@ -98,6 +112,8 @@ pub(crate) struct Clients {
     budget: Budget,
     /// Connections waiting for the budget to read a body, oldest first.
     parked: VecDeque<usize>,
+    /// --allow: the clients' addresses that may connect; empty: any.
+    allow: Vec<Cidr>,
     /// A graceful stop is under way: sessions take no new requests.
     draining: bool,
     scratch: Vec<u8>,
@@ -111,6 +127,8 @@ pub(crate) struct Clients {
     accept_warnings: Throttle,
     /// Accept pausing over --max-buffered.
     budget_warnings: Throttle,
+    /// Connections from addresses not in --allow (a scan would flood it).
+    refusal_warnings: Throttle,
     metrics: Rc<Metrics>,
 }
 
@@ -119,8 +137,20 @@ impl Clients {
         listener: TcpListener,
         registry: Registry,
         limits: ClientLimits,
+        allow: Vec<Cidr>,
         metrics: Rc<Metrics>,
     ) -> Clients {
+        // The listener may be systemd's, so its own address is checked,
+        // not --bind.
+        if let Ok(local) = listener.local_addr() {
+            if let Some(warning) = exposure_warning(local, &allow) {
+                log::warn!("{warning}");
+            }
+        }
+        if !allow.is_empty() {
+            let list: Vec<String> = allow.iter().map(Cidr::to_string).collect();
+            log::info!("clients accepted only from {} (--allow)", list.join(", "));
+        }
         Clients {
             registry,
             listener: Some(listener),
@@ -129,6 +159,7 @@ impl Clients {
             budget: Budget::new(limits.max_buffered, Rc::clone(&metrics)),
             parked: VecDeque::new(),
             limits,
+            allow,
             draining: false,
             scratch: vec![0; SCRATCH_LEN],
             last_sweep: Instant::now(),
@@ -136,6 +167,7 @@ impl Clients {
             capacity_warnings: Throttle::default(),
             accept_warnings: Throttle::default(),
             budget_warnings: Throttle::default(),
+            refusal_warnings: Throttle::default(),
             metrics,
         }
     }
@@ -190,8 +222,8 @@ impl Clients {
             let Some(listener) = self.listener.as_ref() else {
                 return;
             };
-            let stream = match listener.accept() {
-                Ok((stream, _)) => stream,
+            let (stream, peer) = match listener.accept() {
+                Ok(accepted) => accepted,
                 Err(e) => match on_accept_error(&e, errors + 1) {
                     AcceptError::Done => return,
                     AcceptError::Retry => {
@@ -214,6 +246,10 @@ impl Clients {
                 },
             };
             errors = 0;
+            if !self.admits(peer.ip()) {
+                self.refuse(stream, peer);
+                continue;
+            }
             let conn = Connection::new(
                 stream,
                 self.limits.max_request_size,
@@ -227,6 +263,25 @@ impl Clients {
             self.drive(key, true, false, work);
             self.watch(key, work);
         }
+    }
+
+    /// Whether --allow lets a client at `addr` in.
+    fn admits(&self, addr: IpAddr) -> bool {
+        self.allow.is_empty() || self.allow.iter().any(|cidr| cidr.contains(addr))
+    }
+
+    /// Resets a connection from an address --allow does not list, before any
+    /// byte of it is read. The kernel completed the handshake already; only
+    /// a firewall can refuse the SYN itself.
+    fn refuse(&mut self, stream: mio::net::TcpStream, peer: SocketAddr) {
+        connection::reset(stream);
+        self.metrics.connection_refused(Refusal::not_allowed);
+        // As IPv4 if it came as IPv4-mapped, which is how it was matched.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        self.refusal_warnings.warn(
+            Instant::now(),
+            format_args!("client {peer}: address not in --allow; connection reset"),
+        );
     }
 
     /// Stops accepting, until `until` or (if `None`) until a connection closes.
@@ -326,6 +381,7 @@ impl Clients {
             &self.capacity_warnings,
             &self.accept_warnings,
             &self.budget_warnings,
+            &self.refusal_warnings,
         ];
         let flush = throttles.into_iter().filter_map(Throttle::next_flush).min();
         [paused_until, self.next_sweep(), flush]
@@ -348,6 +404,7 @@ impl Clients {
             &mut self.capacity_warnings,
             &mut self.accept_warnings,
             &mut self.budget_warnings,
+            &mut self.refusal_warnings,
         ] {
             throttle.flush(now);
         }
@@ -651,5 +708,33 @@ mod tests {
         assert_eq!(on_accept_error(&no_fds, 1), AcceptError::Pause);
         let empty = Error::from(ErrorKind::WouldBlock);
         assert_eq!(on_accept_error(&empty, 1), AcceptError::Done);
+    }
+
+    #[test]
+    fn a_port_beyond_loopback_without_allow_is_warned_about() {
+        let addr = |text: &str| text.parse::<SocketAddr>().unwrap();
+        let allow = ["10.0.0.0/8".parse::<Cidr>().unwrap()];
+        for open in [
+            "0.0.0.0:10123",
+            "[::]:10123",
+            "192.0.2.1:10123",
+            "[2001:db8::1]:1",
+        ] {
+            let warning = exposure_warning(addr(open), &[]).expect(open);
+            assert!(
+                warning.contains("open to anyone who can reach it"),
+                "{warning}"
+            );
+            assert!(warning.contains("--allow"), "{warning}");
+            assert_eq!(exposure_warning(addr(open), &allow), None, "{open}");
+        }
+        for local in [
+            "127.0.0.1:10123",
+            "127.0.0.2:1",
+            "[::1]:10123",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert_eq!(exposure_warning(addr(local), &[]), None, "{local}");
+        }
     }
 }

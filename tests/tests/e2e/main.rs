@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `gaspard` binary, real handler plugins, real
 //! TCP on 127.0.0.1. One module per area.
 
+mod allow;
 mod chaos;
 mod check;
 mod clients;
