@@ -4,7 +4,7 @@
 use gaspard_tests::{connect, is_reset, pack, read_reply, request, start};
 use std::io::Write;
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Closes a connection with a reset, the way a client that gives up does.
 fn abort(stream: TcpStream) {
@@ -85,6 +85,90 @@ fn past_max_connections_accept_pauses_until_one_closes() {
     assert!(!waiting.is_finished(), "served while at --max-connections");
     drop(idle);
     assert_eq!(waiting.join().unwrap().unwrap(), b"patience");
+}
+
+/// How many times a throttled line's event happened, from its log lines:
+/// (plain lines, summaries, the events the summaries counted).
+fn throttled(lines: &[String], message: &str) -> (usize, usize, u64) {
+    let (mut plain, mut summaries, mut held) = (0, 0, 0);
+    for line in lines.iter().filter(|line| line.contains(message)) {
+        // "MESSAGE (N more like it in the last S s)"
+        let count = line
+            .rsplit_once(" (")
+            .and_then(|(_, tail)| tail.split_once(" more like it in the last "))
+            .map(|(n, _)| n.parse::<u64>().expect("a count"));
+        match count {
+            Some(n) => {
+                summaries += 1;
+                held += n;
+            }
+            None => plain += 1,
+        }
+    }
+    (plain, summaries, held)
+}
+
+#[test]
+fn the_accept_pause_line_is_throttled_under_a_flood_at_max_connections() {
+    const CLIENTS: usize = 6;
+    const FLOOD: Duration = Duration::from_secs(3);
+    const MAX_PER_CLIENT: usize = 10_000;
+    const PAUSED: &str = "2 connections open (--max-connections); accept paused until one closes";
+    let daemon = start("echo", &["--workers", "1", "--max-connections", "2"]);
+    let addr = daemon.addr;
+    let start = Instant::now();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            std::thread::spawn(move || {
+                let mut sent = 0;
+                while sent < MAX_PER_CLIENT && start.elapsed() < FLOOD {
+                    let payload = format!("{client}:{sent}");
+                    let reply = request(addr, payload.as_bytes()).expect("served");
+                    assert_eq!(reply, payload.as_bytes());
+                    sent += 1;
+                }
+                sent
+            })
+        })
+        .collect();
+    let sent: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    // The last summary is due a second (the Throttle's window) after the
+    // line before it.
+    std::thread::sleep(Duration::from_millis(1300));
+    let lines = daemon.log.lines();
+    let (plain, summaries, held) = throttled(&lines, PAUSED);
+    let log = || {
+        // The first few: a test that fails because every line got through
+        // would print thousands.
+        let paused: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.contains(PAUSED))
+            .take(8)
+            .collect();
+        format!("{sent} requests; {plain} lines, {summaries} summaries of {held}: {paused:#?}")
+    };
+    assert!(plain >= 1, "{}", log());
+    // One line a second: the first, then a summary at most each second of
+    // the flood and one after it.
+    assert!(plain + summaries <= 5, "{}", log());
+    assert!(
+        held > 0,
+        "no summary counted the lines held back: {}",
+        log()
+    );
+    // Each pause but the first follows a close, so there are no more than
+    // requests; and the flood did pause accept again and again.
+    let paused = plain as u64 + held;
+    assert!(
+        paused > plain as u64 && paused <= sent as u64 + 1,
+        "{}",
+        log()
+    );
+    assert!(
+        paused >= 20,
+        "the flood hardly reached the limit: {}",
+        log()
+    );
 }
 
 #[test]
