@@ -78,6 +78,8 @@ struct Held {
     /// The latest of them, the one a summary shows.
     message: String,
     count: u64,
+    /// When the latest of them came.
+    latest: Instant,
 }
 
 impl Throttle {
@@ -114,9 +116,11 @@ impl Throttle {
             let held = self.held.get_or_insert(Held {
                 message: String::new(),
                 count: 0,
+                latest: now,
             });
             held.message = message.to_string();
             held.count += 1;
+            held.latest = now;
         } else {
             lines.push(message.to_string());
             self.last_line = Some(now);
@@ -131,9 +135,13 @@ impl Throttle {
             return None;
         }
         let held = self.held.take()?;
-        let since = self.last_line.map_or(Duration::ZERO, |last| now - last);
-        // Rounded up: every line counted came within the seconds named.
-        let seconds = since.as_millis().div_ceil(1000).max(1);
+        // From the line before them to the latest of them (not to now: a
+        // late flush must not stretch the span), rounded up, so that every
+        // line counted came within the seconds named.
+        let span = self.last_line.map_or(Duration::ZERO, |last| {
+            held.latest.saturating_duration_since(last)
+        });
+        let seconds = span.as_millis().div_ceil(1000).max(1);
         self.last_line = Some(now);
         Some(format!(
             "{} ({} more like it in the last {seconds} s)",
@@ -193,6 +201,18 @@ mod tests {
     }
 
     #[test]
+    fn a_flush_a_moment_late_still_names_the_second_the_lines_came_in() {
+        let start = Instant::now();
+        let mut throttle = Throttle::default();
+        throttle.lines_for(start, format_args!("first"));
+        throttle.lines_for(at(start, 999), format_args!("held"));
+        assert_eq!(
+            throttle.summary_due(at(start, 1001)).as_deref(),
+            Some("held (1 more like it in the last 1 s)")
+        );
+    }
+
+    #[test]
     fn a_late_flush_comes_before_the_next_line_and_names_its_own_message() {
         let start = Instant::now();
         let mut throttle = Throttle::default();
@@ -201,7 +221,7 @@ mod tests {
         // No flush at 1 s; the next warning comes at 2.5 s.
         assert_eq!(
             throttle.lines_for(at(start, 2500), format_args!("later")),
-            ["held (1 more like it in the last 3 s)"],
+            ["held (1 more like it in the last 1 s)"],
             "the count goes with the message held back, not the new one"
         );
         // The new one is held in the window that the summary opened.
