@@ -1,7 +1,7 @@
 //! Command-line flags and `GASPARD_*` environment variables, turned into one
 //! validated [`Config`].
 
-use clap::Parser;
+use clap::{ArgAction, Parser};
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -14,6 +14,8 @@ pub enum ConfigError {
     Seconds { flag: &'static str, value: f64 },
     #[error("--max-request-size {0} exceeds the protocol's limit of {limit} bytes", limit = gaspar_protocol::MAX_PAYLOAD)]
     RequestSize(u64),
+    #[error("expected 1, true, yes, on or 0, false, no, off (any case), not {0:?}")]
+    Switch(String),
     #[error("expected auto or a number from 1 to 64, not {0:?}")]
     Credit(String),
 }
@@ -77,7 +79,7 @@ pub struct Cli {
     pub log_level: Option<log::LevelFilter>,
 
     /// Load and validate the handler, print what was found, and exit (like `nginx -t`).
-    #[arg(long, env = "GASPARD_CHECK")]
+    #[arg(long, env = "GASPARD_CHECK", action = ArgAction::SetTrue, value_parser = parse_switch)]
     pub check: bool,
 
     /// Largest request accepted, in bytes (suffixes K, M, G); a larger announced
@@ -256,6 +258,17 @@ impl Config {
     }
 }
 
+/// The value of an on/off flag set by its environment variable
+/// (`GASPARD_CHECK=1`). clap's plain `bool` takes only `true` and `false`;
+/// this takes the usual spellings, and names them when refusing another.
+fn parse_switch(text: &str) -> Result<bool, ConfigError> {
+    match text.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError::Switch(text.to_string())),
+    }
+}
+
 /// `--worker-credit`: `auto`, or a number from 1 to 64.
 fn parse_credit(text: &str) -> Result<Credit, ConfigError> {
     if text == "auto" {
@@ -294,6 +307,49 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("--max-request-size 5368709120 exceeds"));
+    }
+
+    /// What clap makes of an on/off flag's environment variable: the
+    /// value goes through the flag's value parser, tried here directly
+    /// (setting variables in a multi-threaded test process is not safe).
+    #[test]
+    fn a_switch_takes_the_usual_spellings_and_names_them_when_refusing() {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        command.build();
+        let arg = command
+            .get_arguments()
+            .find(|arg| arg.get_id() == "check")
+            .unwrap();
+        use clap::builder::TypedValueParser;
+        fn parse(
+            parser: &impl TypedValueParser<Value = bool>,
+            command: &clap::Command,
+            arg: &clap::Arg,
+            value: &str,
+        ) -> Result<bool, String> {
+            parser
+                .parse_ref(command, Some(arg), std::ffi::OsStr::new(value))
+                .map_err(|e| e.to_string())
+        }
+        // clap's own parser for a `bool` field takes `true` and `false` only.
+        let plain = &clap::builder::BoolValueParser::new();
+        assert_eq!(parse(plain, &command, arg, "true"), Ok(true));
+        assert!(parse(plain, &command, arg, "1").is_err());
+        assert!(parse(plain, &command, arg, "yes").is_err());
+
+        let switch = &parse_switch;
+        for on in ["1", "true", "yes", "on", "TRUE", "Yes", "ON"] {
+            assert_eq!(parse(switch, &command, arg, on), Ok(true), "{on:?}");
+        }
+        for off in ["0", "false", "no", "off", "False", "NO", "Off"] {
+            assert_eq!(parse(switch, &command, arg, off), Ok(false), "{off:?}");
+        }
+        for bad in ["maybe", "2", ""] {
+            let error = parse(switch, &command, arg, bad).unwrap_err();
+            println!("{bad:?}: {error}");
+            assert!(error.contains("--check"), "{bad:?}: {error}");
+            assert!(error.contains("1, true, yes, on"), "{bad:?}: {error}");
+        }
     }
 
     #[test]

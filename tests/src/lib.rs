@@ -481,9 +481,18 @@ pub fn compile_c_library(dir: &Path, name: &str, source: &str) -> PathBuf {
 /// a daemon that unexpectedly serves fails the test instead of hanging it).
 /// Returns (status, stdout, stderr); the status is `None` if it was killed.
 pub fn run_gaspard<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (Option<ExitStatus>, String, String) {
+    run_gaspard_with_env(args, &[])
+}
+
+/// Like [`run_gaspard`], with extra environment variables.
+pub fn run_gaspard_with_env<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    env: &[(&str, &str)],
+) -> (Option<ExitStatus>, String, String) {
     let mut child = Command::new(gaspard_bin())
         .args(args)
         .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -1,6 +1,6 @@
 //! Refusing what is not a usable handler: `--check`, and the same at start-up.
 
-use gaspard_tests::{compile_c_library, handler, launch, run_gaspard};
+use gaspard_tests::{compile_c_library, handler, launch, run_gaspard, run_gaspard_with_env};
 use std::path::{Path, PathBuf};
 
 /// A real shared library that is not a gaspard handler: the C library this
@@ -362,5 +362,24 @@ fn check_names_a_symlinked_handler_as_given_like_the_daemon() {
     assert!(
         stdout.starts_with(&format!("handler {}: ok: ", link.display())),
         "{stdout}"
+    );
+}
+
+#[test]
+fn gaspard_check_in_the_environment_takes_the_usual_spellings() {
+    let echo = handler("echo");
+    let args = ["--handler".into(), echo.as_os_str().to_owned()];
+    for on in ["1", "yes", "ON", "true"] {
+        let (status, stdout, stderr) = run_gaspard_with_env(&args, &[("GASPARD_CHECK", on)]);
+        assert_eq!(status.unwrap().code(), Some(0), "{on}: {stderr}");
+        assert!(stdout.contains("ok"), "{on}: {stdout}");
+    }
+    let (status, stdout, stderr) = run_gaspard_with_env(&args, &[("GASPARD_CHECK", "maybe")]);
+    assert_eq!(status.unwrap().code(), Some(2), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains(
+            "invalid value 'maybe' for '--check': expected 1, true, yes, on or 0, false, no, off"
+        ),
+        "{stderr}"
     );
 }
