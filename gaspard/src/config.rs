@@ -2,7 +2,7 @@
 //! validated [`Config`].
 
 use clap::{ArgAction, Parser};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,6 +14,10 @@ pub enum ConfigError {
     Seconds { flag: &'static str, value: f64 },
     #[error("--max-request-size {0} exceeds the protocol's limit of {limit} bytes", limit = gaspar_protocol::MAX_PAYLOAD)]
     RequestSize(u64),
+    #[error("--bind {host}: cannot resolve it: {reason}")]
+    Resolve { host: String, reason: String },
+    #[error("--bind {0}: the name has no address")]
+    NoAddress(String),
     #[error("expected 1, true, yes, on or 0, false, no, off (any case), not {0:?}")]
     Switch(String),
     #[error("expected auto or a number from 1 to 64, not {0:?}")]
@@ -52,14 +56,16 @@ pub struct Cli {
     #[arg(long, env = "GASPARD_PORT", default_value_t = 10123)]
     pub port: u16,
 
-    /// Address to listen on. Exposing the port beyond this host is a deliberate choice.
+    /// Address or host name to listen on; a name is resolved at start, and
+    /// the first of its addresses is used. Exposing the port beyond this host
+    /// is a deliberate choice.
     #[arg(
         long,
         env = "GASPARD_BIND",
         default_value = "127.0.0.1",
-        value_name = "ADDR"
+        value_name = "ADDR|HOST"
     )]
-    pub bind: IpAddr,
+    pub bind: String,
 
     /// Number of worker processes [default: the CPUs available to gaspard].
     #[arg(long, env = "GASPARD_WORKERS", value_name = "N")]
@@ -235,7 +241,7 @@ impl Config {
         Ok(Config {
             handler: cli.handler.clone(),
             handler_config: cli.handler_config.clone(),
-            listen: SocketAddr::new(cli.bind, cli.port),
+            listen: resolve_bind(&cli.bind, cli.port)?,
             workers: cli.workers.map_or_else(default_workers, NonZeroUsize::get),
             max_request_size,
             timeout: (!timeout.is_zero()).then_some(timeout),
@@ -256,6 +262,48 @@ impl Config {
             metrics: cli.metrics,
         })
     }
+}
+
+/// `--bind`: an IP address (IPv6 with or without brackets), or a host name
+/// resolved now, once. A name with several addresses (`localhost` may be
+/// 127.0.0.1 and ::1) gets the first, in the resolver's order of preference
+/// (`/etc/gai.conf`), and the log says which of them.
+fn resolve_bind(host: &str, port: u16) -> Result<SocketAddr, ConfigError> {
+    let literal = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if let Ok(ip) = literal.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| ConfigError::Resolve {
+            host: host.to_string(),
+            reason: e.to_string(),
+        })?
+        .collect();
+    let (chosen, note) = first_address(host, &addrs)?;
+    log::info!("{note}");
+    Ok(chosen)
+}
+
+/// The address a name's `addrs` give, and the log line that says so.
+fn first_address(host: &str, addrs: &[SocketAddr]) -> Result<(SocketAddr, String), ConfigError> {
+    let (&chosen, rest) = addrs
+        .split_first()
+        .ok_or_else(|| ConfigError::NoAddress(host.to_string()))?;
+    let note = if rest.is_empty() {
+        format!("--bind {host} resolves to {}", chosen.ip())
+    } else {
+        let all: Vec<String> = addrs.iter().map(|a| a.ip().to_string()).collect();
+        format!(
+            "--bind {host} resolves to {}: binding the first, {}",
+            all.join(", "),
+            chosen.ip()
+        )
+    };
+    Ok((chosen, note))
 }
 
 /// The value of an on/off flag set by its environment variable
@@ -350,6 +398,52 @@ mod tests {
             assert!(error.contains("--check"), "{bad:?}: {error}");
             assert!(error.contains("1, true, yes, on"), "{bad:?}: {error}");
         }
+    }
+
+    #[test]
+    fn bind_takes_an_address_or_a_name_resolved_to_its_first_address() {
+        let listen = |bind: &str| {
+            let cli = Cli::parse_from([
+                "gaspard",
+                "--handler",
+                "x.so",
+                "--port",
+                "9",
+                "--bind",
+                bind,
+            ]);
+            Config::from_cli(&cli).map(|config| config.listen.to_string())
+        };
+        assert_eq!(listen("127.0.0.1").unwrap(), "127.0.0.1:9");
+        assert_eq!(listen("0.0.0.0").unwrap(), "0.0.0.0:9");
+        assert_eq!(listen("::1").unwrap(), "[::1]:9");
+        assert_eq!(listen("[::1]").unwrap(), "[::1]:9");
+        let local = listen("localhost").unwrap().parse::<SocketAddr>().unwrap();
+        assert!(local.ip().is_loopback(), "{local}");
+        assert_eq!(local.port(), 9);
+        let error = listen("no-such-host.invalid").unwrap_err().to_string();
+        assert!(
+            error.starts_with("--bind no-such-host.invalid: cannot resolve it: "),
+            "{error}"
+        );
+
+        let v4: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let v6: SocketAddr = "[::1]:9".parse().unwrap();
+        assert_eq!(
+            first_address("localhost", &[v6, v4]).unwrap(),
+            (
+                v6,
+                "--bind localhost resolves to ::1, 127.0.0.1: binding the first, ::1".to_string()
+            )
+        );
+        assert_eq!(
+            first_address("localhost", &[v4]).unwrap().1,
+            "--bind localhost resolves to 127.0.0.1"
+        );
+        assert_eq!(
+            first_address("nothing", &[]).unwrap_err().to_string(),
+            "--bind nothing: the name has no address"
+        );
     }
 
     #[test]
