@@ -14,6 +14,10 @@ pub enum ConfigError {
     Seconds { flag: &'static str, value: f64 },
     #[error("--max-request-size {0} exceeds the protocol's limit of {limit} bytes", limit = gaspar_protocol::MAX_PAYLOAD)]
     RequestSize(u64),
+    #[error(
+        "--group {0} needs --user: changing the group alone would leave gaspard running as root"
+    )]
+    GroupWithoutUser(String),
     #[error("--bind {host}: cannot resolve it: {reason}")]
     Resolve { host: String, reason: String },
     #[error("--bind {0}: the name has no address")]
@@ -183,7 +187,8 @@ pub struct Cli {
     #[arg(long, env = "GASPARD_USER", value_name = "USER")]
     pub user: Option<String>,
 
-    /// After binding the port, run as this group [default: the user's group].
+    /// With --user: run as this group instead of the user's own. Refused
+    /// without --user, which would leave gaspard running as root.
     #[arg(long, env = "GASPARD_GROUP", value_name = "GROUP")]
     pub group: Option<String>,
 
@@ -229,6 +234,11 @@ impl Config {
         let seconds = |flag: &'static str, value: f64| {
             Duration::try_from_secs_f64(value).map_err(|_| ConfigError::Seconds { flag, value })
         };
+        // Changing the group alone takes root (CAP_SETGID), and keeps it: a
+        // drop that is no drop at all. Refused rather than done quietly.
+        if let (Some(group), None) = (&cli.group, &cli.user) {
+            return Err(ConfigError::GroupWithoutUser(group.clone()));
+        }
         let timeout = seconds("timeout", cli.timeout)?;
         let read_timeout = seconds("read-timeout", cli.read_timeout)?;
         // The frame header is 32 bits, and its all-ones value announces the
@@ -444,6 +454,22 @@ mod tests {
             first_address("nothing", &[]).unwrap_err().to_string(),
             "--bind nothing: the name has no address"
         );
+    }
+
+    #[test]
+    fn group_is_refused_without_user() {
+        let config = |args: &[&str]| {
+            let cli = Cli::parse_from([&["gaspard", "--handler", "x.so"], args].concat());
+            Config::from_cli(&cli).map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            config(&["--group", "nogroup"]).unwrap_err(),
+            "--group nogroup needs --user: changing the group alone would leave gaspard running as root"
+        );
+        let both = config(&["--user", "nobody", "--group", "nogroup"]).unwrap();
+        assert_eq!(both.user.as_deref(), Some("nobody"));
+        assert_eq!(both.group.as_deref(), Some("nogroup"));
+        assert_eq!(config(&["--user", "nobody"]).unwrap().group, None);
     }
 
     #[test]

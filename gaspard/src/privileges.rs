@@ -27,8 +27,9 @@ pub enum PrivilegeError {
     Regainable,
 }
 
-/// Switches to `user` (with its primary group, unless `group` is given) or to
-/// `group` alone. A no-op when neither is given.
+/// Switches to `user` (with its primary group, unless `group` is given). A
+/// no-op when neither is given; `group` alone is refused by
+/// `Config::from_cli`.
 pub(crate) fn drop_to(user: Option<&str>, group: Option<&str>) -> Result<(), PrivilegeError> {
     if user.is_none() && group.is_none() {
         return Ok(());
