@@ -10,6 +10,8 @@ use std::time::Duration;
 /// Why the flags do not make a configuration.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConfigError {
+    #[error("--workers {0} is more than the {max} supported", max = crate::workers::MAX_WORKERS / 2)]
+    TooManyWorkers(usize),
     #[error("--{flag} must be a number of seconds >= 0, not {value}")]
     Seconds { flag: &'static str, value: f64 },
     #[error("--max-request-size {0} exceeds the protocol's limit of {limit} bytes", limit = gaspar_protocol::MAX_PAYLOAD)]
@@ -203,7 +205,8 @@ pub struct Cli {
 
 pub use gaspar_protocol::parse_size;
 
-/// Everything the daemon needs, validated.
+/// Everything the daemon needs, validated: `--check` builds it too, so that
+/// it refuses what the daemon would.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub handler: PathBuf,
@@ -248,11 +251,16 @@ impl Config {
             .ok()
             .filter(|&size| u64::from(size) <= protocol_limit)
             .ok_or(ConfigError::RequestSize(cli.max_request_size))?;
+        // Half the slots: a reload runs old and new workers side by side.
+        let workers = cli.workers.map_or_else(default_workers, NonZeroUsize::get);
+        if workers > crate::workers::MAX_WORKERS / 2 {
+            return Err(ConfigError::TooManyWorkers(workers));
+        }
         Ok(Config {
             handler: cli.handler.clone(),
             handler_config: cli.handler_config.clone(),
             listen: resolve_bind(&cli.bind, cli.port)?,
-            workers: cli.workers.map_or_else(default_workers, NonZeroUsize::get),
+            workers,
             max_request_size,
             timeout: (!timeout.is_zero()).then_some(timeout),
             read_timeout: (!read_timeout.is_zero()).then_some(read_timeout),

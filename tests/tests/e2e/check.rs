@@ -383,3 +383,31 @@ fn gaspard_check_in_the_environment_takes_the_usual_spellings() {
         "{stderr}"
     );
 }
+
+#[test]
+fn check_refuses_the_flags_the_daemon_refuses_with_the_same_message() {
+    let echo = handler("echo");
+    let cases: [&[&str]; 5] = [
+        &["--max-request-size", "5G"],
+        &["--workers", "100000"],
+        &["--timeout=-1"],
+        &["--group", "nogroup"],
+        &["--bind", "no-such-host.invalid"],
+    ];
+    for flags in cases {
+        let mut daemon: Vec<std::ffi::OsString> = vec!["--handler".into(), echo.as_os_str().into()];
+        daemon.extend(["--port", "0"].iter().chain(flags).map(Into::into));
+        let (status, _, refused) = run_gaspard(&daemon);
+        assert_eq!(status.unwrap().code(), Some(2), "{flags:?}: {refused}");
+        assert!(refused.starts_with("gaspard: --"), "{flags:?}: {refused}");
+
+        let (status, stdout, stderr) = check(&echo, flags);
+        assert_eq!(
+            status.unwrap().code(),
+            Some(2),
+            "{flags:?}: {stdout}{stderr}"
+        );
+        assert_eq!(stderr, refused, "{flags:?}");
+        assert!(!stdout.contains("ok"), "{flags:?}: {stdout}");
+    }
+}
