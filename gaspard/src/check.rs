@@ -128,6 +128,7 @@ pub fn run_child(mut args: impl Iterator<Item = OsString>) -> ExitCode {
         eprintln!("gaspard: check mode is started by gaspard --check itself");
         return ExitCode::from(2);
     };
+    crate::worker::close_inherited_fds(&[fd]);
     let Some(mut report) = inherited_pipe(fd) else {
         eprintln!("gaspard: fd {fd} is not the pipe that gaspard --check passes");
         return ExitCode::from(2);
