@@ -39,7 +39,7 @@ fn main() -> ExitCode {
         }
     };
     if cli.check {
-        return match check::check(&config.handler, &config.handler_config) {
+        return match check::check(&config) {
             Ok(report) => {
                 println!("{report}");
                 ExitCode::SUCCESS

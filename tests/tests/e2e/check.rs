@@ -411,3 +411,33 @@ fn check_refuses_the_flags_the_daemon_refuses_with_the_same_message() {
         assert!(!stdout.contains("ok"), "{flags:?}: {stdout}");
     }
 }
+
+#[test]
+fn check_refuses_an_unknown_user_or_group_as_the_daemon_does() {
+    let echo = handler("echo");
+    let cases: [&[&str]; 2] = [
+        &["--user", "no-such-gaspard-user"],
+        &["--user", "root", "--group", "no-such-gaspard-group"],
+    ];
+    for flags in cases {
+        let mut daemon: Vec<std::ffi::OsString> = vec!["--handler".into(), echo.as_os_str().into()];
+        daemon.extend(["--port", "0"].iter().chain(flags).map(Into::into));
+        let (status, _, stderr) = run_gaspard(&daemon);
+        assert_eq!(status.unwrap().code(), Some(1), "{flags:?}: {stderr}");
+        let refused: Vec<&str> = stderr
+            .lines()
+            .filter(|line| line.starts_with("gaspard: "))
+            .collect();
+        assert_eq!(refused.len(), 1, "{flags:?}: {stderr}");
+        assert!(refused[0].contains(": no such "), "{flags:?}: {stderr}");
+
+        let (status, stdout, stderr) = check(&echo, flags);
+        assert_eq!(
+            status.unwrap().code(),
+            Some(1),
+            "{flags:?}: {stdout}{stderr}"
+        );
+        assert_eq!(stderr, refused[0], "{flags:?}");
+        assert!(stdout.is_empty(), "{flags:?}: {stdout}");
+    }
+}
