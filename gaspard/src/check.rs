@@ -7,6 +7,7 @@
 //! and a failing exit status, which only a process watching from outside
 //! can do. The child writes how far it got to a pipe.
 
+use crate::config::Config;
 use crate::plugin::Plugin;
 use gaspard_handler_abi::ABI_VERSION;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
@@ -38,6 +39,9 @@ const REFUSED: &str = "refused ";
 /// Why `--check` failed. Each message is one line naming the file.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
+    /// `--user` or `--group` names nobody; worded as the daemon says it.
+    #[error("{0}")]
+    Privileges(#[from] crate::privileges::PrivilegeError),
     #[error("handler {path}: cannot open: {source}")]
     Open {
         path: PathBuf,
@@ -56,9 +60,14 @@ pub enum CheckError {
     Shutdown { path: PathBuf, how: String },
 }
 
-/// Loads the handler in a child process, runs its init with `config`, and
-/// shuts it down again. Returns the report for stdout.
-pub fn check(handler: &Path, config: &str) -> Result<String, CheckError> {
+/// Checks what the daemon would check at start without side effects: the
+/// `--user` and `--group` names, then the handler: loads it in a child
+/// process, runs its init with the handler config, and shuts it down again.
+/// Returns the report for stdout. The flags themselves are validated by
+/// building `config`.
+pub fn check(config: &Config) -> Result<String, CheckError> {
+    crate::privileges::look_up(config.user.as_deref(), config.group.as_deref())?;
+    let (handler, config) = (&config.handler, config.handler_config.as_str());
     // Absolute but not resolved, as the daemon names it.
     let path = std::path::absolute(handler)
         .and_then(|path| std::fs::metadata(&path).map(|_| path))
@@ -128,6 +137,7 @@ pub fn run_child(mut args: impl Iterator<Item = OsString>) -> ExitCode {
         eprintln!("gaspard: check mode is started by gaspard --check itself");
         return ExitCode::from(2);
     };
+    crate::worker::close_inherited_fds(&[fd]);
     let Some(mut report) = inherited_pipe(fd) else {
         eprintln!("gaspard: fd {fd} is not the pipe that gaspard --check passes");
         return ExitCode::from(2);

@@ -1,8 +1,8 @@
 //! Command-line flags and `GASPARD_*` environment variables, turned into one
 //! validated [`Config`].
 
-use clap::Parser;
-use std::net::{IpAddr, SocketAddr};
+use clap::{ArgAction, Parser};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,10 +10,22 @@ use std::time::Duration;
 /// Why the flags do not make a configuration.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConfigError {
+    #[error("--workers {0} is more than the {max} supported", max = crate::workers::MAX_WORKERS / 2)]
+    TooManyWorkers(usize),
     #[error("--{flag} must be a number of seconds >= 0, not {value}")]
     Seconds { flag: &'static str, value: f64 },
     #[error("--max-request-size {0} exceeds the protocol's limit of {limit} bytes", limit = gaspar_protocol::MAX_PAYLOAD)]
     RequestSize(u64),
+    #[error(
+        "--group {0} needs --user: changing the group alone would leave gaspard running as root"
+    )]
+    GroupWithoutUser(String),
+    #[error("--bind {host}: cannot resolve it: {reason}")]
+    Resolve { host: String, reason: String },
+    #[error("--bind {0}: the name has no address")]
+    NoAddress(String),
+    #[error("expected 1, true, yes, on or 0, false, no, off (any case), not {0:?}")]
+    Switch(String),
     #[error("expected auto or a number from 1 to 64, not {0:?}")]
     Credit(String),
     #[error("expected an IPv4 or IPv6 address, optionally /PREFIX, not {0:?}")]
@@ -60,14 +72,16 @@ pub struct Cli {
     #[arg(long, env = "GASPARD_PORT", default_value_t = 10123)]
     pub port: u16,
 
-    /// Address to listen on. Exposing the port beyond this host is a deliberate choice.
+    /// Address or host name to listen on; a name is resolved at start, and
+    /// the first of its addresses is used. Exposing the port beyond this host
+    /// is a deliberate choice.
     #[arg(
         long,
         env = "GASPARD_BIND",
         default_value = "127.0.0.1",
-        value_name = "ADDR"
+        value_name = "ADDR|HOST"
     )]
-    pub bind: IpAddr,
+    pub bind: String,
 
     /// Accept clients only from these addresses (ADDR or ADDR/PREFIX, IPv4 or
     /// IPv6; repeat the flag or separate with commas). Others are reset at
@@ -98,7 +112,7 @@ pub struct Cli {
     pub log_level: Option<log::LevelFilter>,
 
     /// Load and validate the handler, print what was found, and exit (like `nginx -t`).
-    #[arg(long, env = "GASPARD_CHECK")]
+    #[arg(long, env = "GASPARD_CHECK", action = ArgAction::SetTrue, value_parser = parse_switch)]
     pub check: bool,
 
     /// Largest request accepted, in bytes (suffixes K, M, G); a larger announced
@@ -204,7 +218,8 @@ pub struct Cli {
     #[arg(long, env = "GASPARD_USER", value_name = "USER")]
     pub user: Option<String>,
 
-    /// After binding the port, run as this group [default: the user's group].
+    /// With --user: run as this group instead of the user's own. Refused
+    /// without --user, which would leave gaspard running as root.
     #[arg(long, env = "GASPARD_GROUP", value_name = "GROUP")]
     pub group: Option<String>,
 
@@ -219,7 +234,8 @@ pub struct Cli {
 
 pub use gaspar_protocol::parse_size;
 
-/// Everything the daemon needs, validated.
+/// Everything the daemon needs, validated: `--check` builds it too, so that
+/// it refuses what the daemon would.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub handler: PathBuf,
@@ -253,6 +269,11 @@ impl Config {
         let seconds = |flag: &'static str, value: f64| {
             Duration::try_from_secs_f64(value).map_err(|_| ConfigError::Seconds { flag, value })
         };
+        // Changing the group alone takes root (CAP_SETGID), and keeps it: a
+        // drop that is no drop at all. Refused rather than done quietly.
+        if let (Some(group), None) = (&cli.group, &cli.user) {
+            return Err(ConfigError::GroupWithoutUser(group.clone()));
+        }
         let timeout = seconds("timeout", cli.timeout)?;
         let read_timeout = seconds("read-timeout", cli.read_timeout)?;
         // The frame header is 32 bits, and its all-ones value announces the
@@ -262,12 +283,17 @@ impl Config {
             .ok()
             .filter(|&size| u64::from(size) <= protocol_limit)
             .ok_or(ConfigError::RequestSize(cli.max_request_size))?;
+        // Half the slots: a reload runs old and new workers side by side.
+        let workers = cli.workers.map_or_else(default_workers, NonZeroUsize::get);
+        if workers > crate::workers::MAX_WORKERS / 2 {
+            return Err(ConfigError::TooManyWorkers(workers));
+        }
         Ok(Config {
             handler: cli.handler.clone(),
             handler_config: cli.handler_config.clone(),
-            listen: SocketAddr::new(cli.bind, cli.port),
+            listen: resolve_bind(&cli.bind, cli.port)?,
             allow: cli.allow.clone(),
-            workers: cli.workers.map_or_else(default_workers, NonZeroUsize::get),
+            workers,
             max_request_size,
             timeout: (!timeout.is_zero()).then_some(timeout),
             read_timeout: (!read_timeout.is_zero()).then_some(read_timeout),
@@ -287,6 +313,59 @@ impl Config {
             group: cli.group.clone(),
             metrics: cli.metrics,
         })
+    }
+}
+
+/// `--bind`: an IP address (IPv6 with or without brackets), or a host name
+/// resolved now, once. A name with several addresses (`localhost` may be
+/// 127.0.0.1 and ::1) gets the first, in the resolver's order of preference
+/// (`/etc/gai.conf`), and the log says which of them.
+fn resolve_bind(host: &str, port: u16) -> Result<SocketAddr, ConfigError> {
+    let literal = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if let Ok(ip) = literal.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| ConfigError::Resolve {
+            host: host.to_string(),
+            reason: e.to_string(),
+        })?
+        .collect();
+    let (chosen, note) = first_address(host, &addrs)?;
+    log::info!("{note}");
+    Ok(chosen)
+}
+
+/// The address a name's `addrs` give, and the log line that says so.
+fn first_address(host: &str, addrs: &[SocketAddr]) -> Result<(SocketAddr, String), ConfigError> {
+    let (&chosen, rest) = addrs
+        .split_first()
+        .ok_or_else(|| ConfigError::NoAddress(host.to_string()))?;
+    let note = if rest.is_empty() {
+        format!("--bind {host} resolves to {}", chosen.ip())
+    } else {
+        let all: Vec<String> = addrs.iter().map(|a| a.ip().to_string()).collect();
+        format!(
+            "--bind {host} resolves to {}: binding the first, {}",
+            all.join(", "),
+            chosen.ip()
+        )
+    };
+    Ok((chosen, note))
+}
+
+/// The value of an on/off flag set by its environment variable
+/// (`GASPARD_CHECK=1`). clap's plain `bool` takes only `true` and `false`;
+/// this takes the usual spellings, and names them when refusing another.
+fn parse_switch(text: &str) -> Result<bool, ConfigError> {
+    match text.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError::Switch(text.to_string())),
     }
 }
 
@@ -529,6 +608,111 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(config.allow, [cidr("127.0.0.2/32").unwrap()]);
+    }
+
+    /// What clap makes of an on/off flag's environment variable: the
+    /// value goes through the flag's value parser, tried here directly
+    /// (setting variables in a multi-threaded test process is not safe).
+    #[test]
+    fn a_switch_takes_the_usual_spellings_and_names_them_when_refusing() {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        command.build();
+        let arg = command
+            .get_arguments()
+            .find(|arg| arg.get_id() == "check")
+            .unwrap();
+        use clap::builder::TypedValueParser;
+        fn parse(
+            parser: &impl TypedValueParser<Value = bool>,
+            command: &clap::Command,
+            arg: &clap::Arg,
+            value: &str,
+        ) -> Result<bool, String> {
+            parser
+                .parse_ref(command, Some(arg), std::ffi::OsStr::new(value))
+                .map_err(|e| e.to_string())
+        }
+        // clap's own parser for a `bool` field takes `true` and `false` only.
+        let plain = &clap::builder::BoolValueParser::new();
+        assert_eq!(parse(plain, &command, arg, "true"), Ok(true));
+        assert!(parse(plain, &command, arg, "1").is_err());
+        assert!(parse(plain, &command, arg, "yes").is_err());
+
+        let switch = &parse_switch;
+        for on in ["1", "true", "yes", "on", "TRUE", "Yes", "ON"] {
+            assert_eq!(parse(switch, &command, arg, on), Ok(true), "{on:?}");
+        }
+        for off in ["0", "false", "no", "off", "False", "NO", "Off"] {
+            assert_eq!(parse(switch, &command, arg, off), Ok(false), "{off:?}");
+        }
+        for bad in ["maybe", "2", ""] {
+            let error = parse(switch, &command, arg, bad).unwrap_err();
+            println!("{bad:?}: {error}");
+            assert!(error.contains("--check"), "{bad:?}: {error}");
+            assert!(error.contains("1, true, yes, on"), "{bad:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn bind_takes_an_address_or_a_name_resolved_to_its_first_address() {
+        let listen = |bind: &str| {
+            let cli = Cli::parse_from([
+                "gaspard",
+                "--handler",
+                "x.so",
+                "--port",
+                "9",
+                "--bind",
+                bind,
+            ]);
+            Config::from_cli(&cli).map(|config| config.listen.to_string())
+        };
+        assert_eq!(listen("127.0.0.1").unwrap(), "127.0.0.1:9");
+        assert_eq!(listen("0.0.0.0").unwrap(), "0.0.0.0:9");
+        assert_eq!(listen("::1").unwrap(), "[::1]:9");
+        assert_eq!(listen("[::1]").unwrap(), "[::1]:9");
+        let local = listen("localhost").unwrap().parse::<SocketAddr>().unwrap();
+        assert!(local.ip().is_loopback(), "{local}");
+        assert_eq!(local.port(), 9);
+        let error = listen("no-such-host.invalid").unwrap_err().to_string();
+        assert!(
+            error.starts_with("--bind no-such-host.invalid: cannot resolve it: "),
+            "{error}"
+        );
+
+        let v4: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let v6: SocketAddr = "[::1]:9".parse().unwrap();
+        assert_eq!(
+            first_address("localhost", &[v6, v4]).unwrap(),
+            (
+                v6,
+                "--bind localhost resolves to ::1, 127.0.0.1: binding the first, ::1".to_string()
+            )
+        );
+        assert_eq!(
+            first_address("localhost", &[v4]).unwrap().1,
+            "--bind localhost resolves to 127.0.0.1"
+        );
+        assert_eq!(
+            first_address("nothing", &[]).unwrap_err().to_string(),
+            "--bind nothing: the name has no address"
+        );
+    }
+
+    #[test]
+    fn group_is_refused_without_user() {
+        let config = |args: &[&str]| {
+            let cli = Cli::parse_from([&["gaspard", "--handler", "x.so"], args].concat());
+            Config::from_cli(&cli).map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            config(&["--group", "nogroup"]).unwrap_err(),
+            "--group nogroup needs --user: changing the group alone would leave gaspard running as root"
+        );
+        let both = config(&["--user", "nobody", "--group", "nogroup"]).unwrap();
+        assert_eq!(both.user.as_deref(), Some("nobody"));
+        assert_eq!(both.group.as_deref(), Some("nogroup"));
+        assert_eq!(config(&["--user", "nobody"]).unwrap().group, None);
     }
 
     #[test]

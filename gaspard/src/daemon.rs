@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::notify::{self, Notifier};
 use crate::scrape::{Scrapes, METRICS_LISTENER, SCRAPE_BASE, SCRAPE_END};
 use crate::workers::{
-    Notice, Recycling, Workers, WorkersConfig, WorkersError, LINK_BASE, LINK_END, MAX_WORKERS,
+    Notice, Recycling, Workers, WorkersConfig, WorkersError, LINK_BASE, LINK_END,
 };
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
@@ -46,8 +46,6 @@ const RESERVED_FDS: usize = 64;
 /// Why the daemon could not start, or stopped serving.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("--workers {0} is more than the {max} supported", max = MAX_WORKERS / 2)]
-    TooManyWorkers(usize),
     #[error("handler {path}: cannot open: {source}")]
     Handler { path: PathBuf, source: io::Error },
     #[error("handler {path}: cannot copy it: {source}")]
@@ -120,9 +118,6 @@ impl Daemon {
     /// Binds the port (or takes systemd's), drops privileges, creates the
     /// runtime directory. `log_filter` is passed on to the workers' logging.
     pub fn new(config: Config, log_filter: &str) -> Result<Daemon, DaemonError> {
-        if config.workers > MAX_WORKERS / 2 {
-            return Err(DaemonError::TooManyWorkers(config.workers));
-        }
         // Absolute but not resolved: a reload follows a symlink that was
         // re-pointed since (the usual way to deploy a new version).
         let handler = std::path::absolute(&config.handler)

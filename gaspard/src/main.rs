@@ -29,8 +29,17 @@ fn main() -> ExitCode {
 
     let cli = Cli::parse();
     let log_filter = logging::init(cli.log_level);
+    // Flags that make no configuration are usage errors, with --check too:
+    // it must refuse what the daemon would.
+    let config = match Config::from_cli(&cli) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("gaspard: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if cli.check {
-        return match check::check(&cli.handler, &cli.handler_config) {
+        return match check::check(&config) {
             Ok(report) => {
                 println!("{report}");
                 ExitCode::SUCCESS
@@ -41,7 +50,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    match serve(&cli, &log_filter) {
+    match serve(config, &log_filter) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gaspard: {e}");
@@ -52,8 +61,7 @@ fn main() -> ExitCode {
 
 /// Runs the daemon until it stops. Each error's message already says what
 /// it is about, its cause included.
-fn serve(cli: &Cli, log_filter: &str) -> anyhow::Result<()> {
-    let config = Config::from_cli(cli)?;
+fn serve(config: Config, log_filter: &str) -> anyhow::Result<()> {
     Daemon::new(config, log_filter)?.run()?;
     Ok(())
 }

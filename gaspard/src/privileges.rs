@@ -27,11 +27,21 @@ pub enum PrivilegeError {
     Regainable,
 }
 
-/// Switches to `user` (with its primary group, unless `group` is given) or to
-/// `group` alone. A no-op when neither is given.
-pub(crate) fn drop_to(user: Option<&str>, group: Option<&str>) -> Result<(), PrivilegeError> {
+/// Who to become, looked up.
+pub(crate) struct Target {
+    user: Option<User>,
+    gid: Gid,
+}
+
+/// Looks `user` and `group` up without changing anything (`--check` runs it
+/// too, so that it refuses an unknown name as the daemon would). `None`
+/// when neither is given.
+pub(crate) fn look_up(
+    user: Option<&str>,
+    group: Option<&str>,
+) -> Result<Option<Target>, PrivilegeError> {
     if user.is_none() && group.is_none() {
-        return Ok(());
+        return Ok(None);
     }
     let user = user
         .map(|name| {
@@ -56,6 +66,16 @@ pub(crate) fn drop_to(user: Option<&str>, group: Option<&str>) -> Result<(), Pri
                 .gid
         }
         None => user.as_ref().expect("one of them is given").gid,
+    };
+    Ok(Some(Target { user, gid }))
+}
+
+/// Switches to `user` (with its primary group, unless `group` is given). A
+/// no-op when neither is given; `group` alone is refused by
+/// `Config::from_cli`.
+pub(crate) fn drop_to(user: Option<&str>, group: Option<&str>) -> Result<(), PrivilegeError> {
+    let Some(Target { user, gid }) = look_up(user, group)? else {
+        return Ok(());
     };
     // Supplementary groups first, while still allowed to change them.
     setgroups(&[gid]).map_err(PrivilegeError::Groups)?;

@@ -82,8 +82,35 @@ fn reply_buffer(spare: &mut Vec<u8>, len: usize) -> Option<ReplyBuffer> {
     Some(ReplyBuffer(buffer))
 }
 
+/// Closes every fd of this process but stdio and `keep`. A process gaspard
+/// starts from its own binary (a worker, the `--check` child) inherits
+/// whatever the daemon inherited without close-on-exec (a socket systemd
+/// passed, a shell's fd 3): the handler it loads must not get those. Call
+/// it first, before anything in the process opens an fd of its own.
+pub(crate) fn close_inherited_fds(keep: &[RawFd]) {
+    // Listed first, then closed: the listing's own fd is closed by then
+    // (closing it again fails harmlessly).
+    let open: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(entries) => entries
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(e) => {
+            log::warn!(
+                "cannot list open fds in /proc/self/fd ({e}): the handler may inherit the daemon's"
+            );
+            return;
+        }
+    };
+    for fd in open {
+        if fd > 2 && !keep.contains(&fd) {
+            let _ = nix::unistd::close(fd);
+        }
+    }
+}
+
 /// The worker's main function.
 pub fn run(args: WorkerArgs) -> ExitCode {
+    close_inherited_fds(&[args.requests_fd, args.replies_fd, args.claims_fd]);
     // Die with the daemon, even on kill -9; if it is already gone, stop now.
     if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
         log::warn!("worker: cannot ask to die with the daemon: {e}");

@@ -145,6 +145,17 @@ pub fn launch(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> Result<Daemon, (Option<ExitStatus>, Log)> {
+    launch_with(handler_path, args, env, |_| {})
+}
+
+/// Like [`launch`], with `prepare` given the command before it is spawned
+/// (to hand the daemon an extra fd, say).
+pub fn launch_with(
+    handler_path: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    prepare: impl FnOnce(&mut Command),
+) -> Result<Daemon, (Option<ExitStatus>, Log)> {
     let runtime_parent = tempfile::tempdir().expect("temporary directory");
     // Like /tmp, so that a daemon that drops privileges (--user) can still
     // create its own private directory inside.
@@ -156,7 +167,8 @@ pub fn launch(
         )
         .expect("chmod the runtime parent");
     }
-    let mut child = Command::new(gaspard_bin())
+    let mut command = Command::new(gaspard_bin());
+    command
         .arg("--handler")
         .arg(handler_path)
         .args(["--port", "0", "--log-level", "debug", "--runtime-dir"])
@@ -166,9 +178,9 @@ pub fn launch(
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start gaspard");
+        .stderr(Stdio::piped());
+    prepare(&mut command);
+    let mut child = command.spawn().expect("start gaspard");
     let log = Log::default();
     let log_thread = log.clone().collect(child.stderr.take().unwrap());
     let deadline = Instant::now() + START_TIMEOUT;
@@ -477,13 +489,46 @@ pub fn compile_c_library(dir: &Path, name: &str, source: &str) -> PathBuf {
     lib
 }
 
+/// Makes `command`'s process start with `file` open as `fd`, without
+/// close-on-exec: a descriptor it inherited but does not know of, like a
+/// shell's fd 3.
+pub fn inherit_fd(command: &mut Command, file: &std::fs::File, fd: i32) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let from = file.as_raw_fd();
+    // SAFETY: dup2 and fcntl are async-signal-safe, and touch only fds of
+    // the forked child; `from` is open in it (the parent holds `file`).
+    unsafe {
+        command.pre_exec(move || {
+            let done = if from == fd {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(from, fd)
+            };
+            if done == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Runs `gaspard` with `args` until it exits (killing it after a minute, so
 /// a daemon that unexpectedly serves fails the test instead of hanging it).
 /// Returns (status, stdout, stderr); the status is `None` if it was killed.
 pub fn run_gaspard<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (Option<ExitStatus>, String, String) {
+    run_gaspard_with_env(args, &[])
+}
+
+/// Like [`run_gaspard`], with extra environment variables.
+pub fn run_gaspard_with_env<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    env: &[(&str, &str)],
+) -> (Option<ExitStatus>, String, String) {
     let mut child = Command::new(gaspard_bin())
         .args(args)
         .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

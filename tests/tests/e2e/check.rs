@@ -1,6 +1,6 @@
 //! Refusing what is not a usable handler: `--check`, and the same at start-up.
 
-use gaspard_tests::{compile_c_library, handler, launch, run_gaspard};
+use gaspard_tests::{compile_c_library, handler, launch, run_gaspard, run_gaspard_with_env};
 use std::path::{Path, PathBuf};
 
 /// A real shared library that is not a gaspard handler: the C library this
@@ -363,4 +363,81 @@ fn check_names_a_symlinked_handler_as_given_like_the_daemon() {
         stdout.starts_with(&format!("handler {}: ok: ", link.display())),
         "{stdout}"
     );
+}
+
+#[test]
+fn gaspard_check_in_the_environment_takes_the_usual_spellings() {
+    let echo = handler("echo");
+    let args = ["--handler".into(), echo.as_os_str().to_owned()];
+    for on in ["1", "yes", "ON", "true"] {
+        let (status, stdout, stderr) = run_gaspard_with_env(&args, &[("GASPARD_CHECK", on)]);
+        assert_eq!(status.unwrap().code(), Some(0), "{on}: {stderr}");
+        assert!(stdout.contains("ok"), "{on}: {stdout}");
+    }
+    let (status, stdout, stderr) = run_gaspard_with_env(&args, &[("GASPARD_CHECK", "maybe")]);
+    assert_eq!(status.unwrap().code(), Some(2), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains(
+            "invalid value 'maybe' for '--check': expected 1, true, yes, on or 0, false, no, off"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_refuses_the_flags_the_daemon_refuses_with_the_same_message() {
+    let echo = handler("echo");
+    let cases: [&[&str]; 5] = [
+        &["--max-request-size", "5G"],
+        &["--workers", "100000"],
+        &["--timeout=-1"],
+        &["--group", "nogroup"],
+        &["--bind", "no-such-host.invalid"],
+    ];
+    for flags in cases {
+        let mut daemon: Vec<std::ffi::OsString> = vec!["--handler".into(), echo.as_os_str().into()];
+        daemon.extend(["--port", "0"].iter().chain(flags).map(Into::into));
+        let (status, _, refused) = run_gaspard(&daemon);
+        assert_eq!(status.unwrap().code(), Some(2), "{flags:?}: {refused}");
+        assert!(refused.starts_with("gaspard: --"), "{flags:?}: {refused}");
+
+        let (status, stdout, stderr) = check(&echo, flags);
+        assert_eq!(
+            status.unwrap().code(),
+            Some(2),
+            "{flags:?}: {stdout}{stderr}"
+        );
+        assert_eq!(stderr, refused, "{flags:?}");
+        assert!(!stdout.contains("ok"), "{flags:?}: {stdout}");
+    }
+}
+
+#[test]
+fn check_refuses_an_unknown_user_or_group_as_the_daemon_does() {
+    let echo = handler("echo");
+    let cases: [&[&str]; 2] = [
+        &["--user", "no-such-gaspard-user"],
+        &["--user", "root", "--group", "no-such-gaspard-group"],
+    ];
+    for flags in cases {
+        let mut daemon: Vec<std::ffi::OsString> = vec!["--handler".into(), echo.as_os_str().into()];
+        daemon.extend(["--port", "0"].iter().chain(flags).map(Into::into));
+        let (status, _, stderr) = run_gaspard(&daemon);
+        assert_eq!(status.unwrap().code(), Some(1), "{flags:?}: {stderr}");
+        let refused: Vec<&str> = stderr
+            .lines()
+            .filter(|line| line.starts_with("gaspard: "))
+            .collect();
+        assert_eq!(refused.len(), 1, "{flags:?}: {stderr}");
+        assert!(refused[0].contains(": no such "), "{flags:?}: {stderr}");
+
+        let (status, stdout, stderr) = check(&echo, flags);
+        assert_eq!(
+            status.unwrap().code(),
+            Some(1),
+            "{flags:?}: {stdout}{stderr}"
+        );
+        assert_eq!(stderr, refused[0], "{flags:?}");
+        assert!(stdout.is_empty(), "{flags:?}: {stdout}");
+    }
 }

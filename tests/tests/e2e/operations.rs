@@ -577,3 +577,16 @@ fn under_journald_lines_carry_a_priority_and_no_timestamp() {
     let warning = daemon.expect_log("handler failed: oops");
     assert!(warning.starts_with("<4>client "), "{warning}");
 }
+
+#[test]
+fn bind_takes_a_host_name_and_serves_on_its_address() {
+    let daemon = start("echo", &["--workers", "1", "--bind", "localhost"]);
+    assert!(daemon.addr.ip().is_loopback(), "{}", daemon.addr);
+    let line = daemon.expect_log("--bind localhost resolves to ");
+    assert!(
+        line.contains(&daemon.addr.ip().to_string()),
+        "{line} vs {}",
+        daemon.addr
+    );
+    assert_eq!(daemon.request(b"by name").unwrap(), b"by name");
+}

@@ -1,7 +1,8 @@
 //! Worker processes: how many, and that the work spreads over them.
 
-use gaspard_tests::{connect, pack, read_reply, request, start, try_start_with_env};
+use gaspard_tests::{connect, handler, pack, read_reply, request, start, try_start_with_env};
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -208,4 +209,68 @@ fn queued_requests_behind_busy_workers(args: &[&str], warm_up: usize) {
     }
     assert_eq!(medium.join().unwrap().unwrap(), b"slept");
     assert_eq!(long.join().unwrap().unwrap(), b"slept");
+}
+
+/// A handler whose init fails if fd 7 is open in its process.
+const FD_PROBE: &str = r#"
+#include "gaspar.h"
+#include <fcntl.h>
+static int init(const uint8_t *c, size_t n, void **s, const gaspar_host *h) {
+    (void)c; (void)n; (void)s;
+    if (fcntl(7, F_GETFD) != -1) { gaspar_set_error(h, "fd 7 is open"); return 1; }
+    return 0;
+}
+static int handle(void *s, const uint8_t *r, size_t n, const gaspar_host *h) {
+    (void)s; (void)r; (void)n; (void)h; return 0;
+}
+static const gaspar_handler_v1 table = { GASPAR_ABI_VERSION, "fdprobe", init, handle, 0 };
+const gaspar_handler_v1 *gaspar_handler_entry(void) { return &table; }
+"#;
+
+/// An fd the daemon inherited without close-on-exec (a shell's, a socket
+/// systemd passed that it does not use) reaches neither the workers nor
+/// the handler they load; the daemon itself still has it.
+#[test]
+fn workers_and_the_check_child_do_not_inherit_the_daemons_stray_fds() {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = gaspard_tests::compile_c_library(dir.path(), "fdprobe", FD_PROBE);
+    let stray = tempfile::tempfile_in(dir.path()).unwrap();
+    let stray_path = std::fs::read_link(format!("/proc/self/fd/{}", stray.as_raw_fd())).unwrap();
+
+    let daemon =
+        gaspard_tests::launch_with(&handler("echo"), &["--workers", "2"], &[], |command| {
+            gaspard_tests::inherit_fd(command, &stray, 7)
+        })
+        .unwrap_or_else(|(status, log)| {
+            panic!(
+                "gaspard did not start ({status:?}):\n{}",
+                log.lines().join("\n")
+            )
+        });
+    assert_eq!(daemon.request(b"x").unwrap(), b"x");
+    let fd_7 = |pid: i32| std::fs::read_link(format!("/proc/{pid}/fd/7"));
+    // The daemon has it: the test did hand it on.
+    assert_eq!(fd_7(daemon.pid()).unwrap(), stray_path);
+    let workers = daemon.wait_for_workers(2, &[], Duration::from_secs(10));
+    for pid in workers {
+        assert!(fd_7(pid).is_err(), "worker {pid} has fd 7: {:?}", fd_7(pid));
+        for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+        {
+            let target = std::fs::read_link(fd.path()).unwrap_or_default();
+            assert_ne!(target, stray_path, "worker {pid} has it as {:?}", fd.path());
+        }
+    }
+
+    let mut check = std::process::Command::new(gaspard_tests::gaspard_bin());
+    check.arg("--check").arg("--handler").arg(&probe);
+    gaspard_tests::inherit_fd(&mut check, &stray, 7);
+    let output = check.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("\"fdprobe\""),
+        "{output:?}"
+    );
 }
