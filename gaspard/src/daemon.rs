@@ -5,7 +5,8 @@
 //!   and how each request ended.
 //! - [`Workers`]: the worker processes, their endpoints, who holds which
 //!   request, hot reload and scaling.
-//! - [`Scrapes`]: the metrics endpoint.
+//!
+//! The metrics endpoint has a thread of its own (`crate::scrape`).
 //!
 //! The parts never call each other back: the clients part hands requests to
 //! the workers through [`crate::workers::Requests`], and the loop carries
@@ -18,18 +19,16 @@ use crate::clients::{ClientLimits, Clients, CONN_BASE, LISTENER};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::notify::{self, Notifier};
-use crate::scrape::{Scrapes, METRICS_LISTENER, SCRAPE_BASE, SCRAPE_END};
 use crate::workers::{
     Notice, Recycling, Workers, WorkersConfig, WorkersError, LINK_BASE, LINK_END,
 };
-use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGTTIN, SIGTTOU};
 use signal_hook_mio::v1_0::Signals;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const SIGNALS: Token = Token(1);
@@ -54,6 +53,8 @@ pub enum DaemonError {
     Listen(#[from] crate::listener::ListenError),
     #[error("cannot serve metrics on {addr}: {source}")]
     Metrics { addr: SocketAddr, source: io::Error },
+    #[error("cannot start the metrics thread: {source}")]
+    MetricsThread { source: io::Error },
     #[error("{0}")]
     Privileges(#[from] crate::privileges::PrivilegeError),
     #[error("cannot create the runtime directory: {0}")]
@@ -102,7 +103,6 @@ pub struct Daemon {
     signals: Signals,
     clients: Clients,
     workers: Workers,
-    scrapes: Option<Scrapes>,
     phase: Phase,
     local_addr: SocketAddr,
     /// --timeout: how long the first workers may take to load the handler.
@@ -144,7 +144,8 @@ impl Daemon {
         }
         let metrics_listener = match config.metrics {
             Some(addr) => Some(
-                TcpListener::bind(addr).map_err(|source| DaemonError::Metrics { addr, source })?,
+                std::net::TcpListener::bind(addr)
+                    .map_err(|source| DaemonError::Metrics { addr, source })?,
             ),
             None => None,
         };
@@ -157,7 +158,7 @@ impl Daemon {
         let mut signals = Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGTTIN, SIGTTOU])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
-        let metrics = Rc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::default());
 
         let program = std::env::current_exe().map_err(DaemonError::Executable)?;
         let workers = Workers::new(
@@ -177,7 +178,7 @@ impl Daemon {
                 max_queue: config.max_queue,
                 timeout: config.timeout,
             },
-            Rc::clone(&metrics),
+            Arc::clone(&metrics),
         )
         .map_err(|source| DaemonError::Snapshot {
             path: handler,
@@ -194,22 +195,17 @@ impl Daemon {
             poll.registry().try_clone()?,
             limits,
             config.allow.clone(),
-            Rc::clone(&metrics),
+            Arc::clone(&metrics),
         );
-        let scrapes = match metrics_listener {
-            Some(listener) => Some(Scrapes::new(
-                listener,
-                poll.registry().try_clone()?,
-                metrics,
-            )?),
-            None => None,
-        };
+        if let Some(listener) = metrics_listener {
+            crate::scrape::serve(listener, metrics)
+                .map_err(|source| DaemonError::MetricsThread { source })?;
+        }
         Ok(Daemon {
             poll,
             signals,
             clients,
             workers,
-            scrapes,
             phase: Phase::Starting { deadline: None },
             local_addr,
             startup_timeout: config.timeout,
@@ -270,7 +266,6 @@ impl Daemon {
         match event.token() {
             LISTENER => self.clients.accept(&mut self.workers),
             SIGNALS => self.on_signals()?,
-            METRICS_LISTENER => self.scrapes.iter_mut().for_each(Scrapes::accept),
             // Replies first, and the freed workers' next requests at once:
             // a worker must not idle while the rest of the batch (accepts,
             // reads) is handled.
@@ -278,11 +273,6 @@ impl Daemon {
                 self.workers.on_link_event(token, event)?;
                 self.answer_clients();
                 crate::workers::Requests::dispatch(&mut self.workers);
-            }
-            token @ Token(SCRAPE_BASE..SCRAPE_END) => {
-                if let Some(scrapes) = self.scrapes.as_mut() {
-                    scrapes.on_event(token);
-                }
             }
             token @ Token(CONN_BASE..) => self.clients.on_event(token, event, &mut self.workers),
             Token(_) => {}
@@ -357,7 +347,6 @@ impl Daemon {
         let deadlines = [
             self.workers.next_deadline(now),
             self.clients.next_deadline(),
-            self.scrapes.as_ref().and_then(Scrapes::next_deadline),
             self.watchdog.map(|(every, last)| last + every),
             phase_deadline,
         ];
@@ -430,9 +419,6 @@ impl Daemon {
         }
         self.clients.on_timers(now, &mut self.workers);
         self.clients.end_turn(&mut self.workers);
-        if let Some(scrapes) = self.scrapes.as_mut() {
-            scrapes.on_timers(now);
-        }
         self.workers.on_timers(now);
         self.answer_clients();
         Ok(())

@@ -10,7 +10,7 @@
 //! reply is dropped at its --read-timeout, as always.
 
 use crate::metrics::Metrics;
-use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
 pub(crate) struct Budget {
@@ -18,11 +18,11 @@ pub(crate) struct Budget {
     held: usize,
     /// Since when more than `limit` has been held, if it is.
     over_since: Option<Instant>,
-    metrics: Rc<Metrics>,
+    metrics: Arc<Metrics>,
 }
 
 impl Budget {
-    pub(crate) fn new(limit: usize, metrics: Rc<Metrics>) -> Budget {
+    pub(crate) fn new(limit: usize, metrics: Arc<Metrics>) -> Budget {
         Budget {
             limit,
             held: 0,
@@ -122,7 +122,7 @@ mod tests {
 
     #[test]
     fn bodies_are_admitted_while_they_fit_and_one_always_gets_through() {
-        let mut budget = Budget::new(800, Rc::new(Metrics::default()));
+        let mut budget = Budget::new(800, Arc::new(Metrics::default()));
         assert!(budget.admit(2000), "alone, even a body over the budget");
         assert!(!budget.admit(1), "nothing more while it is held");
         assert!(budget.is_over());

@@ -23,7 +23,7 @@ use session::Body;
 use slab::Slab;
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
-use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The listener's token.
@@ -129,7 +129,7 @@ pub(crate) struct Clients {
     budget_warnings: Throttle,
     /// Connections from addresses not in --allow (a scan would flood it).
     refusal_warnings: Throttle,
-    metrics: Rc<Metrics>,
+    metrics: Arc<Metrics>,
 }
 
 impl Clients {
@@ -138,7 +138,7 @@ impl Clients {
         registry: Registry,
         limits: ClientLimits,
         allow: Vec<Cidr>,
-        metrics: Rc<Metrics>,
+        metrics: Arc<Metrics>,
     ) -> Clients {
         // The listener may be systemd's, so its own address is checked,
         // not --bind.
@@ -156,7 +156,7 @@ impl Clients {
             listener: Some(listener),
             accepting: Accepting::No,
             conns: Slab::new(),
-            budget: Budget::new(limits.max_buffered, Rc::clone(&metrics)),
+            budget: Budget::new(limits.max_buffered, Arc::clone(&metrics)),
             parked: VecDeque::new(),
             limits,
             allow,

@@ -25,7 +25,7 @@ use endpoint::Endpoint;
 use link::{Kind, Link, Message};
 use mio::{Registry, Token};
 use reload::Reload;
-use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use supervisor::Supervisor;
 
@@ -146,7 +146,7 @@ pub(crate) struct Workers {
     started: bool,
     answers: Vec<Answer>,
     notices: Vec<Notice>,
-    metrics: Rc<Metrics>,
+    metrics: Arc<Metrics>,
 }
 
 impl Workers {
@@ -154,7 +154,7 @@ impl Workers {
     pub(crate) fn new(
         registry: Registry,
         config: WorkersConfig,
-        metrics: Rc<Metrics>,
+        metrics: Arc<Metrics>,
     ) -> std::io::Result<Workers> {
         let mut supervisor = Supervisor::new(
             config.program,
