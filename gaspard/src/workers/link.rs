@@ -792,20 +792,26 @@ mod tests {
 
             #[test]
             fn any_header_bytes_decode_to_a_known_kind_or_an_error(
-                bytes in any::<[u8; HEADER_LEN]>(),
+                mut bytes in any::<[u8; HEADER_LEN]>(),
             ) {
-                match parse_header(&bytes) {
-                    Ok(header) => {
-                        prop_assert!((1..=5).contains(&bytes[0]), "kind {} accepted", bytes[0]);
-                        prop_assert_eq!(header.kind as u8, bytes[0]);
-                        prop_assert!(header.extra <= MAX_MICROS);
-                        let len = u32::try_from(header.len).expect("a u32 length");
-                        let encoded = reply_header(header.kind, header.extra, len, header.value);
-                        prop_assert_eq!(encoded, bytes);
-                    }
-                    Err(e) => {
-                        prop_assert!(!(1..=5).contains(&bytes[0]), "kind {} refused: {}", bytes[0], e);
-                        prop_assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+                // Every kind byte, with the rest of the header at random.
+                for kind in 0..=u8::MAX {
+                    bytes[0] = kind;
+                    let known = (1..=5).contains(&kind);
+                    match parse_header(&bytes) {
+                        Ok(header) => {
+                            prop_assert!(known, "kind {} accepted", kind);
+                            prop_assert_eq!(header.kind as u8, kind);
+                            prop_assert!(header.extra <= MAX_MICROS);
+                            let len = u32::try_from(header.len).expect("a u32 length");
+                            let encoded =
+                                reply_header(header.kind, header.extra, len, header.value);
+                            prop_assert_eq!(encoded, bytes);
+                        }
+                        Err(e) => {
+                            prop_assert!(!known, "kind {} refused: {}", kind, e);
+                            prop_assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+                        }
                     }
                 }
             }
@@ -863,13 +869,16 @@ mod tests {
                     }
                     Ok(())
                 });
-                let deadline = Instant::now() + Duration::from_secs(30);
+                let deadline = Instant::now() + Duration::from_secs(10);
                 for (i, spec) in specs.iter().enumerate() {
                     let message = loop {
                         link.readable();
                         match link.try_recv() {
                             Ok(Some(message)) => break message,
                             Ok(None) => {
+                                // Fail fast once the worker's ends are closed
+                                // (the writer is done) rather than wait.
+                                prop_assert!(!link.is_closed(), "frame {}: the link ended first", i);
                                 prop_assert!(Instant::now() < deadline, "frame {} never came", i);
                                 std::thread::sleep(Duration::from_micros(50));
                             }
