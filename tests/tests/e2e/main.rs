@@ -4,6 +4,7 @@
 mod chaos;
 mod check;
 mod clients;
+mod documented;
 mod failures;
 mod lifecycle;
 mod limits;
