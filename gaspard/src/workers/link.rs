@@ -711,4 +711,239 @@ mod tests {
         worker.pipe.write_all(&[9; HEADER_LEN]).unwrap();
         assert!(link.try_recv().is_err(), "garbage is an error");
     }
+
+    /// Properties of what the daemon makes of the bytes a worker sends:
+    /// anything it sends is untrusted.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use std::time::{Duration, Instant};
+
+        fn any_kind() -> impl Strategy<Value = Kind> {
+            prop_oneof![
+                Just(Kind::Ready),
+                Just(Kind::InitFailed),
+                Just(Kind::Reply),
+                Just(Kind::Failed),
+                Just(Kind::Request),
+            ]
+        }
+
+        /// A frame a worker might send; its body is made from `seed`, so
+        /// that a large one costs proptest nothing to make or shrink.
+        #[derive(Debug, Clone)]
+        struct Spec {
+            kind: Kind,
+            micros: u32,
+            value: u64,
+            len: usize,
+            seed: u8,
+        }
+
+        impl Spec {
+            fn body(&self) -> Vec<u8> {
+                (0..self.len).map(|i| (i % 251) as u8 ^ self.seed).collect()
+            }
+        }
+
+        /// Mostly small bodies, some either side of [`MAX_PIPED_BODY`], a
+        /// few large (those travel on the socket).
+        fn any_spec() -> impl Strategy<Value = Spec> {
+            let len = prop_oneof![
+                6 => 0usize..64,
+                2 => (MAX_PIPED_BODY - 2)..=(MAX_PIPED_BODY + 2),
+                1 => (MAX_PIPED_BODY + 3)..200_000,
+            ];
+            (any_kind(), any::<u32>(), any::<u64>(), len, any::<u8>()).prop_map(
+                |(kind, micros, value, len, seed)| Spec {
+                    kind,
+                    micros,
+                    value,
+                    len,
+                    seed,
+                },
+            )
+        }
+
+        /// Bytes that look like frames now and then: random bytes, headers
+        /// of a known kind with any length, and with a short one.
+        fn garbage() -> impl Strategy<Value = Vec<u8>> {
+            let piece = prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..64),
+                (any_kind(), any::<u32>(), any::<u32>(), any::<u64>()).prop_map(
+                    |(kind, micros, len, value)| {
+                        reply_header(kind, micros, len, value).to_vec()
+                    }
+                ),
+                (any_kind(), 0u32..64, any::<u64>())
+                    .prop_map(|(kind, len, value)| header(kind, len, value).to_vec()),
+            ];
+            prop::collection::vec(piece, 0..12).prop_map(|pieces| pieces.concat())
+        }
+
+        /// Writes `bytes` in pieces of the sizes in `cuts` (taken in turn).
+        fn write_cut(
+            out: &mut impl Write,
+            bytes: &[u8],
+            cuts: &mut impl Iterator<Item = usize>,
+        ) -> io::Result<()> {
+            let mut at = 0;
+            while at < bytes.len() {
+                let end = (at + cuts.next().expect("cycled")).min(bytes.len());
+                out.write_all(&bytes[at..end])?;
+                at = end;
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            #[test]
+            fn any_header_bytes_decode_to_a_known_kind_or_an_error(
+                mut bytes in any::<[u8; HEADER_LEN]>(),
+            ) {
+                // Every kind byte, with the rest of the header at random.
+                for kind in 0..=u8::MAX {
+                    bytes[0] = kind;
+                    let known = (1..=5).contains(&kind);
+                    match parse_header(&bytes) {
+                        Ok(header) => {
+                            prop_assert!(known, "kind {} accepted", kind);
+                            prop_assert_eq!(header.kind as u8, kind);
+                            prop_assert!(header.extra <= MAX_MICROS);
+                            let len = u32::try_from(header.len).expect("a u32 length");
+                            let encoded =
+                                reply_header(header.kind, header.extra, len, header.value);
+                            prop_assert_eq!(encoded, bytes);
+                        }
+                        Err(e) => {
+                            prop_assert!(!known, "kind {} refused: {}", kind, e);
+                            prop_assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+                        }
+                    }
+                }
+            }
+
+            #[test]
+            fn any_header_round_trips(
+                kind in any_kind(),
+                micros in any::<u32>(),
+                len in any::<u32>(),
+                value in any::<u64>(),
+            ) {
+                let header = parse_header(&reply_header(kind, micros, len, value)).unwrap();
+                prop_assert_eq!(
+                    (header.kind, header.extra, header.len, header.value),
+                    (kind, micros.min(MAX_MICROS), len as usize, value)
+                );
+            }
+
+            /// Frames written as a worker writes them (a body over
+            /// MAX_PIPED_BODY on the socket, after its header in the pipe),
+            /// cut into any pieces, arrive whole and in order, and nothing
+            /// else does.
+            #[test]
+            fn valid_frames_cut_anyhow_arrive_whole_and_in_order(
+                specs in prop::collection::vec(any_spec(), 1..40),
+                cuts in prop::collection::vec(1usize..3000, 1..16),
+            ) {
+                let (mut link, worker) = linked();
+                let sent = specs.clone();
+                let writer = std::thread::spawn(move || -> io::Result<()> {
+                    let Worker { mut socket, mut pipe } = worker;
+                    let mut cuts = cuts.into_iter().cycle();
+                    // The pipe's bytes, and the large bodies with the offset
+                    // in them where their header ends.
+                    let mut piped = Vec::new();
+                    let mut large = VecDeque::new();
+                    for spec in &sent {
+                        let len = u32::try_from(spec.len).expect("small");
+                        piped.extend(reply_header(spec.kind, spec.micros, len, spec.value));
+                        if spec.len > MAX_PIPED_BODY {
+                            large.push_back((piped.len(), spec.body()));
+                        } else {
+                            piped.extend(spec.body());
+                        }
+                    }
+                    let mut at = 0;
+                    while at < piped.len() {
+                        let end = (at + cuts.next().expect("cycled")).min(piped.len());
+                        pipe.write_all(&piped[at..end])?;
+                        at = end;
+                        while large.front().is_some_and(|(after, _)| *after <= at) {
+                            let (_, body) = large.pop_front().expect("checked");
+                            write_cut(&mut socket, &body, &mut cuts)?;
+                        }
+                    }
+                    Ok(())
+                });
+                let deadline = Instant::now() + Duration::from_secs(10);
+                for (i, spec) in specs.iter().enumerate() {
+                    let message = loop {
+                        link.readable();
+                        match link.try_recv() {
+                            Ok(Some(message)) => break message,
+                            Ok(None) => {
+                                // Fail fast once the worker's ends are closed
+                                // (the writer is done) rather than wait.
+                                prop_assert!(!link.is_closed(), "frame {}: the link ended first", i);
+                                prop_assert!(Instant::now() < deadline, "frame {} never came", i);
+                                std::thread::sleep(Duration::from_micros(50));
+                            }
+                            Err(e) => prop_assert!(false, "frame {}: {}", i, e),
+                        }
+                    };
+                    prop_assert_eq!(
+                        (message.kind, message.micros, message.value, message.body.len()),
+                        (spec.kind, spec.micros.min(MAX_MICROS), spec.value, spec.len),
+                        "frame {}", i
+                    );
+                    prop_assert!(message.body == spec.body(), "frame {}: its body differs", i);
+                }
+                writer.join().expect("the writer does not panic").unwrap();
+                // The worker's ends are closed now: nothing more, and the end.
+                link.readable();
+                prop_assert!(link.try_recv().unwrap().is_none());
+                prop_assert!(link.is_closed());
+            }
+
+            /// Garbage in the pipe (and on the socket) is refused, or read as
+            /// frames made of the bytes written, never more; it never panics.
+            #[test]
+            fn garbage_is_refused_or_read_as_no_more_than_was_written(
+                piped in garbage(),
+                socketed in prop::collection::vec(any::<u8>(), 0..2048),
+                close in any::<bool>(),
+            ) {
+                let (mut link, mut worker) = linked();
+                worker.pipe.write_all(&piped).unwrap();
+                worker.socket.write_all(&socketed).unwrap();
+                // Kept open or not: the link must not wait for more either way.
+                let _open = (!close).then_some(worker);
+                let (mut from_pipe, mut from_socket) = (0, 0);
+                // Each frame takes at least a header from the pipe.
+                for _ in 0..piped.len() / HEADER_LEN + 4 {
+                    link.readable();
+                    match link.try_recv() {
+                        Ok(Some(message)) => {
+                            from_pipe += HEADER_LEN;
+                            if message.body.len() > MAX_PIPED_BODY {
+                                from_socket += message.body.len();
+                            } else {
+                                from_pipe += message.body.len();
+                            }
+                            prop_assert!(
+                                from_pipe <= piped.len() && from_socket <= socketed.len(),
+                                "read {} + {} bytes of {} + {} written",
+                                from_pipe, from_socket, piped.len(), socketed.len()
+                            );
+                        }
+                        Ok(None) => {}
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+    }
 }

@@ -5,6 +5,7 @@ mod allow;
 mod chaos;
 mod check;
 mod clients;
+mod documented;
 mod failures;
 mod killed;
 mod lifecycle;
