@@ -157,23 +157,30 @@ impl<R: AsRef<[u8]>> Connection<R> {
                     return Next::Request(payload);
                 }
                 Ok(Decoded::Extension { consumed }) => {
-                    // Replies go out as they are ready, not when Nagle says.
-                    let _ = self.stream.set_nodelay(true);
-                    let mut session = Box::new(Session::new(decoder.limit()));
-                    let fed = session.feed(&scratch[consumed..n]);
-                    self.state = State::Pipelined(session);
-                    if let Err(reason) = fed {
-                        return Next::Reset(reason);
-                    }
-                    // The acknowledgement goes out now; then read on.
-                    match self.on_writable() {
-                        Next::Wait => continue,
+                    let limit = decoder.limit();
+                    match self.open_session(limit, &scratch[consumed..n]) {
+                        Next::Wait => continue, // read on
                         other => return other,
                     }
                 }
                 Err(e) => return Next::Reset(e.to_string()),
             }
         }
+    }
+
+    /// The client opened with the extension's preamble: the connection is a
+    /// persistent session from now on, fed what followed the preamble. The
+    /// acknowledgement goes out at once.
+    fn open_session(&mut self, limit: u32, after_preamble: &[u8]) -> Next {
+        // Replies go out as they are ready, not when Nagle says.
+        let _ = self.stream.set_nodelay(true);
+        let mut session = Box::new(Session::new(limit));
+        let fed = session.feed(after_preamble);
+        self.state = State::Pipelined(session);
+        if let Err(reason) = fed {
+            return Next::Reset(reason);
+        }
+        self.on_writable()
     }
 
     /// After the request: bytes are read and dropped (so that closing does not

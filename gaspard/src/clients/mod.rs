@@ -195,30 +195,7 @@ impl Clients {
     /// Takes the connections waiting in the backlog.
     pub(crate) fn accept(&mut self, work: &mut impl Requests) {
         let mut errors = 0;
-        while self.accepting == Accepting::Yes {
-            if self.budget.is_over() {
-                self.budget_warnings.warn(
-                    Instant::now(),
-                    format_args!(
-                        "{} bytes held for clients (--max-buffered {}); accept paused until they fall back",
-                        self.budget.held(),
-                        self.budget.limit()
-                    ),
-                );
-                self.pause_accept(None);
-                return;
-            }
-            if self.conns.len() >= self.limits.max_connections {
-                self.capacity_warnings.warn(
-                    Instant::now(),
-                    format_args!(
-                        "{} connections open (--max-connections); accept paused until one closes",
-                        self.conns.len()
-                    ),
-                );
-                self.pause_accept(None);
-                return;
-            }
+        while self.accepting == Accepting::Yes && !self.held_back() {
             let Some(listener) = self.listener.as_ref() else {
                 return;
             };
@@ -263,6 +240,34 @@ impl Clients {
             self.drive(key, true, false, work);
             self.watch(key, work);
         }
+    }
+
+    /// Whether the budget or the connection limit holds accept back now:
+    /// if so, it pauses until a connection closes (throttled warning).
+    fn held_back(&mut self) -> bool {
+        let now = Instant::now();
+        if self.budget.is_over() {
+            self.budget_warnings.warn(
+                now,
+                format_args!(
+                    "{} bytes held for clients (--max-buffered {}); accept paused until they fall back",
+                    self.budget.held(),
+                    self.budget.limit()
+                ),
+            );
+        } else if self.conns.len() >= self.limits.max_connections {
+            self.capacity_warnings.warn(
+                now,
+                format_args!(
+                    "{} connections open (--max-connections); accept paused until one closes",
+                    self.conns.len()
+                ),
+            );
+        } else {
+            return false;
+        }
+        self.pause_accept(None);
+        true
     }
 
     /// Whether --allow lets a client at `addr` in.

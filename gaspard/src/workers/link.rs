@@ -230,6 +230,35 @@ struct LargeBody {
     body: Vec<u8>,
 }
 
+/// What one read of a large reply body from the socket did.
+enum BodyRead {
+    /// The body is complete.
+    Whole,
+    /// Part of it came; the rest is not there yet.
+    Partial,
+    /// Nothing came: the read's own result (0 at the end of the stream).
+    Ended(io::Result<usize>),
+}
+
+/// Reads what the socket has of `large`'s body (appending what is there,
+/// even when the read then hits WouldBlock).
+fn read_body(socket: &mio::net::UnixStream, large: &mut LargeBody) -> BodyRead {
+    let missing = (large.header.len - large.body.len()) as u64;
+    let before = large.body.len();
+    match socket.take(missing).read_to_end(&mut large.body) {
+        Ok(_) if large.body.len() == large.header.len => BodyRead::Whole,
+        Ok(_) => BodyRead::Ended(Ok(0)), // the end of the stream
+        // A worker that dies with requests unread makes the kernel report
+        // ECONNRESET once everything it sent was read (here, perhaps right
+        // after the part of the body it sent): the end of the stream too.
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => BodyRead::Ended(Ok(0)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && large.body.len() > before => {
+            BodyRead::Partial
+        }
+        Err(e) => BodyRead::Ended(Err(e)),
+    }
+}
+
 /// The daemon's end of a link: frames to send, and a buffer of bytes
 /// received. Never blocks: the loop calls [`Link::flush`] when the socket is
 /// writable and [`Link::try_recv`] until it returns `None` when the socket
@@ -388,27 +417,11 @@ impl Link {
                 return Ok(None);
             }
             let read = match &mut self.large {
-                Some(large) => {
-                    // Appends what is there, even when it then hits WouldBlock.
-                    let missing = (large.header.len - large.body.len()) as u64;
-                    let before = large.body.len();
-                    match (&self.socket).take(missing).read_to_end(&mut large.body) {
-                        Ok(_) if large.body.len() == large.header.len => continue,
-                        Ok(_) => Ok(0), // the end of the stream
-                        // A worker that dies with requests unread makes the
-                        // kernel report ECONNRESET once everything it sent
-                        // was read (here, perhaps right after the part of
-                        // the body it sent): the end of the stream too.
-                        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(0),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            if large.body.len() > before {
-                                return Ok(None);
-                            }
-                            Err(e)
-                        }
-                        Err(e) => Err(e),
-                    }
-                }
+                Some(large) => match read_body(&self.socket, large) {
+                    BodyRead::Whole => continue,
+                    BodyRead::Partial => return Ok(None),
+                    BodyRead::Ended(read) => read,
+                },
                 None if self.drained => return Ok(None),
                 None => {
                     if self.end == self.input.len() {
