@@ -2,10 +2,12 @@
 """Runs the same loads against two gaspard builds side by side, in one go.
 
     python3 bench/compare.py OLD_RELEASE_DIR NEW_RELEASE_DIR [--rounds 5] [--seconds 3]
+                             [--only NAME] [--generator DIR]
 
 Each directory holds a release build (`gaspard`, `libecho.so`, `libspin.so`),
 for example `target/release` of two checkouts. The load generator is the new
-directory's `gaspar-bench`, so both builds face the same one. Each round runs
+directory's `gaspar-bench` (or --generator's), so both builds face the same
+one. Each round runs
 every scenario against the old build, then the new, so that a slow moment of
 the (shared, noisy) host hits both alike; the ratio new/old is printed round
 by round. A change that should cost nothing should show ratios around 1.00.
@@ -59,10 +61,12 @@ def main():
     parser.add_argument("new")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--generator", help="the directory of the gaspar-bench to use"
+                        " [default: NEW_RELEASE_DIR]")
     parser.add_argument("--only", default="",
                         help="run only the scenarios whose name contains this")
     args = parser.parse_args()
-    rb.RELEASE = args.new  # the load generator
+    rb.RELEASE = args.generator or args.new  # the load generator
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as spin:
         spin.write("1000")
         spin.flush()

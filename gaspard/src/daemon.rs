@@ -109,6 +109,8 @@ pub struct Daemon {
     startup_timeout: Option<Duration>,
     shutdown_timeout: Duration,
     notifier: Option<Notifier>,
+    /// STOPPING=1 was sent: it is sent once.
+    stop_told: bool,
     watchdog: Option<(Duration, Instant)>,
     // Last: removed after every socket in it is closed.
     _runtime_dir: tempfile::TempDir,
@@ -211,6 +213,7 @@ impl Daemon {
             startup_timeout: config.timeout,
             shutdown_timeout: config.shutdown_timeout,
             notifier: Notifier::from_env(),
+            stop_told: false,
             watchdog: notify::watchdog_interval().map(|every| (every, Instant::now())),
             _runtime_dir: runtime_dir,
         })
@@ -225,8 +228,10 @@ impl Daemon {
     /// Every worker is stopped and the runtime directory removed either way.
     pub fn run(mut self) -> Result<(), DaemonError> {
         let result = self.run_loop();
-        if !matches!(self.phase, Phase::Draining { .. }) {
-            self.notify("STOPPING=1"); // a graceful stop said so when it began
+        // A graceful stop said so when it began (then phase is Draining, or
+        // Stopping after a second signal); any other end says so now.
+        if !self.stop_told {
+            self.notify("STOPPING=1");
         }
         self.shut_down();
         result
@@ -393,6 +398,7 @@ impl Daemon {
                     self.workers.outstanding()
                 );
                 self.notify("STOPPING=1");
+                self.stop_told = true;
                 self.phase = Phase::Draining {
                     deadline: Instant::now() + self.shutdown_timeout,
                 };
