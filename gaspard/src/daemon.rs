@@ -120,6 +120,7 @@ impl Daemon {
     /// Binds the port (or takes systemd's), drops privileges, creates the
     /// runtime directory. `log_filter` is passed on to the workers' logging.
     pub fn new(config: Config, log_filter: &str) -> Result<Daemon, DaemonError> {
+        crate::buffers::keep_large_buffers();
         // Absolute but not resolved: a reload follows a symlink that was
         // re-pointed since (the usual way to deploy a new version).
         let handler = std::path::absolute(&config.handler)

@@ -12,11 +12,11 @@
 //! The library exists for the `gaspard` executable: only what it needs is
 //! public.
 
+mod buffers;
 pub mod check;
 mod clients;
 pub mod config;
 pub mod daemon;
-mod gather;
 mod listener;
 pub mod logging;
 mod metrics;

@@ -110,6 +110,7 @@ pub(crate) fn close_inherited_fds(keep: &[RawFd]) {
 
 /// The worker's main function.
 pub fn run(args: WorkerArgs) -> ExitCode {
+    crate::buffers::keep_large_buffers();
     close_inherited_fds(&[args.requests_fd, args.replies_fd, args.claims_fd]);
     // Die with the daemon, even on kill -9; if it is already gone, stop now.
     if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {

@@ -414,13 +414,27 @@ impl RequestDecoder {
         self.body.as_ref().map(|(body, len)| len - body.len())
     }
 
+    /// Reserves room for the whole body at once, for a caller that has
+    /// decided the announced length may take that memory (the daemon's
+    /// budget admitted it): the body is then read without growing, copying
+    /// or faulting in fresh memory along the way, and in larger reads.
+    /// Without it, room grows with the bytes that arrive.
+    pub fn reserve_body(&mut self) -> Result<(), std::collections::TryReserveError> {
+        match self.body.as_mut() {
+            Some((body, len)) if !self.in_preamble => body.try_reserve_exact(*len - body.len()),
+            _ => Ok(()),
+        }
+    }
+
     /// The body so far, with room reserved for at most `BODY_STEP` more
-    /// bytes, and that step: append to it (without zeroing it first), then
-    /// call [`Self::take_body`].
+    /// bytes (or all of it, after [`Self::reserve_body`]), and that step:
+    /// append to it (without zeroing it first), then call
+    /// [`Self::take_body`].
     pub fn body_to_fill(&mut self) -> (&mut Vec<u8>, usize) {
         let (body, len) = self.body.as_mut().expect("header is complete");
         let start = body.len();
-        let step = (*len - start).min(BODY_STEP);
+        let room = body.capacity() - start;
+        let step = (*len - start).min(BODY_STEP.max(room));
         // Grow by doubling, so memory follows the bytes that arrive, but
         // never past the announced length.
         if start + step > body.capacity() {
@@ -699,6 +713,29 @@ mod tests {
                 }
             }
             assert!(!decoder.started());
+        }
+
+        #[test]
+        fn a_reserved_body_is_read_without_growing() {
+            let payload = vec![7u8; 300_000];
+            let mut decoder = RequestDecoder::new(1 << 20);
+            decoder.feed(&request(&payload)[..100]).unwrap();
+            decoder.reserve_body().unwrap();
+            let (body, step) = decoder.body_to_fill();
+            let (capacity, pointer) = (body.capacity(), body.as_ptr());
+            assert_eq!(
+                (capacity, step),
+                (300_000, 300_000 - 96),
+                "all of it, at once"
+            );
+            body.extend_from_slice(&payload[96..]);
+            let done = decoder.take_body().unwrap();
+            assert_eq!(
+                (done.capacity(), done.as_ptr()),
+                (capacity, pointer),
+                "never moved"
+            );
+            assert_eq!(done, payload);
         }
 
         mod fuzz {

@@ -130,6 +130,11 @@ impl<R: AsRef<[u8]>> Connection<R> {
                         return self.park();
                     }
                     self.admitted = missing;
+                    if decoder.reserve_body().is_err() {
+                        return Next::Reset(format!(
+                            "cannot allocate {missing} bytes for its request"
+                        ));
+                    }
                 }
             }
             self.input_drained = false;

@@ -2,6 +2,7 @@
 //! connection and a persistent session: the step a socket asks for next, and
 //! the reads that go straight into a large body.
 
+use crate::buffers::read_appending;
 use crate::protocol::RequestDecoder;
 use mio::net::TcpStream;
 use std::io::{self, Read};
@@ -38,7 +39,8 @@ pub(crate) enum ReadStep {
 }
 
 /// One read for `decoder`: a large body is read straight into place without
-/// the scratch copy (nor zeroing it first); anything else goes to `scratch`,
+/// the scratch copy (nor zeroing it first, see `read_appending`); anything
+/// else goes to `scratch`,
 /// which saves a syscall per small request (header and body in one read).
 pub(crate) fn read_step(
     stream: &mut TcpStream,
@@ -50,19 +52,25 @@ pub(crate) fn read_step(
         .is_some_and(|missing| missing >= scratch.len());
     if direct {
         let (body, step) = decoder.body_to_fill();
-        let before = body.len();
         // Appends what is there, even when it then hits WouldBlock.
-        let result = (&mut *stream).take(step as u64).read_to_end(body);
-        let read = body.len() - before;
-        return match result {
-            Ok(_) if read == 0 => Ok(ReadStep::Eof),
-            Err(e) if read == 0 && e.kind() == io::ErrorKind::WouldBlock => {
-                Ok(ReadStep::WouldBlock)
+        let mut read = 0;
+        let ended = loop {
+            match read_appending(stream, body, step - read) {
+                Ok(0) => break Ok(true),
+                Ok(n) => {
+                    read += n;
+                    if read == step {
+                        break Ok(false);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(false),
+                Err(e) => break Err(e),
             }
+        };
+        return match ended {
+            Ok(true) if read == 0 => Ok(ReadStep::Eof),
+            Ok(_) if read == 0 => Ok(ReadStep::WouldBlock),
             Ok(_) => Ok(ReadStep::Direct(decoder.take_body())),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                Ok(ReadStep::Direct(decoder.take_body()))
-            }
             Err(e) => Err(e),
         };
     }

@@ -7,7 +7,7 @@
 
 use super::budget::Account;
 use super::io::{read_step, Next, ReadStep};
-use crate::gather::gather;
+use crate::buffers::gather;
 use crate::protocol::{handshake, reply_header, Status, REPLY_HEADER_LEN};
 use crate::protocol::{Decoded, RequestDecoder};
 use crate::workers::RequestId;
@@ -161,6 +161,10 @@ impl<R: AsRef<[u8]>> Session<R> {
                     return Err(Next::Parked);
                 }
                 self.admitted = missing;
+                if self.decoder.reserve_body().is_err() {
+                    let reason = format!("cannot allocate {missing} bytes for its request");
+                    return Err(Next::Reset(reason));
+                }
             }
         }
         match read_step(stream, &mut self.decoder, scratch) {

@@ -32,8 +32,9 @@
 //! are written back to back, so one `read` can bring many and one `writev`
 //! can send many.
 
+use crate::buffers::{gather, read_appending};
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 
@@ -240,22 +241,29 @@ enum BodyRead {
     Ended(io::Result<usize>),
 }
 
-/// Reads what the socket has of `large`'s body (appending what is there,
-/// even when the read then hits WouldBlock).
+/// Reads what the socket has of `large`'s body, appending what is there even
+/// when the read then hits WouldBlock (and without zeroing the buffer first,
+/// see `read_appending`).
 fn read_body(socket: &mio::net::UnixStream, large: &mut LargeBody) -> BodyRead {
-    let missing = (large.header.len - large.body.len()) as u64;
-    let before = large.body.len();
-    match socket.take(missing).read_to_end(&mut large.body) {
-        Ok(_) if large.body.len() == large.header.len => BodyRead::Whole,
-        Ok(_) => BodyRead::Ended(Ok(0)), // the end of the stream
-        // A worker that dies with requests unread makes the kernel report
-        // ECONNRESET once everything it sent was read (here, perhaps right
-        // after the part of the body it sent): the end of the stream too.
-        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => BodyRead::Ended(Ok(0)),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && large.body.len() > before => {
-            BodyRead::Partial
+    let mut read = 0;
+    loop {
+        let missing = large.header.len - large.body.len();
+        if missing == 0 {
+            return BodyRead::Whole;
         }
-        Err(e) => BodyRead::Ended(Err(e)),
+        match read_appending(socket, &mut large.body, missing) {
+            Ok(0) => return BodyRead::Ended(Ok(0)), // the end of the stream
+            Ok(n) => read += n,
+            // A worker that dies with requests unread makes the kernel
+            // report ECONNRESET once everything it sent was read (here,
+            // perhaps right after the part of the body it sent): the end of
+            // the stream too.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return BodyRead::Ended(Ok(0)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && read > 0 => {
+                return BodyRead::Partial
+            }
+            Err(e) => return BodyRead::Ended(Err(e)),
+        }
     }
 }
 
@@ -366,18 +374,11 @@ impl Link {
     /// the worker is gone (or never read): its requests cannot be delivered.
     pub fn flush(&mut self) -> io::Result<()> {
         while !self.out.is_empty() {
-            let mut slices = Vec::with_capacity(2 * FRAMES_PER_WRITE);
-            let mut skip = self.written;
-            for frame in self.out.iter().take(FRAMES_PER_WRITE) {
-                for part in [&frame.header[..], &frame.body[..]] {
-                    if skip >= part.len() {
-                        skip -= part.len();
-                    } else {
-                        slices.push(IoSlice::new(&part[skip..]));
-                        skip = 0;
-                    }
-                }
-            }
+            let parts = self
+                .out
+                .iter()
+                .flat_map(|frame| [&frame.header[..], &frame.body[..]]);
+            let slices = gather(parts, self.written, 2 * FRAMES_PER_WRITE);
             let n = match self.socket.write_vectored(&slices) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => n,
