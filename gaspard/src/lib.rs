@@ -3,11 +3,11 @@
 //!
 //! Clients send gaspar's framed requests over TCP; one mio loop
 //! ([`daemon`]) drives the clients part (`clients`: connections, sessions,
-//! deadlines, outcomes), the workers part (`workers`: worker processes,
-//! the endpoint each is reached through, who holds which request, reload)
-//! and the metrics endpoint (`scrape`). Worker processes ([`worker`]) run
-//! a handler plugin (`plugin`). `docs/architecture.md` tells the whole
-//! story.
+//! deadlines, outcomes) and the workers part (`workers`: worker processes,
+//! the endpoint each is reached through, who holds which request, reload);
+//! the metrics endpoint (`scrape`) has a thread of its own. Worker
+//! processes ([`worker`]) run a handler plugin (`plugin`).
+//! `docs/architecture.md` tells the whole story.
 //!
 //! The library exists for the `gaspard` executable: only what it needs is
 //! public.

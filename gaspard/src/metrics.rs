@@ -1,6 +1,6 @@
 //! Counters an operator can scrape (`--metrics ADDR`), in the Prometheus /
-//! OpenMetrics text format, and the tiny HTTP exchange that serves them from
-//! the daemon's own loop.
+//! OpenMetrics text format, and the tiny HTTP exchange that serves them
+//! (on the metrics endpoint's own thread, `scrape.rs`).
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;

@@ -2,11 +2,12 @@
 //! holds which request, and deadlines.
 //!
 //! Requests go to the least loaded worker, so a request never waits at a
-//! busy worker while another is idle, and when a worker dies exactly the
-//! requests it held fail. How many a worker may hold is its [`Credit`]: by
-//! default a busy worker is given more (staged behind the one it runs) only
-//! while its requests are quick, so that it never idles for the round trip
-//! to the daemon, yet nothing is staged behind a long request.
+//! busy worker while another is idle, and when a worker dies only the
+//! request it had started fails (`claims.rs`; the others go to other
+//! workers). How many a worker may hold is its [`Credit`]: by default a busy
+//! worker is given more (staged behind the one it runs) only while its
+//! requests are quick, so that it never idles for the round trip to the
+//! daemon, yet nothing is staged behind a long request.
 //!
 //! The dispatcher knows connections only by an opaque key and workers only by
 //! slot number; it does no I/O.

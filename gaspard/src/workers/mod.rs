@@ -303,7 +303,8 @@ impl Workers {
     }
 
     /// Writes what a worker's link has queued. A worker that cannot be
-    /// written to is gone or broken: it is killed, and its requests are
+    /// written to is gone or broken: it gets no more requests and, unless it
+    /// closed its end (it is dying already), is killed; its requests are
     /// settled when its death is (see `lose_worker`).
     fn flush_endpoint(&mut self, slot: usize) {
         let Some(endpoint) = self.endpoints.get_mut(slot).and_then(Option::as_mut) else {

@@ -1,10 +1,11 @@
 //! Starting, watching, killing and restarting worker processes.
 //!
 //! A worker is started by fork+exec of gaspard's own binary in worker mode
-//! (see `worker.rs`): a clean process that inherits nothing but its end of a
-//! new link (`link.rs`), and the same path for the first start and every
-//! restart. Each start is a new *incarnation* with its own number and link,
-//! so nothing of a dead worker can be mistaken for its replacement.
+//! (see `worker.rs`): a clean process that inherits nothing but its ends of
+//! a new link (`link.rs`) and its claims (`claims.rs`), and the same path for
+//! the first start and every restart. Each start is a new *incarnation* with
+//! its own number and link, so nothing of a dead worker can be mistaken for
+//! its replacement.
 //!
 //! Workers never load the operator's handler file directly: each *generation*
 //! of the handler is a snapshot copied into the private runtime directory. A
