@@ -10,7 +10,7 @@ use std::time::Duration;
 /// Why the flags do not make a configuration.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConfigError {
-    #[error("--workers {0} is more than the {max} supported", max = crate::workers::MAX_WORKERS / 2)]
+    #[error("--workers {0} is more than the {MAX_WORKERS} supported")]
     TooManyWorkers(usize),
     #[error("--{flag} must be a number of seconds >= 0, not {value}")]
     Seconds { flag: &'static str, value: f64 },
@@ -39,6 +39,10 @@ pub enum ConfigError {
         prefix: u8,
     },
 }
+
+/// The most --workers: half the worker slots the daemon has room for, since
+/// a reload runs old and new workers side by side.
+pub const MAX_WORKERS: usize = 32_767;
 
 /// How many requests a worker may hold at once (--worker-credit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -285,7 +289,7 @@ impl Config {
             .ok_or(ConfigError::RequestSize(cli.max_request_size))?;
         // Half the slots: a reload runs old and new workers side by side.
         let workers = cli.workers.map_or_else(default_workers, NonZeroUsize::get);
-        if workers > crate::workers::MAX_WORKERS / 2 {
+        if workers > MAX_WORKERS {
             return Err(ConfigError::TooManyWorkers(workers));
         }
         Ok(Config {

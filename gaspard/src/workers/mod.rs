@@ -41,6 +41,8 @@ pub(crate) const LINK_BASE: usize = 1 << 16;
 pub(crate) const MAX_WORKERS: usize = LINK_END - LINK_BASE - 2;
 /// The first token above the links'.
 pub(crate) const LINK_END: usize = 1 << 17;
+// --workers is limited to half the slots: a reload needs the other half.
+const _: () = assert!(2 * crate::config::MAX_WORKERS <= MAX_WORKERS);
 
 /// Messages taken from one worker per loop turn before other sources get a turn.
 const REPLIES_PER_TURN: usize = 1024;
