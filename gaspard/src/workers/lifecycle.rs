@@ -4,13 +4,23 @@
 
 use super::reload::{Reload, Step};
 use super::supervisor::{self, Death};
-use super::{Answer, Notice, Workers, WorkersError, MAX_WORKERS};
+use super::{Answer, ClientKey, Notice, RequestId, Workers, WorkersError, MAX_WORKERS};
 use crate::metrics::Outcome;
 use nix::sys::signal::Signal;
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 impl Workers {
+    /// Request `id` of `client` failed: its client is told, with `reason`.
+    fn fail(&mut self, client: ClientKey, id: RequestId, outcome: Outcome, reason: String) {
+        self.answers.push(Answer::Failure {
+            client,
+            id,
+            outcome,
+            reason,
+        });
+    }
+
     /// Settles the requests of a worker that died, once everything it sent
     /// was read: the one it may have been running fails, the ones staged
     /// behind it go to other workers. Returns how many failed and went back.
@@ -29,12 +39,7 @@ impl Workers {
         let count = failed.len();
         for (id, client) in failed {
             let Some(client) = client else { continue };
-            self.answers.push(Answer::Failure {
-                client,
-                id,
-                outcome: Outcome::worker_lost,
-                reason: why.to_string(),
-            });
+            self.fail(client, id, Outcome::worker_lost, why.to_string());
         }
         let back = requeued.len();
         self.answers.extend(
@@ -53,12 +58,12 @@ impl Workers {
         log::error!("worker {incarnation} (slot {slot}) {what}; killing it");
         self.close_endpoint(slot);
         for (id, client) in self.dispatcher.worker_lost(slot) {
-            self.answers.push(Answer::Failure {
+            self.fail(
                 client,
                 id,
-                outcome: Outcome::worker_lost,
-                reason: "its worker's link broke".to_string(),
-            });
+                Outcome::worker_lost,
+                "its worker's link broke".to_string(),
+            );
         }
         self.supervisor.kill(slot, "its link broke");
         self.update_gauges();
@@ -112,12 +117,12 @@ impl Workers {
                 );
             }
             for (id, client) in queued {
-                self.answers.push(Answer::Failure {
+                self.fail(
                     client,
                     id,
-                    outcome: Outcome::refused,
-                    reason: "no worker can serve: the handler keeps failing".to_string(),
-                });
+                    Outcome::refused,
+                    "no worker can serve: the handler keeps failing".to_string(),
+                );
             }
         }
         self.update_gauges();
@@ -180,12 +185,12 @@ impl Workers {
                 self.timeout.unwrap_or_default()
             );
             if let Some(client) = client {
-                self.answers.push(Answer::Failure {
+                self.fail(
                     client,
                     id,
-                    outcome: Outcome::timeout,
-                    reason: "request ran past --timeout".to_string(),
-                });
+                    Outcome::timeout,
+                    "request ran past --timeout".to_string(),
+                );
             }
             self.supervisor.kill(slot, "a request ran past --timeout");
         }
