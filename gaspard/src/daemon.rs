@@ -76,6 +76,12 @@ enum Phase {
         deadline: Option<Instant>,
     },
     Serving,
+    /// A graceful stop with --drain-delay: connections are still accepted
+    /// and served until `until`, so that a load balancer can notice the stop
+    /// before the port closes; then `Draining`.
+    DrainDelay {
+        until: Instant,
+    },
     /// Stopping gracefully: no new connections, accepted ones finish.
     Draining {
         deadline: Instant,
@@ -108,6 +114,8 @@ pub struct Daemon {
     /// --timeout: how long the first workers may take to load the handler.
     startup_timeout: Option<Duration>,
     shutdown_timeout: Duration,
+    /// --drain-delay.
+    drain_delay: Duration,
     notifier: Option<Notifier>,
     /// STOPPING=1 was sent: it is sent once.
     stop_told: bool,
@@ -213,6 +221,7 @@ impl Daemon {
             local_addr,
             startup_timeout: config.timeout,
             shutdown_timeout: config.shutdown_timeout,
+            drain_delay: config.drain_delay,
             notifier: Notifier::from_env(),
             stop_told: false,
             watchdog: notify::watchdog_interval().map(|every| (every, Instant::now())),
@@ -305,6 +314,15 @@ impl Daemon {
         match self.phase {
             Phase::Starting { .. } if self.workers.first_ready() => self.start_serving()?,
             Phase::Starting { .. } | Phase::Serving => {}
+            Phase::DrainDelay { until } => {
+                if Instant::now() >= until {
+                    self.drain();
+                    log::info!(
+                        "--drain-delay over: port closed; {} requests to finish (a second signal stops now)",
+                        self.workers.outstanding()
+                    );
+                }
+            }
             Phase::Stopping => return Ok(true),
             Phase::Draining { deadline } => {
                 if self.clients.is_empty() {
@@ -348,6 +366,7 @@ impl Daemon {
         let phase_deadline = match self.phase {
             Phase::Starting { deadline } => deadline,
             Phase::Draining { deadline } => Some(deadline),
+            Phase::DrainDelay { until } => Some(until),
             Phase::Serving | Phase::Stopping => None,
         };
         let deadlines = [
@@ -393,19 +412,41 @@ impl Daemon {
                 log::info!("{name}: stopping before serving");
                 self.phase = Phase::Stopping;
             }
-            Phase::Serving => {
+            Phase::DrainDelay { .. } => {
+                self.drain();
                 log::info!(
-                    "{name}: stopping gracefully; {} requests to finish (send it again to stop now)",
+                    "{name} again: --drain-delay ended early, port closed; {} requests to finish (send it again to stop now)",
                     self.workers.outstanding()
                 );
+            }
+            Phase::Serving => {
                 self.notify("STOPPING=1");
                 self.stop_told = true;
-                self.phase = Phase::Draining {
-                    deadline: Instant::now() + self.shutdown_timeout,
-                };
-                self.clients.drain(&mut self.workers);
+                if self.drain_delay.is_zero() {
+                    log::info!(
+                        "{name}: stopping gracefully; {} requests to finish (send it again to stop now)",
+                        self.workers.outstanding()
+                    );
+                    self.drain();
+                } else {
+                    log::info!(
+                        "{name}: stopping gracefully; still accepting for --drain-delay {:?} (send it again to close the port now)",
+                        self.drain_delay
+                    );
+                    self.phase = Phase::DrainDelay {
+                        until: Instant::now() + self.drain_delay,
+                    };
+                }
             }
         }
+    }
+
+    /// Stops accepting and finishes what is held, within --shutdown-timeout.
+    fn drain(&mut self) {
+        self.phase = Phase::Draining {
+            deadline: Instant::now() + self.shutdown_timeout,
+        };
+        self.clients.drain(&mut self.workers);
     }
 
     fn on_timers(&mut self, now: Instant) -> Result<(), DaemonError> {
