@@ -6,7 +6,8 @@
 //! - [`Workers`]: the worker processes, their endpoints, who holds which
 //!   request, hot reload and scaling.
 //!
-//! The metrics endpoint has a thread of its own (`crate::scrape`).
+//! The metrics endpoint has a thread of its own (`crate::scrape`); it reads
+//! the [`Health`] the loop publishes at the end of every turn.
 //!
 //! The parts never call each other back: the clients part hands requests to
 //! the workers through [`crate::workers::Requests`], and the loop carries
@@ -17,6 +18,7 @@
 
 use crate::clients::{ClientLimits, Clients, CONN_BASE, LISTENER};
 use crate::config::Config;
+use crate::health::{Health, Published};
 use crate::metrics::Metrics;
 use crate::notify::{self, Notifier};
 use crate::workers::{
@@ -76,9 +78,9 @@ enum Phase {
         deadline: Option<Instant>,
     },
     Serving,
-    /// A graceful stop with --drain-delay: connections are still accepted
-    /// and served until `until`, so that a load balancer can notice the stop
-    /// before the port closes; then `Draining`.
+    /// A graceful stop with --drain-delay: `/healthz` says draining, so that
+    /// a load balancer stops sending, but connections are still accepted
+    /// and served until `until`; then `Draining`.
     DrainDelay {
         until: Instant,
     },
@@ -116,6 +118,9 @@ pub struct Daemon {
     shutdown_timeout: Duration,
     /// --drain-delay.
     drain_delay: Duration,
+    /// What `/healthz` says: set by the loop alone (`publish_health`), read
+    /// by the metrics thread.
+    health: Arc<Published>,
     notifier: Option<Notifier>,
     /// STOPPING=1 was sent: it is sent once.
     stop_told: bool,
@@ -170,6 +175,7 @@ impl Daemon {
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let metrics = Arc::new(Metrics::default());
+        let health = Arc::new(Published::default());
 
         let program = std::env::current_exe().map_err(DaemonError::Executable)?;
         let workers = Workers::new(
@@ -209,7 +215,7 @@ impl Daemon {
             Arc::clone(&metrics),
         );
         if let Some(listener) = metrics_listener {
-            crate::scrape::serve(listener, metrics)
+            crate::scrape::serve(listener, metrics, Arc::clone(&health))
                 .map_err(|source| DaemonError::MetricsThread { source })?;
         }
         Ok(Daemon {
@@ -222,6 +228,7 @@ impl Daemon {
             startup_timeout: config.timeout,
             shutdown_timeout: config.shutdown_timeout,
             drain_delay: config.drain_delay,
+            health,
             notifier: Notifier::from_env(),
             stop_told: false,
             watchdog: notify::watchdog_interval().map(|every| (every, Instant::now())),
@@ -270,7 +277,9 @@ impl Daemon {
             self.workers.advance_reload();
             self.workers.dispatch_and_flush();
             self.notify_workers_news();
-            if self.advance_phase()? {
+            let stopped = self.advance_phase()?;
+            self.publish_health();
+            if stopped {
                 return Ok(());
             }
         }
@@ -339,6 +348,26 @@ impl Daemon {
             }
         }
         Ok(false)
+    }
+
+    /// What `/healthz` should say now: from the phase, and while serving
+    /// from the workers' readiness. The one place it is decided.
+    fn current_health(&self) -> Health {
+        match self.phase {
+            Phase::Starting { .. } => Health::Starting,
+            Phase::DrainDelay { .. } | Phase::Draining { .. } => Health::Draining,
+            Phase::Stopping => Health::Stopping,
+            Phase::Serving if self.workers.ready_count() > 0 => Health::Ok,
+            Phase::Serving if self.workers.all_failing() => Health::Failing,
+            Phase::Serving => Health::Restarting,
+        }
+    }
+
+    /// Stores [`Self::current_health`] for the metrics thread; at the end
+    /// of every turn, after anything that changes the phase or a worker's
+    /// readiness.
+    fn publish_health(&self) {
+        self.health.set(self.current_health());
     }
 
     fn start_serving(&mut self) -> Result<(), DaemonError> {
