@@ -259,6 +259,7 @@ impl Daemon {
         self.phase = Phase::Starting {
             deadline: self.startup_timeout.map(|t| Instant::now() + t),
         };
+        self.publish_health();
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = self.poll_timeout(Instant::now());
