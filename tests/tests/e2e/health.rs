@@ -58,6 +58,10 @@ fn healthz_says_starting_until_the_first_workers_are_ready() {
         ],
     );
     assert_eq!(daemon.health(), (503, "starting\n".to_string()));
+    // Still while the loop runs and the worker's init sleeps.
+    daemon.expect_log("worker 1 started in slot 0");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(daemon.health(), (503, "starting\n".to_string()));
     assert!(!daemon.log.contains("listening on"), "served too early");
     daemon.wait_serving();
     wait_health(&daemon, 200, "ok\n", Duration::from_secs(2));
@@ -148,10 +152,10 @@ fn a_second_sigterm_during_the_drain_delay_ends_it_and_still_answers_every_reque
     daemon.expect_log("stopping gracefully; still accepting for --drain-delay");
     let second = Instant::now();
     daemon.signal(libc::SIGTERM);
-    daemon.expect_log("SIGTERM again: --drain-delay ended early, port closed");
     let reply = slow.join().unwrap();
     assert!(!is_reset(&reply), "the accepted request was reset");
     assert_eq!(reply.unwrap(), b"slept");
+    daemon.expect_log("SIGTERM again: --drain-delay ended early, port closed");
     let status = daemon.wait_exit(Duration::from_secs(15)).expect("exits");
     assert_eq!(status.code(), Some(0));
     assert!(
