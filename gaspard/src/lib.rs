@@ -20,6 +20,7 @@ pub mod daemon;
 mod listener;
 pub mod logging;
 mod metrics;
+pub mod new_handler;
 mod notify;
 mod plugin;
 mod privileges;
