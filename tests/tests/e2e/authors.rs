@@ -26,15 +26,27 @@ fn new_handler(args: &[&std::ffi::OsStr]) {
     );
 }
 
-/// Writes a Rust handler crate NAME in `dir` with the checkout's ABI crate.
-fn new_rust_handler(dir: &Path, name: &str) -> PathBuf {
+/// Copies the ABI crate's files out of the tree into `dir`, as an author
+/// might vendor it; returns the copy.
+fn copy_abi(dir: &Path) -> PathBuf {
+    let copy = dir.join("vendored/handler-abi");
+    for file in ["Cargo.toml", "gaspar.pc", "src/lib.rs", "include/gaspar.h"] {
+        let to = copy.join(file);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(abi_dir().join(file), &to).unwrap();
+    }
+    copy
+}
+
+/// Writes a Rust handler crate NAME in `dir` depending on the ABI crate at `abi`.
+fn new_rust_handler(dir: &Path, name: &str, abi: &Path) -> PathBuf {
     let crate_dir = dir.join(name);
     new_handler(&[
         name.as_ref(),
         "--lang".as_ref(),
         "rust".as_ref(),
         "--abi".as_ref(),
-        abi_dir().as_os_str(),
+        abi.as_os_str(),
         "--dir".as_ref(),
         crate_dir.as_os_str(),
     ]);
@@ -77,7 +89,7 @@ fn check_and_serve(library: &Path, name: &str) {
 #[test]
 fn a_rust_handler_from_new_handler_builds_checks_and_serves_and_mistakes_are_explained() {
     let dir = tempfile::tempdir().unwrap();
-    let crate_dir = new_rust_handler(dir.path(), "myrust");
+    let crate_dir = new_rust_handler(dir.path(), "myrust", &abi_dir());
     let built = cargo_build(dir.path(), &crate_dir);
     assert!(
         built.status.success(),
@@ -103,8 +115,10 @@ fn a_rust_handler_from_new_handler_builds_checks_and_serves_and_mistakes_are_exp
     );
 
     // The crate-type line forgotten: cargo builds only an .rlib, and both
-    // the missing .so and the .rlib itself are refused naming cdylib.
-    let rlib_dir = new_rust_handler(dir.path(), "norlib");
+    // the missing .so and the .rlib itself are refused naming cdylib. (This
+    // crate uses a copy of handler-abi/ taken out of the tree: it builds on
+    // its own, without the workspace.)
+    let rlib_dir = new_rust_handler(dir.path(), "norlib", &copy_abi(dir.path()));
     let manifest = rlib_dir.join("Cargo.toml");
     let text = std::fs::read_to_string(&manifest).unwrap();
     std::fs::write(
