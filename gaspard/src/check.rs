@@ -47,6 +47,16 @@ pub enum CheckError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The `.so` is missing but cargo built an `.rlib` next to where it
+    /// would be: a crate without `crate-type = ["cdylib"]`.
+    #[error(
+        "handler {path}: cannot open: {source} (only {rlib} was built: build it as a cdylib: crate-type = [\"cdylib\"] in Cargo.toml)"
+    )]
+    OpenRlib {
+        path: PathBuf,
+        source: std::io::Error,
+        rlib: String,
+    },
     #[error("cannot start a process to load the handler in: {0}")]
     Spawn(#[source] std::io::Error),
     /// Refused by a check in `plugin.rs`; the reason names the file.
@@ -71,9 +81,16 @@ pub fn check(config: &Config) -> Result<String, CheckError> {
     // Absolute but not resolved, as the daemon names it.
     let path = std::path::absolute(handler)
         .and_then(|path| std::fs::metadata(&path).map(|_| path))
-        .map_err(|source| CheckError::Open {
-            path: handler.to_path_buf(),
-            source,
+        .map_err(|source| match rlib_instead(handler) {
+            Some(rlib) => CheckError::OpenRlib {
+                path: handler.to_path_buf(),
+                source,
+                rlib,
+            },
+            None => CheckError::Open {
+                path: handler.to_path_buf(),
+                source,
+            },
         })?;
     let (report, status) = load_in_child(&path, config).map_err(CheckError::Spawn)?;
     if let Some(name) = report.strip_prefix(READY) {
@@ -100,6 +117,21 @@ pub fn check(config: &Config) -> Result<String, CheckError> {
             signal: signal.map_or_else(|| status.to_string(), signal_name),
         },
     })
+}
+
+/// For a missing `DIR/libNAME.so`: the name of `DIR/libNAME.rlib` if that
+/// exists, which is what cargo builds for a crate that is not a cdylib.
+fn rlib_instead(handler: &Path) -> Option<String> {
+    if handler.extension()? != "so" {
+        return None;
+    }
+    let rlib = handler.with_extension("rlib");
+    rlib.is_file()
+        .then(|| {
+            rlib.file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+        })
+        .flatten()
 }
 
 /// Starts the child on `path` and waits for it; returns its report (empty

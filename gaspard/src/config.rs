@@ -65,7 +65,9 @@ pub enum Credit {
     name = "gaspard",
     version,
     after_help = "Example:\n  gaspard --handler target/release/libecho.so --port 10123\n  \
-                  printf '\\0\\0\\0\\5hello' | nc 127.0.0.1 10123"
+                  printf '\\0\\0\\0\\5hello' | nc 127.0.0.1 10123\n\n\
+                  To start writing a handler: gaspard new-handler NAME [--lang rust|c] \
+                  (see gaspard new-handler --help)"
 )]
 pub struct Cli {
     /// The handler plugin: a shared library exporting `gaspar_handler_entry`.

@@ -21,6 +21,7 @@ mod health;
 mod listener;
 pub mod logging;
 mod metrics;
+pub mod new_handler;
 mod notify;
 mod plugin;
 mod privileges;

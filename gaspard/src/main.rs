@@ -1,14 +1,20 @@
-//! The `gaspard` executable: the daemon, `--check`, and (hidden) worker and
-//! check-child modes.
+//! The `gaspard` executable: the daemon, `--check`, `new-handler`, and
+//! (hidden) worker and check-child modes.
 
 use clap::Parser;
 use gaspard::config::{Cli, Config};
 use gaspard::daemon::Daemon;
 use gaspard::worker::{self, WorkerArgs};
-use gaspard::{check, logging};
+use gaspard::{check, logging, new_handler};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|arg| arg == new_handler::ARG)
+    {
+        return new_handler::run(std::env::args_os().skip(2));
+    }
     if std::env::args_os()
         .nth(1)
         .is_some_and(|arg| arg == check::CHILD_ARG)

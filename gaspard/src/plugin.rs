@@ -16,7 +16,15 @@ use std::path::{Path, PathBuf};
 pub enum PluginError {
     #[error("handler {path}: cannot load: {reason}")]
     Load { path: PathBuf, reason: String },
-    #[error("handler {path}: not a gaspard handler (it does not export gaspar_handler_entry)")]
+    /// Most often a Rust crate built without `crate-type = ["cdylib"]`, its
+    /// `.rlib` given as the handler.
+    #[error(
+        "handler {path}: cannot load: {reason}: not a shared library (build it as a cdylib: crate-type = [\"cdylib\"] in Cargo.toml)"
+    )]
+    NotSharedLibrary { path: PathBuf, reason: String },
+    #[error(
+        "handler {path}: not a gaspard handler: it does not export gaspar_handler_entry: a Rust crate needs export_handler!(f) or export_handler!(state = Type); a C library must not hide it (-fvisibility=hidden: mark it GASPAR_EXPORT or visibility(\"default\"))"
+    )]
     NotAHandler { path: PathBuf },
     #[error("handler {path}: gaspar_handler_entry returned NULL")]
     NullEntry { path: PathBuf },
@@ -99,9 +107,19 @@ impl Plugin {
         // the handler's code is the operator's decision made with --handler.
         let library = unsafe { libloading::os::unix::Library::open(Some(path), flags) }
             .map(libloading::Library::from)
-            .map_err(|e| PluginError::Load {
-                path: path_buf(),
-                reason: load_reason(e),
+            .map_err(|e| {
+                let reason = load_reason(e);
+                if is_not_shared_library(&reason) {
+                    PluginError::NotSharedLibrary {
+                        path: path_buf(),
+                        reason,
+                    }
+                } else {
+                    PluginError::Load {
+                        path: path_buf(),
+                        reason,
+                    }
+                }
             })?;
         // Never unloaded, not even when refused: dlclose of a Rust cdylib is unsound.
         let library = std::mem::ManuallyDrop::new(library);
@@ -237,5 +255,34 @@ fn load_reason(error: libloading::Error) -> String {
     match text.split_once(": ") {
         Some((_, reason)) if text.starts_with('/') || text.starts_with('.') => reason.to_string(),
         _ => text,
+    }
+}
+
+/// Whether dlopen's reason says the file is no shared library at all (an
+/// `.rlib` is an `ar` archive: "invalid ELF header"), rather than a library
+/// that cannot be loaded (a missing dependency, an undefined symbol).
+fn is_not_shared_library(reason: &str) -> bool {
+    [
+        "invalid ELF header",
+        "file too short",
+        "only ET_DYN and ET_EXEC can be loaded",
+        "cannot dynamically load",
+    ]
+    .iter()
+    .any(|known| reason.contains(known))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_archive_or_a_text_file_is_not_a_shared_library_but_a_missing_symbol_is_not_that() {
+        assert!(is_not_shared_library("invalid ELF header"));
+        assert!(is_not_shared_library("file too short"));
+        assert!(!is_not_shared_library("undefined symbol: compress2"));
+        assert!(!is_not_shared_library(
+            "libz.so.9: cannot open shared object file: No such file or directory"
+        ));
     }
 }

@@ -9,7 +9,10 @@
  * each worker process, checks abi_version, calls init once, then calls handle
  * once per request, from one thread at a time. See docs/handler-abi.md.
  *
- * Build:  cc -shared -fPIC -O2 -I path/to/handler-abi/include my_handler.c -o libmy_handler.so
+ * Build, with gaspar.h installed (/usr/include, and gaspar.pc for pkg-config):
+ *     cc $(pkg-config --cflags gaspar) -shared -fPIC -O2 -o libmy_handler.so my_handler.c
+ * or from a checkout of gaspard:
+ *     cc -I path/to/gaspard/handler-abi/include -shared -fPIC -O2 -o libmy_handler.so my_handler.c
  */
 #ifndef GASPAR_H
 #define GASPAR_H
@@ -22,6 +25,16 @@ extern "C" {
 #endif
 
 #define GASPAR_ABI_VERSION 1
+
+/* Gives a symbol default visibility, so that it is exported from the shared
+ * library even when built with -fvisibility=hidden. The declaration of
+ * gaspar_handler_entry below carries it, and a definition inherits it, so a
+ * handler that includes this header need not repeat it. */
+#if defined(__GNUC__) || defined(__clang__)
+#define GASPAR_EXPORT __attribute__((visibility("default")))
+#else
+#define GASPAR_EXPORT
+#endif
 
 /* Return codes of init and handle. Any non-zero value is a failure. */
 #define GASPAR_OK 0
@@ -53,7 +66,7 @@ typedef struct gaspar_handler_v1 {
 } gaspar_handler_v1;
 
 /* The one symbol a handler exports. */
-const gaspar_handler_v1 *gaspar_handler_entry(void);
+GASPAR_EXPORT const gaspar_handler_v1 *gaspar_handler_entry(void);
 
 /* Convenience for handlers: report an error message given as a C string. */
 static inline void gaspar_set_error(const gaspar_host *host, const char *msg) {

@@ -134,6 +134,22 @@ pub trait Handler: Sized + 'static {
 /// `export_handler!(f)` exports a stateless `fn(&[u8]) -> Result<R, E>` where
 /// `R: AsRef<[u8]>` and `E: Display`; `export_handler!(state = T)` exports a
 /// type implementing [`Handler`].
+///
+/// Giving the type without `state =` is refused, with a message that says so:
+///
+/// ```compile_fail,E0277
+/// # use gaspard_handler_abi::Handler;
+/// struct Counter { seen: u64 }
+/// impl Handler for Counter {
+///     type Error = String;
+///     fn init(_config: &str) -> Result<Self, String> { Ok(Counter { seen: 0 }) }
+///     fn handle(&mut self, _request: &[u8]) -> Result<Vec<u8>, String> {
+///         self.seen += 1;
+///         Ok(self.seen.to_string().into_bytes())
+///     }
+/// }
+/// gaspard_handler_abi::export_handler!(Counter); // needs `state = Counter`
+/// ```
 #[macro_export]
 macro_rules! export_handler {
     (state = $state:ty) => {
@@ -172,6 +188,19 @@ macro_rules! export_handler {
         }
     };
     ($handle:path) => {
+        // `export_handler!(Type)` instead of `state = Type` must say so:
+        // when the path names a type, the explicit import shadows the glob's
+        // stand-in in the type namespace and the bound fails with a message
+        // naming `state =`. (A braced struct has no value: the glob's
+        // stand-in function fills the value namespace below, so that the
+        // message comes alone.)
+        const _: () = {
+            #[allow(unused_imports)]
+            use $crate::__private::not_a_type::*;
+            #[allow(unused_imports)]
+            use $handle as __gaspar_handler;
+            $crate::__private::assert_not_a_type::<__gaspar_handler>()
+        };
         #[no_mangle]
         pub extern "C" fn gaspar_handler_entry() -> *const $crate::HandlerV1 {
             unsafe extern "C" fn handle(
@@ -180,9 +209,13 @@ macro_rules! export_handler {
                 request_len: usize,
                 host: *const $crate::Host,
             ) -> i32 {
+                #[allow(unused_imports)]
+                use $crate::__private::not_a_type::*;
+                #[allow(unused_imports)]
+                use $handle as __gaspar_handler;
                 // SAFETY: gaspard passes a request buffer valid for this call.
                 let request = unsafe { $crate::__private::request(request, request_len) };
-                let outcome = ::std::panic::catch_unwind(|| $handle(request));
+                let outcome = ::std::panic::catch_unwind(|| __gaspar_handler(request));
                 // SAFETY: gaspard passes a host valid for this call.
                 unsafe { $crate::__private::finish(outcome, host) }
             }
@@ -202,6 +235,35 @@ macro_rules! export_handler {
 #[doc(hidden)]
 pub mod __private {
     use super::*;
+
+    /// Stand-ins that `export_handler!(path)` glob-imports under the name it
+    /// also imports `path` as: whichever namespace `path` leaves empty is
+    /// filled by these.
+    pub mod not_a_type {
+        /// In the type namespace: what a function path leaves there.
+        #[allow(non_camel_case_types)]
+        pub struct __gaspar_handler {}
+
+        /// In the value namespace: what a braced struct leaves there. Never
+        /// called (such a crate does not compile).
+        pub fn __gaspar_handler(_request: &[u8]) -> Result<&[u8], std::convert::Infallible> {
+            unreachable!("export_handler! was given a type")
+        }
+    }
+
+    /// Implemented only by the stand-in: `export_handler!(f)` was given a
+    /// function, not a type.
+    #[diagnostic::on_unimplemented(
+        message = "export_handler!({Self}) is given a type: a type implementing Handler is exported with `export_handler!(state = {Self})`",
+        label = "a type, where export_handler!(f) takes a function",
+        note = "`export_handler!(f)` exports a function `fn(&[u8]) -> Result<R, E>`; `export_handler!(state = {Self})` exports a type implementing `gaspard_handler_abi::Handler`"
+    )]
+    pub trait NotAType {}
+
+    impl NotAType for not_a_type::__gaspar_handler {}
+
+    /// Compiles only when `T` is the stand-in, i.e. the macro's path is not a type.
+    pub const fn assert_not_a_type<T: NotAType + ?Sized>() {}
 
     /// # Safety
     /// `ptr` must point to `len` readable bytes that outlive the returned slice

@@ -256,7 +256,7 @@ fn check_fails_when_shutdown_does_not_end_well() {
 
 /// The refusal messages in docs/handler-abi.md's table, each with its
 /// placeholders (REASON, NAME, N, SIGNAL) turned into `*`.
-fn documented_refusals() -> Vec<String> {
+pub(crate) fn documented_refusals() -> Vec<String> {
     let doc = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/handler-abi.md"),
     )
@@ -292,7 +292,7 @@ fn placeholders_as_stars(message: &str) -> String {
 }
 
 /// Whether `text` matches `pattern`, where `*` is any text.
-fn matches(pattern: &str, text: &str) -> bool {
+pub(crate) fn matches(pattern: &str, text: &str) -> bool {
     match pattern.split_once('*') {
         None => pattern == text,
         Some((head, tail)) => text.strip_prefix(head).is_some_and(|rest| {
