@@ -19,6 +19,7 @@ pub mod config;
 pub mod daemon;
 mod listener;
 pub mod logging;
+pub mod manual;
 mod metrics;
 mod notify;
 mod plugin;

@@ -5,7 +5,7 @@ use clap::Parser;
 use gaspard::config::{Cli, Config};
 use gaspard::daemon::Daemon;
 use gaspard::worker::{self, WorkerArgs};
-use gaspard::{check, logging};
+use gaspard::{check, logging, manual};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -14,6 +14,12 @@ fn main() -> ExitCode {
         .is_some_and(|arg| arg == check::CHILD_ARG)
     {
         return check::run_child(std::env::args_os().skip(2));
+    }
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|arg| arg == manual::GENERATE_ARG)
+    {
+        return generate_docs(std::env::args_os().nth(2));
     }
     let mut args = std::env::args_os();
     if args.nth(1).is_some_and(|arg| arg == worker::WORKER_ARG) {
@@ -54,6 +60,27 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gaspard: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The hidden `__generate-docs DIR` mode: the man page and completions for
+/// packaging (see the README, "Debian package").
+fn generate_docs(dir: Option<std::ffi::OsString>) -> ExitCode {
+    let Some(dir) = dir else {
+        eprintln!("gaspard: usage: gaspard {} DIR", manual::GENERATE_ARG);
+        return ExitCode::from(2);
+    };
+    match manual::generate(dir.as_ref()) {
+        Ok(files) => {
+            for file in files {
+                println!("{}", file.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gaspard: writing into {}: {e}", dir.to_string_lossy());
             ExitCode::FAILURE
         }
     }
