@@ -37,3 +37,27 @@ pub fn generate(dir: &Path) -> io::Result<Vec<PathBuf>> {
     }
     Ok(written)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_man_page_and_completions_name_every_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = generate(dir.path()).unwrap();
+        assert_eq!(files.len(), 4);
+        let page = std::fs::read_to_string(dir.path().join("gaspard.1")).unwrap();
+        assert!(page.contains(".SH NAME"), "{page}");
+        for arg in Cli::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            // roff escapes the dashes: \-\-handler.
+            let flag = format!("\\-\\-{}", long.replace('-', "\\-"));
+            assert!(page.contains(&flag), "the man page lacks --{long}");
+            for file in &files[1..] {
+                let text = std::fs::read_to_string(file).unwrap();
+                assert!(text.contains(long), "{} lacks --{long}", file.display());
+            }
+        }
+    }
+}
