@@ -228,3 +228,42 @@ fn the_debian_package_installs_a_gaspard_that_checks_and_is_documented() {
         Err(()) => eprintln!("skipped lintian: it is not installed (.ci/run installs it)"),
     }
 }
+
+/// A unit's settings, header comments and the settings in `differ` left out.
+fn settings_but(path: &Path, differ: &[&str]) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .skip_while(|line| !line.starts_with('['))
+        .filter(|line| {
+            !differ
+                .iter()
+                .any(|key| line.starts_with(&format!("{key}=")))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// The packaged units are docs/systemd's, sandbox included, but for where
+/// the binary and its flags are and which user runs it.
+#[test]
+fn the_packaged_units_are_the_documented_ones_but_for_paths_and_user() {
+    let docs = repo().join("docs/systemd");
+    let debian = repo().join("gaspard/debian");
+    let differ = [
+        "Documentation",
+        "ExecStart",
+        "EnvironmentFile",
+        "DynamicUser",
+        "User",
+        "Group",
+    ];
+    assert_eq!(
+        settings_but(&debian.join("units/gaspard.service"), &differ),
+        settings_but(&docs.join("gaspard.service"), &differ)
+    );
+    assert_eq!(
+        settings_but(&debian.join("gaspard.socket"), &differ),
+        settings_but(&docs.join("gaspard.socket"), &differ)
+    );
+}
