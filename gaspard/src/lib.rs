@@ -20,6 +20,7 @@ pub mod daemon;
 mod health;
 mod listener;
 pub mod logging;
+pub mod manual;
 mod metrics;
 pub mod new_handler;
 mod notify;

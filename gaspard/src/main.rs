@@ -1,36 +1,37 @@
-//! The `gaspard` executable: the daemon, `--check`, `new-handler`, and
-//! (hidden) worker and check-child modes.
+//! The `gaspard` executable: the daemon, `--check`, `new-handler`, and the
+//! hidden modes gaspard starts itself (worker, check child) or its packaging
+//! runs (`__generate-docs`).
 
 use clap::Parser;
 use gaspard::config::{Cli, Config};
 use gaspard::daemon::Daemon;
 use gaspard::worker::{self, WorkerArgs};
-use gaspard::{check, logging, new_handler};
+use gaspard::{check, logging, manual, new_handler};
+use std::ffi::OsString;
 use std::process::ExitCode;
 
+/// Worker mode: started by the daemon, never by hand.
+fn run_worker(args: impl Iterator<Item = OsString>) -> ExitCode {
+    logging::init_worker();
+    match WorkerArgs::parse(args) {
+        Ok(worker_args) => worker::run(worker_args),
+        Err(e) => {
+            eprintln!("gaspard: {e} (worker mode is started by gaspard itself)");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    if std::env::args_os()
-        .nth(1)
-        .is_some_and(|arg| arg == new_handler::ARG)
-    {
-        return new_handler::run(std::env::args_os().skip(2));
-    }
-    if std::env::args_os()
-        .nth(1)
-        .is_some_and(|arg| arg == check::CHILD_ARG)
-    {
-        return check::run_child(std::env::args_os().skip(2));
-    }
-    let mut args = std::env::args_os();
-    if args.nth(1).is_some_and(|arg| arg == worker::WORKER_ARG) {
-        logging::init_worker();
-        return match WorkerArgs::parse(args) {
-            Ok(worker_args) => worker::run(worker_args),
-            Err(e) => {
-                eprintln!("gaspard: {e} (worker mode is started by gaspard itself)");
-                ExitCode::from(2)
-            }
-        };
+    // Modes chosen by the first argument, before the daemon's flags.
+    let mode = std::env::args_os().nth(1);
+    let rest = || std::env::args_os().skip(2);
+    match mode.as_ref().and_then(|arg| arg.to_str()) {
+        Some(new_handler::ARG) => return new_handler::run(rest()),
+        Some(check::CHILD_ARG) => return check::run_child(rest()),
+        Some(manual::GENERATE_ARG) => return generate_docs(rest().next()),
+        Some(worker::WORKER_ARG) => return run_worker(rest()),
+        _ => {}
     }
 
     let cli = Cli::parse();
@@ -60,6 +61,27 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gaspard: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The hidden `__generate-docs DIR` mode: the man page and completions for
+/// packaging (see the README, "Debian package").
+fn generate_docs(dir: Option<OsString>) -> ExitCode {
+    let Some(dir) = dir else {
+        eprintln!("gaspard: usage: gaspard {} DIR", manual::GENERATE_ARG);
+        return ExitCode::from(2);
+    };
+    match manual::generate(dir.as_ref()) {
+        Ok(files) => {
+            for file in files {
+                println!("{}", file.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gaspard: writing into {}: {e}", dir.to_string_lossy());
             ExitCode::FAILURE
         }
     }

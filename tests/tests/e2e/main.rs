@@ -14,6 +14,7 @@ mod lifecycle;
 mod limits;
 mod memory;
 mod operations;
+mod package;
 mod persistent;
 mod round_trip;
 mod shell;

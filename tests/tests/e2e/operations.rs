@@ -369,7 +369,7 @@ fn socket_activation_serves_on_the_socket_systemd_passes() {
     );
 }
 
-fn which(tool: &str) -> Result<PathBuf, ()> {
+pub(crate) fn which(tool: &str) -> Result<PathBuf, ()> {
     std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
