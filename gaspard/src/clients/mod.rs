@@ -279,8 +279,10 @@ impl Clients {
     /// byte of it is read. The kernel completed the handshake already; only
     /// a firewall can refuse the SYN itself.
     fn refuse(&mut self, stream: mio::net::TcpStream, peer: SocketAddr) {
-        connection::reset(stream);
+        // Counted before the client can see the reset: a scrape (on its own
+        // thread) right after it must find it.
         self.metrics.connection_refused(Refusal::not_allowed);
+        connection::reset(stream);
         // As IPv4 if it came as IPv4-mapped, which is how it was matched.
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         self.refusal_warnings.warn(
