@@ -209,7 +209,8 @@ pub struct Cli {
     )]
     pub backlog: i32,
 
-    /// Seconds a graceful stop waits for accepted requests before giving up on them.
+    /// Seconds a graceful stop waits for accepted requests before giving up on
+    /// them, counted from when the port closes (after --drain-delay).
     #[arg(
         long,
         env = "GASPARD_SHUTDOWN_TIMEOUT",
@@ -217,6 +218,20 @@ pub struct Cli {
         value_name = "SECS"
     )]
     pub shutdown_timeout: f64,
+
+    /// Seconds to keep accepting after SIGTERM/SIGINT while `/healthz` already
+    /// says 503 `draining`, so that a load balancer notices and stops sending
+    /// before the port closes: at least the time its health check takes to
+    /// mark gaspard down (interval times failures needed). 0, the default,
+    /// for gaspard alone: the port closes at once. A second signal ends the
+    /// delay early, still gracefully.
+    #[arg(
+        long,
+        env = "GASPARD_DRAIN_DELAY",
+        default_value_t = 0.0,
+        value_name = "SECS"
+    )]
+    pub drain_delay: f64,
 
     /// After binding the port, run the daemon and its workers as this user.
     #[arg(long, env = "GASPARD_USER", value_name = "USER")]
@@ -262,6 +277,8 @@ pub struct Config {
     pub worker_credit: Credit,
     pub backlog: i32,
     pub shutdown_timeout: Duration,
+    /// How long a graceful stop keeps accepting before it drains.
+    pub drain_delay: Duration,
     pub runtime_dir: Option<PathBuf>,
     pub user: Option<String>,
     pub group: Option<String>,
@@ -309,6 +326,7 @@ impl Config {
             worker_credit: cli.worker_credit,
             backlog: cli.backlog.max(1),
             shutdown_timeout: seconds("shutdown-timeout", cli.shutdown_timeout)?,
+            drain_delay: seconds("drain-delay", cli.drain_delay)?,
             runtime_dir: cli
                 .runtime_dir
                 .clone()

@@ -6,7 +6,8 @@
 //! - [`Workers`]: the worker processes, their endpoints, who holds which
 //!   request, hot reload and scaling.
 //!
-//! The metrics endpoint has a thread of its own (`crate::scrape`).
+//! The metrics endpoint has a thread of its own (`crate::scrape`); it reads
+//! the [`Health`] the loop publishes at the end of every turn.
 //!
 //! The parts never call each other back: the clients part hands requests to
 //! the workers through [`crate::workers::Requests`], and the loop carries
@@ -17,6 +18,7 @@
 
 use crate::clients::{ClientLimits, Clients, CONN_BASE, LISTENER};
 use crate::config::Config;
+use crate::health::{Health, Published};
 use crate::metrics::Metrics;
 use crate::notify::{self, Notifier};
 use crate::workers::{
@@ -76,6 +78,12 @@ enum Phase {
         deadline: Option<Instant>,
     },
     Serving,
+    /// A graceful stop with --drain-delay: `/healthz` says draining, so that
+    /// a load balancer stops sending, but connections are still accepted
+    /// and served until `until`; then `Draining`.
+    DrainDelay {
+        until: Instant,
+    },
     /// Stopping gracefully: no new connections, accepted ones finish.
     Draining {
         deadline: Instant,
@@ -108,6 +116,11 @@ pub struct Daemon {
     /// --timeout: how long the first workers may take to load the handler.
     startup_timeout: Option<Duration>,
     shutdown_timeout: Duration,
+    /// --drain-delay.
+    drain_delay: Duration,
+    /// What `/healthz` says: set by the loop alone (`publish_health`), read
+    /// by the metrics thread.
+    health: Arc<Published>,
     notifier: Option<Notifier>,
     /// STOPPING=1 was sent: it is sent once.
     stop_told: bool,
@@ -162,6 +175,7 @@ impl Daemon {
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let metrics = Arc::new(Metrics::default());
+        let health = Arc::new(Published::default());
 
         let program = std::env::current_exe().map_err(DaemonError::Executable)?;
         let workers = Workers::new(
@@ -201,7 +215,7 @@ impl Daemon {
             Arc::clone(&metrics),
         );
         if let Some(listener) = metrics_listener {
-            crate::scrape::serve(listener, metrics)
+            crate::scrape::serve(listener, metrics, Arc::clone(&health))
                 .map_err(|source| DaemonError::MetricsThread { source })?;
         }
         Ok(Daemon {
@@ -213,6 +227,8 @@ impl Daemon {
             local_addr,
             startup_timeout: config.timeout,
             shutdown_timeout: config.shutdown_timeout,
+            drain_delay: config.drain_delay,
+            health,
             notifier: Notifier::from_env(),
             stop_told: false,
             watchdog: notify::watchdog_interval().map(|every| (every, Instant::now())),
@@ -243,6 +259,7 @@ impl Daemon {
         self.phase = Phase::Starting {
             deadline: self.startup_timeout.map(|t| Instant::now() + t),
         };
+        self.publish_health();
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = self.poll_timeout(Instant::now());
@@ -261,7 +278,9 @@ impl Daemon {
             self.workers.advance_reload();
             self.workers.dispatch_and_flush();
             self.notify_workers_news();
-            if self.advance_phase()? {
+            let stopped = self.advance_phase()?;
+            self.publish_health();
+            if stopped {
                 return Ok(());
             }
         }
@@ -305,6 +324,15 @@ impl Daemon {
         match self.phase {
             Phase::Starting { .. } if self.workers.first_ready() => self.start_serving()?,
             Phase::Starting { .. } | Phase::Serving => {}
+            Phase::DrainDelay { until } => {
+                if Instant::now() >= until {
+                    self.drain();
+                    log::info!(
+                        "--drain-delay over: port closed; {} requests to finish (a second signal stops now)",
+                        self.workers.outstanding()
+                    );
+                }
+            }
             Phase::Stopping => return Ok(true),
             Phase::Draining { deadline } => {
                 if self.clients.is_empty() {
@@ -321,6 +349,26 @@ impl Daemon {
             }
         }
         Ok(false)
+    }
+
+    /// What `/healthz` should say now: from the phase, and while serving
+    /// from the workers' readiness. The one place it is decided.
+    fn current_health(&self) -> Health {
+        match self.phase {
+            Phase::Starting { .. } => Health::Starting,
+            Phase::DrainDelay { .. } | Phase::Draining { .. } => Health::Draining,
+            Phase::Stopping => Health::Stopping,
+            Phase::Serving if self.workers.ready_count() > 0 => Health::Ok,
+            Phase::Serving if self.workers.all_failing() => Health::Failing,
+            Phase::Serving => Health::Restarting,
+        }
+    }
+
+    /// Stores [`Self::current_health`] for the metrics thread; at the end
+    /// of every turn, after anything that changes the phase or a worker's
+    /// readiness.
+    fn publish_health(&self) {
+        self.health.set(self.current_health());
     }
 
     fn start_serving(&mut self) -> Result<(), DaemonError> {
@@ -348,6 +396,7 @@ impl Daemon {
         let phase_deadline = match self.phase {
             Phase::Starting { deadline } => deadline,
             Phase::Draining { deadline } => Some(deadline),
+            Phase::DrainDelay { until } => Some(until),
             Phase::Serving | Phase::Stopping => None,
         };
         let deadlines = [
@@ -393,19 +442,41 @@ impl Daemon {
                 log::info!("{name}: stopping before serving");
                 self.phase = Phase::Stopping;
             }
-            Phase::Serving => {
+            Phase::DrainDelay { .. } => {
+                self.drain();
                 log::info!(
-                    "{name}: stopping gracefully; {} requests to finish (send it again to stop now)",
+                    "{name} again: --drain-delay ended early, port closed; {} requests to finish (send it again to stop now)",
                     self.workers.outstanding()
                 );
+            }
+            Phase::Serving => {
                 self.notify("STOPPING=1");
                 self.stop_told = true;
-                self.phase = Phase::Draining {
-                    deadline: Instant::now() + self.shutdown_timeout,
-                };
-                self.clients.drain(&mut self.workers);
+                if self.drain_delay.is_zero() {
+                    log::info!(
+                        "{name}: stopping gracefully; {} requests to finish (send it again to stop now)",
+                        self.workers.outstanding()
+                    );
+                    self.drain();
+                } else {
+                    log::info!(
+                        "{name}: stopping gracefully; still accepting for --drain-delay {:?} (send it again to close the port now)",
+                        self.drain_delay
+                    );
+                    self.phase = Phase::DrainDelay {
+                        until: Instant::now() + self.drain_delay,
+                    };
+                }
             }
         }
+    }
+
+    /// Stops accepting and finishes what is held, within --shutdown-timeout.
+    fn drain(&mut self) {
+        self.phase = Phase::Draining {
+            deadline: Instant::now() + self.shutdown_timeout,
+        };
+        self.clients.drain(&mut self.workers);
     }
 
     fn on_timers(&mut self, now: Instant) -> Result<(), DaemonError> {

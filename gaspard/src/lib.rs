@@ -17,6 +17,7 @@ pub mod check;
 mod clients;
 pub mod config;
 pub mod daemon;
+mod health;
 mod listener;
 pub mod logging;
 mod metrics;

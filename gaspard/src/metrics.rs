@@ -2,6 +2,7 @@
 //! OpenMetrics text format, and the tiny HTTP exchange that serves them
 //! (on the metrics endpoint's own thread, `scrape.rs`).
 
+use crate::health::Health;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -197,32 +198,51 @@ impl Metrics {
 pub(crate) const MAX_HTTP_REQUEST: usize = 8 * 1024;
 
 /// Answers one HTTP request for the metrics endpoint: `Some(response)` once
-/// the request head is complete, `None` while more is needed.
-pub(crate) fn http_response(request: &[u8], metrics: impl FnOnce() -> String) -> Option<Vec<u8>> {
+/// the request head is complete, `None` while more is needed. `GET /metrics`
+/// (or `/`) gets the exposition text, `GET /healthz` the [`Health`] the loop
+/// published last (200 or 503, a one-word body); `HEAD` answers as `GET`
+/// without the body. Every response closes the connection and must not be
+/// cached.
+pub(crate) fn http_response(
+    request: &[u8],
+    metrics: impl FnOnce() -> String,
+    health: impl FnOnce() -> Health,
+) -> Option<Vec<u8>> {
     let head_end = request.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&request[..head_end]);
     let mut words = head.lines().next().unwrap_or("").split_whitespace();
     let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
     let (status, content_type, body) = match (method, path) {
-        ("GET", "/metrics") | ("GET", "/") => (
+        ("GET" | "HEAD", "/metrics" | "/") => (
             "200 OK",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics(),
         ),
-        ("GET", _) => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
+        ("GET" | "HEAD", "/healthz") => {
+            let health = health();
+            (health.status(), "text/plain", health.body().to_string())
+        }
+        ("GET" | "HEAD", _) => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics or /healthz\n".to_string(),
+        ),
         _ => (
             "405 Method Not Allowed",
             "text/plain",
-            "only GET\n".to_string(),
+            "only GET and HEAD\n".to_string(),
         ),
     };
     let mut response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Cache-Control: no-store\r\nAllow: GET, HEAD\r\nConnection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();
-    response.extend_from_slice(body.as_bytes());
+    if method != "HEAD" {
+        response.extend_from_slice(body.as_bytes());
+    }
     Some(response)
 }
 
@@ -264,16 +284,50 @@ mod tests {
 
     #[test]
     fn http_waits_for_the_whole_head_and_routes_by_path() {
-        assert!(http_response(b"GET /metrics HTTP/1.1\r\n", String::new).is_none());
-        let ok = http_response(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", || {
-            "m 1\n".into()
-        })
+        let up = || Health::Ok;
+        assert!(http_response(b"GET /metrics HTTP/1.1\r\n", String::new, up).is_none());
+        let ok = http_response(
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+            || "m 1\n".into(),
+            up,
+        )
         .unwrap();
         let ok = String::from_utf8(ok).unwrap();
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"));
         assert!(ok.contains("Content-Length: 4\r\n"));
         assert!(ok.ends_with("\r\n\r\nm 1\n"));
-        let missing = http_response(b"GET /nope HTTP/1.0\r\n\r\n", String::new).unwrap();
+        let missing = http_response(b"GET /nope HTTP/1.0\r\n\r\n", String::new, up).unwrap();
         assert!(missing.starts_with(b"HTTP/1.1 404"));
+    }
+
+    #[test]
+    fn healthz_says_the_published_health_and_is_never_cached() {
+        let never = || -> String { panic!("a health check must not encode the metrics") };
+        let ok = http_response(b"GET /healthz HTTP/1.0\r\n\r\n", never, || Health::Ok).unwrap();
+        let ok = String::from_utf8(ok).unwrap();
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(ok.contains("\r\nCache-Control: no-store\r\n"), "{ok}");
+        assert!(ok.contains("\r\nConnection: close\r\n"), "{ok}");
+        assert!(ok.ends_with("\r\n\r\nok\n"), "{ok}");
+        let draining = http_response(
+            b"GET /healthz?x=1 HTTP/1.1\r\nHost: gaspard\r\n\r\n",
+            never,
+            || Health::Draining,
+        )
+        .unwrap();
+        let draining = String::from_utf8(draining).unwrap();
+        assert!(draining.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+        assert!(draining.ends_with("\r\n\r\ndraining\n"), "{draining}");
+        // HEAD: the same head, Content-Length included, and no body.
+        let head = http_response(b"HEAD /healthz HTTP/1.1\r\nHost: g\r\n\r\n", never, || {
+            Health::Starting
+        })
+        .unwrap();
+        let head = String::from_utf8(head).unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+        assert!(head.contains("Content-Length: 9\r\n"), "{head}");
+        assert!(head.ends_with("\r\n\r\n"), "{head}");
+        let options = http_response(b"OPTIONS / HTTP/1.0\r\n\r\n", never, || Health::Ok).unwrap();
+        assert!(options.starts_with(b"HTTP/1.1 405 "));
     }
 }

@@ -1,9 +1,12 @@
 //! The metrics endpoint (`--metrics ADDR`): a thread of its own, so that a
 //! scrape never waits behind client work in the loop, and client work never
-//! waits behind a scrape. It serves one HTTP GET per connection, one
+//! waits behind a scrape. It serves `/metrics` and the health check
+//! `/healthz` (from what the loop published, see `crate::health`), one
+//! HTTP GET or HEAD per connection, one
 //! connection at a time, each within [`SCRAPE_TIMEOUT`]: a monitoring
 //! system scrapes now and then, and a client that stalls is cut off.
 
+use crate::health::Published;
 use crate::metrics::{http_response, Metrics, MAX_HTTP_REQUEST};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -15,18 +18,22 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long accept waits after running out of file descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
-/// Serves `metrics` on `listener` from now on, until the process ends.
-pub(crate) fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> io::Result<()> {
-    log::info!(
-        "serving metrics on http://{}/metrics",
-        listener.local_addr()?
-    );
+/// Serves `metrics` and `health` on `listener` from now on, until the
+/// process ends. Both are only read here.
+pub(crate) fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    health: Arc<Published>,
+) -> io::Result<()> {
+    let addr = listener.local_addr()?;
+    log::info!("serving metrics on http://{addr}/metrics");
+    log::info!("serving health checks on http://{addr}/healthz");
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || loop {
             match listener.accept() {
                 Ok((stream, _)) => {
-                    if let Err(e) = answer(stream, &metrics) {
+                    if let Err(e) = answer(stream, &metrics, &health) {
                         log::debug!("metrics scrape: {e}");
                     }
                 }
@@ -42,7 +49,7 @@ pub(crate) fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> io::Result<
 
 /// Reads the request head, then writes the response, all within
 /// [`SCRAPE_TIMEOUT`].
-fn answer(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
+fn answer(mut stream: TcpStream, metrics: &Metrics, health: &Published) -> io::Result<()> {
     let deadline = Instant::now() + SCRAPE_TIMEOUT;
     let mut request = Vec::new();
     let mut buf = [0; 1024];
@@ -63,7 +70,7 @@ fn answer(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
                 "request head too long",
             ));
         }
-        if let Some(response) = http_response(&request, || metrics.encode()) {
+        if let Some(response) = http_response(&request, || metrics.encode(), || health.get()) {
             break response;
         }
     };

@@ -156,6 +156,43 @@ pub fn launch_with(
     env: &[(&str, &str)],
     prepare: impl FnOnce(&mut Command),
 ) -> Result<Daemon, (Option<ExitStatus>, Log)> {
+    spawn(handler_path, args, env, prepare, LISTENING)
+}
+
+/// Starts `gaspard` with `handler_name` and `args`, which must include
+/// `--metrics`, and returns as soon as the metrics endpoint is up, before
+/// the daemon serves: `addr` is unknown (unspecified) until
+/// [`Daemon::wait_serving`].
+pub fn start_unready(handler_name: &str, args: &[&str]) -> Daemon {
+    spawn(&handler(handler_name), args, &[], |_| {}, METRICS_UP).unwrap_or_else(|(status, log)| {
+        panic!(
+            "gaspard did not start ({status:?}):\n{}",
+            log.lines().join("\n")
+        )
+    })
+}
+
+/// The log line that says the daemon serves, with its address after it.
+const LISTENING: &str = "listening on ";
+/// The log line that says the metrics endpoint is up.
+const METRICS_UP: &str = "serving metrics on http://";
+
+/// The address in a `listening on ADDR …` line.
+fn listening_addr(line: &str) -> SocketAddr {
+    line.split(LISTENING)
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|addr| addr.parse().ok())
+        .expect("the listening line names the address")
+}
+
+fn spawn(
+    handler_path: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    prepare: impl FnOnce(&mut Command),
+    until: &str,
+) -> Result<Daemon, (Option<ExitStatus>, Log)> {
     let runtime_parent = tempfile::tempdir().expect("temporary directory");
     // Like /tmp, so that a daemon that drops privileges (--user) can still
     // create its own private directory inside.
@@ -185,13 +222,12 @@ pub fn launch_with(
     let log_thread = log.clone().collect(child.stderr.take().unwrap());
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        if let Some(line) = log.wait_for("listening on ", Duration::from_millis(50)) {
-            let addr = line
-                .split("listening on ")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|addr| addr.parse().ok())
-                .expect("the listening line names the address");
+        if let Some(line) = log.wait_for(until, Duration::from_millis(50)) {
+            let addr = if until == LISTENING {
+                listening_addr(&line)
+            } else {
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            };
             return Ok(Daemon {
                 child,
                 addr,
@@ -300,6 +336,34 @@ impl Daemon {
         response
     }
 
+    /// Waits (up to a minute) until the daemon serves, and sets `addr`: for
+    /// a daemon from [`start_unready`].
+    pub fn wait_serving(&mut self) {
+        let line = self
+            .log
+            .wait_for(LISTENING, START_TIMEOUT)
+            .unwrap_or_else(|| panic!("never served:\n{}", self.log.lines().join("\n")));
+        self.addr = listening_addr(&line);
+    }
+
+    /// Asks the health endpoint (`GET /healthz` over HTTP/1.1 with a Host
+    /// header, as a load balancer does): the status code and the body.
+    pub fn health(&self) -> (u16, String) {
+        let response = http(
+            self.metrics_addr(),
+            "GET /healthz HTTP/1.1\r\nHost: gaspard\r\n\r\n",
+        );
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("no end of head in {response:?}"));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("no status code in {response:?}"));
+        (status, body.to_string())
+    }
+
     /// Sends one request and reads the reply.
     pub fn request(&self, payload: &[u8]) -> io::Result<Vec<u8>> {
         request(self.addr, payload)
@@ -333,6 +397,20 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     found
+}
+
+/// Sends `request` as it is to an HTTP server at `addr` and reads the whole
+/// response, until the server closes.
+pub fn http(addr: SocketAddr, request: &str) -> String {
+    let mut stream = connect(addr).expect("connect to the HTTP endpoint");
+    stream
+        .write_all(request.as_bytes())
+        .expect("send the HTTP request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("read the HTTP response");
+    response
 }
 
 /// Sends one gaspar request and reads the reply until the server closes.

@@ -201,6 +201,17 @@ impl Workers {
         self.started
     }
 
+    /// How many workers serve (ready, and not being stopped).
+    pub(crate) fn ready_count(&self) -> usize {
+        self.supervisor.ready_count()
+    }
+
+    /// Whether every worker slot keeps failing, so that requests are refused
+    /// (see `Supervisor::all_failing`).
+    pub(crate) fn all_failing(&self) -> bool {
+        self.supervisor.all_failing()
+    }
+
     /// The operator's handler file.
     pub(crate) fn handler_source(&self) -> &std::path::Path {
         self.supervisor.handler_source()
