@@ -528,6 +528,26 @@ mod tests {
     }
 
     #[test]
+    fn drain_delay_is_zero_unless_set_and_never_negative() {
+        let parse = |args: &[&str]| {
+            let cli = Cli::parse_from([&["gaspard", "--handler", "x.so"], args].concat());
+            Config::from_cli(&cli)
+        };
+        assert_eq!(parse(&[]).unwrap().drain_delay, Duration::ZERO);
+        assert_eq!(
+            parse(&["--drain-delay", "2.5"]).unwrap().drain_delay,
+            Duration::from_millis(2500)
+        );
+        assert_eq!(
+            parse(&["--drain-delay=-1"]).unwrap_err(),
+            ConfigError::Seconds {
+                flag: "drain-delay",
+                value: -1.0
+            }
+        );
+    }
+
+    #[test]
     fn a_cidr_is_an_address_with_an_optional_prefix() {
         assert_eq!(cidr("10.1.0.0/16").unwrap().to_string(), "10.1.0.0/16");
         assert_eq!(cidr("192.0.2.7").unwrap().to_string(), "192.0.2.7/32");
