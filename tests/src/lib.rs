@@ -65,7 +65,9 @@ pub fn handler(name: &str) -> PathBuf {
 pub struct Log(Arc<(Mutex<Vec<String>>, Condvar)>);
 
 impl Log {
-    fn collect(self, stream: impl Read + Send + 'static) -> std::thread::JoinHandle<()> {
+    /// Collects the lines of `stream` (another process's stderr, say) until
+    /// it ends.
+    pub fn collect(self, stream: impl Read + Send + 'static) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines() {
                 let Ok(line) = line else { break };
@@ -114,8 +116,9 @@ pub struct Daemon {
     log_thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Starts `gaspard` with `args` (plus `--port 0` and a private runtime
-/// directory). Fails the test if it does not start serving.
+/// Starts `gaspard` with `args` (plus `--port 0` unless `args` has a
+/// `--port`, and a private runtime directory). Fails the test if it does not
+/// start serving.
 pub fn start(handler_name: &str, args: &[&str]) -> Daemon {
     try_start(handler_name, args).unwrap_or_else(|(status, log)| {
         panic!(
@@ -186,7 +189,50 @@ fn listening_addr(line: &str) -> SocketAddr {
         .expect("the listening line names the address")
 }
 
+/// Starts `gaspard` as systemd does with socket activation: `listener` as
+/// fd 3, `LISTEN_FDS=1`, and `LISTEN_PID` its own pid (a shell sets it, then
+/// execs gaspard). The caller keeps `listener` open, so its port stays open
+/// between one daemon and the next, as `gaspard.socket` keeps it.
+pub fn launch_activated(
+    handler_path: &Path,
+    listener: &std::net::TcpListener,
+    args: &[&str],
+) -> Result<Daemon, (Option<ExitStatus>, Log)> {
+    let mut command = Command::new("/bin/sh");
+    command
+        .args(["-c", "LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\""])
+        .arg(gaspard_bin());
+    spawn_from(
+        command,
+        handler_path,
+        args,
+        &[("LISTEN_FDS", "1")],
+        |command| inherit_fd(command, listener, 3),
+        LISTENING,
+    )
+}
+
 fn spawn(
+    handler_path: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    prepare: impl FnOnce(&mut Command),
+    until: &str,
+) -> Result<Daemon, (Option<ExitStatus>, Log)> {
+    spawn_from(
+        Command::new(gaspard_bin()),
+        handler_path,
+        args,
+        env,
+        prepare,
+        until,
+    )
+}
+
+/// Starts `command` (gaspard, or what execs it) with gaspard's arguments
+/// after its own.
+fn spawn_from(
+    mut command: Command,
     handler_path: &Path,
     args: &[&str],
     env: &[(&str, &str)],
@@ -204,11 +250,14 @@ fn spawn(
         )
         .expect("chmod the runtime parent");
     }
-    let mut command = Command::new(gaspard_bin());
+    command.arg("--handler").arg(handler_path);
+    // A free port, unless the test names one (to start a daemon again where
+    // a stopped one served, say).
+    if !args.contains(&"--port") {
+        command.args(["--port", "0"]);
+    }
     command
-        .arg("--handler")
-        .arg(handler_path)
-        .args(["--port", "0", "--log-level", "debug", "--runtime-dir"])
+        .args(["--log-level", "debug", "--runtime-dir"])
         .arg(runtime_parent.path())
         .args(args)
         .env_remove("RUST_LOG")
@@ -570,8 +619,7 @@ pub fn compile_c_library(dir: &Path, name: &str, source: &str) -> PathBuf {
 /// Makes `command`'s process start with `file` open as `fd`, without
 /// close-on-exec: a descriptor it inherited but does not know of, like a
 /// shell's fd 3.
-pub fn inherit_fd(command: &mut Command, file: &std::fs::File, fd: i32) {
-    use std::os::fd::AsRawFd;
+pub fn inherit_fd(command: &mut Command, file: &impl std::os::fd::AsRawFd, fd: i32) {
     use std::os::unix::process::CommandExt;
     let from = file.as_raw_fd();
     // SAFETY: dup2 and fcntl are async-signal-safe, and touch only fds of

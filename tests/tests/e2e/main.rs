@@ -8,6 +8,7 @@ mod check;
 mod clients;
 mod documented;
 mod failures;
+mod haproxy;
 mod health;
 mod killed;
 mod lifecycle;
