@@ -331,6 +331,10 @@ impl Daemon {
                         "--drain-delay over: port closed; {} requests to finish (a second signal stops now)",
                         self.workers.outstanding()
                     );
+                    // Now, not at the next wake-up: with nothing left to
+                    // finish, nothing would wake the loop before the
+                    // --shutdown-timeout.
+                    return self.advance_phase();
                 }
             }
             Phase::Stopping => return Ok(true),

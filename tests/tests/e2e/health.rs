@@ -165,3 +165,16 @@ fn a_second_sigterm_during_the_drain_delay_ends_it_and_still_answers_every_reque
     daemon.expect_log("stopped gracefully: every accepted request was answered");
     assert!(!daemon.log.contains("stopping now"));
 }
+
+#[test]
+fn with_nothing_left_to_finish_the_daemon_exits_when_the_drain_delay_ends() {
+    let mut daemon = start("echo", &["--workers", "1", "--drain-delay", "0.5"]);
+    assert_eq!(daemon.request(b"before").unwrap(), b"before");
+    let signalled = Instant::now();
+    daemon.signal(libc::SIGTERM);
+    // Not at the next wake-up (--shutdown-timeout, 30 s): nothing is held.
+    let status = daemon.wait_exit(Duration::from_secs(5)).expect("exits");
+    assert_eq!(status.code(), Some(0));
+    assert!(signalled.elapsed() >= Duration::from_millis(500));
+    daemon.expect_log("stopped gracefully: every accepted request was answered");
+}
