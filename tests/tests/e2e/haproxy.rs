@@ -297,16 +297,25 @@ impl Load {
     }
 }
 
-#[test]
-fn a_rolling_restart_behind_haproxy_fails_no_request() {
+/// Two daemons behind HAProxy, with the load running through it and
+/// answered; `None` (having said so) where haproxy is not installed.
+fn two_daemons_under_load() -> Option<([Daemon; 2], Haproxy, Load)> {
     let Some(bin) = haproxy_bin() else {
         eprintln!("skipped: haproxy not installed (.ci/run installs it)");
-        return;
+        return None;
     };
-    let mut daemons = [daemon(0, 0), daemon(0, 0)];
+    let daemons = [daemon(0, 0), daemon(0, 0)];
     let haproxy = Haproxy::start(&bin, [&daemons[0], &daemons[1]]);
     let load = Load::start(haproxy.addr, 4);
     load.wait_answered(200);
+    Some((daemons, haproxy, load))
+}
+
+#[test]
+fn a_rolling_restart_behind_haproxy_fails_no_request() {
+    let Some((mut daemons, haproxy, load)) = two_daemons_under_load() else {
+        return;
+    };
     let started = Instant::now();
     for (slot, server) in daemons.iter_mut().zip(SERVERS) {
         // What `systemctl restart` does: SIGTERM, wait for the exit, start.
@@ -362,14 +371,9 @@ fn stop(daemons: &[Daemon]) {
 
 #[test]
 fn a_daemon_killed_behind_haproxy_costs_at_most_the_connections_it_held() {
-    let Some(bin) = haproxy_bin() else {
-        eprintln!("skipped: haproxy not installed (.ci/run installs it)");
+    let Some((mut daemons, haproxy, load)) = two_daemons_under_load() else {
         return;
     };
-    let mut daemons = [daemon(0, 0), daemon(0, 0)];
-    let haproxy = Haproxy::start(&bin, [&daemons[0], &daemons[1]]);
-    let load = Load::start(haproxy.addr, 4);
-    load.wait_answered(200);
     let workers = daemons[0].workers();
     let killed = Instant::now();
     daemons[0].signal(libc::SIGKILL);
