@@ -77,5 +77,8 @@ fn answer(mut stream: TcpStream, metrics: &Metrics, health: &Published) -> io::R
     let left = deadline.saturating_duration_since(Instant::now());
     stream.set_write_timeout(Some(left.max(Duration::from_millis(1))))?;
     stream.write_all(&response)?;
-    stream.shutdown(Shutdown::Write)
+    // A health checker often closes as soon as it has the status line:
+    // nothing is lost if the socket is gone already.
+    let _ = stream.shutdown(Shutdown::Write);
+    Ok(())
 }
