@@ -290,7 +290,12 @@ impl Daemon {
     fn on_event(&mut self, event: &mio::event::Event) -> Result<(), DaemonError> {
         match event.token() {
             LISTENER => self.clients.accept(&mut self.workers),
-            SIGNALS => self.on_signals()?,
+            SIGNALS => {
+                self.on_signals()?;
+                // A dead worker's last replies and failures: delivered now,
+                // before later events can close their clients.
+                self.answer_clients();
+            }
             // Replies first, and the freed workers' next requests at once:
             // a worker must not idle while the rest of the batch (accepts,
             // reads) is handled.

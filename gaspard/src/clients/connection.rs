@@ -108,6 +108,12 @@ impl<R: AsRef<[u8]>> Connection<R> {
     /// A body that needs more than the read at hand is read only once the
     /// budget admits it ([`Next::Parked`] until then).
     pub(crate) fn on_readable(&mut self, scratch: &mut [u8], budget: &mut Budget) -> Next {
+        if self.parked {
+            // Only the clients part unparks it (`Clients::end_turn`), oldest
+            // first, with its deadline restored: a read event must not
+            // admit its body around that.
+            return Next::Wait;
+        }
         loop {
             let mut account = Account {
                 budget: &mut *budget,
@@ -243,6 +249,22 @@ impl<R: AsRef<[u8]>> Connection<R> {
         Next::Parked
     }
 
+    /// Whether request `id` may be this connection's: the one it waits for,
+    /// or (a session matches ids itself) any. A connection's key is reused
+    /// once it closes, so an answer checks it has the right one.
+    pub(crate) fn awaits(&self, id: RequestId) -> bool {
+        match self.state {
+            State::Waiting(waiting) => waiting == id,
+            State::Pipelined(_) => true,
+            _ => false,
+        }
+    }
+
+    /// Whether it waits for the budget (see [`Next::Parked`]).
+    pub(crate) fn is_parked(&self) -> bool {
+        self.parked
+    }
+
     /// The budget may have room again after [`Next::Parked`]: the client's
     /// --read-timeout runs again, from now.
     pub(crate) fn unpark(&mut self, now: Instant) {
@@ -312,6 +334,8 @@ impl<R: AsRef<[u8]>> Connection<R> {
         let idle = session.is_idle();
         self.deadline = match (session.output_waiting_since(), idle, self.deadline) {
             (Some(since), _, _) => self.timeout.map(|t| since + t),
+            // Waiting for the budget: the stall is the daemon's.
+            (None, _, _) if self.parked => None,
             (None, true, None) => self.timeout.map(|t| now + t),
             (None, true, deadline) => deadline,
             (None, false, _) => None,
@@ -473,4 +497,78 @@ pub(crate) fn reset(stream: TcpStream) {
     let socket = socket2::SockRef::from(&stream);
     // SO_LINGER with a zero timeout makes close() send RST.
     let _ = socket.set_linger(Some(std::time::Duration::ZERO));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use std::sync::Arc;
+
+    /// A connection accepted from a client that has sent `bytes`.
+    fn accepted(bytes: &[u8]) -> (Connection<Vec<u8>>, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        client.write_all(bytes).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let timeout = Some(Duration::from_secs(60));
+        let conn = Connection::new(
+            TcpStream::from_std(server),
+            1 << 30,
+            timeout,
+            Instant::now(),
+        );
+        (conn, client)
+    }
+
+    #[test]
+    fn a_parked_body_is_read_only_once_unparked_and_its_deadline_waits_meanwhile() {
+        let metrics = Arc::new(Metrics::default());
+        let mut budget = Budget::new(1 << 20, Arc::clone(&metrics));
+        budget.charge(900 << 10); // others hold most of it
+        let mut request = (2u32 << 20).to_be_bytes().to_vec();
+        request.extend_from_slice(&[7; 1000]);
+        let (mut conn, mut client) = accepted(&request);
+        let mut scratch = vec![0; 64 * 1024];
+        assert!(matches!(
+            conn.on_readable(&mut scratch, &mut budget),
+            Next::Parked
+        ));
+        assert!(conn.is_parked());
+        assert_eq!(conn.deadline(), None, "the stall is the daemon's");
+        // The budget frees up and more of the body arrives: a read event
+        // alone must not admit it behind the queue's back.
+        budget.release(900 << 10);
+        client.write_all(&[7; 1000]).unwrap();
+        assert!(matches!(
+            conn.on_readable(&mut scratch, &mut budget),
+            Next::Wait
+        ));
+        assert!(conn.is_parked());
+        assert_eq!(budget.held(), 0, "nothing admitted");
+        // Unparked (by the clients part, in order), it is admitted and read.
+        conn.unpark(Instant::now());
+        assert!(conn.deadline().is_some());
+        assert!(matches!(
+            conn.on_readable(&mut scratch, &mut budget),
+            Next::Wait
+        ));
+        assert!(!conn.is_parked());
+        assert!(
+            budget.held() >= (2 << 20) - 2000,
+            "admitted: {}",
+            budget.held()
+        );
+    }
+
+    #[test]
+    fn an_answer_is_for_the_request_the_connection_waits_for() {
+        let (mut conn, _client) = accepted(&[]);
+        assert!(!conn.awaits(1), "no request yet");
+        conn.submitted(7, 5, Instant::now());
+        assert!(conn.awaits(7));
+        assert!(!conn.awaits(8), "another connection's, under a reused key");
+    }
 }

@@ -430,7 +430,7 @@ impl Clients {
             let Some(key) = self.parked.pop_front() else {
                 break;
             };
-            let Some(conn) = self.conns.get_mut(key) else {
+            let Some(conn) = self.conns.get_mut(key).filter(|conn| conn.is_parked()) else {
                 continue;
             };
             conn.unpark(Instant::now());
@@ -564,10 +564,15 @@ impl Clients {
             }
             if conn.session().is_some_and(|s| s.should_resume()) {
                 let next = conn.on_readable(&mut self.scratch, &mut self.budget);
-                if matches!(next, Next::Wait) {
-                    continue; // submit what that read brought
+                match next {
+                    Next::Wait => continue, // submit what that read brought
+                    // The requests that came before the body still go.
+                    Next::Parked => {
+                        self.parked.push_back(key);
+                        continue;
+                    }
+                    next => return self.advance(key, next, work),
                 }
-                return self.advance(key, next, work);
             }
             conn.refresh_session_deadline(now);
             conn.settle(&mut self.budget);
@@ -577,7 +582,8 @@ impl Clients {
 
     /// Hands the reply to request `id` to its client, if still connected.
     fn deliver(&mut self, key: usize, id: RequestId, reply: Vec<u8>, work: &mut impl Requests) {
-        let Some(conn) = self.conns.get_mut(key) else {
+        // By id too: the key may be another connection's by now.
+        let Some(conn) = self.conns.get_mut(key).filter(|conn| conn.awaits(id)) else {
             return;
         };
         let now = Instant::now();
@@ -611,7 +617,7 @@ impl Clients {
         reason: String,
         work: &mut impl Requests,
     ) {
-        let Some(conn) = self.conns.get_mut(key) else {
+        let Some(conn) = self.conns.get_mut(key).filter(|conn| conn.awaits(id)) else {
             return;
         };
         let Some(session) = conn.session() else {
@@ -637,6 +643,10 @@ impl Clients {
         };
         self.metrics.connections.dec();
         self.budget.release(conn.held());
+        if conn.is_parked() {
+            // Its key may go to the next connection accepted.
+            self.parked.retain(|&parked| parked != key);
+        }
         if let Some(outcome) = conn.outcome(&end) {
             self.metrics.request_ended(outcome);
         }
