@@ -61,32 +61,35 @@ pub(crate) fn read_appending(
     }
 }
 
-/// Up to `max` slices of `parts`, in order, leaving out the first `skip`
-/// bytes (written before). Empty parts are left out too.
+/// Fills `slices` with the next slices of `parts`, in order, leaving out
+/// the first `skip` bytes (written before) and empty parts; returns how many
+/// it filled. The caller's array lives on its stack: a write allocates
+/// nothing.
 pub(crate) fn gather<'a>(
     parts: impl IntoIterator<Item = &'a [u8]>,
     mut skip: usize,
-    max: usize,
-) -> Vec<IoSlice<'a>> {
-    let mut slices = Vec::with_capacity(max);
+    slices: &mut [IoSlice<'a>],
+) -> usize {
+    let mut filled = 0;
     for part in parts {
-        if slices.len() == max {
+        if filled == slices.len() {
             break;
         }
         if skip >= part.len() {
             skip -= part.len();
             continue;
         }
-        slices.push(IoSlice::new(&part[skip..]));
+        slices[filled] = IoSlice::new(&part[skip..]);
+        filled += 1;
         skip = 0;
     }
-    slices
+    filled
 }
 
 #[cfg(test)]
 mod tests {
     use super::{gather, read_appending};
-    use std::io::Write;
+    use std::io::{IoSlice, Write};
 
     #[test]
     fn reads_append_into_spare_capacity_up_to_the_limit() {
@@ -119,10 +122,11 @@ mod tests {
     #[test]
     fn skips_what_was_written_across_parts_and_stops_at_max() {
         let parts: [&[u8]; 4] = [b"head", b"", b"body", b"tail"];
-        let slices = gather(parts, 6, 8);
-        let got: Vec<&[u8]> = slices.iter().map(|s| &s[..]).collect();
+        let mut slices = [IoSlice::new(&[]); 8];
+        let n = gather(parts, 6, &mut slices);
+        let got: Vec<&[u8]> = slices[..n].iter().map(|s| &s[..]).collect();
         assert_eq!(got, vec![&b"dy"[..], b"tail"]);
-        assert_eq!(gather(parts, 0, 2).len(), 2);
-        assert!(gather(parts, 12, 8).is_empty());
+        assert_eq!(gather(parts, 0, &mut slices[..2]), 2);
+        assert_eq!(gather(parts, 12, &mut slices), 0);
     }
 }

@@ -13,7 +13,7 @@ use crate::protocol::{Decoded, RequestDecoder};
 use crate::workers::RequestId;
 use mio::net::TcpStream;
 use std::collections::VecDeque;
-use std::io::{self, Write};
+use std::io::{self, IoSlice, Write};
 use std::time::Instant;
 
 /// The most requests a client may have outstanding on one connection; past
@@ -290,12 +290,10 @@ impl<R: AsRef<[u8]>> Session<R> {
     /// Writes what is ready, many replies per syscall.
     pub(crate) fn on_writable(&mut self, stream: &mut TcpStream) -> Next {
         while !self.out.is_empty() {
-            let slices = gather(
-                self.out.iter().map(Segment::bytes),
-                self.written,
-                MAX_IOVECS,
-            );
-            match stream.write_vectored(&slices) {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let parts = self.out.iter().map(Segment::bytes);
+            let n = gather(parts, self.written, &mut slices);
+            match stream.write_vectored(&slices[..n]) {
                 Ok(0) => return Next::Gone(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Wait,

@@ -34,7 +34,7 @@
 
 use crate::buffers::{gather, read_appending};
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 
@@ -378,8 +378,9 @@ impl Link {
                 .out
                 .iter()
                 .flat_map(|frame| [&frame.header[..], &frame.body[..]]);
-            let slices = gather(parts, self.written, 2 * FRAMES_PER_WRITE);
-            let n = match self.socket.write_vectored(&slices) {
+            let mut slices = [IoSlice::new(&[]); 2 * FRAMES_PER_WRITE];
+            let filled = gather(parts, self.written, &mut slices);
+            let n = match self.socket.write_vectored(&slices[..filled]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
