@@ -22,7 +22,7 @@ use crate::health::{Health, Published};
 use crate::metrics::Metrics;
 use crate::notify::{self, Notifier};
 use crate::workers::{
-    Notice, Recycling, Workers, WorkersConfig, WorkersError, LINK_BASE, LINK_END,
+    Answer, Notice, Recycling, Workers, WorkersConfig, WorkersError, LINK_BASE, LINK_END,
 };
 use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGTTIN, SIGTTOU};
@@ -111,6 +111,9 @@ pub struct Daemon {
     signals: Signals,
     clients: Clients,
     workers: Workers,
+    /// The workers' answers being carried to the clients (kept between
+    /// turns for its capacity; see `answer_clients`).
+    answers: Vec<Answer>,
     phase: Phase,
     local_addr: SocketAddr,
     /// --timeout: how long the first workers may take to load the handler.
@@ -223,6 +226,7 @@ impl Daemon {
             signals,
             clients,
             workers,
+            answers: Vec::new(),
             phase: Phase::Starting { deadline: None },
             local_addr,
             startup_timeout: config.timeout,
@@ -313,11 +317,11 @@ impl Daemon {
     /// Carries what became of requests from the workers to their clients.
     fn answer_clients(&mut self) {
         loop {
-            let answers = self.workers.take_answers();
-            if answers.is_empty() {
+            self.workers.take_answers(&mut self.answers);
+            if self.answers.is_empty() {
                 return;
             }
-            for answer in answers {
+            for answer in self.answers.drain(..) {
                 self.clients.answer(answer, &mut self.workers);
             }
         }

@@ -228,8 +228,11 @@ impl Workers {
     }
 
     /// What became of requests since the last call, for the clients part.
-    pub(crate) fn take_answers(&mut self) -> Vec<Answer> {
-        std::mem::take(&mut self.answers)
+    /// Swapped with `into`, which must be empty: the two vectors take turns,
+    /// so that carrying answers allocates nothing once both have grown.
+    pub(crate) fn take_answers(&mut self, into: &mut Vec<Answer>) {
+        debug_assert!(into.is_empty(), "answers are carried before more are taken");
+        std::mem::swap(&mut self.answers, into);
     }
 
     /// What the service manager should be told since the last call.
