@@ -62,6 +62,14 @@ impl Budget {
         self.changed();
     }
 
+    /// `old` bytes held become `new` ones (a request's bytes its reply's):
+    /// one change, so the gauge and the over-budget clock never see the
+    /// moment in between.
+    fn replace(&mut self, old: usize, new: usize) {
+        self.held = self.held.saturating_sub(old).saturating_add(new);
+        self.changed();
+    }
+
     /// More than the budget is held: accept stays paused.
     pub(crate) fn is_over(&self) -> bool {
         self.held > self.limit
@@ -109,8 +117,7 @@ impl Account<'_> {
     /// Makes what the connection has charged what it holds now.
     pub(crate) fn settle(&mut self, holds: usize) {
         if holds != *self.held {
-            self.budget.release(*self.held);
-            self.budget.charge(holds);
+            self.budget.replace(*self.held, holds);
             *self.held = holds;
         }
     }

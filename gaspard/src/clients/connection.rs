@@ -238,13 +238,11 @@ impl<R: AsRef<[u8]>> Connection<R> {
         self.admitted = 0;
     }
 
-    /// A body waits for the budget: [`Next::Parked`] once, then nothing
-    /// until [`Self::unpark`]. Its --read-timeout waits too: the stall is
-    /// the daemon's, not the client's.
+    /// A body waits for the budget: [`Next::Parked`]; [`Self::on_readable`]
+    /// reads nothing more until [`Self::unpark`]. Its --read-timeout waits
+    /// too: the stall is the daemon's, not the client's.
     fn park(&mut self) -> Next {
-        if std::mem::replace(&mut self.parked, true) {
-            return Next::Wait;
-        }
+        self.parked = true;
         self.deadline = None;
         Next::Parked
     }
@@ -561,6 +559,30 @@ mod tests {
             "admitted: {}",
             budget.held()
         );
+    }
+
+    #[test]
+    fn a_parked_session_has_no_read_deadline_while_it_waits() {
+        let metrics = Arc::new(Metrics::default());
+        let mut budget = Budget::new(1 << 20, metrics);
+        budget.charge(900 << 10);
+        let mut stream = gaspar_protocol::PREAMBLE.to_vec();
+        stream.extend_from_slice(&(2u32 << 20).to_be_bytes());
+        stream.extend_from_slice(&[7; 1000]);
+        let (mut conn, mut client) = accepted(&stream);
+        let mut scratch = vec![0; 64 * 1024];
+        assert!(matches!(
+            conn.on_readable(&mut scratch, &mut budget),
+            Next::Parked
+        ));
+        assert!(conn.is_pipelined() && conn.is_parked());
+        // The acknowledgement went out; nothing more waits for the client.
+        let mut ack = [0; 8];
+        std::io::Read::read_exact(&mut client, &mut ack).unwrap();
+        assert_eq!(&ack[..4], b"GSP2");
+        assert!(matches!(conn.on_writable(), Next::Wait));
+        conn.refresh_session_deadline(Instant::now());
+        assert_eq!(conn.deadline(), None, "the stall is the daemon's");
     }
 
     #[test]

@@ -515,9 +515,9 @@ impl Clients {
                 let len = payload.len();
                 match work.submit(key, payload) {
                     Ok(id) => {
-                        let conn = &mut self.conns[key];
-                        conn.submitted(id, len, Instant::now());
-                        conn.settle(&mut self.budget);
+                        // Charged to the budget when `drive` (the only
+                        // caller for a request) is done with the connection.
+                        self.conns[key].submitted(id, len, Instant::now());
                         // An idle worker starts on it now, not after the whole batch.
                         work.dispatch();
                     }
