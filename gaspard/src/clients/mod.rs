@@ -91,6 +91,51 @@ fn exposure_warning(local: SocketAddr, allow: &[Cidr]) -> Option<String> {
     ))
 }
 
+/// The warnings about clients that can repeat under load, one [`Throttle`]
+/// each (a Throttle counts lines of one kind).
+#[derive(Debug, Default)]
+struct Warnings {
+    /// Resets of misbehaving clients.
+    reset: Throttle,
+    /// Accept pausing at the connection limit, which repeats under a flood.
+    capacity: Throttle,
+    /// Accept failing with other errors.
+    accept: Throttle,
+    /// Accept pausing over --max-buffered.
+    budget: Throttle,
+    /// Connections from addresses not in --allow (a scan would flood it).
+    refusal: Throttle,
+}
+
+impl Warnings {
+    /// When one of them has a count of held-back lines to log.
+    fn next_flush(&self) -> Option<Instant> {
+        [
+            &self.reset,
+            &self.capacity,
+            &self.accept,
+            &self.budget,
+            &self.refusal,
+        ]
+        .into_iter()
+        .filter_map(Throttle::next_flush)
+        .min()
+    }
+
+    /// Logs the counts whose window is over.
+    fn flush(&mut self, now: Instant) {
+        for throttle in [
+            &mut self.reset,
+            &mut self.capacity,
+            &mut self.accept,
+            &mut self.budget,
+            &mut self.refusal,
+        ] {
+            throttle.flush(now);
+        }
+    }
+}
+
 /// Whether new connections are taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Accepting {
@@ -119,16 +164,7 @@ pub(crate) struct Clients {
     scratch: Vec<u8>,
     /// When client deadlines were last checked.
     last_sweep: Instant,
-    /// Resets of misbehaving clients, kept from flooding the log.
-    reset_warnings: Throttle,
-    /// Accept pausing at the connection limit, which repeats under a flood.
-    capacity_warnings: Throttle,
-    /// Accept failing with other errors.
-    accept_warnings: Throttle,
-    /// Accept pausing over --max-buffered.
-    budget_warnings: Throttle,
-    /// Connections from addresses not in --allow (a scan would flood it).
-    refusal_warnings: Throttle,
+    warnings: Warnings,
     metrics: Arc<Metrics>,
 }
 
@@ -163,11 +199,7 @@ impl Clients {
             draining: false,
             scratch: vec![0; SCRATCH_LEN],
             last_sweep: Instant::now(),
-            reset_warnings: Throttle::default(),
-            capacity_warnings: Throttle::default(),
-            accept_warnings: Throttle::default(),
-            budget_warnings: Throttle::default(),
-            refusal_warnings: Throttle::default(),
+            warnings: Warnings::default(),
             metrics,
         }
     }
@@ -209,7 +241,7 @@ impl Clients {
                         continue;
                     }
                     AcceptError::Pause => {
-                        self.accept_warnings.warn(
+                        self.warnings.accept.warn(
                             Instant::now(),
                             format_args!(
                                 "cannot accept: {e}; pausing accept for {} ms ({} connections open)",
@@ -247,7 +279,7 @@ impl Clients {
     fn held_back(&mut self) -> bool {
         let now = Instant::now();
         if self.budget.is_over() {
-            self.budget_warnings.warn(
+            self.warnings.budget.warn(
                 now,
                 format_args!(
                     "{} bytes held for clients (--max-buffered {}); accept paused until they fall back",
@@ -256,7 +288,7 @@ impl Clients {
                 ),
             );
         } else if self.conns.len() >= self.limits.max_connections {
-            self.capacity_warnings.warn(
+            self.warnings.capacity.warn(
                 now,
                 format_args!(
                     "{} connections open (--max-connections); accept paused until one closes",
@@ -285,7 +317,7 @@ impl Clients {
         connection::reset(stream);
         // As IPv4 if it came as IPv4-mapped, which is how it was matched.
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-        self.refusal_warnings.warn(
+        self.warnings.refusal.warn(
             Instant::now(),
             format_args!("client {peer}: address not in --allow; connection reset"),
         );
@@ -383,15 +415,7 @@ impl Clients {
             Accepting::Paused(until) => until,
             _ => None,
         };
-        let throttles = [
-            &self.reset_warnings,
-            &self.capacity_warnings,
-            &self.accept_warnings,
-            &self.budget_warnings,
-            &self.refusal_warnings,
-        ];
-        let flush = throttles.into_iter().filter_map(Throttle::next_flush).min();
-        [paused_until, self.next_sweep(), flush]
+        [paused_until, self.next_sweep(), self.warnings.next_flush()]
             .into_iter()
             .flatten()
             .min()
@@ -406,15 +430,7 @@ impl Clients {
         if self.next_sweep().is_some_and(|at| now >= at) {
             self.sweep(now, work);
         }
-        for throttle in [
-            &mut self.reset_warnings,
-            &mut self.capacity_warnings,
-            &mut self.accept_warnings,
-            &mut self.budget_warnings,
-            &mut self.refusal_warnings,
-        ] {
-            throttle.flush(now);
-        }
+        self.warnings.flush(now);
     }
 
     /// The end of a loop turn: bodies that waited for the budget are read
@@ -667,7 +683,7 @@ impl Clients {
         } else {
             if let Some(reason) = conn.reason(&end) {
                 let peer = conn.peer();
-                self.reset_warnings.warn(
+                self.warnings.reset.warn(
                     Instant::now(),
                     format_args!("client {peer}: {reason}; connection reset"),
                 );
