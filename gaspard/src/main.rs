@@ -57,7 +57,8 @@ fn main() -> ExitCode {
             }
         };
     }
-    match serve(config, &log_filter) {
+    // Each error's message already says what it is about, its cause included.
+    match Daemon::new(config, &log_filter).and_then(Daemon::run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gaspard: {e}");
@@ -87,9 +88,3 @@ fn generate_docs(dir: Option<OsString>) -> ExitCode {
     }
 }
 
-/// Runs the daemon until it stops. Each error's message already says what
-/// it is about, its cause included.
-fn serve(config: Config, log_filter: &str) -> anyhow::Result<()> {
-    Daemon::new(config, log_filter)?.run()?;
-    Ok(())
-}
