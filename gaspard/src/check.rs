@@ -9,22 +9,23 @@
 
 use crate::config::Config;
 use crate::plugin::Plugin;
+use crate::worker::{clip, inherited};
+// The handler config travels in the environment, as a worker's does, rather
+// than on the command line, which `ps` shows to everyone.
+use crate::workers::args::CONFIG_ENV;
+use crate::workers::describe_exit;
 use gaspard_handler_abi::ABI_VERSION;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
 
 /// The argument that selects the check child's mode.
 pub const CHILD_ARG: &str = "__check";
-
-/// The handler config travels in the environment, like a worker's, rather
-/// than on the command line, which `ps` shows to everyone.
-const CONFIG_ENV: &str = "GASPARD_CHECK_HANDLER_CONFIG";
 
 /// The child's report is cut to this many bytes, so that it fits the pipe
 /// whole and the child never waits for the parent to read it.
@@ -102,7 +103,7 @@ pub fn check(config: &Config) -> Result<String, CheckError> {
         } else {
             Err(CheckError::Shutdown {
                 path,
-                how: describe(&status),
+                how: describe_exit(&status),
             })
         };
     }
@@ -140,7 +141,9 @@ fn load_in_child(path: &Path, config: &str) -> std::io::Result<(String, ExitStat
     let (from_child, to_child) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     // Inherited by the child, the only process this one starts.
     fcntl(to_child.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))?;
-    let spawned = Command::new(std::env::current_exe()?)
+    let mut command = Command::new(std::env::current_exe()?);
+    crate::notify::forget_daemon_env(&mut command);
+    let spawned = command
         .arg(CHILD_ARG)
         .arg(to_child.as_raw_fd().to_string())
         .arg(path)
@@ -170,7 +173,10 @@ pub fn run_child(mut args: impl Iterator<Item = OsString>) -> ExitCode {
         return ExitCode::from(2);
     };
     crate::worker::close_inherited_fds(&[fd]);
-    let Some(mut report) = inherited_pipe(fd) else {
+    // A pipe: a child started by hand with a wrong number must not write
+    // into a file.
+    let report = inherited(fd, "report", nix::sys::stat::SFlag::S_IFIFO);
+    let Ok(mut report) = report.map(File::from) else {
         eprintln!("gaspard: fd {fd} is not the pipe that gaspard --check passes");
         return ExitCode::from(2);
     };
@@ -178,49 +184,16 @@ pub fn run_child(mut args: impl Iterator<Item = OsString>) -> ExitCode {
     match Plugin::load(Path::new(&path), &config) {
         Ok(plugin) => {
             // A parent that is gone has nobody to tell: ignore write errors.
-            let _ = report.write_all(cut(&format!("{READY}{}", plugin.name())));
+            let _ =
+                report.write_all(clip(&format!("{READY}{}", plugin.name()), MAX_REPORT).as_bytes());
             drop(report);
             drop(plugin);
             ExitCode::SUCCESS
         }
         Err(e) => {
-            let _ = report.write_all(cut(&format!("{REFUSED}{e}")));
+            let _ = report.write_all(clip(&format!("{REFUSED}{e}"), MAX_REPORT).as_bytes());
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Takes the report pipe's write end, if `fd` is a pipe (a child started by
-/// hand with a wrong number must not write into a file).
-fn inherited_pipe(fd: RawFd) -> Option<File> {
-    use nix::sys::stat::{fstat, SFlag};
-    let stat = fstat(fd).ok()?;
-    if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFIFO {
-        return None;
-    }
-    // SAFETY: the parent passed this fd open for this process alone (see
-    // load_in_child), it is a pipe (checked above), and nothing else here owns it.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    // Not handed on to programs the handler starts.
-    fcntl(owned.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).ok()?;
-    Some(File::from(owned))
-}
-
-/// At most [`MAX_REPORT`] bytes of `text`, cut at a character boundary.
-fn cut(text: &str) -> &[u8] {
-    let mut end = text.len().min(MAX_REPORT);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text.as_bytes()[..end]
-}
-
-/// "exited with status 7", "was killed by SIGSEGV".
-fn describe(status: &ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exited with status {code}"),
-        (None, Some(signal)) => format!("was killed by {}", signal_name(signal)),
-        (None, None) => status.to_string(),
     }
 }
 

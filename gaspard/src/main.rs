@@ -87,4 +87,3 @@ fn generate_docs(dir: Option<OsString>) -> ExitCode {
         }
     }
 }
-

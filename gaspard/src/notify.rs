@@ -6,7 +6,7 @@ use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::Duration;
 
 /// Environment variables that belong to the daemon and must not reach workers.
-pub const DAEMON_ONLY_ENV: [&str; 6] = [
+const DAEMON_ONLY_ENV: [&str; 6] = [
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
@@ -14,6 +14,15 @@ pub const DAEMON_ONLY_ENV: [&str; 6] = [
     "LISTEN_PID",
     "LISTEN_FDNAMES",
 ];
+
+/// Leaves the daemon's own variables out of a child's environment: a
+/// worker or the `--check` child must not talk to systemd as if it were
+/// the daemon, nor take its socket.
+pub(crate) fn forget_daemon_env(command: &mut std::process::Command) {
+    for name in DAEMON_ONLY_ENV {
+        command.env_remove(name);
+    }
+}
 
 pub struct Notifier {
     socket: UnixDatagram,

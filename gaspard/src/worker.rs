@@ -139,7 +139,7 @@ pub fn run(args: WorkerArgs) -> ExitCode {
 
 /// Takes an fd the daemon passed, if it is of the `kind` expected (a
 /// worker started by hand with a wrong number must not write into a file).
-fn inherited(
+pub(crate) fn inherited(
     fd: RawFd,
     what: &'static str,
     kind: nix::sys::stat::SFlag,
@@ -291,7 +291,7 @@ impl Outbox<'_> {
 }
 
 /// `text` cut to at most `max` bytes, at a character boundary.
-fn clip(text: &str, max: usize) -> &str {
+pub(crate) fn clip(text: &str, max: usize) -> &str {
     let mut end = text.len().min(max);
     while !text.is_char_boundary(end) {
         end -= 1;

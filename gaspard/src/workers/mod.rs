@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use supervisor::Supervisor;
 
 pub(crate) use dispatcher::RequestId;
-pub(crate) use supervisor::Recycling;
+pub(crate) use supervisor::{describe as describe_exit, Recycling};
 
 /// A client connection, as the workers know it: an opaque key.
 pub(crate) type ClientKey = usize;

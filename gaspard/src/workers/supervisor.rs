@@ -229,9 +229,7 @@ impl Supervisor {
             ..self.template.clone()
         };
         let mut command = Command::new(&self.program);
-        for name in crate::notify::DAEMON_ONLY_ENV {
-            command.env_remove(name);
-        }
+        crate::notify::forget_daemon_env(&mut command);
         // The three fds the worker inherits. The loop thread is the only one
         // that starts processes, and all are closed (dropped) right after,
         // so no other child can inherit them.
@@ -586,8 +584,9 @@ fn random_u64() -> u64 {
     hasher.finish()
 }
 
-/// Describes an exit status for the log: "exited with status 3", "was killed by SIGSEGV".
-pub(super) fn describe(status: &ExitStatus) -> String {
+/// Describes a child's exit status for the log: "exited with status 3",
+/// "was killed by SIGSEGV".
+pub(crate) fn describe(status: &ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     if let Some(code) = status.code() {
         format!("exited with status {code}")

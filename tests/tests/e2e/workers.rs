@@ -215,9 +215,11 @@ fn queued_requests_behind_busy_workers(args: &[&str], warm_up: usize) {
 const FD_PROBE: &str = r#"
 #include "gaspar.h"
 #include <fcntl.h>
+#include <stdlib.h>
 static int init(const uint8_t *c, size_t n, void **s, const gaspar_host *h) {
     (void)c; (void)n; (void)s;
     if (fcntl(7, F_GETFD) != -1) { gaspar_set_error(h, "fd 7 is open"); return 1; }
+    if (getenv("NOTIFY_SOCKET")) { gaspar_set_error(h, "NOTIFY_SOCKET is set"); return 1; }
     return 0;
 }
 static int handle(void *s, const uint8_t *r, size_t n, const gaspar_host *h) {
@@ -266,6 +268,8 @@ fn workers_and_the_check_child_do_not_inherit_the_daemons_stray_fds() {
     let mut check = std::process::Command::new(gaspard_tests::gaspard_bin());
     check.arg("--check").arg("--handler").arg(&probe);
     gaspard_tests::inherit_fd(&mut check, &stray, 7);
+    // Nor systemd's variables, which are the daemon's alone.
+    check.env("NOTIFY_SOCKET", dir.path().join("notify"));
     let output = check.output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
