@@ -178,3 +178,22 @@ fn with_nothing_left_to_finish_the_daemon_exits_when_the_drain_delay_ends() {
     assert!(signalled.elapsed() >= Duration::from_millis(500));
     daemon.expect_log("stopped gracefully: every accepted request was answered");
 }
+
+#[test]
+fn a_client_stalled_on_the_metrics_port_does_not_hold_up_health_checks() {
+    let daemon = start("echo", &["--workers", "1", "--metrics", "127.0.0.1:0"]);
+    // Connected, and never a byte: it is cut off only after 2 s.
+    let stalled: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(daemon.metrics_addr()).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let asked = Instant::now();
+    assert_eq!(daemon.health(), (200, "ok\n".to_string()));
+    assert!(
+        // Behind them, it would wait 2 s for each (the scrape timeout).
+        asked.elapsed() < Duration::from_millis(1500),
+        "the check waited {:?} behind stalled connections",
+        asked.elapsed()
+    );
+    drop(stalled);
+}
