@@ -118,7 +118,10 @@ impl Throttle {
                 count: 0,
                 latest: now,
             });
-            held.message = message.to_string();
+            // Under a flood this runs for every line held back: the text
+            // goes into the same buffer each time.
+            held.message.clear();
+            let _ = std::fmt::Write::write_fmt(&mut held.message, message);
             held.count += 1;
             held.latest = now;
         } else {

@@ -29,32 +29,28 @@ pub enum PrivilegeError {
 
 /// Who to become, looked up.
 pub(crate) struct Target {
-    user: Option<User>,
+    user: User,
     gid: Gid,
 }
 
 /// Looks `user` and `group` up without changing anything (`--check` runs it
 /// too, so that it refuses an unknown name as the daemon would). `None`
-/// when neither is given.
+/// without `--user` (`--group` alone is refused by `Config::from_cli`).
 pub(crate) fn look_up(
     user: Option<&str>,
     group: Option<&str>,
 ) -> Result<Option<Target>, PrivilegeError> {
-    if user.is_none() && group.is_none() {
+    let Some(name) = user else {
         return Ok(None);
-    }
-    let user = user
-        .map(|name| {
-            User::from_name(name)
-                .map_err(|source| PrivilegeError::Lookup {
-                    what: "user",
-                    name: name.to_string(),
-                    source,
-                })?
-                .ok_or_else(|| PrivilegeError::NoSuchUser(name.to_string()))
-        })
-        .transpose()?;
-    let gid: Gid = match group {
+    };
+    let user = User::from_name(name)
+        .map_err(|source| PrivilegeError::Lookup {
+            what: "user",
+            name: name.to_string(),
+            source,
+        })?
+        .ok_or_else(|| PrivilegeError::NoSuchUser(name.to_string()))?;
+    let gid = match group {
         Some(name) => {
             Group::from_name(name)
                 .map_err(|source| PrivilegeError::Lookup {
@@ -65,14 +61,13 @@ pub(crate) fn look_up(
                 .ok_or_else(|| PrivilegeError::NoSuchGroup(name.to_string()))?
                 .gid
         }
-        None => user.as_ref().expect("one of them is given").gid,
+        None => user.gid,
     };
     Ok(Some(Target { user, gid }))
 }
 
 /// Switches to `user` (with its primary group, unless `group` is given). A
-/// no-op when neither is given; `group` alone is refused by
-/// `Config::from_cli`.
+/// no-op without `user`.
 pub(crate) fn drop_to(user: Option<&str>, group: Option<&str>) -> Result<(), PrivilegeError> {
     let Some(Target { user, gid }) = look_up(user, group)? else {
         return Ok(());
@@ -80,14 +75,12 @@ pub(crate) fn drop_to(user: Option<&str>, group: Option<&str>) -> Result<(), Pri
     // Supplementary groups first, while still allowed to change them.
     setgroups(&[gid]).map_err(PrivilegeError::Groups)?;
     setgid(gid).map_err(PrivilegeError::Group)?;
-    if let Some(user) = &user {
-        setuid(user.uid).map_err(|source| PrivilegeError::User {
-            name: user.name.clone(),
-            source,
-        })?;
-        if user.uid != Uid::from_raw(0) && setuid(Uid::from_raw(0)).is_ok() {
-            return Err(PrivilegeError::Regainable);
-        }
+    setuid(user.uid).map_err(|source| PrivilegeError::User {
+        name: user.name.clone(),
+        source,
+    })?;
+    if user.uid != Uid::from_raw(0) && setuid(Uid::from_raw(0)).is_ok() {
+        return Err(PrivilegeError::Regainable);
     }
     log::info!(
         "running as uid {} gid {}",
