@@ -363,7 +363,7 @@ impl Daemon {
     /// The address of the metrics endpoint (started with `--metrics ADDR`),
     /// from the log line that announces it.
     pub fn metrics_addr(&self) -> SocketAddr {
-        let line = self.expect_log("serving metrics on http://");
+        let line = self.expect_log(METRICS_UP);
         line.split("http://")
             .nth(1)
             .and_then(|rest| rest.strip_suffix("/metrics"))
@@ -373,14 +373,8 @@ impl Daemon {
 
     /// Scrapes the metrics endpoint: the whole HTTP response.
     pub fn scrape(&self) -> String {
-        let mut stream = TcpStream::connect(self.metrics_addr()).expect("connect to metrics");
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
-            .expect("send the scrape");
-        let mut response = String::new();
-        stream
-            .read_to_string(&mut response)
-            .expect("read the scrape");
+        let request = "GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n";
+        let response = http(self.metrics_addr(), request);
         assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
         response
     }

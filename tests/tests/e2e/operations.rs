@@ -448,10 +448,7 @@ fn the_metrics_endpoint_counts_requests_by_outcome() {
     );
     assert_eq!(metric(&after, "gaspard_requests_in_flight"), 0.0);
     // Anything but /metrics is a 404.
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.write_all(b"GET /other HTTP/1.0\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
+    let response = gaspard_tests::http(addr, "GET /other HTTP/1.0\r\n\r\n");
     assert!(response.starts_with("HTTP/1.1 404"), "{response}");
 }
 
