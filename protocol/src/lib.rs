@@ -459,51 +459,6 @@ impl RequestDecoder {
 mod tests {
     use super::*;
 
-    /// Decodes `stream` fed in pieces of `size` bytes, gathering each reply.
-    fn decode_in_pieces(stream: &[u8], size: usize) -> Vec<(Status, Vec<u8>)> {
-        let mut decoder = ReplyDecoder::default();
-        let mut replies = Vec::new();
-        let mut current = None;
-        for mut chunk in stream.chunks(size) {
-            while let Some(piece) = decoder.next(&mut chunk) {
-                match piece {
-                    Piece::Head { status, len } => {
-                        assert!(current.is_none());
-                        current = Some((status, Vec::with_capacity(len as usize)));
-                    }
-                    Piece::Body(bytes) => current.as_mut().unwrap().1.extend_from_slice(bytes),
-                    Piece::End => replies.push(current.take().unwrap()),
-                }
-            }
-        }
-        // A zero-length reply at the very end ends without more input.
-        if let Some(Piece::End) = decoder.next(&mut &[][..]) {
-            replies.push(current.take().unwrap());
-        }
-        assert!(!decoder.in_reply());
-        replies
-    }
-
-    #[test]
-    fn replies_decode_the_same_under_any_split() {
-        let mut stream = Vec::new();
-        let replies: [(Status, &[u8]); 4] = [
-            (Status::Ok, b"hello"),
-            (Status::HandlerError, b"boom"),
-            (Status::Ok, b""),
-            (Status::Unknown(9), b"?"),
-        ];
-        for (status, payload) in replies {
-            stream.extend_from_slice(&reply_header(status, payload.len() as u32));
-            stream.extend_from_slice(payload);
-        }
-        for size in 1..=stream.len() {
-            let got = decode_in_pieces(&stream, size);
-            let want: Vec<_> = replies.iter().map(|(s, p)| (*s, p.to_vec())).collect();
-            assert_eq!(got, want, "pieces of {size}");
-        }
-    }
-
     #[test]
     fn sizes_parse_with_binary_suffixes() {
         assert_eq!(parse_size("4096"), Ok(4096));
@@ -738,6 +693,9 @@ mod tests {
             assert_eq!(done, payload);
         }
 
+        /// What `properties` below does not do: in-place body reads
+        /// (`body_to_fill`, as the daemon reads a large body) mixed with
+        /// `feed`. Bad input is the model-checked property's.
         mod fuzz {
             use super::*;
             use proptest::prelude::*;
@@ -785,30 +743,6 @@ mod tests {
                     }
                 }
 
-                #[test]
-                fn garbage_never_panics_and_never_exceeds_the_limit(
-                    bytes in proptest::collection::vec(any::<u8>(), 0..2000),
-                    cuts in proptest::collection::vec(1usize..300, 1..10),
-                    limit in 0u32..1500,
-                ) {
-                    match decode(&bytes, &cuts, limit) {
-                        Ok(Decoded::Request { payload, .. }) => {
-                            let announced = u32::from_be_bytes(bytes[..4].try_into().unwrap());
-                            prop_assert!(announced <= limit);
-                            prop_assert_eq!(payload.len(), announced as usize);
-                            prop_assert_eq!(&payload[..], &bytes[4..4 + announced as usize]);
-                        }
-                        Ok(Decoded::Empty) => prop_assert_eq!(&bytes[..4], &[0u8; 4][..]),
-                        Ok(Decoded::Incomplete) => {}
-                        Err(FrameError::TooLarge { announced, limit: l }) => {
-                            prop_assert!(announced > l);
-                            prop_assert_eq!(l, limit);
-                        }
-                        other @ (Ok(Decoded::Extension { .. }) | Err(FrameError::BadPreamble)) => {
-                            prop_assert!(false, "only a connection's first frame may open the extension: {:?}", other);
-                        }
-                    }
-                }
             }
         }
     }
