@@ -742,7 +742,6 @@ mod tests {
                         other => prop_assert!(false, "{:?}", other),
                     }
                 }
-
             }
         }
     }
