@@ -55,6 +55,26 @@ pub enum Credit {
     Auto,
 }
 
+/// What `gaspard --version` prints: the version, and the libzmq that the
+/// zmq links use, with whether it has CURVE (encrypted worker pools).
+pub fn version() -> String {
+    let (major, minor, patch) = zmq::version();
+    let curve = if zmq::has("curve") == Some(true) {
+        "CURVE on"
+    } else {
+        "no CURVE"
+    };
+    let built = if libzmq_curve::BUILT_HERE {
+        "built with libsodium"
+    } else {
+        "zmq-sys's own build"
+    };
+    format!(
+        "{} (libzmq {major}.{minor}.{patch}, {curve}, {built})",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
 /// Serve a handler plugin on a TCP port, spreading requests over worker processes.
 ///
 /// Requests are a 4-byte big-endian length followed by that many bytes; the

@@ -2,7 +2,7 @@
 //! hidden modes gaspard starts itself (worker, check child) or its packaging
 //! runs (`__generate-docs`).
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use gaspard::config::{Cli, Config};
 use gaspard::daemon::Daemon;
 use gaspard::worker::{self, WorkerArgs};
@@ -34,7 +34,13 @@ fn main() -> ExitCode {
         _ => {}
     }
 
-    let cli = Cli::parse();
+    let matches = Cli::command()
+        .version(gaspard::config::version())
+        .get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let log_filter = logging::init(cli.log_level);
     // Flags that make no configuration are usage errors, with --check too:
     // it must refuse what the daemon would.
