@@ -44,6 +44,15 @@ pub enum ConfigError {
 /// a reload runs old and new workers side by side.
 pub const MAX_WORKERS: usize = 32_767;
 
+/// How workers are linked to the daemon (--link).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LinkKind {
+    /// A socket pair and a reply pipe per worker (`workers/link.rs`).
+    Local,
+    /// libzmq PUSH/PULL over ipc://, as gaspar did (`workers/zmq_link.rs`).
+    Zmq,
+}
+
 /// How many requests a worker may hold at once (--worker-credit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Credit {
@@ -222,6 +231,12 @@ pub struct Cli {
           value_parser = parse_credit)]
     pub worker_credit: Credit,
 
+    /// How workers are linked to the daemon: `local` (a socket pair and a
+    /// pipe per worker, the fastest) or `zmq` (gaspar's libzmq PUSH/PULL,
+    /// over ipc:// endpoints in the runtime directory).
+    #[arg(long, env = "GASPARD_LINK", value_enum, default_value_t = LinkKind::Local)]
+    pub link: LinkKind,
+
     /// Length of the kernel's queue of connections not yet accepted.
     #[arg(
         long,
@@ -297,6 +312,7 @@ pub struct Config {
     pub max_requests: Option<u64>,
     pub max_requests_jitter: u64,
     pub worker_credit: Credit,
+    pub link: LinkKind,
     pub backlog: i32,
     pub shutdown_timeout: Duration,
     /// How long a graceful stop keeps accepting before it drains.
@@ -346,6 +362,7 @@ impl Config {
             max_requests: (cli.max_requests > 0).then_some(cli.max_requests),
             max_requests_jitter: cli.max_requests_jitter,
             worker_credit: cli.worker_credit,
+            link: cli.link,
             backlog: cli.backlog.max(1),
             shutdown_timeout: seconds("shutdown-timeout", cli.shutdown_timeout)?,
             drain_delay: seconds("drain-delay", cli.drain_delay)?,

@@ -197,12 +197,16 @@ impl Daemon {
                 workers: config.workers,
                 max_queue: config.max_queue,
                 timeout: config.timeout,
+                link: config.link,
             },
             Arc::clone(&metrics),
         )
-        .map_err(|source| DaemonError::Snapshot {
-            path: handler,
-            source,
+        .map_err(|e| match e {
+            WorkersError::Snapshot(source) => DaemonError::Snapshot {
+                path: handler,
+                source,
+            },
+            other => other.into(),
         })?;
         let limits = ClientLimits {
             max_connections,

@@ -3,13 +3,15 @@
 //! requests one at a time until it is killed or the daemon disappears.
 //!
 //! It knows nothing about TCP clients: requests come in on its end of the
-//! link to the daemon (a socket and a pipe inherited at start, see `link.rs`)
-//! and its replies go back on the pipe.
+//! link to the daemon (a socket and a pipe inherited at start, see `link.rs`,
+//! or with `--link zmq` two zmq sockets, see `zmq_link.rs`) and its replies
+//! go back the same way.
 
 use crate::plugin::Plugin;
-pub use crate::workers::args::{ArgsError, WorkerArgs, WORKER_ARG};
+pub use crate::workers::args::{ArgsError, LinkArgs, WorkerArgs, WORKER_ARG};
 use crate::workers::claims::{Claims, Ticket};
-use crate::workers::link::{self, Kind, HEADER_LEN};
+use crate::workers::link::{self, Header, Kind, HEADER_LEN};
+use crate::workers::zmq_link::{self, WorkerZmq, ZmqLinkError};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -54,6 +56,11 @@ pub enum WorkerError {
     BadTicket { id: u64, bits: u32 },
     #[error("cannot watch for SIGTERM: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Zmq(#[from] ZmqLinkError),
+    /// The handler could not be loaded (the daemon was told why).
+    #[error("the handler could not be loaded")]
+    InitFailed,
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -111,7 +118,15 @@ pub(crate) fn close_inherited_fds(keep: &[RawFd]) {
 /// The worker's main function.
 pub fn run(args: WorkerArgs) -> ExitCode {
     crate::buffers::keep_large_buffers();
-    close_inherited_fds(&[args.requests_fd, args.replies_fd, args.claims_fd]);
+    let mut keep = vec![args.claims_fd];
+    if let LinkArgs::Local {
+        requests_fd,
+        replies_fd,
+    } = args.link
+    {
+        keep.extend([requests_fd, replies_fd]);
+    }
+    close_inherited_fds(&keep);
     // Die with the daemon, even on kill -9; if it is already gone, stop now.
     if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
         log::warn!("worker: cannot ask to die with the daemon: {e}");
@@ -121,6 +136,7 @@ pub fn run(args: WorkerArgs) -> ExitCode {
     }
     match serve(&args) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(WorkerError::InitFailed) => ExitCode::from(EXIT_INIT_FAILED),
         // The daemon closed the link while this worker wrote to it or read
         // a frame (it is stopping, or gone): nobody is left to answer.
         Err(WorkerError::Io(e)) if daemon_gone(&e) => {
@@ -165,25 +181,61 @@ pub(crate) fn inherited(
 
 fn serve(args: &WorkerArgs) -> Result<(), WorkerError> {
     use nix::sys::stat::SFlag;
-    let socket = UnixStream::from(inherited(args.requests_fd, "requests", SFlag::S_IFSOCK)?);
-    let pipe = File::from(inherited(args.replies_fd, "replies", SFlag::S_IFIFO)?);
     let claims = Claims::open(inherited(args.claims_fd, "claims", SFlag::S_IFREG)?)?;
-    let outbox = Outbox {
-        pipe: &pipe,
-        socket: &socket,
-    };
-    let send = |kind: Kind, value: u64, body: &[u8]| {
-        let mut frame = link::header(kind, link::body_len(body.len())?, value).to_vec();
-        frame.extend_from_slice(body);
-        outbox.send(&frame)
-    };
+    match &args.link {
+        LinkArgs::Local {
+            requests_fd,
+            replies_fd,
+        } => {
+            let socket = UnixStream::from(inherited(*requests_fd, "requests", SFlag::S_IFSOCK)?);
+            let pipe = File::from(inherited(*replies_fd, "replies", SFlag::S_IFIFO)?);
+            // Waiting for a request wakes every STOP_CHECK to look at the
+            // stop flag.
+            socket.set_read_timeout(Some(STOP_CHECK))?;
+            let mut link = LocalEnds {
+                reader: BufReader::with_capacity(READ_BUFFER, &socket),
+                pipe: &pipe,
+                socket: &socket,
+            };
+            serve_on(args, &claims, &mut link)
+        }
+        LinkArgs::Zmq { requests, replies } => {
+            // Made here, after exec: a zmq context never crosses a fork.
+            let mut link = WorkerZmq::connect(requests, replies, args.incarnation)?;
+            serve_on(args, &claims, &mut link)
+        }
+    }
+}
 
+/// What a worker waits for next.
+enum Incoming {
+    /// A request: its header, its payload read into the caller's buffer.
+    Request(Header),
+    /// Nothing within [`STOP_CHECK`].
+    Idle,
+    /// The daemon closed the link.
+    Closed,
+}
+
+/// A worker's end of its link, whatever carries it.
+trait WorkerLink {
+    /// The next request, its payload read into `payload` (reused).
+    fn next(&mut self, payload: &mut Vec<u8>) -> Result<Incoming, WorkerError>;
+    /// Sends `frame`, a header and its body.
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()>;
+}
+
+fn serve_on(
+    args: &WorkerArgs,
+    claims: &Claims,
+    link: &mut impl WorkerLink,
+) -> Result<(), WorkerError> {
     let mut plugin = match Plugin::load_as(&args.load_from, &args.handler, &args.handler_config) {
         Ok(plugin) => plugin,
         Err(e) => {
             let reason = e.to_string();
-            send(Kind::InitFailed, args.incarnation, reason.as_bytes())?;
-            std::process::exit(EXIT_INIT_FAILED.into());
+            send(link, Kind::InitFailed, args.incarnation, reason.as_bytes())?;
+            return Err(WorkerError::InitFailed);
         }
     };
     log::debug!(
@@ -199,28 +251,17 @@ fn serve(args: &WorkerArgs) -> Result<(), WorkerError> {
     signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))
         .map_err(WorkerError::Signals)?;
     let pid = std::process::id().to_string();
-    send(Kind::Ready, args.incarnation, pid.as_bytes())?;
+    send(link, Kind::Ready, args.incarnation, pid.as_bytes())?;
 
-    let mut reader = BufReader::with_capacity(READ_BUFFER, &socket);
     let mut payload = Vec::new();
     let mut spare = Vec::new();
-    // Waiting for a request wakes every STOP_CHECK to look at the stop flag.
-    socket.set_read_timeout(Some(STOP_CHECK))?;
     while !stop.load(Ordering::Relaxed) {
-        match reader.fill_buf() {
+        let header = match link.next(&mut payload)? {
+            Incoming::Request(header) => header,
+            Incoming::Idle => continue,
             // The daemon is gone: nobody is left to answer.
-            Ok([]) => break,
-            Ok(_) => {}
-            Err(e) if is_retry(&e) => continue,
-            Err(e) => return Err(e.into()),
-        }
-        let mut head = [0; HEADER_LEN];
-        read_full(&mut reader, &mut head)?;
-        let header = link::parse_header(&head)?;
-        if header.kind != Kind::Request {
-            return Err(WorkerError::UnexpectedFrame(header.kind));
-        }
-        read_payload(&mut reader, header.len, &mut payload)?;
+            Incoming::Closed => break,
+        };
         let id = header.value;
         let Some(ticket) = Ticket::decode(header.extra) else {
             return Err(WorkerError::BadTicket {
@@ -243,16 +284,16 @@ fn serve(args: &WorkerArgs) -> Result<(), WorkerError> {
                 let len = reply.len() - HEADER_LEN;
                 let header = link::reply_header(Kind::Reply, micros, link::body_len(len)?, id);
                 reply[..HEADER_LEN].copy_from_slice(&header);
-                outbox.send(&reply)?;
+                link.send(&reply)?;
                 spare = reply;
             }
-            Ok(None) => outbox.send(&link::reply_header(Kind::Reply, micros, 0, id))?,
+            Ok(None) => link.send(&link::reply_header(Kind::Reply, micros, 0, id))?,
             Err(error) => {
                 let error = clip(&error, MAX_ERROR);
                 let len = link::body_len(error.len())?;
                 let mut frame = link::reply_header(Kind::Failed, micros, len, id).to_vec();
                 frame.extend_from_slice(error.as_bytes());
-                outbox.send(&frame)?;
+                link.send(&frame)?;
             }
         }
         // Buffers are reused between requests, but one large request must
@@ -268,18 +309,43 @@ fn serve(args: &WorkerArgs) -> Result<(), WorkerError> {
     Ok(())
 }
 
-/// Where a worker's frames go: the pipe, except that a body larger than
-/// [`link::MAX_PIPED_BODY`] follows its header on the socket (`link.rs`).
-struct Outbox<'a> {
+/// Sends a frame of `kind` with `value` and `body`.
+fn send(link: &mut impl WorkerLink, kind: Kind, value: u64, body: &[u8]) -> std::io::Result<()> {
+    let mut frame = link::header(kind, link::body_len(body.len())?, value).to_vec();
+    frame.extend_from_slice(body);
+    link.send(&frame)
+}
+
+/// A worker's end of a local link: requests on the socket; frames go on the
+/// pipe, except that a body larger than [`link::MAX_PIPED_BODY`] follows its
+/// header on the socket (`link.rs`).
+struct LocalEnds<'a> {
+    reader: BufReader<&'a UnixStream>,
     pipe: &'a File,
     socket: &'a UnixStream,
 }
 
-impl Outbox<'_> {
-    /// Sends `frame`, a header and its body. A small frame leaves in one
-    /// `write`, so a worker that dies leaves at most the frame it was
-    /// writing torn.
-    fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+impl WorkerLink for LocalEnds<'_> {
+    fn next(&mut self, payload: &mut Vec<u8>) -> Result<Incoming, WorkerError> {
+        match self.reader.fill_buf() {
+            Ok([]) => return Ok(Incoming::Closed),
+            Ok(_) => {}
+            Err(e) if is_retry(&e) => return Ok(Incoming::Idle),
+            Err(e) => return Err(e.into()),
+        }
+        let mut head = [0; HEADER_LEN];
+        read_full(&mut self.reader, &mut head)?;
+        let header = link::parse_header(&head)?;
+        if header.kind != Kind::Request {
+            return Err(WorkerError::UnexpectedFrame(header.kind));
+        }
+        read_payload(&mut self.reader, header.len, payload)?;
+        Ok(Incoming::Request(header))
+    }
+
+    /// A small frame leaves in one `write`, so a worker that dies leaves at
+    /// most the frame it was writing torn.
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
         let (mut pipe, mut socket) = (self.pipe, self.socket);
         let (header, body) = frame.split_at(HEADER_LEN);
         if body.len() <= link::MAX_PIPED_BODY {
@@ -287,6 +353,22 @@ impl Outbox<'_> {
         }
         pipe.write_all(header)?;
         socket.write_all(body)
+    }
+}
+
+impl WorkerLink for WorkerZmq {
+    fn next(&mut self, payload: &mut Vec<u8>) -> Result<Incoming, WorkerError> {
+        let Some(message) = self.recv(STOP_CHECK)? else {
+            return Ok(Incoming::Idle);
+        };
+        let (header, body) = zmq_link::request_of(&message)?;
+        payload.clear();
+        payload.extend_from_slice(body);
+        Ok(Incoming::Request(header))
+    }
+
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        WorkerZmq::send(self, frame)
     }
 }
 

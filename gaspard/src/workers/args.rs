@@ -20,13 +20,24 @@ pub enum ArgsError {
     Bad(&'static str),
 }
 
+/// How a worker reaches the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkArgs {
+    /// Its ends of a local link (`link.rs`), inherited open: the socket it
+    /// reads requests from, and the pipe it writes replies to.
+    Local {
+        requests_fd: RawFd,
+        replies_fd: RawFd,
+    },
+    /// zmq endpoints (`zmq_link.rs`): the one it binds to take requests,
+    /// and the daemon's, which it connects to with its replies.
+    Zmq { requests: String, replies: String },
+}
+
 /// What the daemon tells a worker on its command line.
 #[derive(Debug, Clone)]
 pub struct WorkerArgs {
-    /// The worker's ends of its link to the daemon, inherited open: the
-    /// socket it reads requests from, and the pipe it writes replies to.
-    pub requests_fd: RawFd,
-    pub replies_fd: RawFd,
+    pub link: LinkArgs,
     /// Its claims (`claims.rs`), a memfd inherited open.
     pub claims_fd: RawFd,
     pub incarnation: u64,
@@ -43,8 +54,10 @@ impl WorkerArgs {
     /// filled in for each.
     pub(crate) fn template(handler: PathBuf, handler_config: String) -> WorkerArgs {
         WorkerArgs {
-            requests_fd: -1,
-            replies_fd: -1,
+            link: LinkArgs::Local {
+                requests_fd: -1,
+                replies_fd: -1,
+            },
             claims_fd: -1,
             incarnation: 0,
             daemon_pid: std::process::id() as i32,
@@ -56,10 +69,18 @@ impl WorkerArgs {
 
     /// The command-line arguments after the program name.
     pub fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let (kind, requests, replies) = match &self.link {
+            LinkArgs::Local {
+                requests_fd,
+                replies_fd,
+            } => ("local", requests_fd.to_string(), replies_fd.to_string()),
+            LinkArgs::Zmq { requests, replies } => ("zmq", requests.clone(), replies.clone()),
+        };
         vec![
             WORKER_ARG.into(),
-            self.requests_fd.to_string().into(),
-            self.replies_fd.to_string().into(),
+            kind.into(),
+            requests.into(),
+            replies.into(),
             self.claims_fd.to_string().into(),
             self.incarnation.to_string().into(),
             self.daemon_pid.to_string().into(),
@@ -84,8 +105,21 @@ impl WorkerArgs {
                 .filter(|n| *n >= T::default())
                 .ok_or(ArgsError::Bad(what))
         }
-        let requests_fd: RawFd = number(next("requests fd")?, "requests fd")?;
-        let replies_fd: RawFd = number(next("replies fd")?, "replies fd")?;
+        let link = match next("link")?.to_str() {
+            Some("local") => LinkArgs::Local {
+                requests_fd: number(next("requests fd")?, "requests fd")?,
+                replies_fd: number(next("replies fd")?, "replies fd")?,
+            },
+            Some("zmq") => {
+                let mut endpoint =
+                    |what| next(what)?.into_string().map_err(|_| ArgsError::Bad(what));
+                LinkArgs::Zmq {
+                    requests: endpoint("requests endpoint")?,
+                    replies: endpoint("replies endpoint")?,
+                }
+            }
+            _ => return Err(ArgsError::Bad("link")),
+        };
         let claims_fd: RawFd = number(next("claims fd")?, "claims fd")?;
         let incarnation: u64 = number(next("incarnation")?, "incarnation")?;
         let daemon_pid: i32 = number(next("daemon pid")?, "daemon pid")?;
@@ -93,8 +127,7 @@ impl WorkerArgs {
         let load_from = PathBuf::from(next("handler snapshot")?);
         let handler_config = std::env::var(CONFIG_ENV).unwrap_or_default();
         Ok(WorkerArgs {
-            requests_fd,
-            replies_fd,
+            link,
             claims_fd,
             incarnation,
             daemon_pid,
@@ -102,5 +135,55 @@ impl WorkerArgs {
             load_from,
             handler_config,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(link: LinkArgs) -> WorkerArgs {
+        let args = WorkerArgs {
+            link,
+            claims_fd: 5,
+            incarnation: 7,
+            ..WorkerArgs::template("h.so".into(), String::new())
+        };
+        let written = args.to_args();
+        assert_eq!(written[0], WORKER_ARG);
+        WorkerArgs::parse(written.into_iter().skip(1)).unwrap()
+    }
+
+    #[test]
+    fn either_link_survives_the_command_line() {
+        for link in [
+            LinkArgs::Local {
+                requests_fd: 3,
+                replies_fd: 4,
+            },
+            LinkArgs::Zmq {
+                requests: "ipc:///run/x/worker-7.zmq".into(),
+                replies: "ipc:///run/x/replies.zmq".into(),
+            },
+        ] {
+            let parsed = round_trip(link.clone());
+            assert_eq!(
+                (parsed.link, parsed.claims_fd, parsed.incarnation),
+                (link, 5, 7)
+            );
+        }
+    }
+
+    #[test]
+    fn an_unknown_link_or_a_negative_fd_is_refused() {
+        let parse = |args: &[&str]| WorkerArgs::parse(args.iter().map(Into::into));
+        assert!(matches!(
+            parse(&["tcp", "a", "b", "5", "7", "1", "h", "s"]),
+            Err(ArgsError::Bad("link"))
+        ));
+        assert!(matches!(
+            parse(&["local", "-3", "4", "5", "7", "1", "h", "s"]),
+            Err(ArgsError::Bad("requests fd"))
+        ));
     }
 }

@@ -1,21 +1,85 @@
 //! How one worker is reached, as the workers part sees it.
 
+use super::args::LinkArgs;
 use super::claims::{Claims, Ticket};
 use super::dispatcher::{Assignment, RequestId};
-use super::link::Link;
+use super::link::{self, Link, Message};
+use super::zmq_link::{ZmqHub, ZmqLink, ZmqLinkError};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 
-/// How one worker is reached: today the local link (a socket pair and a
-/// reply pipe) and its claim entries. The dispatcher sees only what it
-/// needs of a worker: requests sent with a ticket, replies received, and
-/// whether a staged request was started (or can still be taken back).
+/// How one worker is reached: what carries its frames, and its claim
+/// entries. The dispatcher sees only what it needs of a worker: requests
+/// sent with a ticket, replies received, and whether a staged request was
+/// started (or can still be taken back).
 pub(super) struct Endpoint {
-    pub(super) link: Link,
+    pub(super) carrier: Carrier,
     pub(super) claims: Claims,
+}
+
+/// What carries a worker's frames.
+pub(super) enum Carrier {
+    /// The local link (`link.rs`): the default.
+    Local(Link),
+    /// `--link zmq` (`zmq_link.rs`): replies arrive on the hub's socket,
+    /// shared by every zmq worker, not on the carrier.
+    Zmq(ZmqLink),
+}
+
+/// How new workers are linked to the daemon (--link).
+pub(super) enum Linking {
+    Local,
+    Zmq(ZmqHub),
+}
+
+/// A new worker's link: the daemon's end, what the worker is told, and the
+/// fds it must inherit.
+pub(super) struct NewLink {
+    pub(super) carrier: Carrier,
+    pub(super) args: LinkArgs,
+    pub(super) inherit: Vec<OwnedFd>,
+}
+
+/// Why a worker's link could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot make a worker link: {0}")]
+    Local(#[from] io::Error),
+    #[error(transparent)]
+    Zmq(#[from] ZmqLinkError),
+}
+
+impl Linking {
+    /// Makes the link for worker `incarnation`.
+    pub(super) fn open(&self, incarnation: u64) -> Result<NewLink, LinkError> {
+        match self {
+            Linking::Local => {
+                let (link, ends) = link::pair()?;
+                Ok(NewLink {
+                    carrier: Carrier::Local(link),
+                    args: LinkArgs::Local {
+                        requests_fd: ends.requests.as_raw_fd(),
+                        replies_fd: ends.replies.as_raw_fd(),
+                    },
+                    inherit: vec![ends.requests, ends.replies],
+                })
+            }
+            Linking::Zmq(hub) => {
+                let (link, args) = hub.open(incarnation)?;
+                Ok(NewLink {
+                    carrier: Carrier::Zmq(link),
+                    args,
+                    inherit: Vec::new(),
+                })
+            }
+        }
+    }
 }
 
 impl Endpoint {
     /// Stages request `id` in its claim entry before the worker can see it,
-    /// then queues it; the payload is shared with the dispatcher, not copied.
+    /// then queues it; the payload is shared with the dispatcher, not copied
+    /// (the zmq link copies it into its message).
     pub(super) fn send(&mut self, assignment: Assignment) {
         let Assignment {
             id,
@@ -24,7 +88,10 @@ impl Endpoint {
             ..
         } = assignment;
         self.claims.stage(ticket, id);
-        self.link.queue_request(id, ticket.encode(), payload);
+        match &mut self.carrier {
+            Carrier::Local(link) => link.queue_request(id, ticket.encode(), payload),
+            Carrier::Zmq(link) => link.queue_request(id, ticket.encode(), payload),
+        }
     }
 
     /// Whether the worker had started request `id` (it may have run).
@@ -35,5 +102,62 @@ impl Endpoint {
     /// Takes back request `id` if the worker has not started it.
     pub(super) fn withdraw(&self, ticket: Ticket, id: RequestId) -> bool {
         self.claims.withdraw(ticket, id)
+    }
+
+    /// Puts the endpoint's own fds into the loop (a zmq worker's replies
+    /// arrive on the hub, which is registered once).
+    pub(super) fn register(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+    ) -> io::Result<()> {
+        match &mut self.carrier {
+            Carrier::Local(link) => link.register(registry, token),
+            Carrier::Zmq(_) => Ok(()),
+        }
+    }
+
+    pub(super) fn deregister(&mut self, registry: &mio::Registry) {
+        if let Carrier::Local(link) = &mut self.carrier {
+            link.deregister(registry);
+        }
+    }
+
+    /// Sends what is queued; watches for room if some must wait for it.
+    pub(super) fn flush(&mut self, registry: &mio::Registry, token: mio::Token) -> io::Result<()> {
+        match &mut self.carrier {
+            Carrier::Local(link) => {
+                let flushed = link.flush();
+                let watched = link.watch_writable(registry, token);
+                flushed.and(watched)
+            }
+            Carrier::Zmq(link) => link.flush(),
+        }
+    }
+
+    /// Forgets what is queued (the worker cannot be written to).
+    pub(super) fn discard_output(&mut self, registry: &mio::Registry, token: mio::Token) {
+        match &mut self.carrier {
+            Carrier::Local(link) => {
+                link.discard_output();
+                let _ = link.watch_writable(registry, token);
+            }
+            Carrier::Zmq(link) => link.discard_output(),
+        }
+    }
+
+    /// The endpoint's fds were readable: read them again.
+    pub(super) fn readable(&mut self) {
+        if let Carrier::Local(link) = &mut self.carrier {
+            link.readable();
+        }
+    }
+
+    /// The next message from the worker on this endpoint's own fds.
+    pub(super) fn try_recv(&mut self) -> io::Result<Option<Message>> {
+        match &mut self.carrier {
+            Carrier::Local(link) => link.try_recv(),
+            Carrier::Zmq(_) => Ok(None),
+        }
     }
 }

@@ -32,7 +32,7 @@ impl Workers {
             endpoint.as_ref().map_or(true, |e| e.started(ticket, id))
         });
         if let Some(mut endpoint) = endpoint {
-            endpoint.link.deregister(&self.registry);
+            endpoint.deregister(&self.registry);
         }
         // Every request it had started counts, also one whose client had
         // already been answered (its --timeout) or had left.
@@ -96,9 +96,15 @@ impl Workers {
         let exited = self.supervisor.exited();
         for &slot in &exited {
             if let Some(endpoint) = self.endpoints.get_mut(slot).and_then(Option::as_mut) {
-                endpoint.link.readable();
+                endpoint.readable();
             }
             self.take_messages(slot, usize::MAX)?;
+        }
+        // zmq workers' last messages: what has reached the replies socket.
+        // (One still in libzmq's hands when its worker is settled is dropped
+        // on arrival: it names a worker that is gone.)
+        if !exited.is_empty() {
+            self.take_zmq_messages(usize::MAX)?;
         }
         for death in self.supervisor.reap(&exited) {
             self.on_death(death)?;
@@ -205,9 +211,9 @@ impl Workers {
             self.metrics.worker_starts.inc();
             let started = self
                 .supervisor
-                .start(slot)
+                .start(slot, &self.linking)
                 .map_err(WorkersError::Start)
-                .and_then(|(link, claims)| self.install(slot, link, claims));
+                .and_then(|(carrier, claims)| self.install(slot, carrier, claims));
             if let Err(e) = started {
                 log::error!("{e}");
             }

@@ -17,12 +17,13 @@ mod lifecycle;
 pub(crate) mod link;
 mod reload;
 mod supervisor;
+pub(crate) mod zmq_link;
 
 use crate::metrics::{Metrics, Outcome};
 use claims::Claims;
 use dispatcher::Dispatcher;
-use endpoint::Endpoint;
-use link::{Kind, Link, Message};
+use endpoint::{Carrier, Endpoint, Linking};
+use link::{Kind, Message};
 use mio::{Registry, Token};
 use reload::Reload;
 use std::sync::Arc;
@@ -44,14 +45,25 @@ pub(crate) const LINK_END: usize = 1 << 17;
 // --workers is limited to half the slots: a reload needs the other half.
 const _: () = assert!(2 * crate::config::MAX_WORKERS <= MAX_WORKERS);
 
+/// The socket every `--link zmq` worker's replies arrive on: one of the two
+/// tokens below `LINK_END` that no slot has.
+pub(crate) const ZMQ_REPLIES: Token = Token(LINK_END - 1);
+
 /// Messages taken from one worker per loop turn before other sources get a turn.
 const REPLIES_PER_TURN: usize = 1024;
 
 /// Why a worker part operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkersError {
-    #[error("cannot start a worker process: {0}")]
-    Start(#[source] std::io::Error),
+    #[error(transparent)]
+    Start(#[from] supervisor::StartError),
+    #[error("cannot set up the zmq link: {0}")]
+    ZmqLink(#[from] zmq_link::ZmqLinkError),
+    #[error("cannot watch the zmq link: {0}")]
+    Watch(#[source] std::io::Error),
+    /// The handler file could not be copied for the workers to load.
+    #[error("cannot copy the handler: {0}")]
+    Snapshot(#[source] std::io::Error),
     /// The first workers could not load the handler: the daemon cannot serve.
     #[error("{0}")]
     Load(String),
@@ -122,6 +134,8 @@ pub(crate) struct WorkersConfig {
     pub max_queue: usize,
     /// --timeout.
     pub timeout: Option<Duration>,
+    /// --link.
+    pub link: crate::config::LinkKind,
 }
 
 pub(crate) struct Workers {
@@ -132,6 +146,10 @@ pub(crate) struct Workers {
     pending: Vec<usize>,
     /// Slots with requests staged for the end of this turn.
     to_flush: Vec<usize>,
+    /// How new workers are linked (--link).
+    linking: Linking,
+    /// The zmq replies socket had more messages than one turn takes.
+    zmq_pending: bool,
     supervisor: Supervisor,
     dispatcher: Dispatcher,
     reload: Reload,
@@ -157,7 +175,16 @@ impl Workers {
         registry: Registry,
         config: WorkersConfig,
         metrics: Arc<Metrics>,
-    ) -> std::io::Result<Workers> {
+    ) -> Result<Workers, WorkersError> {
+        let linking = match config.link {
+            crate::config::LinkKind::Local => Linking::Local,
+            crate::config::LinkKind::Zmq => {
+                let hub = zmq_link::ZmqHub::bind(&config.runtime_dir)?;
+                hub.register(&registry, ZMQ_REPLIES)
+                    .map_err(WorkersError::Watch)?;
+                Linking::Zmq(hub)
+            }
+        };
         let mut supervisor = Supervisor::new(
             config.program,
             args::WorkerArgs::template(config.handler, config.handler_config),
@@ -165,12 +192,16 @@ impl Workers {
             &config.log_filter,
             config.recycling,
         );
-        let generation = supervisor.snapshot_handler()?;
+        let generation = supervisor
+            .snapshot_handler()
+            .map_err(WorkersError::Snapshot)?;
         Ok(Workers {
             registry,
             endpoints: Vec::new(),
             pending: Vec::new(),
             to_flush: Vec::new(),
+            linking,
+            zmq_pending: false,
             supervisor,
             dispatcher: Dispatcher::new(config.credit, config.timeout),
             reload: Reload::Idle,
@@ -242,7 +273,7 @@ impl Workers {
 
     /// Whether links have messages left over from the last turn.
     pub(crate) fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
+        !self.pending.is_empty() || self.zmq_pending
     }
 
     /// The earliest moment [`Self::on_timers`] has something to do.
@@ -261,23 +292,27 @@ impl Workers {
     /// Adds a worker of `generation` and starts it.
     fn add_worker(&mut self, generation: u64) -> Result<usize, WorkersError> {
         self.metrics.worker_starts.inc();
-        let (slot, link, claims) = self
-            .supervisor
-            .add(generation)
-            .map_err(WorkersError::Start)?;
-        self.install(slot, link, claims)?;
+        let (slot, carrier, claims) = self.supervisor.add(generation, &self.linking)?;
+        self.install(slot, carrier, claims)?;
         Ok(slot)
     }
 
     /// Puts a just-started worker's endpoint into the loop.
-    fn install(&mut self, slot: usize, mut link: Link, claims: Claims) -> Result<(), WorkersError> {
+    fn install(
+        &mut self,
+        slot: usize,
+        carrier: Carrier,
+        claims: Claims,
+    ) -> Result<(), WorkersError> {
         if self.endpoints.len() <= slot {
             self.endpoints.resize_with(slot + 1, || None);
         }
         self.close_endpoint(slot);
-        link.register(&self.registry, Token(LINK_BASE + slot))
-            .map_err(WorkersError::Start)?;
-        self.endpoints[slot] = Some(Endpoint { link, claims });
+        let mut endpoint = Endpoint { carrier, claims };
+        endpoint
+            .register(&self.registry, Token(LINK_BASE + slot))
+            .map_err(WorkersError::Watch)?;
+        self.endpoints[slot] = Some(endpoint);
         Ok(())
     }
 
@@ -285,7 +320,7 @@ impl Workers {
     /// it (a live worker reads the end of its link and stops).
     fn close_endpoint(&mut self, slot: usize) {
         if let Some(mut endpoint) = self.endpoints.get_mut(slot).and_then(Option::take) {
-            endpoint.link.deregister(&self.registry);
+            endpoint.deregister(&self.registry);
         }
     }
 
@@ -327,11 +362,8 @@ impl Workers {
             return;
         };
         let token = Token(LINK_BASE + slot);
-        let flushed = endpoint.link.flush();
-        let watched = endpoint.link.watch_writable(&self.registry, token);
-        if let Err(e) = flushed.and(watched) {
-            endpoint.link.discard_output();
-            let _ = endpoint.link.watch_writable(&self.registry, token);
+        if let Err(e) = endpoint.flush(&self.registry, token) {
+            endpoint.discard_output(&self.registry, token);
             self.dispatcher.close_worker(slot);
             if link::is_closed_by_peer(&e) {
                 // It died: its death, with its cause, is logged when it is
@@ -351,13 +383,16 @@ impl Workers {
         token: Token,
         event: &mio::event::Event,
     ) -> Result<(), WorkersError> {
+        if token == ZMQ_REPLIES {
+            return self.take_zmq_messages(REPLIES_PER_TURN);
+        }
         let slot = token.0 - LINK_BASE;
         if event.is_writable() {
             self.flush_endpoint(slot);
         }
         if event.is_readable() || event.is_read_closed() {
             if let Some(endpoint) = self.endpoints.get_mut(slot).and_then(Option::as_mut) {
-                endpoint.link.readable();
+                endpoint.readable();
             }
             self.take_messages(slot, REPLIES_PER_TURN)?;
         }
@@ -369,6 +404,43 @@ impl Workers {
         for slot in std::mem::take(&mut self.pending) {
             self.take_messages(slot, REPLIES_PER_TURN)?;
         }
+        if std::mem::take(&mut self.zmq_pending) {
+            self.take_zmq_messages(REPLIES_PER_TURN)?;
+        }
+        Ok(())
+    }
+
+    /// Takes up to `limit` messages from the zmq replies socket, each to the
+    /// worker it names; if more may be waiting, they wait for the next turn.
+    /// A message from a worker that is gone is dropped: its requests were
+    /// settled with its death.
+    pub(super) fn take_zmq_messages(&mut self, limit: usize) -> Result<(), WorkersError> {
+        for _ in 0..limit {
+            let Linking::Zmq(hub) = &self.linking else {
+                return Ok(());
+            };
+            let received = match hub.try_recv() {
+                Ok(Some(received)) => received,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    log::error!("cannot read the zmq replies socket: {e}");
+                    return Ok(());
+                }
+            };
+            let zmq_link::Received::Frame { incarnation, frame } = received else {
+                log::warn!("dropped a message on the zmq replies socket that names no worker");
+                continue;
+            };
+            let Some(slot) = self.supervisor.slot_of(incarnation) else {
+                log::debug!("dropped a message from worker {incarnation}, which is gone");
+                continue;
+            };
+            match frame {
+                Ok(message) => self.on_message(slot, message)?,
+                Err(e) => self.abandon_worker(slot, &format!("sent garbage: {e}")),
+            }
+        }
+        self.zmq_pending = true;
         Ok(())
     }
 
@@ -379,7 +451,7 @@ impl Workers {
             let Some(endpoint) = self.endpoints.get_mut(slot).and_then(Option::as_mut) else {
                 return Ok(());
             };
-            match endpoint.link.try_recv() {
+            match endpoint.try_recv() {
                 Ok(Some(message)) => self.on_message(slot, message)?,
                 Ok(None) => return Ok(()),
                 Err(e) => {

@@ -17,7 +17,18 @@
 
 use super::args::{WorkerArgs, CONFIG_ENV};
 use super::claims::Claims;
-use super::link::{self, Link};
+use super::endpoint::{Carrier, LinkError, Linking, NewLink};
+
+/// Why a worker could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("cannot make a worker's claims: {0}")]
+    Claims(#[source] std::io::Error),
+    #[error("cannot start a worker process: {0}")]
+    Spawn(#[source] std::io::Error),
+}
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
@@ -182,9 +193,13 @@ impl Supervisor {
     }
 
     /// Adds a worker position for `generation` (reusing a free one) and
-    /// starts its worker. Returns the slot, the daemon's end of the link and
-    /// the worker's claims.
-    pub(crate) fn add(&mut self, generation: u64) -> std::io::Result<(usize, Link, Claims)> {
+    /// starts its worker, linked as `linking` says. Returns the slot, the
+    /// daemon's end of the link and the worker's claims.
+    pub(crate) fn add(
+        &mut self,
+        generation: u64,
+        linking: &Linking,
+    ) -> Result<(usize, Carrier, Claims), StartError> {
         let slot = match self.slots.iter().position(|slot| !slot.is_live()) {
             Some(free) => free,
             None => {
@@ -205,24 +220,33 @@ impl Supervisor {
         entry.generation = generation;
         entry.failures = 0;
         entry.removing = false;
-        let (link, claims) = self.start(slot)?;
-        Ok((slot, link, claims))
+        let (carrier, claims) = self.start(slot, linking)?;
+        Ok((slot, carrier, claims))
     }
 
-    /// Starts a worker in `slot`. Returns the daemon's end of its link, and
-    /// its claims.
-    pub(crate) fn start(&mut self, slot: usize) -> std::io::Result<(Link, Claims)> {
+    /// Starts a worker in `slot`, linked as `linking` says. Returns the
+    /// daemon's end of its link, and its claims.
+    pub(crate) fn start(
+        &mut self,
+        slot: usize,
+        linking: &Linking,
+    ) -> Result<(Carrier, Claims), StartError> {
         let incarnation = self.next_incarnation;
         self.next_incarnation += 1;
         let generation = self.slots[slot].generation;
         let snapshot = self.snapshots.get(&generation).cloned().ok_or_else(|| {
-            std::io::Error::other(format!("no snapshot of handler generation {generation}"))
+            StartError::Spawn(std::io::Error::other(format!(
+                "no snapshot of handler generation {generation}"
+            )))
         })?;
-        let (link, worker_ends) = link::pair()?;
-        let (claims, claims_fd) = Claims::create()?;
+        let NewLink {
+            carrier,
+            args: link_args,
+            inherit,
+        } = linking.open(incarnation)?;
+        let (claims, claims_fd) = Claims::create().map_err(StartError::Claims)?;
         let args = WorkerArgs {
-            requests_fd: worker_ends.requests.as_raw_fd(),
-            replies_fd: worker_ends.replies.as_raw_fd(),
+            link: link_args,
             claims_fd: claims_fd.as_raw_fd(),
             incarnation,
             load_from: snapshot,
@@ -230,18 +254,15 @@ impl Supervisor {
         };
         let mut command = Command::new(&self.program);
         crate::notify::forget_daemon_env(&mut command);
-        // The three fds the worker inherits. The loop thread is the only one
-        // that starts processes, and all are closed (dropped) right after,
-        // so no other child can inherit them.
-        for fd in [
-            worker_ends.requests.as_raw_fd(),
-            worker_ends.replies.as_raw_fd(),
-            claims_fd.as_raw_fd(),
-        ] {
+        // The fds the worker inherits. The loop thread is the only one that
+        // starts processes, and all are closed (dropped) right after, so no
+        // other child can inherit them.
+        for fd in inherit.iter().chain([&claims_fd]).map(AsRawFd::as_raw_fd) {
             nix::fcntl::fcntl(
                 fd,
                 nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-            )?;
+            )
+            .map_err(|e| StartError::Spawn(e.into()))?;
         }
         let spawned = command
             .args(args.to_args())
@@ -252,7 +273,7 @@ impl Supervisor {
             // alone, which then stops the workers in order.
             .process_group(0)
             .spawn();
-        drop(worker_ends);
+        drop(inherit);
         drop(claims_fd);
         let child = match spawned {
             Ok(child) => child,
@@ -261,7 +282,7 @@ impl Supervisor {
                 self.slots[slot].state = SlotState::Backoff {
                     until: Instant::now() + MAX_BACKOFF,
                 };
-                return Err(e);
+                return Err(StartError::Spawn(e));
             }
         };
         log::debug!(
@@ -281,7 +302,7 @@ impl Supervisor {
             .recycling
             .max_requests
             .map(|n| n.saturating_add(jitter));
-        Ok((link, claims))
+        Ok((carrier, claims))
     }
 
     /// The incarnation running (or starting) in `slot`.
@@ -292,6 +313,11 @@ impl Supervisor {
             }
             _ => None,
         }
+    }
+
+    /// The slot that worker `incarnation` runs (or starts) in.
+    pub(crate) fn slot_of(&self, incarnation: u64) -> Option<usize> {
+        (0..self.slots.len()).find(|&slot| self.incarnation_of(slot) == Some(incarnation))
     }
 
     /// How many workers serve (ready, and not being stopped).
@@ -635,7 +661,7 @@ mod tests {
     fn a_worker_whose_exit_is_known_is_never_signalled() {
         let dir = tempfile::tempdir().unwrap();
         let mut supervisor = supervisor(dir.path());
-        let (slot, _link, _claims) = supervisor.add(1).unwrap();
+        let (slot, _link, _claims) = supervisor.add(1, &Linking::Local).unwrap();
         assert_eq!(wait_exited(&mut supervisor), vec![slot]);
         // Its status is known, so its pid may belong to anyone by now.
         assert_eq!(supervisor.signal(slot, Signal::SIGKILL), Signalled::Exited);
@@ -652,7 +678,7 @@ mod tests {
     fn signalling_a_worker_that_just_exited_does_not_lose_its_death() {
         let dir = tempfile::tempdir().unwrap();
         let mut supervisor = supervisor(dir.path());
-        let (slot, _link, _claims) = supervisor.add(1).unwrap();
+        let (slot, _link, _claims) = supervisor.add(1, &Linking::Local).unwrap();
         // Exited, but nobody has looked yet (a SIGCHLD on its way).
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(supervisor.signal(slot, Signal::SIGTERM), Signalled::Exited);
