@@ -25,6 +25,7 @@ mod metrics;
 pub mod new_handler;
 mod notify;
 mod plugin;
+pub mod pool;
 mod privileges;
 mod protocol;
 mod scrape;

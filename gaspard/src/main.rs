@@ -5,6 +5,7 @@
 use clap::{CommandFactory, FromArgMatches};
 use gaspard::config::{Cli, Config};
 use gaspard::daemon::Daemon;
+use gaspard::pool::keys;
 use gaspard::worker::{self, WorkerArgs};
 use gaspard::{check, logging, manual, new_handler};
 use std::ffi::OsString;
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
     let rest = || std::env::args_os().skip(2);
     match mode.as_ref().and_then(|arg| arg.to_str()) {
         Some(new_handler::ARG) => return new_handler::run(rest()),
+        Some(keys::KEYGEN_ARG) => return keys::run_keygen(rest()),
         Some(check::CHILD_ARG) => return check::run_child(rest()),
         Some(manual::GENERATE_ARG) => return generate_docs(rest().next()),
         Some(worker::WORKER_ARG) => return run_worker(rest()),
