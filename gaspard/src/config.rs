@@ -12,6 +12,15 @@ use std::time::Duration;
 pub enum ConfigError {
     #[error("--workers {0} is more than the {MAX_WORKERS} supported")]
     TooManyWorkers(usize),
+    #[error("--workers 0 needs --pool-listen: someone must do the work")]
+    NoWorkers,
+    #[error("--pool-listen {0}: expected tcp://ADDRESS:PORT")]
+    PoolEndpoint(String),
+    #[error(
+        "--pool-listen {0} is not a loopback address: give --pool-key and \
+         --pool-authorized (CURVE), or --pool-insecure to accept anyone who can reach it"
+    )]
+    PoolInsecure(String),
     #[error("--{flag} must be a number of seconds >= 0, not {value}")]
     Seconds { flag: &'static str, value: f64 },
     #[error("--max-request-size {0} exceeds the protocol's limit of {limit} bytes", limit = gaspar_protocol::MAX_PAYLOAD)]
@@ -43,6 +52,16 @@ pub enum ConfigError {
 /// The most --workers: half the worker slots the daemon has room for, since
 /// a reload runs old and new workers side by side.
 pub const MAX_WORKERS: usize = 32_767;
+
+/// The worker pool's flags, checked (the key files are read at start).
+#[derive(Debug, Clone)]
+pub struct PoolFlags {
+    /// A `tcp://` endpoint.
+    pub listen: String,
+    /// --pool-key and --pool-authorized: CURVE.
+    pub curve: Option<(PathBuf, PathBuf)>,
+    pub heartbeat_timeout: Duration,
+}
 
 /// How workers are linked to the daemon (--link).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -130,8 +149,9 @@ pub struct Cli {
     pub allow: Vec<Cidr>,
 
     /// Number of worker processes [default: the CPUs available to gaspard].
+    /// 0 (with --pool-listen): every request is served by worker hosts.
     #[arg(long, env = "GASPARD_WORKERS", value_name = "N")]
-    pub workers: Option<NonZeroUsize>,
+    pub workers: Option<usize>,
 
     /// A string passed to the handler's init in every worker.
     #[arg(
@@ -237,6 +257,50 @@ pub struct Cli {
     #[arg(long, env = "GASPARD_LINK", value_enum, default_value_t = LinkKind::Local)]
     pub link: LinkKind,
 
+    /// Accept worker hosts (`gaspard worker --connect`) on this zmq endpoint,
+    /// e.g. tcp://0.0.0.0:10124; their workers serve beside the local ones.
+    /// Without --pool-key only a loopback address is accepted, unless
+    /// --pool-insecure is given.
+    #[arg(long, env = "GASPARD_POOL_LISTEN", value_name = "tcp://ADDR:PORT")]
+    pub pool_listen: Option<String>,
+
+    /// The daemon's CURVE key pair (`gaspard keygen PREFIX` writes
+    /// PREFIX.key): worker hosts must know its public half (--server-key).
+    #[arg(
+        long,
+        env = "GASPARD_POOL_KEY",
+        value_name = "FILE",
+        requires = "pool_authorized"
+    )]
+    pub pool_key: Option<PathBuf>,
+
+    /// The worker hosts' public keys that may join, one per line (`#`
+    /// comments), like ssh's authorized_keys.
+    #[arg(
+        long,
+        env = "GASPARD_POOL_AUTHORIZED",
+        value_name = "FILE",
+        requires = "pool_key"
+    )]
+    pub pool_authorized: Option<PathBuf>,
+
+    /// Let --pool-listen take a non-loopback address without CURVE: anyone
+    /// who can reach the port can join and see requests.
+    #[arg(long, env = "GASPARD_POOL_INSECURE", value_parser = parse_switch, default_value = "false",
+          num_args = 0..=1, default_missing_value = "true")]
+    pub pool_insecure: bool,
+
+    /// Seconds without a word from a worker host before it is given up on
+    /// (and the requests it held fail); heartbeats go both ways three times
+    /// as often.
+    #[arg(
+        long,
+        env = "GASPARD_POOL_HEARTBEAT_TIMEOUT",
+        default_value_t = 3.0,
+        value_name = "SECONDS"
+    )]
+    pub pool_heartbeat_timeout: f64,
+
     /// Length of the kernel's queue of connections not yet accepted.
     #[arg(
         long,
@@ -313,6 +377,8 @@ pub struct Config {
     pub max_requests_jitter: u64,
     pub worker_credit: Credit,
     pub link: LinkKind,
+    /// --pool-listen and its settings: `None`, no worker hosts.
+    pub pool: Option<PoolFlags>,
     pub backlog: i32,
     pub shutdown_timeout: Duration,
     /// How long a graceful stop keeps accepting before it drains.
@@ -343,9 +409,16 @@ impl Config {
             .filter(|&size| u64::from(size) <= protocol_limit)
             .ok_or(ConfigError::RequestSize(cli.max_request_size))?;
         // Half the slots: a reload runs old and new workers side by side.
-        let workers = cli.workers.map_or_else(default_workers, NonZeroUsize::get);
+        let workers = cli.workers.unwrap_or_else(default_workers);
         if workers > MAX_WORKERS {
             return Err(ConfigError::TooManyWorkers(workers));
+        }
+        let pool = pool_flags(
+            cli,
+            seconds("pool-heartbeat-timeout", cli.pool_heartbeat_timeout)?,
+        )?;
+        if workers == 0 && pool.is_none() {
+            return Err(ConfigError::NoWorkers);
         }
         Ok(Config {
             handler: cli.handler.clone(),
@@ -363,6 +436,7 @@ impl Config {
             max_requests_jitter: cli.max_requests_jitter,
             worker_credit: cli.worker_credit,
             link: cli.link,
+            pool,
             backlog: cli.backlog.max(1),
             shutdown_timeout: seconds("shutdown-timeout", cli.shutdown_timeout)?,
             drain_delay: seconds("drain-delay", cli.drain_delay)?,
@@ -375,6 +449,32 @@ impl Config {
             metrics: cli.metrics,
         })
     }
+}
+
+/// The pool's flags, checked: a `tcp://` endpoint, loopback unless CURVE or
+/// --pool-insecure.
+fn pool_flags(cli: &Cli, heartbeat_timeout: Duration) -> Result<Option<PoolFlags>, ConfigError> {
+    let Some(listen) = &cli.pool_listen else {
+        return Ok(None);
+    };
+    let host = listen
+        .strip_prefix("tcp://")
+        .and_then(|rest| rest.rsplit_once(':'))
+        .map(|(host, _port)| host.trim_start_matches('[').trim_end_matches(']'))
+        .ok_or_else(|| ConfigError::PoolEndpoint(listen.clone()))?;
+    let curve = cli.pool_key.clone().zip(cli.pool_authorized.clone());
+    let loopback = host == "localhost"
+        || host
+            .parse::<IpAddr>()
+            .is_ok_and(|address| address.is_loopback());
+    if curve.is_none() && !loopback && !cli.pool_insecure {
+        return Err(ConfigError::PoolInsecure(listen.clone()));
+    }
+    Ok(Some(PoolFlags {
+        listen: listen.clone(),
+        curve,
+        heartbeat_timeout: heartbeat_timeout.max(Duration::from_millis(30)),
+    }))
 }
 
 /// `--bind`: an IP address (IPv6 with or without brackets), or a host name

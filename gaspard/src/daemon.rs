@@ -21,8 +21,10 @@ use crate::config::Config;
 use crate::health::{Health, Published};
 use crate::metrics::Metrics;
 use crate::notify::{self, Notifier};
+use crate::pool::keys;
+use crate::pool::server::PoolConfig;
 use crate::workers::{
-    Answer, Notice, Recycling, Workers, WorkersConfig, WorkersError, LINK_BASE, LINK_END,
+    Answer, Notice, Recycling, Workers, WorkersConfig, WorkersError, LINK_BASE, WORKERS_END,
 };
 use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGTTIN, SIGTTOU};
@@ -65,6 +67,8 @@ pub enum DaemonError {
     Executable(io::Error),
     #[error("{0}")]
     Workers(#[from] WorkersError),
+    #[error(transparent)]
+    PoolKey(#[from] crate::pool::keys::KeyError),
     #[error("handler {0}: workers did not finish loading the handler within --timeout")]
     LoadTimeout(PathBuf),
     #[error("the event loop failed: {0}")]
@@ -93,6 +97,23 @@ enum Phase {
 }
 
 /// The private directory of the handler snapshots, removed when dropped.
+/// The worker pool's settings, its key files read.
+fn pool_config(config: &Config) -> Result<Option<PoolConfig>, DaemonError> {
+    let Some(flags) = &config.pool else {
+        return Ok(None);
+    };
+    let curve = match &flags.curve {
+        Some((key, authorized)) => Some((keys::read_pair(key)?, keys::read_public(authorized)?)),
+        None => None,
+    };
+    Ok(Some(PoolConfig {
+        listen: flags.listen.clone(),
+        curve,
+        heartbeat_timeout: flags.heartbeat_timeout,
+        request_timeout: config.timeout,
+    }))
+}
+
 fn runtime_dir(parent: Option<&Path>) -> io::Result<tempfile::TempDir> {
     use std::os::unix::fs::PermissionsExt;
     let mut builder = tempfile::Builder::new();
@@ -198,6 +219,7 @@ impl Daemon {
                 max_queue: config.max_queue,
                 timeout: config.timeout,
                 link: config.link,
+                pool: pool_config(&config)?,
             },
             Arc::clone(&metrics),
         )
@@ -307,7 +329,7 @@ impl Daemon {
             // Replies first, and the freed workers' next requests at once:
             // a worker must not idle while the rest of the batch (accepts,
             // reads) is handled.
-            token @ Token(LINK_BASE..LINK_END) => {
+            token @ Token(LINK_BASE..WORKERS_END) => {
                 self.workers.on_link_event(token, event)?;
                 self.answer_clients();
                 crate::workers::Requests::dispatch(&mut self.workers);

@@ -52,6 +52,11 @@ struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CauseLabel {
     cause: String,
 }
@@ -70,6 +75,12 @@ pub(crate) struct Metrics {
     /// Time spent holding more than --max-buffered.
     pub(crate) over_budget_seconds: Counter<f64, AtomicU64>,
     worker_exits: Family<CauseLabel, Counter>,
+    /// Workers ready, by how they are reached (local, zmq, remote).
+    workers_by_kind: Family<KindLabel, Gauge>,
+    /// Worker hosts connected (--pool-listen).
+    pub(crate) pool_hosts: Gauge,
+    /// Worker hosts given up on, by cause.
+    pool_hosts_lost: Family<CauseLabel, Counter>,
     /// From the whole request being read to its reply being ready.
     pub(crate) latency: Histogram,
 }
@@ -133,6 +144,24 @@ impl Default for Metrics {
             "Worker processes gone, by cause (signal, exit status, or a planned stop)",
             worker_exits.clone(),
         );
+        let workers_by_kind = Family::<KindLabel, Gauge>::default();
+        registry.register(
+            "workers_ready_by_kind",
+            "Workers ready to serve, by link: local, zmq (--link zmq), remote (on worker hosts)",
+            workers_by_kind.clone(),
+        );
+        let pool_hosts = Gauge::default();
+        registry.register(
+            "pool_hosts",
+            "Worker hosts connected (--pool-listen)",
+            pool_hosts.clone(),
+        );
+        let pool_hosts_lost = Family::<CauseLabel, Counter>::default();
+        registry.register(
+            "pool_hosts_lost",
+            "Worker hosts given up on, by cause (heartbeat: nothing heard for --pool-heartbeat-timeout; unreachable; protocol: a message broke the rules), their requests failed",
+            pool_hosts_lost.clone(),
+        );
         // 50 µs doubling 21 times: the last bucket is 50 µs × 2^21 ≈ 104.9 s
         // (about 1.75 minutes); slower requests count in +Inf only.
         let latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 22));
@@ -153,6 +182,9 @@ impl Default for Metrics {
             bytes_held,
             over_budget_seconds,
             worker_exits,
+            workers_by_kind,
+            pool_hosts,
+            pool_hosts_lost,
             latency,
         }
     }
@@ -174,6 +206,22 @@ impl Metrics {
     pub(crate) fn observe_latency(&self, received: std::time::Instant, now: std::time::Instant) {
         self.latency
             .observe(now.saturating_duration_since(received).as_secs_f64());
+    }
+
+    /// How many workers reached by `kind` (local, zmq, remote) are ready.
+    pub(crate) fn set_workers_ready(&self, kind: &'static str, ready: usize) {
+        self.workers_by_kind
+            .get_or_create(&KindLabel { kind })
+            .set(ready as i64);
+    }
+
+    /// A worker host given up on: `cause` is heartbeat, unreachable or protocol.
+    pub(crate) fn pool_host_lost(&self, cause: &str) {
+        self.pool_hosts_lost
+            .get_or_create(&CauseLabel {
+                cause: cause.to_string(),
+            })
+            .inc();
     }
 
     /// `cause`: a signal name, `exit_N`, or `stopped` for a planned stop.

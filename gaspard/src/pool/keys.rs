@@ -28,6 +28,13 @@ pub(crate) struct KeyPair {
     pub(crate) secret: Key,
 }
 
+/// Shows the public half only.
+impl std::fmt::Debug for KeyPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyPair {{ public: {} }}", encode(&self.public))
+    }
+}
+
 /// Why a key file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {

@@ -17,3 +17,4 @@
 
 pub mod keys;
 pub(crate) mod protocol;
+pub(crate) mod server;

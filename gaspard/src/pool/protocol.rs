@@ -244,8 +244,11 @@ impl ToHost {
     }
 }
 
-/// The type byte, the rest of the head, and the body if there is one.
-fn split(frames: Vec<Vec<u8>>) -> Result<(u8, Vec<u8>, Option<Vec<u8>>), ProtocolError> {
+/// A message taken apart: the type byte, the rest of the head, and the
+/// body if there is one.
+type Parts = (u8, Vec<u8>, Option<Vec<u8>>);
+
+fn split(frames: Vec<Vec<u8>>) -> Result<Parts, ProtocolError> {
     let count = frames.len();
     let mut frames = frames.into_iter();
     let (Some(mut head), body, None) = (frames.next(), frames.next(), frames.next()) else {

@@ -68,6 +68,11 @@ struct WorkerLoad {
     /// How long its handler calls take, in microseconds: rises at once to
     /// a slower call, falls slowly after quicker ones. `None`: no call yet.
     service_micros: Option<u32>,
+    /// A worker host of the pool: the credit it gave (many workers behind
+    /// one slot, running several requests at once, which it times out
+    /// itself). Its requests have no deadline here and are never taken
+    /// back (there are no claims to take them back with).
+    remote_credit: Option<usize>,
 }
 
 impl WorkerLoad {
@@ -95,7 +100,8 @@ impl WorkerLoad {
 /// Whether a busy worker's running call has turned out slow, with requests
 /// staged behind it that can still be taken back.
 fn is_stuck(load: &WorkerLoad, now: Instant) -> bool {
-    load.held.len() > 1
+    load.remote_credit.is_none()
+        && load.held.len() > 1
         && !load.take_back_failed
         && load
             .busy_since
@@ -207,7 +213,8 @@ impl Dispatcher {
             };
             // The clock starts when the worker starts it: only the first
             // request a worker holds is running; others (credit > 1) wait.
-            let deadline = if self.workers[slot].held.is_empty() {
+            let load = &self.workers[slot];
+            let deadline = if load.held.is_empty() && load.remote_credit.is_none() {
                 self.timeout.map(|t| now + t)
             } else {
                 None
@@ -277,6 +284,9 @@ impl Dispatcher {
 
     /// How many requests a worker may hold now.
     fn credit_of(&self, load: &WorkerLoad, now: Instant) -> usize {
+        if let Some(credit) = load.remote_credit {
+            return credit;
+        }
         let running = load
             .busy_since
             .map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
@@ -311,6 +321,21 @@ impl Dispatcher {
         load.service_micros = None;
         load.entries = 0;
         load.take_back_failed = false;
+        load.remote_credit = None;
+    }
+
+    /// A worker host can take `credit` requests (at most [`ENTRIES`]: each
+    /// held request has a claim ticket, even where no claims are shared).
+    pub(crate) fn open_remote(&mut self, slot: usize, credit: usize) {
+        self.open_worker(slot);
+        self.set_remote_credit(slot, credit);
+    }
+
+    /// A worker host's credit changed.
+    pub(crate) fn set_remote_credit(&mut self, slot: usize, credit: usize) {
+        if let Some(load) = self.workers.get_mut(slot) {
+            load.remote_credit = Some(credit.min(ENTRIES));
+        }
     }
 
     /// The worker in `slot` answered request `id`, after its handler ran
@@ -348,8 +373,10 @@ impl Dispatcher {
         });
         let now = Instant::now();
         load.busy_since = (!load.held.is_empty()).then_some(now);
-        // The worker takes its next request now: start that one's clock.
-        if let Some(&next) = self.workers[slot].held.first() {
+        // The worker takes its next request now: start that one's clock
+        // (a worker host times its requests itself).
+        let timed = self.workers[slot].remote_credit.is_none();
+        if let Some(&next) = self.workers[slot].held.first().filter(|_| timed) {
             if let Some(Request {
                 place: Place::Running { deadline, .. },
                 ..
@@ -493,7 +520,9 @@ impl Dispatcher {
         let room = self.room_elsewhere(now) > 0;
         self.workers
             .iter()
-            .filter(|load| load.held.len() > 1 && !load.take_back_failed)
+            .filter(|load| {
+                load.held.len() > 1 && !load.take_back_failed && load.remote_credit.is_none()
+            })
             .filter_map(|load| Some(load.busy_since? + SLOW_CALL))
             .filter(|&at| at > now || room)
             .min()
@@ -1009,6 +1038,32 @@ mod tests {
             (vec![(slow, None)], vec![3]),
         );
         assert_eq!(d.next_assignment(late).unwrap().id, staged);
+    }
+
+    #[test]
+    fn a_worker_host_holds_its_credit_with_no_deadline_and_nothing_to_take_back() {
+        let mut d = Dispatcher::new(Credit::Auto, Some(Duration::from_millis(1)));
+        d.open_remote(0, 3);
+        let now = Instant::now();
+        let sent = assign(&mut d, 3, now);
+        d.submit(3, vec![]);
+        assert!(
+            d.next_assignment(now).is_none(),
+            "its credit, 3, is used up"
+        );
+        let later = now + Duration::from_secs(1);
+        assert!(d.expire(later).is_empty(), "the host times its requests");
+        assert!(d.stuck(later).is_empty(), "no claims to take back with");
+        assert_eq!(d.next_deadline(), None);
+        d.set_remote_credit(0, 0);
+        assert_eq!(d.complete(0, sent[0].id, 10), Ok(Some(0)));
+        assert!(d.next_assignment(later).is_none(), "its credit went to 0");
+        let (failed, requeued) = d.worker_died(0, |_, _| true);
+        assert_eq!(
+            (failed.len(), requeued.len()),
+            (2, 0),
+            "a lost host fails all it held"
+        );
     }
 
     #[test]

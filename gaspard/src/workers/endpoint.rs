@@ -2,9 +2,10 @@
 
 use super::args::LinkArgs;
 use super::claims::{Claims, Ticket};
-use super::dispatcher::{Assignment, RequestId};
+use super::dispatcher::{Assignment, Payload, RequestId};
 use super::link::{self, Link, Message};
 use super::zmq_link::{ZmqHub, ZmqLink, ZmqLinkError};
+use crate::pool::server::HostId;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
@@ -14,7 +15,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 /// started (or can still be taken back).
 pub(super) struct Endpoint {
     pub(super) carrier: Carrier,
-    pub(super) claims: Claims,
+    /// `None` for a worker host: no memory is shared with it.
+    pub(super) claims: Option<Claims>,
 }
 
 /// What carries a worker's frames.
@@ -24,6 +26,15 @@ pub(super) enum Carrier {
     /// `--link zmq` (`zmq_link.rs`): replies arrive on the hub's socket,
     /// shared by every zmq worker, not on the carrier.
     Zmq(ZmqLink),
+    /// A worker host of the pool (`pool/server.rs`), which sends and
+    /// receives for it: here, only what waits to be sent.
+    Remote(RemoteLink),
+}
+
+/// What waits to be sent to a worker host.
+pub(super) struct RemoteLink {
+    pub(super) host: HostId,
+    pub(super) outgoing: Vec<(RequestId, Payload)>,
 }
 
 /// How new workers are linked to the daemon (--link).
@@ -87,21 +98,29 @@ impl Endpoint {
             payload,
             ..
         } = assignment;
-        self.claims.stage(ticket, id);
+        if let Some(claims) = &self.claims {
+            claims.stage(ticket, id);
+        }
         match &mut self.carrier {
             Carrier::Local(link) => link.queue_request(id, ticket.encode(), payload),
             Carrier::Zmq(link) => link.queue_request(id, ticket.encode(), payload),
+            Carrier::Remote(link) => link.outgoing.push((id, payload)),
         }
     }
 
-    /// Whether the worker had started request `id` (it may have run).
+    /// Whether the worker had started request `id` (it may have run; with
+    /// no claims to tell, any may have).
     pub(super) fn started(&self, ticket: Ticket, id: RequestId) -> bool {
-        self.claims.started(ticket, id)
+        self.claims
+            .as_ref()
+            .map_or(true, |claims| claims.started(ticket, id))
     }
 
     /// Takes back request `id` if the worker has not started it.
     pub(super) fn withdraw(&self, ticket: Ticket, id: RequestId) -> bool {
-        self.claims.withdraw(ticket, id)
+        self.claims
+            .as_ref()
+            .is_some_and(|claims| claims.withdraw(ticket, id))
     }
 
     /// Puts the endpoint's own fds into the loop (a zmq worker's replies
@@ -113,7 +132,7 @@ impl Endpoint {
     ) -> io::Result<()> {
         match &mut self.carrier {
             Carrier::Local(link) => link.register(registry, token),
-            Carrier::Zmq(_) => Ok(()),
+            Carrier::Zmq(_) | Carrier::Remote(_) => Ok(()),
         }
     }
 
@@ -123,7 +142,8 @@ impl Endpoint {
         }
     }
 
-    /// Sends what is queued; watches for room if some must wait for it.
+    /// Sends what is queued; watches for room if some must wait for it. (A
+    /// worker host's requests are sent by the pool: `Workers::flush_endpoint`.)
     pub(super) fn flush(&mut self, registry: &mio::Registry, token: mio::Token) -> io::Result<()> {
         match &mut self.carrier {
             Carrier::Local(link) => {
@@ -132,6 +152,7 @@ impl Endpoint {
                 flushed.and(watched)
             }
             Carrier::Zmq(link) => link.flush(),
+            Carrier::Remote(_) => Ok(()),
         }
     }
 
@@ -143,6 +164,7 @@ impl Endpoint {
                 let _ = link.watch_writable(registry, token);
             }
             Carrier::Zmq(link) => link.discard_output(),
+            Carrier::Remote(link) => link.outgoing.clear(),
         }
     }
 
@@ -157,7 +179,7 @@ impl Endpoint {
     pub(super) fn try_recv(&mut self) -> io::Result<Option<Message>> {
         match &mut self.carrier {
             Carrier::Local(link) => link.try_recv(),
-            Carrier::Zmq(_) => Ok(None),
+            Carrier::Zmq(_) | Carrier::Remote(_) => Ok(None),
         }
     }
 }

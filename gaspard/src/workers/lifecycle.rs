@@ -54,6 +54,15 @@ impl Workers {
     /// Gives up on a worker that broke its link's rules: what it ran is
     /// unknown, so every request it held fails now, and it is killed.
     pub(super) fn abandon_worker(&mut self, slot: usize, what: &str) {
+        if let Some(Some(endpoint)) = self.endpoints.get(slot) {
+            if matches!(endpoint.carrier, super::Carrier::Remote(_)) {
+                // The pool drops the host; its requests fail with that news.
+                if let Some(pool) = &mut self.pool {
+                    pool.drop_slot(slot, what);
+                }
+                return;
+            }
+        }
         let incarnation = self.supervisor.incarnation_of(slot).unwrap_or(0);
         log::error!("worker {incarnation} (slot {slot}) {what}; killing it");
         self.close_endpoint(slot);
@@ -185,6 +194,10 @@ impl Workers {
     /// rejected; workers whose back-off ran out start again (also while
     /// draining: queued requests still need workers).
     pub(crate) fn on_timers(&mut self, now: Instant) {
+        if let Some(pool) = &mut self.pool {
+            let events = pool.on_timers(now);
+            self.on_pool_events(events);
+        }
         for (slot, id, client) in self.dispatcher.expire(now) {
             log::error!(
                 "a request ran past --timeout ({:?}) in worker slot {slot}; killing the worker",

@@ -20,6 +20,7 @@ mod supervisor;
 pub(crate) mod zmq_link;
 
 use crate::metrics::{Metrics, Outcome};
+use crate::pool::server::{PoolConfig, PoolEvent, PoolServer};
 use claims::Claims;
 use dispatcher::Dispatcher;
 use endpoint::{Carrier, Endpoint, Linking};
@@ -48,6 +49,11 @@ const _: () = assert!(2 * crate::config::MAX_WORKERS <= MAX_WORKERS);
 /// The socket every `--link zmq` worker's replies arrive on: one of the two
 /// tokens below `LINK_END` that no slot has.
 pub(crate) const ZMQ_REPLIES: Token = Token(LINK_END - 1);
+/// The worker pool's ROUTER socket and its ZAP handler (`pool/server.rs`).
+pub(crate) const POOL_ROUTER: Token = Token(LINK_END);
+pub(crate) const POOL_ZAP: Token = Token(LINK_END + 1);
+/// The first token above the workers part's.
+pub(crate) const WORKERS_END: usize = LINK_END + 2;
 
 /// Messages taken from one worker per loop turn before other sources get a turn.
 const REPLIES_PER_TURN: usize = 1024;
@@ -59,6 +65,8 @@ pub enum WorkersError {
     Start(#[from] supervisor::StartError),
     #[error("cannot set up the zmq link: {0}")]
     ZmqLink(#[from] zmq_link::ZmqLinkError),
+    #[error(transparent)]
+    Pool(#[from] crate::pool::server::PoolError),
     #[error("cannot watch the zmq link: {0}")]
     Watch(#[source] std::io::Error),
     /// The handler file could not be copied for the workers to load.
@@ -136,6 +144,8 @@ pub(crate) struct WorkersConfig {
     pub timeout: Option<Duration>,
     /// --link.
     pub link: crate::config::LinkKind,
+    /// --pool-listen and its keys: worker hosts may join.
+    pub pool: Option<PoolConfig>,
 }
 
 pub(crate) struct Workers {
@@ -150,6 +160,8 @@ pub(crate) struct Workers {
     linking: Linking,
     /// The zmq replies socket had more messages than one turn takes.
     zmq_pending: bool,
+    /// Worker hosts (--pool-listen).
+    pool: Option<PoolServer>,
     supervisor: Supervisor,
     dispatcher: Dispatcher,
     reload: Reload,
@@ -185,6 +197,21 @@ impl Workers {
                 Linking::Zmq(hub)
             }
         };
+        let pool = match &config.pool {
+            Some(pool_config) => {
+                let pool = PoolServer::bind(pool_config)?;
+                pool.register(&registry, POOL_ROUTER, POOL_ZAP)
+                    .map_err(WorkersError::Watch)?;
+                let curve = if pool_config.curve.is_some() {
+                    "CURVE"
+                } else {
+                    "no encryption"
+                };
+                log::info!("worker pool listening on {} ({curve})", pool.endpoint());
+                Some(pool)
+            }
+            None => None,
+        };
         let mut supervisor = Supervisor::new(
             config.program,
             args::WorkerArgs::template(config.handler, config.handler_config),
@@ -202,6 +229,7 @@ impl Workers {
             to_flush: Vec::new(),
             linking,
             zmq_pending: false,
+            pool,
             supervisor,
             dispatcher: Dispatcher::new(config.credit, config.timeout),
             reload: Reload::Idle,
@@ -232,9 +260,10 @@ impl Workers {
         self.started
     }
 
-    /// How many workers serve (ready, and not being stopped).
+    /// How many workers serve (ready, and not being stopped): local ones,
+    /// and those of connected worker hosts.
     pub(crate) fn ready_count(&self) -> usize {
-        self.supervisor.ready_count()
+        self.supervisor.ready_count() + self.pool.as_ref().map_or(0, |pool| pool.hosts().1)
     }
 
     /// Whether every worker slot keeps failing, so that requests are refused
@@ -273,7 +302,9 @@ impl Workers {
 
     /// Whether links have messages left over from the last turn.
     pub(crate) fn has_pending(&self) -> bool {
-        !self.pending.is_empty() || self.zmq_pending
+        !self.pending.is_empty()
+            || self.zmq_pending
+            || self.pool.as_ref().is_some_and(PoolServer::has_pending)
     }
 
     /// The earliest moment [`Self::on_timers`] has something to do.
@@ -283,6 +314,7 @@ impl Workers {
             self.dispatcher.next_stuck(now),
             self.supervisor.next_deadline(),
             self.reload.deadline(),
+            self.pool.as_ref().and_then(PoolServer::next_deadline),
         ]
         .into_iter()
         .flatten()
@@ -308,7 +340,10 @@ impl Workers {
             self.endpoints.resize_with(slot + 1, || None);
         }
         self.close_endpoint(slot);
-        let mut endpoint = Endpoint { carrier, claims };
+        let mut endpoint = Endpoint {
+            carrier,
+            claims: Some(claims),
+        };
         endpoint
             .register(&self.registry, Token(LINK_BASE + slot))
             .map_err(WorkersError::Watch)?;
@@ -332,11 +367,19 @@ impl Workers {
             .set((self.dispatcher.outstanding() - self.dispatcher.queued()) as i64);
     }
 
-    /// Sets the gauge of the workers ready to serve.
+    /// Sets the gauges of the workers ready to serve.
     fn update_ready_gauge(&self) {
-        self.metrics
-            .workers_ready
-            .set(self.supervisor.ready_count() as i64);
+        let local = self.supervisor.ready_count();
+        let (hosts, remote) = self.pool.as_ref().map_or((0, 0), PoolServer::hosts);
+        self.metrics.workers_ready.set((local + remote) as i64);
+        let (local, zmq) = match self.linking {
+            Linking::Local => (local, 0),
+            Linking::Zmq(_) => (0, local),
+        };
+        self.metrics.set_workers_ready("local", local);
+        self.metrics.set_workers_ready("zmq", zmq);
+        self.metrics.set_workers_ready("remote", remote);
+        self.metrics.pool_hosts.set(hosts as i64);
     }
 
     /// The end of a loop turn: hands out what is queued, then sends what
@@ -362,6 +405,16 @@ impl Workers {
             return;
         };
         let token = Token(LINK_BASE + slot);
+        if let (Carrier::Remote(link), Some(pool)) = (&mut endpoint.carrier, &mut self.pool) {
+            // A host that cannot be sent to is lost, by the pool: its
+            // requests fail when that news is taken.
+            for (id, payload) in std::mem::take(&mut link.outgoing) {
+                if !pool.send_request(&link.host, id, &payload) {
+                    break;
+                }
+            }
+            return;
+        }
         if let Err(e) = endpoint.flush(&self.registry, token) {
             endpoint.discard_output(&self.registry, token);
             self.dispatcher.close_worker(slot);
@@ -386,6 +439,10 @@ impl Workers {
         if token == ZMQ_REPLIES {
             return self.take_zmq_messages(REPLIES_PER_TURN);
         }
+        if token == POOL_ROUTER || token == POOL_ZAP {
+            self.take_pool_events();
+            return Ok(());
+        }
         let slot = token.0 - LINK_BASE;
         if event.is_writable() {
             self.flush_endpoint(slot);
@@ -407,7 +464,131 @@ impl Workers {
         if std::mem::take(&mut self.zmq_pending) {
             self.take_zmq_messages(REPLIES_PER_TURN)?;
         }
+        if self.pool.as_ref().is_some_and(PoolServer::has_pending) {
+            self.take_pool_events();
+        }
         Ok(())
+    }
+
+    /// What worker hosts sent.
+    fn take_pool_events(&mut self) {
+        if let Some(pool) = &mut self.pool {
+            let events = pool.take_events(Instant::now());
+            self.on_pool_events(events);
+        }
+    }
+
+    /// Acts on what happened in the worker pool.
+    pub(super) fn on_pool_events(&mut self, events: Vec<PoolEvent>) {
+        for event in events {
+            match event {
+                PoolEvent::Joined { host, credit, .. } => {
+                    let slot = self.supervisor.lend();
+                    if self.endpoints.len() <= slot {
+                        self.endpoints.resize_with(slot + 1, || None);
+                    }
+                    self.endpoints[slot] = Some(Endpoint {
+                        carrier: Carrier::Remote(endpoint::RemoteLink {
+                            host: host.clone(),
+                            outgoing: Vec::new(),
+                        }),
+                        claims: None,
+                    });
+                    if let Some(pool) = &mut self.pool {
+                        pool.set_slot(&host, slot);
+                    }
+                    self.dispatcher.open_remote(slot, credit as usize);
+                }
+                PoolEvent::Credit { slot, credit, .. } => {
+                    self.dispatcher.set_remote_credit(slot, credit as usize);
+                }
+                PoolEvent::Reply {
+                    slot,
+                    id,
+                    micros,
+                    body,
+                } => self.on_reply(
+                    slot,
+                    Message {
+                        kind: Kind::Reply,
+                        micros,
+                        value: id,
+                        body,
+                    },
+                ),
+                PoolEvent::Failed {
+                    slot,
+                    id,
+                    lost,
+                    reason,
+                } => self.on_remote_failure(slot, id, lost, reason),
+                PoolEvent::Leaving { slot } => {
+                    self.dispatcher.close_worker(slot);
+                    self.forget_host_if_done(slot);
+                }
+                PoolEvent::Lost { slot, cause, why } => {
+                    self.close_endpoint(slot);
+                    let (failed, _) = self.lose_worker(slot, &why);
+                    self.supervisor.give_back(slot);
+                    self.metrics.pool_host_lost(cause);
+                    log::warn!("{why}; {failed} requests it held failed");
+                }
+            }
+        }
+        self.update_ready_gauge();
+    }
+
+    /// A request failed on a worker host: its handler's error, or its
+    /// worker was lost there (crashed, killed, past --timeout).
+    fn on_remote_failure(&mut self, slot: usize, id: RequestId, lost: bool, reason: String) {
+        if !lost {
+            let message = Message {
+                kind: Kind::Failed,
+                micros: 0,
+                value: id,
+                body: reason.into_bytes(),
+            };
+            return self.on_reply(slot, message);
+        }
+        match self.dispatcher.complete(slot, id, 0) {
+            Ok(Some(client)) => self.answers.push(Answer::Failure {
+                client,
+                id,
+                outcome: Outcome::worker_lost,
+                reason,
+            }),
+            Ok(None) | Err(dispatcher::NotHeld::Settled) => {}
+            Err(dispatcher::NotHeld::ByOther) => {
+                if let Some(pool) = &mut self.pool {
+                    pool.drop_slot(slot, &format!("failed request {id}, not its own"));
+                }
+            }
+        }
+        self.forget_host_if_done(slot);
+    }
+
+    /// A worker host that is leaving is forgotten once it holds nothing.
+    fn forget_host_if_done(&mut self, slot: usize) {
+        let Some(Some(Endpoint {
+            carrier: Carrier::Remote(link),
+            ..
+        })) = self.endpoints.get(slot)
+        else {
+            return;
+        };
+        let leaving = self
+            .pool
+            .as_ref()
+            .is_some_and(|pool| pool.is_leaving(&link.host));
+        if !leaving || self.dispatcher.held(slot) > 0 {
+            return;
+        }
+        if let Some(pool) = &mut self.pool {
+            pool.forget(&link.host);
+        }
+        self.close_endpoint(slot);
+        self.lose_worker(slot, "its worker host left");
+        self.supervisor.give_back(slot);
     }
 
     /// Takes up to `limit` messages from the zmq replies socket, each to the
@@ -592,6 +773,9 @@ impl Requests for Workers {
         }
         if self.supervisor.all_failing() {
             return Err("no worker can take the request: the handler keeps failing".into());
+        }
+        if self.target == 0 && self.pool.as_ref().map_or(true, |pool| pool.hosts().0 == 0) {
+            return Err("no worker can take the request: no worker host is connected".into());
         }
         // Requests that idle workers are about to take are not waiting.
         let queued = self.dispatcher.queued();

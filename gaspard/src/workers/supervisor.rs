@@ -54,6 +54,9 @@ enum SlotState {
     Backoff { until: Instant },
     /// No worker, and none to start: a free slot.
     Stopped,
+    /// Lent to a worker host of the pool (`pool/server.rs`): no process of
+    /// this daemon's, but a slot number the dispatcher knows it by.
+    Lent,
 }
 
 /// One worker position, kept across restarts.
@@ -77,9 +80,9 @@ struct Slot {
 }
 
 impl Slot {
-    /// Whether a process runs (or is about to) in this slot.
+    /// Whether a process of this daemon's runs (or is about to) in this slot.
     fn is_live(&self) -> bool {
-        !matches!(self.state, SlotState::Stopped)
+        !matches!(self.state, SlotState::Stopped | SlotState::Lent)
     }
 
     /// Whether it counts towards the worker count: live and staying.
@@ -200,28 +203,57 @@ impl Supervisor {
         generation: u64,
         linking: &Linking,
     ) -> Result<(usize, Carrier, Claims), StartError> {
-        let slot = match self.slots.iter().position(|slot| !slot.is_live()) {
-            Some(free) => free,
-            None => {
-                self.slots.push(Slot {
-                    state: SlotState::Stopped,
-                    generation,
-                    failures: 0,
-                    served: 0,
-                    request_limit: None,
-                    retiring: false,
-                    removing: false,
-                    killed_because: None,
-                });
-                self.slots.len() - 1
-            }
-        };
+        let slot = self.free_slot(generation);
         let entry = &mut self.slots[slot];
         entry.generation = generation;
         entry.failures = 0;
         entry.removing = false;
         let (carrier, claims) = self.start(slot, linking)?;
         Ok((slot, carrier, claims))
+    }
+
+    /// A free slot (a new one if none is free), for `generation`.
+    fn free_slot(&mut self, generation: u64) -> usize {
+        if let Some(free) = self
+            .slots
+            .iter()
+            .position(|slot| matches!(slot.state, SlotState::Stopped))
+        {
+            return free;
+        }
+        self.slots.push(Slot {
+            state: SlotState::Stopped,
+            generation,
+            failures: 0,
+            served: 0,
+            request_limit: None,
+            retiring: false,
+            removing: false,
+            killed_because: None,
+        });
+        self.slots.len() - 1
+    }
+
+    /// Lends a slot to a worker host: the slot number is the host's in the
+    /// dispatcher until [`Self::give_back`].
+    pub(crate) fn lend(&mut self) -> usize {
+        let slot = self.free_slot(0);
+        let entry = &mut self.slots[slot];
+        entry.state = SlotState::Lent;
+        entry.failures = 0;
+        entry.retiring = false;
+        entry.removing = false;
+        entry.request_limit = None;
+        slot
+    }
+
+    /// A worker host's slot is free again.
+    pub(crate) fn give_back(&mut self, slot: usize) {
+        if let Some(entry) = self.slots.get_mut(slot) {
+            if matches!(entry.state, SlotState::Lent) {
+                entry.state = SlotState::Stopped;
+            }
+        }
     }
 
     /// Starts a worker in `slot`, linked as `linking` says. Returns the
