@@ -212,6 +212,18 @@ pub fn launch_activated(
     )
 }
 
+/// Starts `gaspard` through `wrapper`, a command that ends by running the
+/// program named in its last argument with the arguments that follow (such
+/// as `ip netns exec NAME`): gaspard's path and arguments are appended.
+pub fn launch_wrapped(
+    mut wrapper: Command,
+    handler_path: &Path,
+    args: &[&str],
+) -> Result<Daemon, (Option<ExitStatus>, Log)> {
+    wrapper.arg(gaspard_bin());
+    spawn_from(wrapper, handler_path, args, &[], |_| {}, LISTENING)
+}
+
 fn spawn(
     handler_path: &Path,
     args: &[&str],

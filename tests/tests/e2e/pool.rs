@@ -1,0 +1,542 @@
+//! Worker pools over 127.0.0.1: a daemon with `--pool-listen` and worker
+//! hosts (`gaspard worker --connect`) as separate processes.
+
+use gaspard_tests::{
+    children_of, gaspard_bin, handler, is_alive, is_reset, request, start, wait_gone, Daemon, Log,
+};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A worker host process, killed (with its workers) when dropped.
+struct Host {
+    child: Child,
+    log: Log,
+    _runtime_parent: tempfile::TempDir,
+}
+
+impl Host {
+    fn start(endpoint: &str, handler_name: &str, workers: usize, extra: &[&str]) -> Host {
+        Host::start_with(
+            Command::new(gaspard_bin()),
+            endpoint,
+            handler_name,
+            workers,
+            extra,
+        )
+    }
+
+    /// Starts it with `command`: gaspard, or what runs it (`ip netns exec`).
+    fn start_with(
+        mut command: Command,
+        endpoint: &str,
+        handler_name: &str,
+        workers: usize,
+        extra: &[&str],
+    ) -> Host {
+        let runtime_parent = tempfile::tempdir().unwrap();
+        let mut child = command
+            .args(["worker", "--connect", endpoint, "--handler"])
+            .arg(handler(handler_name))
+            .args(["--workers", &workers.to_string(), "--log-level", "debug"])
+            .arg("--runtime-dir")
+            .arg(runtime_parent.path())
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start gaspard worker");
+        let log = Log::default();
+        log.clone().collect(child.stderr.take().unwrap());
+        Host {
+            child,
+            log,
+            _runtime_parent: runtime_parent,
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Its worker processes, once `n` are up.
+    fn workers(&self, n: usize) -> Vec<i32> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let workers = children_of(self.pid());
+            if workers.len() >= n || Instant::now() > deadline {
+                return workers;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let workers = children_of(self.pid());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        wait_gone(&workers, Duration::from_secs(5));
+    }
+}
+
+/// The endpoint a daemon's pool listens on, from its log.
+fn pool_endpoint(daemon: &Daemon) -> String {
+    let line = daemon.expect_log("worker pool listening on ");
+    line.split("listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no endpoint in {line:?}"))
+        .to_string()
+}
+
+/// Waits (up to 20 s) until the daemon has logged `n` hosts joining.
+fn wait_joined(daemon: &Daemon, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while joined(daemon) < n {
+        assert!(
+            Instant::now() < deadline,
+            "{n} hosts never joined:\n{}",
+            daemon.log.lines().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn joined(daemon: &Daemon) -> usize {
+    daemon
+        .log
+        .lines()
+        .iter()
+        .filter(|line| line.contains("worker pool: host") && line.contains("joined"))
+        .count()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spin(
+    addr: std::net::SocketAddr,
+    micros: u64,
+) -> std::thread::JoinHandle<std::io::Result<Vec<u8>>> {
+    std::thread::spawn(move || request(addr, micros.to_string().as_bytes()))
+}
+
+#[test]
+fn a_daemon_without_workers_of_its_own_serves_through_a_worker_host() {
+    let daemon = start(
+        "echo",
+        &["--workers", "0", "--pool-listen", "tcp://127.0.0.1:*"],
+    );
+    let endpoint = pool_endpoint(&daemon);
+    // No host yet: refused at once, not left to hang.
+    assert!(
+        is_reset(&daemon.request(b"early")),
+        "refused without a host"
+    );
+    let host = Host::start(&endpoint, "echo", 2, &[]);
+    wait_joined(&daemon, 1);
+    let line = daemon.expect_log("joined");
+    assert!(
+        line.contains("\"echo\"") && line.contains("ABI 1"),
+        "{line}"
+    );
+    for i in 0..50u32 {
+        let payload = format!("request {i} {}", "x".repeat(i as usize * 1000));
+        assert_eq!(
+            daemon.request(payload.as_bytes()).unwrap(),
+            payload.as_bytes()
+        );
+    }
+    // 1 MiB each way crosses the pool too.
+    let big: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    assert_eq!(daemon.request(&big).unwrap(), big);
+    drop(host);
+}
+
+#[test]
+fn a_remote_worker_killed_costs_exactly_its_request_and_is_replaced() {
+    let daemon = start(
+        "spin",
+        &["--workers", "0", "--pool-listen", "tcp://127.0.0.1:*"],
+    );
+    let host = Host::start(&pool_endpoint(&daemon), "spin", 2, &[]);
+    wait_joined(&daemon, 1);
+    let workers = host.workers(2);
+    assert_eq!(workers.len(), 2, "two workers on the host");
+    // Credit: wait until both workers are ready (a short request each).
+    assert_eq!(daemon.request(b"1000").unwrap(), b"ok");
+    let long = [spin(daemon.addr, 3_000_000), spin(daemon.addr, 3_000_000)];
+    // Both run, one on each worker: kill one.
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: a pid of a worker process this test's host started.
+    unsafe { libc::kill(workers[0], libc::SIGKILL) };
+    let results: Vec<_> = long.into_iter().map(|t| t.join().unwrap()).collect();
+    let resets = results.iter().filter(|r| is_reset(r)).count();
+    let ok = results
+        .iter()
+        .filter(|r| matches!(r, Ok(reply) if reply == b"ok"))
+        .count();
+    assert_eq!(
+        (resets, ok),
+        (1, 1),
+        "exactly the killed worker's request: {results:?}"
+    );
+    // Replaced on the host; the pool serves on.
+    let replaced = host.workers(2);
+    assert!(!replaced.contains(&workers[0]), "{replaced:?}");
+    for _ in 0..4 {
+        assert_eq!(daemon.request(b"1000").unwrap(), b"ok");
+    }
+}
+
+#[test]
+fn a_killed_worker_host_costs_its_requests_within_the_heartbeat_timeout() {
+    let daemon = start(
+        "spin",
+        &[
+            "--workers",
+            "1",
+            "--pool-listen",
+            "tcp://127.0.0.1:*",
+            "--pool-heartbeat-timeout",
+            "1",
+        ],
+    );
+    let host = Host::start(&pool_endpoint(&daemon), "spin", 2, &[]);
+    wait_joined(&daemon, 1);
+    // Three long requests: the local worker takes one (its credit is 1
+    // until it has timed a call), the host the other two.
+    let long: Vec<_> = (0..3).map(|_| spin(daemon.addr, 4_000_000)).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let workers = children_of(host.pid());
+    // SAFETY: the host process this test started.
+    unsafe { libc::kill(host.pid(), libc::SIGKILL) };
+    let killed = Instant::now();
+    let line = daemon.expect_log("lost: nothing heard from it");
+    let noticed = killed.elapsed();
+    assert!(
+        noticed < Duration::from_secs(10),
+        "noticed after {noticed:?}"
+    );
+    assert!(line.contains("; 2 requests it held failed"), "{line}");
+    assert!(
+        wait_gone(&workers, Duration::from_secs(5)).is_empty(),
+        "workers die with their host"
+    );
+    let results: Vec<_> = long.into_iter().map(|t| t.join().unwrap()).collect();
+    let resets = results.iter().filter(|r| is_reset(r)).count();
+    let ok = results
+        .iter()
+        .filter(|r| matches!(r, Ok(reply) if reply == b"ok"))
+        .count();
+    assert_eq!((resets, ok), (2, 1), "{results:?}");
+    // The daemon serves on with what is left.
+    assert_eq!(daemon.request(b"1000").unwrap(), b"ok");
+}
+
+#[test]
+fn worker_hosts_rejoin_a_restarted_daemon_by_themselves() {
+    let port = free_port();
+    let endpoint = format!("tcp://127.0.0.1:{port}");
+    let args = [
+        "--workers",
+        "0",
+        "--pool-listen",
+        &endpoint,
+        "--pool-heartbeat-timeout",
+        "1",
+    ];
+    let mut daemon = start("echo", &args);
+    let host = Host::start(&endpoint, "echo", 1, &[]);
+    wait_joined(&daemon, 1);
+    assert_eq!(daemon.request(b"before").unwrap(), b"before");
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(
+        daemon
+            .wait_exit(Duration::from_secs(30))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+    let daemon = start("echo", &args);
+    wait_joined(&daemon, 1);
+    assert_eq!(daemon.request(b"after").unwrap(), b"after");
+    assert!(is_alive(host.pid()), "the same host, not a new one");
+}
+
+/// `gaspard keygen` into `dir`: the secret and public files of `name`.
+fn keygen(dir: &Path, name: &str) -> (String, String) {
+    let prefix = dir.join(name);
+    let status = Command::new(gaspard_bin())
+        .arg("keygen")
+        .arg(&prefix)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let with = |extension: &str| format!("{}.{extension}", prefix.display());
+    (with("key"), with("pub"))
+}
+
+#[test]
+fn with_curve_only_authorized_hosts_join_and_a_refused_key_is_logged_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon_key, daemon_pub) = keygen(dir.path(), "daemon");
+    let (good_key, good_pub) = keygen(dir.path(), "good");
+    let (bad_key, bad_pub) = keygen(dir.path(), "bad");
+    let authorized = dir.path().join("authorized");
+    std::fs::write(
+        &authorized,
+        format!(
+            "# the workers\n{}",
+            std::fs::read_to_string(&good_pub).unwrap()
+        ),
+    )
+    .unwrap();
+    let daemon = start(
+        "echo",
+        &[
+            "--workers",
+            "0",
+            // Not loopback-only: CURVE makes it acceptable.
+            "--pool-listen",
+            "tcp://127.0.0.1:*",
+            "--pool-key",
+            &daemon_key,
+            "--pool-authorized",
+            authorized.to_str().unwrap(),
+        ],
+    );
+    let endpoint = pool_endpoint(&daemon);
+    let bad = Host::start(
+        &endpoint,
+        "echo",
+        1,
+        &["--key", &bad_key, "--server-key", &daemon_pub],
+    );
+    let bad_public = std::fs::read_to_string(&bad_pub).unwrap();
+    let bad_public = bad_public.split_whitespace().next().unwrap();
+    let refused = daemon.expect_log("is not in --pool-authorized");
+    assert!(refused.contains(bad_public), "{refused}");
+    // Its key never gets it a request: with no other host, refused.
+    assert!(is_reset(&daemon.request(b"nobody")));
+    assert_eq!(joined(&daemon), 0);
+
+    let _good = Host::start(
+        &endpoint,
+        "echo",
+        1,
+        &["--key", &good_key, "--server-key", &daemon_pub],
+    );
+    wait_joined(&daemon, 1);
+    assert_eq!(daemon.request(b"sealed").unwrap(), b"sealed");
+    // Logged once, however often the refused host tries again.
+    std::thread::sleep(Duration::from_secs(2));
+    let times = daemon
+        .log
+        .lines()
+        .iter()
+        .filter(|line| line.contains("is not in --pool-authorized"))
+        .count();
+    assert_eq!(times, 1);
+    assert!(
+        !bad.log.lines().iter().any(|line| line.contains("joined")),
+        "the refused host never joined"
+    );
+}
+
+#[test]
+fn a_pool_on_a_public_address_without_keys_is_refused_unless_insecure() {
+    let (status, _out, err) = gaspard_tests::run_gaspard(&[
+        "--handler",
+        handler("echo").to_str().unwrap(),
+        "--check",
+        "--pool-listen",
+        "tcp://0.0.0.0:10124",
+    ]);
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{err}");
+    assert!(err.contains("--pool-insecure"), "{err}");
+    let (status, _out, err) = gaspard_tests::run_gaspard(&[
+        "--handler",
+        handler("echo").to_str().unwrap(),
+        "--check",
+        "--workers",
+        "0",
+    ]);
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{err}");
+    assert!(err.contains("--workers 0 needs --pool-listen"), "{err}");
+}
+
+/// Two network namespaces joined by a veth pair, on addresses of
+/// 192.0.2.0/24 (TEST-NET-1) that exist only inside them; deleted on drop.
+struct Network {
+    daemon_ns: String,
+    host_ns: String,
+}
+
+const DAEMON_ADDRESS: &str = "192.0.2.1";
+
+impl Network {
+    /// `None` (and why) where namespaces cannot be made: not root, no `ip`.
+    fn create() -> Result<Network, String> {
+        let tag = std::process::id();
+        let network = Network {
+            daemon_ns: format!("gsp-d-{tag}"),
+            host_ns: format!("gsp-h-{tag}"),
+        };
+        let (d, h) = (network.daemon_ns.as_str(), network.host_ns.as_str());
+        let veth_d = format!("gd{tag}");
+        let veth_h = format!("gh{tag}");
+        let steps: Vec<Vec<&str>> = vec![
+            vec!["netns", "add", d],
+            vec!["netns", "add", h],
+            vec![
+                "link", "add", &veth_d, "netns", d, "type", "veth", "peer", "name", &veth_h,
+                "netns", h,
+            ],
+            vec!["-n", d, "addr", "add", "192.0.2.1/24", "dev", &veth_d],
+            vec!["-n", h, "addr", "add", "192.0.2.2/24", "dev", &veth_h],
+            vec!["-n", d, "link", "set", &veth_d, "up"],
+            vec!["-n", h, "link", "set", &veth_h, "up"],
+            vec!["-n", d, "link", "set", "lo", "up"],
+            vec!["-n", h, "link", "set", "lo", "up"],
+        ];
+        for step in steps {
+            let output = Command::new("ip")
+                .args(&step)
+                .output()
+                .map_err(|e| format!("cannot run ip: {e}"))?;
+            if !output.status.success() {
+                return Err(format!(
+                    "ip {}: {}",
+                    step.join(" "),
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ));
+            }
+        }
+        Ok(network)
+    }
+
+    /// A command that runs the program it is given inside namespace `ns`.
+    fn exec_in(ns: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", ns]);
+        command
+    }
+
+    /// Cuts (`false`) or restores the link, on the daemon's side.
+    fn set_link(&self, up: bool) {
+        let veth = format!("gd{}", std::process::id());
+        let state = if up { "up" } else { "down" };
+        let status = Command::new("ip")
+            .args(["-n", &self.daemon_ns, "link", "set", &veth, state])
+            .status()
+            .unwrap();
+        assert!(status.success(), "ip link set {veth} {state}");
+    }
+
+    /// Sends `payload` to `addr` from inside the daemon's namespace (a
+    /// thread of this test enters it, alone).
+    fn request(
+        &self,
+        addr: std::net::SocketAddr,
+        payload: Vec<u8>,
+    ) -> std::thread::JoinHandle<std::io::Result<Vec<u8>>> {
+        let path = format!("/var/run/netns/{}", self.daemon_ns);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path)?;
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on an fd this thread owns; it changes this
+            // thread's network namespace only (CLONE_NEWNET).
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            request(addr, &payload)
+        })
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        for ns in [&self.daemon_ns, &self.host_ns] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+#[test]
+fn across_a_real_network_a_cut_link_costs_the_held_requests_and_the_host_rejoins() {
+    let network = match Network::create() {
+        Ok(network) => network,
+        Err(why) => {
+            println!("skipped: cannot make network namespaces ({why})");
+            return;
+        }
+    };
+    let pool = format!(
+        "tcp://{DAEMON_ADDRESS}:{}",
+        20_000 + std::process::id() % 20_000
+    );
+    let daemon = gaspard_tests::launch_wrapped(
+        Network::exec_in(&network.daemon_ns),
+        &handler("spin"),
+        &[
+            "--workers",
+            "0",
+            "--pool-listen",
+            &pool,
+            // Not loopback: inside the namespaces only, for the test.
+            "--pool-insecure",
+            "--pool-heartbeat-timeout",
+            "1",
+        ],
+    )
+    .unwrap_or_else(|(status, log)| panic!("{status:?}\n{}", log.lines().join("\n")));
+    let host = Host::start_with(Network::exec_in(&network.host_ns), &pool, "spin", 2, &[]);
+    wait_joined(&daemon, 1);
+    let addr = daemon.addr;
+    assert_eq!(
+        network
+            .request(addr, b"1000".to_vec())
+            .join()
+            .unwrap()
+            .unwrap(),
+        b"ok"
+    );
+
+    // Under load, the link goes down: what the host holds is reset within
+    // the heartbeat timeout, never left hanging.
+    // (6 s each: a request not reset would come back "ok".)
+    let held: Vec<_> = (0..4)
+        .map(|_| network.request(addr, b"6000000".to_vec()))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    network.set_link(false);
+    let cut = Instant::now();
+    let results: Vec<_> = held.into_iter().map(|t| t.join().unwrap()).collect();
+    let waited = cut.elapsed();
+    assert!(results.iter().all(is_reset), "{results:?}");
+    assert!(waited < Duration::from_secs(5), "reset after {waited:?}");
+    daemon.expect_log("lost: nothing heard from it");
+
+    // The link comes back: the host joins again, by itself.
+    network.set_link(true);
+    wait_joined(&daemon, 2);
+    assert_eq!(
+        network
+            .request(addr, b"1000".to_vec())
+            .join()
+            .unwrap()
+            .unwrap(),
+        b"ok"
+    );
+    assert!(is_alive(host.pid()), "the same host process rejoined");
+}
