@@ -384,6 +384,15 @@ struct Network {
 
 const DAEMON_ADDRESS: &str = "192.0.2.1";
 
+/// iproute2's `ip`, which a user's PATH may lack (Debian puts it in /usr/sbin).
+fn ip() -> Command {
+    let path = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+        .into_iter()
+        .find(|path| Path::new(path).exists())
+        .unwrap_or("ip");
+    Command::new(path)
+}
+
 impl Network {
     /// `None` (and why) where namespaces cannot be made: not root, no `ip`.
     fn create() -> Result<Network, String> {
@@ -410,7 +419,7 @@ impl Network {
             vec!["-n", h, "link", "set", "lo", "up"],
         ];
         for step in steps {
-            let output = Command::new("ip")
+            let output = ip()
                 .args(&step)
                 .output()
                 .map_err(|e| format!("cannot run ip: {e}"))?;
@@ -427,7 +436,7 @@ impl Network {
 
     /// A command that runs the program it is given inside namespace `ns`.
     fn exec_in(ns: &str) -> Command {
-        let mut command = Command::new("ip");
+        let mut command = ip();
         command.args(["netns", "exec", ns]);
         command
     }
@@ -436,7 +445,7 @@ impl Network {
     fn set_link(&self, up: bool) {
         let veth = format!("gd{}", std::process::id());
         let state = if up { "up" } else { "down" };
-        let status = Command::new("ip")
+        let status = ip()
             .args(["-n", &self.daemon_ns, "link", "set", &veth, state])
             .status()
             .unwrap();
@@ -467,7 +476,7 @@ impl Network {
 impl Drop for Network {
     fn drop(&mut self) {
         for ns in [&self.daemon_ns, &self.host_ns] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = ip().args(["netns", "del", ns]).status();
         }
     }
 }
