@@ -163,7 +163,7 @@ impl Bridge {
             None => {}
         }
         let shutdown = hook(SHUTDOWN_HOOK).map(Bound::unbind);
-        flush(py, &helpers);
+        flush(&helpers);
         Ok(Bridge {
             target: target.name(),
             module: target.module.clone(),
@@ -256,7 +256,7 @@ impl Bridge {
                 std::process::id(),
                 self.target
             );
-            flush(py, helpers);
+            flush(helpers);
             std::process::exit(status);
         }
         if let Some(held) = self.tracebacks.allow(Instant::now()) {
@@ -295,7 +295,7 @@ impl Drop for Bridge {
                     log_traceback(py, helpers, &error, log::Level::Warn);
                 }
             }
-            flush(py, helpers);
+            flush(helpers);
         });
     }
 }
@@ -336,8 +336,8 @@ fn log_traceback(py: Python<'_>, helpers: &Bound<'_, PyModule>, error: &PyErr, l
     }
 }
 
-fn flush(py: Python<'_>, helpers: &Bound<'_, PyModule>) {
-    let _ = py;
+/// Writes out what `print` buffered (see `flush` in helpers.py).
+fn flush(helpers: &Bound<'_, PyModule>) {
     let _ = helpers.call_method0("flush");
 }
 

@@ -92,23 +92,32 @@ fn executable(venv: Option<&Path>) -> Result<Option<PathBuf>, StartError> {
             python,
         });
     }
-    // pyvenv.cfg's `version` (3.11; `version_info` from 3.12) is the
-    // Python that made it: another one's site-packages would not load.
     let config = std::fs::read_to_string(venv.join("pyvenv.cfg")).unwrap_or_default();
-    let found = config.lines().find_map(|line| {
-        let (key, value) = line.split_once('=')?;
-        matches!(key.trim(), "version" | "version_info").then(|| value.trim().to_string())
-    });
-    if let Some(found) = found {
-        let same = found == PYTHON_VERSION || found.starts_with(&format!("{PYTHON_VERSION}."));
-        if !same {
-            return Err(StartError::VenvVersion {
-                venv: venv.to_path_buf(),
-                found,
-            });
-        }
+    match made_by(&config) {
+        Some(found) if !same_minor(found, PYTHON_VERSION) => Err(StartError::VenvVersion {
+            venv: venv.to_path_buf(),
+            found: found.to_string(),
+        }),
+        _ => Ok(Some(python)),
     }
-    Ok(Some(python))
+}
+
+/// The version of the Python that made a venv, from its pyvenv.cfg:
+/// `version` (3.11), `version_info` (3.12 on). Another version's
+/// site-packages would not load.
+fn made_by(pyvenv_cfg: &str) -> Option<&str> {
+    pyvenv_cfg.lines().find_map(|line| {
+        let (key, value) = line.split_once('=')?;
+        matches!(key.trim(), "version" | "version_info").then(|| value.trim())
+    })
+}
+
+/// Whether `version` (3.11.2, 3.11.2.final.0) is a release of `minor` (3.11).
+fn same_minor(version: &str, minor: &str) -> bool {
+    version == minor
+        || version
+            .strip_prefix(minor)
+            .is_some_and(|rest| rest.starts_with('.'))
 }
 
 /// The virtual environment named by `VIRTUAL_ENV` (what `activate` sets).
@@ -187,4 +196,23 @@ pub fn start(venv: Option<&Path>) -> Result<(), StartError> {
             .into_owned()
     };
     Err(StartError::Python(message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_venv_made_by_another_python_version_is_told_apart() {
+        let debian = "home = /usr/bin\ninclude-system-site-packages = false\nversion = 3.11.2\n";
+        assert_eq!(made_by(debian), Some("3.11.2"));
+        let newer = "home = /usr/bin\nversion_info = 3.12.1.final.0\n";
+        assert_eq!(made_by(newer), Some("3.12.1.final.0"));
+        assert_eq!(made_by("home = /usr/bin\n"), None);
+        assert!(same_minor("3.11.2", "3.11"));
+        assert!(same_minor("3.11", "3.11"));
+        assert!(!same_minor("3.1.2", "3.11"));
+        assert!(!same_minor("3.12.1.final.0", "3.11"));
+        assert!(!same_minor("3.110", "3.11"));
+    }
 }
