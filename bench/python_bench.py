@@ -157,13 +157,51 @@ class Gaspard:
             self.proc.wait()
 
 
+WARMUP = 0.5
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process, in seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+    except OSError:
+        return 0.0
+
+
+def children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
 def bench(server, conns, seconds, extra):
+    """One gaspar-bench run; adds the CPU time the daemon and its workers
+    spent per request (µs), the warm-up counted in at the run's rate."""
+    workers = children(server.proc.pid)
+    daemon0 = cpu_seconds(server.proc.pid)
+    workers0 = sum(cpu_seconds(w) for w in workers)
     cmd = [os.path.join(RELEASE, "gaspar-bench"), f"127.0.0.1:{server.port}", "-c", str(conns),
-           "-d", str(seconds), "--warmup", "0.5", "--json", *extra]
+           "-d", str(seconds), "--warmup", str(WARMUP), "--json", *extra]
     out = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if out.returncode not in (0, 3):
         sys.exit(f"gaspar-bench failed: {' '.join(cmd)}\n{out.stderr}")
-    return json.loads(out.stdout)
+    result = json.loads(out.stdout)
+    served = result["requests_per_sec"] * (seconds + WARMUP)
+    if served:
+        result["daemon_cpu_us"] = (cpu_seconds(server.proc.pid) - daemon0) / served * 1e6
+        result["worker_cpu_us"] = (
+            sum(cpu_seconds(w) for w in workers) - workers0) / served * 1e6
+    return result
 
 
 def median(values):
@@ -173,7 +211,9 @@ def median(values):
 def show(label, r):
     lat = r["latency_us"]
     print(f"    {label:<22} {r['requests_per_sec']:>9.0f} req/s  p50 {lat['p50']:>7.0f} µs"
-          f"  p99 {lat['p99']:>7.0f} µs  errors {r['errors']}", flush=True)
+          f"  p99 {lat['p99']:>7.0f} µs  errors {r['errors']}"
+          f"  CPU per request: daemon {r.get('daemon_cpu_us', 0):.1f} µs,"
+          f" workers {r.get('worker_cpu_us', 0):.1f} µs", flush=True)
 
 
 def main():
