@@ -28,6 +28,11 @@ const TRACEBACK_INTERVAL: Duration = Duration::from_secs(1);
 
 const HELPERS: &str = include_str!("helpers.py");
 
+/// The target of this plugin's log records: under gaspard's, so that a
+/// filter such as `RUST_LOG=gaspard=debug`, which workers inherit, covers
+/// them too.
+const LOG_TARGET: &str = "gaspard::python";
+
 /// Why a worker's Python handler could not be made ready. Each message is
 /// one line: the daemon and `gaspard --check` print it as the init failure.
 #[derive(Debug, thiserror::Error)]
@@ -252,6 +257,7 @@ impl Bridge {
                 .and_then(|status| status.extract::<i32>())
                 .unwrap_or(1);
             log::warn!(
+                target: LOG_TARGET,
                 "worker pid {}: {} raised {description}: the worker exits with status {status}",
                 std::process::id(),
                 self.target
@@ -266,6 +272,7 @@ impl Bridge {
                 String::new()
             };
             log::warn!(
+                target: LOG_TARGET,
                 "worker pid {}: {} raised {description}{also}",
                 std::process::id(),
                 self.target
@@ -287,6 +294,7 @@ impl Drop for Bridge {
             if let Some(shutdown) = &self.shutdown {
                 if let Err(error) = shutdown.bind(py).call0() {
                     log::warn!(
+                        target: LOG_TARGET,
                         "worker pid {}: {}.{SHUTDOWN_HOOK} raised {}",
                         std::process::id(),
                         self.module,
@@ -321,7 +329,7 @@ fn describe(py: Python<'_>, helpers: &Bound<'_, PyModule>, error: &PyErr) -> Str
 
 /// Logs `error`'s traceback, bounded, one log record per line.
 fn log_traceback(py: Python<'_>, helpers: &Bound<'_, PyModule>, error: &PyErr, level: log::Level) {
-    if !log::log_enabled!(level) {
+    if !log::log_enabled!(target: LOG_TARGET, level) {
         return;
     }
     let lines = helpers
@@ -332,7 +340,7 @@ fn log_traceback(py: Python<'_>, helpers: &Bound<'_, PyModule>, error: &PyErr, l
         .and_then(|lines| lines.extract::<Vec<String>>())
         .unwrap_or_else(|_| vec![error.to_string()]);
     for line in lines {
-        log::log!(level, "  | {line}");
+        log::log!(target: LOG_TARGET, level, "  | {line}");
     }
 }
 
