@@ -65,6 +65,14 @@ impl App {
 
     /// Runs `gaspard --check` on `config`: (exit code, stdout, stderr).
     fn check(&self, config: &str) -> (Option<i32>, String, String) {
+        self.check_with(config, self.env())
+    }
+
+    fn check_with(
+        &self,
+        config: &str,
+        env: Vec<(&'static str, String)>,
+    ) -> (Option<i32>, String, String) {
         let bridge = handler("gaspar_python");
         let args: Vec<&std::ffi::OsStr> = vec![
             "--check".as_ref(),
@@ -73,7 +81,6 @@ impl App {
             "--handler-config".as_ref(),
             config.as_ref(),
         ];
-        let env = self.env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let (status, stdout, stderr) = run_gaspard_with_env(&args, &env);
         (status.and_then(|s| s.code()), stdout, stderr)
@@ -436,6 +443,21 @@ fn check_imports_the_module_and_reports_a_syntax_error_in_one_line() {
             "gaspard: handler {}: init failed: module good ({}) defines no missing",
             bridge.display(),
             app.file("good").display()
+        )
+    );
+
+    // A VIRTUAL_ENV that is no venv is named, not silently ignored.
+    let mut env = app.env();
+    env.retain(|(key, _)| *key != "VIRTUAL_ENV");
+    env.push(("VIRTUAL_ENV", app.path().display().to_string()));
+    let (code, _, stderr) = app.check_with("good:echo", env);
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        stderr,
+        format!(
+            "gaspard: handler {}: init failed: VIRTUAL_ENV={dir}: not a virtual environment ({dir}/bin/python is missing; make one with python3.11 -m venv)",
+            bridge.display(),
+            dir = app.path().display()
         )
     );
 
