@@ -93,7 +93,7 @@ enum Phase {
 }
 
 /// The private directory of the handler snapshots, removed when dropped.
-fn runtime_dir(parent: Option<&Path>) -> io::Result<tempfile::TempDir> {
+pub(crate) fn runtime_dir(parent: Option<&Path>) -> io::Result<tempfile::TempDir> {
     use std::os::unix::fs::PermissionsExt;
     let mut builder = tempfile::Builder::new();
     // Only gaspard's user may read or replace the handler code workers load.
