@@ -17,6 +17,7 @@ mod memory;
 mod operations;
 mod package;
 mod persistent;
+mod pool_host;
 mod round_trip;
 mod shell;
 mod workers;
