@@ -225,7 +225,10 @@ impl FakeDaemon {
     fn send(&self, peer: &[u8], message: ToHost) {
         let mut frames = vec![peer.to_vec()];
         frames.extend(encode(message));
-        self.router.send_multipart(frames, 0).unwrap();
+        // ROUTER_MANDATORY: an error if that session is gone.
+        self.router
+            .send_multipart(frames, 0)
+            .expect("the host's session is still there");
     }
 
     /// Waits for a Hello and welcomes its sender: its routing id.
@@ -485,14 +488,14 @@ fn a_host_says_hello_runs_requests_and_reports_a_lost_worker_exactly() {
 fn a_silent_or_forgetful_daemon_gets_a_new_session_and_no_stale_reply() {
     let mut daemon = FakeDaemon::bind();
     let host = Host::start(&daemon.endpoint, &["--workers", "1"]);
-    let first = daemon.accept(&host, 300);
+    let first = daemon.accept(&host, 1000);
     // Held when the daemon falls silent: the daemon fails it, so its reply
     // must never come, in this session or the next.
     daemon.send(
         &first,
         ToHost::Request {
             id: 7,
-            payload: b"sleep:2000",
+            payload: b"sleep:6000",
         },
     );
     // No word to the host: after three heartbeats it starts a new session,
@@ -521,11 +524,13 @@ fn a_silent_or_forgetful_daemon_gets_a_new_session_and_no_stale_reply() {
     daemon.expect(&host, "Reply 8", SOON, |m| {
         matches!(m, FromHost::Reply { id: 8, .. })
     });
+    // (It ends after the first session is lost.)
     assert!(
-        !daemon.seen.iter().any(|(_, m)| matches!(
-            m,
-            FromHost::Reply { id: 7, .. } | FromHost::Failed { id: 7, .. }
-        )),
+        !daemon.seen.iter().any(|(from, m)| *from != first
+            && matches!(
+                m,
+                FromHost::Reply { id: 7, .. } | FromHost::Failed { id: 7, .. }
+            )),
         "{:?}",
         daemon.seen
     );
@@ -561,7 +566,9 @@ fn a_silent_or_forgetful_daemon_gets_a_new_session_and_no_stale_reply() {
 fn a_host_answers_heartbeats_and_a_garbled_message_starts_a_new_session() {
     let mut daemon = FakeDaemon::bind();
     let host = Host::start(&daemon.endpoint, &["--workers", "1"]);
-    let first = daemon.accept(&host, 200);
+    // Long enough that the test answers each heartbeat in time however
+    // busy the machine is.
+    let first = daemon.accept(&host, 1000);
     // It keeps the session up: heartbeats come while the daemon answers.
     for _ in 0..3 {
         daemon.expect(&host, "Heartbeat", SOON, |m| *m == FromHost::Heartbeat);
@@ -599,6 +606,12 @@ fn sigterm_says_leaving_finishes_what_it_holds_and_exits_cleanly() {
             payload: b"sleep:1500",
         },
     );
+    // Held: a worker runs it.
+    let deadline = Instant::now() + SOON;
+    while !workers.iter().any(|&worker| sleeping(worker)) {
+        assert!(Instant::now() < deadline, "no worker ran request 1");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     host.signal(libc::SIGTERM);
     daemon.expect(&host, "Leaving", SOON, |m| *m == FromHost::Leaving);
     let (_, reply) = daemon.expect(&host, "Reply 1", SOON, |m| {
@@ -627,6 +640,97 @@ fn sigterm_says_leaving_finishes_what_it_holds_and_exits_cleanly() {
         m,
         FromHost::Leaving | FromHost::Reply { .. } | FromHost::Heartbeat
     )));
+}
+
+#[test]
+fn a_second_sigterm_stops_at_once_and_fails_what_it_held() {
+    let mut daemon = FakeDaemon::bind();
+    let mut host = Host::start(&daemon.endpoint, &["--workers", "1"]);
+    let peer = daemon.accept(&host, 60_000);
+    let workers = host.workers(1);
+    daemon.send(
+        &peer,
+        ToHost::Request {
+            id: 3,
+            payload: b"sleep:60000",
+        },
+    );
+    let deadline = Instant::now() + SOON;
+    while !sleeping(workers[0]) {
+        assert!(Instant::now() < deadline, "no worker ran request 3");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    host.signal(libc::SIGTERM);
+    daemon.expect(&host, "Leaving", SOON, |m| *m == FromHost::Leaving);
+    host.signal(libc::SIGTERM);
+    // The daemon hears at once that its request is lost.
+    let (_, failed) = daemon.expect(&host, "Failed 3", SOON, |m| {
+        matches!(m, FromHost::Failed { .. })
+    });
+    assert!(
+        matches!(
+            failed,
+            FromHost::Failed {
+                id: 3,
+                lost: true,
+                ..
+            }
+        ),
+        "{failed:?}"
+    );
+    let status = host.wait_exit(SOON).expect("the host stops");
+    assert_eq!(status.code(), Some(0), "{}", host.log.lines().join("\n"));
+    assert_eq!(wait_gone(&workers, SOON), Vec::<i32>::new());
+}
+
+#[test]
+fn the_daemons_timeout_is_enforced_by_the_host() {
+    let mut daemon = FakeDaemon::bind();
+    let host = Host::start(&daemon.endpoint, &["--workers", "1"]);
+    let (peer, _) = daemon.expect(&host, "Hello", START, |m| {
+        matches!(m, FromHost::Hello { .. })
+    });
+    daemon.send(
+        &peer,
+        ToHost::Welcome {
+            heartbeat_ms: 60_000,
+            timeout_ms: 300,
+        },
+    );
+    host.expect_log("joined the daemon at");
+    daemon.send(
+        &peer,
+        ToHost::Request {
+            id: 11,
+            payload: b"sleep:60000",
+        },
+    );
+    let (_, failed) = daemon.expect(&host, "Failed 11", SOON, |m| {
+        matches!(m, FromHost::Failed { .. })
+    });
+    let FromHost::Failed { id, lost, reason } = failed else {
+        unreachable!()
+    };
+    assert_eq!((id, lost), (11, true), "{reason}");
+    assert!(reason.contains("--timeout"), "{reason}");
+    // Its worker was killed and another took its place.
+    daemon.send(
+        &peer,
+        ToHost::Request {
+            id: 12,
+            payload: b"echo:next",
+        },
+    );
+    let (_, reply) = daemon.expect(&host, "Reply 12", SOON, |m| {
+        matches!(m, FromHost::Reply { id: 12, .. })
+    });
+    assert_eq!(
+        reply,
+        FromHost::Reply {
+            id: 12,
+            body: b"next".to_vec()
+        }
+    );
 }
 
 #[test]
