@@ -734,6 +734,39 @@ fn the_daemons_timeout_is_enforced_by_the_host() {
 }
 
 #[test]
+fn sighup_reloads_the_hosts_workers_and_it_keeps_serving() {
+    let mut daemon = FakeDaemon::bind();
+    let host = Host::start(&daemon.endpoint, &["--workers", "1"]);
+    let peer = daemon.accept(&host, 60_000);
+    let before = host.workers(1);
+    host.signal(libc::SIGHUP);
+    host.expect_log("reload complete");
+    let deadline = Instant::now() + SOON;
+    while children_of(host.pid()) == before || children_of(host.pid()).len() != 1 {
+        assert!(Instant::now() < deadline, "the old worker is still there");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    daemon.send(
+        &peer,
+        ToHost::Request {
+            id: 21,
+            payload: b"echo:reloaded",
+        },
+    );
+    let (from, reply) = daemon.expect(&host, "Reply 21", SOON, |m| {
+        matches!(m, FromHost::Reply { id: 21, .. })
+    });
+    assert_eq!(from, peer, "the same session");
+    assert_eq!(
+        reply,
+        FromHost::Reply {
+            id: 21,
+            body: b"reloaded".to_vec()
+        }
+    );
+}
+
+#[test]
 fn a_refused_host_exits_with_the_reason() {
     let mut daemon = FakeDaemon::bind();
     let mut host = Host::start(&daemon.endpoint, &["--workers", "1"]);
