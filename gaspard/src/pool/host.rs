@@ -498,6 +498,17 @@ impl Host {
     /// stopped and the runtime directory removed either way.
     fn run(mut self) -> Result<(), HostError> {
         let result = self.run_loop();
+        if let Err(e) = &result {
+            // Refused: the daemon never took it. Otherwise it is told that
+            // the host leaves, and what it held is lost.
+            if !matches!(e, HostError::Refused { .. }) {
+                self.fail_held(&format!("its worker host failed: {e}"));
+                if let Link::Connected(session) = &mut self.link {
+                    session.queue(ToDaemon::Leaving);
+                    let _ = session.send_queued();
+                }
+            }
+        }
         let urgent = result.is_err() || self.phase == Phase::Stopped { urgent: true };
         self.close_session(if urgent {
             URGENT_LINGER_MS
@@ -644,20 +655,25 @@ impl Host {
                     "{name} again: stopping now; {} requests held fail",
                     self.held.len()
                 );
-                // The daemon hears of them now rather than at its heartbeat
-                // timeout: their workers are about to be stopped.
-                let held: Vec<Held> = self.held.drain().map(|(_, held)| held).collect();
-                for held in held {
-                    self.workers.cancel(held.request);
-                    if let Link::Connected(session) = &mut self.link {
-                        session.queue(ToDaemon::Failed {
-                            id: held.id,
-                            lost: true,
-                            reason: "its worker host was stopped".to_string(),
-                        });
-                    }
-                }
+                self.fail_held("its worker host was stopped");
                 self.phase = Phase::Stopped { urgent: true };
+            }
+        }
+    }
+
+    /// Fails every request held, as lost: the daemon hears of them now
+    /// rather than at its heartbeat timeout (their workers are about to be
+    /// stopped).
+    fn fail_held(&mut self, reason: &str) {
+        let held: Vec<Held> = self.held.drain().map(|(_, held)| held).collect();
+        for held in held {
+            self.workers.cancel(held.request);
+            if let Link::Connected(session) = &mut self.link {
+                session.queue(ToDaemon::Failed {
+                    id: held.id,
+                    lost: true,
+                    reason: reason.to_string(),
+                });
             }
         }
     }
