@@ -817,7 +817,16 @@ impl Host {
                         self.endpoint
                     )
                 } else {
-                    format!("no answer from the daemon at {} yet", self.endpoint)
+                    let hint = if self.keys.is_some() {
+                        "is it running, and is --server-key its public key?"
+                    } else {
+                        "is it running? a daemon with CURVE keys needs --key and --server-key"
+                    };
+                    format!(
+                        "no answer from the daemon at {} within {:?} ({hint})",
+                        self.endpoint,
+                        session.heartbeat * MISSED_HEARTBEATS
+                    )
                 })
             }
             Link::Connected(session) => {
