@@ -78,7 +78,26 @@ pub enum CheckError {
 /// building `config`.
 pub fn check(config: &Config) -> Result<String, CheckError> {
     crate::privileges::look_up(config.user.as_deref(), config.group.as_deref())?;
-    let (handler, config) = (&config.handler, config.handler_config.as_str());
+    let loaded = check_handler(&config.handler, &config.handler_config)?;
+    Ok(format!(
+        "handler {}: ok: {:?} speaks handler ABI version {ABI_VERSION}, init succeeded",
+        loaded.path.display(),
+        loaded.name
+    ))
+}
+
+/// A handler that loaded in a child process: its path (absolute, not
+/// resolved) and the name it reports.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub path: PathBuf,
+    pub name: String,
+}
+
+/// Loads `handler` in a child process, runs its init with `config`, and
+/// shuts it down again: what `--check` does for the handler, and what a
+/// worker host does before it starts its workers.
+pub fn check_handler(handler: &Path, config: &str) -> Result<Checked, CheckError> {
     // Absolute but not resolved, as the daemon names it.
     let path = std::path::absolute(handler)
         .and_then(|path| std::fs::metadata(&path).map(|_| path))
@@ -96,10 +115,10 @@ pub fn check(config: &Config) -> Result<String, CheckError> {
     let (report, status) = load_in_child(&path, config).map_err(CheckError::Spawn)?;
     if let Some(name) = report.strip_prefix(READY) {
         return if status.success() {
-            Ok(format!(
-                "handler {}: ok: {name:?} speaks handler ABI version {ABI_VERSION}, init succeeded",
-                path.display()
-            ))
+            Ok(Checked {
+                name: name.to_string(),
+                path,
+            })
         } else {
             Err(CheckError::Shutdown {
                 path,

@@ -96,7 +96,6 @@ enum Phase {
     Stopping,
 }
 
-/// The private directory of the handler snapshots, removed when dropped.
 /// The worker pool's settings, its key files read.
 fn pool_config(config: &Config) -> Result<Option<PoolConfig>, DaemonError> {
     let Some(flags) = &config.pool else {
@@ -114,7 +113,8 @@ fn pool_config(config: &Config) -> Result<Option<PoolConfig>, DaemonError> {
     }))
 }
 
-fn runtime_dir(parent: Option<&Path>) -> io::Result<tempfile::TempDir> {
+/// The private directory of the handler snapshots, removed when dropped.
+pub(crate) fn runtime_dir(parent: Option<&Path>) -> io::Result<tempfile::TempDir> {
     use std::os::unix::fs::PermissionsExt;
     let mut builder = tempfile::Builder::new();
     // Only gaspard's user may read or replace the handler code workers load.

@@ -1,11 +1,12 @@
-//! The `gaspard` executable: the daemon, `--check`, `new-handler`, and the
-//! hidden modes gaspard starts itself (worker, check child) or its packaging
-//! runs (`__generate-docs`).
+//! The `gaspard` executable: the daemon, `--check`, `new-handler`,
+//! `keygen`, a worker host for a daemon elsewhere (`worker`), and the hidden
+//! modes gaspard starts itself (worker, check child) or its packaging runs
+//! (`__generate-docs`).
 
 use clap::{CommandFactory, FromArgMatches};
 use gaspard::config::{Cli, Config};
 use gaspard::daemon::Daemon;
-use gaspard::pool::keys;
+use gaspard::pool::{host, keys};
 use gaspard::worker::{self, WorkerArgs};
 use gaspard::{check, logging, manual, new_handler};
 use std::ffi::OsString;
@@ -30,6 +31,7 @@ fn main() -> ExitCode {
     match mode.as_ref().and_then(|arg| arg.to_str()) {
         Some(new_handler::ARG) => return new_handler::run(rest()),
         Some(keys::KEYGEN_ARG) => return keys::run_keygen(rest()),
+        Some(host::HOST_ARG) => return host::run(rest()),
         Some(check::CHILD_ARG) => return check::run_child(rest()),
         Some(manual::GENERATE_ARG) => return generate_docs(rest().next()),
         Some(worker::WORKER_ARG) => return run_worker(rest()),

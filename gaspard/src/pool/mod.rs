@@ -15,6 +15,7 @@
 //! workers (back-off, claims, take-backs, --timeout); and one CURVE
 //! handshake and one TCP connection serve all its workers.
 
+pub mod host;
 pub mod keys;
 pub(crate) mod protocol;
 pub(crate) mod server;

@@ -169,6 +169,12 @@ impl Dispatcher {
         }
     }
 
+    /// Changes --timeout for requests that start from now on (a worker
+    /// host learns it from the daemon it joins).
+    pub(crate) fn set_timeout(&mut self, timeout: Option<Duration>) {
+        self.timeout = timeout;
+    }
+
     /// Queues a client's request.
     pub(crate) fn submit(&mut self, client: ClientKey, payload: Vec<u8>) -> RequestId {
         let id = self.next_id;

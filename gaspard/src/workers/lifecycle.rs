@@ -233,6 +233,14 @@ impl Workers {
         }
     }
 
+    /// Changes --timeout: requests that start from now on, and reloads that
+    /// begin from now on, get the new one. A worker host learns it from the
+    /// daemon it joins.
+    pub(crate) fn set_timeout(&mut self, timeout: Option<Duration>) {
+        self.timeout = timeout;
+        self.dispatcher.set_timeout(timeout);
+    }
+
     /// SIGTTIN (+1) / SIGTTOU (-1): one more or one fewer worker.
     pub(crate) fn scale(&mut self, delta: i32) {
         if delta > 0 {

@@ -18,6 +18,7 @@ mod operations;
 mod package;
 mod persistent;
 mod pool;
+mod pool_host;
 mod python;
 mod round_trip;
 mod shell;
