@@ -724,7 +724,8 @@ impl Host {
             welcomed: false,
             outgoing: VecDeque::new(),
             blocked: false,
-            ready_told: ready,
+            // Not told yet: a Credit with the ready count follows Hello.
+            ready_told: usize::MAX,
         };
         session.queue(ToDaemon::Hello {
             protocol: PROTOCOL,

@@ -240,6 +240,10 @@ impl PoolServer {
     pub(crate) fn take_events(&mut self, now: Instant) -> Vec<PoolEvent> {
         self.answer_zap();
         loop {
+            // A host that joined needs its slot before what it sends next.
+            if matches!(self.events.last(), Some(PoolEvent::Joined { .. })) {
+                break;
+            }
             match self.recv() {
                 Ok(Some((host, address, frames))) => self.on_message(host, address, frames, now),
                 Ok(None) => break,
@@ -260,20 +264,25 @@ impl PoolServer {
             Err(zmq::Error::EAGAIN) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let address = first.gets("Peer-Address").unwrap_or("?").to_string();
+        // The routing id is the ROUTER's own frame; the peer's address is
+        // on the frames that came over the wire.
+        let mut address = first.gets("Peer-Address").map(str::to_string);
         let host = first.to_vec();
         let mut frames = Vec::new();
         let mut more = first.get_more();
         while more {
-            let part = self.router.recv_msg(0)?;
+            let mut part = self.router.recv_msg(0)?;
             more = part.get_more();
+            if address.is_none() {
+                address = part.gets("Peer-Address").map(str::to_string);
+            }
             // A host that sends more frames than any message has is broken:
             // keep reading them (they are one message), keep no more.
             if frames.len() < 3 {
                 frames.push(part.to_vec());
             }
         }
-        Ok(Some((host, address, frames)))
+        Ok(Some((host, address.unwrap_or_else(|| "?".into()), frames)))
     }
 
     fn on_message(&mut self, id: HostId, address: String, frames: Vec<Vec<u8>>, now: Instant) {

@@ -207,7 +207,10 @@ impl Workers {
                 } else {
                     "no encryption"
                 };
-                log::info!("worker pool listening on {} ({curve})", pool.endpoint());
+                log::info!(
+                    "worker pool: hosts may join on {} ({curve})",
+                    pool.endpoint()
+                );
                 Some(pool)
             }
             None => None,
