@@ -20,3 +20,4 @@ mod persistent;
 mod round_trip;
 mod shell;
 mod workers;
+mod zmq;
