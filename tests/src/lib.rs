@@ -268,9 +268,12 @@ fn spawn_from(
     if !args.contains(&"--port") {
         command.args(["--port", "0"]);
     }
+    command.args(["--log-level", "debug"]);
+    // A private runtime directory, unless the test names one.
+    if !args.contains(&"--runtime-dir") {
+        command.arg("--runtime-dir").arg(runtime_parent.path());
+    }
     command
-        .args(["--log-level", "debug", "--runtime-dir"])
-        .arg(runtime_parent.path())
         .args(args)
         .env_remove("RUST_LOG")
         .envs(env.iter().copied())

@@ -3,7 +3,7 @@
 //! default local link does, and refuse what it cannot do at start.
 
 use gaspard_tests::{
-    connect, is_reset, pack, read_reply, request, start, with_link, LOCAL_LINK, ZMQ_LINK,
+    connect, is_reset, pack, read_reply, request, start, try_start, with_link, LOCAL_LINK, ZMQ_LINK,
 };
 use std::io::Write;
 use std::time::Duration;
@@ -137,4 +137,46 @@ fn eight_workers(link: &[&str]) {
     let expected: Vec<u8> = b"0123456789".iter().copied().cycle().take(len).collect();
     assert_eq!(reply.len(), len);
     assert!(reply == expected, "the 16 MiB reply's bytes differ");
+}
+
+/// A runtime directory of `len` bytes (in a fresh temporary directory).
+fn runtime_dir_of_length(parent: &tempfile::TempDir, len: usize) -> std::path::PathBuf {
+    let base = parent.path().as_os_str().len() + 1;
+    assert!(len > base, "{} is already longer", parent.path().display());
+    let dir = parent.path().join("d".repeat(len - base));
+    std::fs::create_dir(&dir).unwrap();
+    assert_eq!(dir.as_os_str().len(), len);
+    dir
+}
+
+/// The daemon's private directory in the runtime directory is
+/// `gaspard-XXXXXX` (15 bytes with its slash); its replies endpoint is
+/// `replies.zmq`, and worker endpoints `worker-N.zmq`, N counting every
+/// worker started. An ipc:// path has at most 107 bytes: whether all of
+/// them fit is known at start, and a clear error then, not a worker that
+/// cannot start hours later.
+#[test]
+fn a_runtime_dir_too_long_for_the_zmq_endpoints_is_refused_at_start() {
+    let parent = tempfile::tempdir().unwrap();
+    // 100 + 15 + "/replies.zmq": not even the daemon's endpoint fits.
+    // 78 + 15 + "/replies.zmq" is 105 and "/worker-1.zmq" 106, but the 100th
+    // worker's endpoint would be 108.
+    for len in [100, 78] {
+        let dir = runtime_dir_of_length(&parent, len);
+        let dir = dir.to_str().unwrap();
+        let args = with_link(&["--workers", "1", "--runtime-dir", dir], ZMQ_LINK);
+        let Err((status, log)) = try_start("echo", &args) else {
+            panic!("served with a runtime directory of {len} bytes");
+        };
+        assert_eq!(status.and_then(|s| s.code()), Some(1), "{len} bytes");
+        let lines = log.lines();
+        assert!(
+            lines.iter().any(|line| line.starts_with("gaspard: ")
+                && line.contains("give a shorter --runtime-dir")),
+            "{len} bytes: {lines:#?}"
+        );
+        // The local link has no such limit.
+        let args = ["--workers", "1", "--runtime-dir", dir];
+        assert_eq!(start("echo", &args).request(b"local").unwrap(), b"local");
+    }
 }
