@@ -151,6 +151,14 @@ impl ZmqHub {
         Ok((link, args))
     }
 
+    /// Waits up to `timeout` for a message on the replies socket.
+    pub(super) fn wait_readable(&self, timeout: std::time::Duration) {
+        let millis = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+        // An error or EINTR is a wait that ended early: the caller reads
+        // whatever is there and decides whether to wait again.
+        let _ = self.replies.poll(zmq::POLLIN, millis);
+    }
+
     /// The next message on the replies socket, if one is there.
     pub(super) fn try_recv(&self) -> io::Result<Option<Received>> {
         let parts = match self.replies.recv_multipart(zmq::DONTWAIT) {

@@ -101,6 +101,40 @@ fn a_worker_that_exits_right_after_replying(link: &[&str]) {
     }
 }
 
+/// A handler whose init fails when the daemon starts stops the daemon
+/// (exit status 1) with the handler's own reason, not only with how its
+/// worker ended.
+#[test]
+fn an_init_failure_at_start_stops_the_daemon_with_the_handlers_reason() {
+    an_init_failure_at_start(LOCAL_LINK);
+}
+
+#[test]
+fn an_init_failure_at_start_stops_the_daemon_with_the_handlers_reason_over_zmq() {
+    an_init_failure_at_start(ZMQ_LINK);
+}
+
+fn an_init_failure_at_start(link: &[&str]) {
+    // A few times: the reason must win every race with the worker's exit.
+    for attempt in 0..20 {
+        let args = with_link(&["--workers", "2", "--handler-config", "fail"], link);
+        let Err((status, log)) = try_start("fault", &args) else {
+            panic!("attempt {attempt}: a handler whose init fails was served");
+        };
+        assert_eq!(status.and_then(|s| s.code()), Some(1), "attempt {attempt}");
+        let fatal: Vec<String> = log
+            .lines()
+            .into_iter()
+            .filter(|line| line.starts_with("gaspard: "))
+            .collect();
+        assert_eq!(fatal.len(), 1, "attempt {attempt}: {:#?}", log.lines());
+        assert!(
+            fatal[0].contains("init refused by configuration (fail)"),
+            "attempt {attempt}: {fatal:?}"
+        );
+    }
+}
+
 /// Eight workers behind one zmq replies socket: 200 concurrent clients all
 /// get their own bytes back, and a 16 MiB reply crosses intact.
 #[test]
