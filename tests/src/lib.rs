@@ -48,6 +48,18 @@ pub fn artifacts() -> &'static Path {
     })
 }
 
+/// The daemon arguments of the default link between the daemon and its
+/// workers (a socket pair and a pipe each): none.
+pub const LOCAL_LINK: &[&str] = &[];
+/// The daemon arguments of gaspar's libzmq PUSH/PULL link.
+pub const ZMQ_LINK: &[&str] = &["--link", "zmq"];
+
+/// `args` and then `link`: the arguments of a scenario that runs over each
+/// link ([`LOCAL_LINK`], [`ZMQ_LINK`]).
+pub fn with_link<'a>(args: &[&'a str], link: &[&'a str]) -> Vec<&'a str> {
+    [args, link].concat()
+}
+
 /// The `gaspard` executable.
 pub fn gaspard_bin() -> PathBuf {
     artifacts().join("gaspard")
@@ -268,9 +280,12 @@ fn spawn_from(
     if !args.contains(&"--port") {
         command.args(["--port", "0"]);
     }
+    command.args(["--log-level", "debug"]);
+    // A private runtime directory, unless the test names one.
+    if !args.contains(&"--runtime-dir") {
+        command.arg("--runtime-dir").arg(runtime_parent.path());
+    }
     command
-        .args(["--log-level", "debug", "--runtime-dir"])
-        .arg(runtime_parent.path())
         .args(args)
         .env_remove("RUST_LOG")
         .envs(env.iter().copied())

@@ -2,13 +2,19 @@
 //! retiring on purpose, one more or one fewer (SIGTTIN / SIGTTOU), the
 //! steps of a hot reload, and stopping them all.
 
+use super::endpoint::Linking;
 use super::reload::{Reload, Step};
 use super::supervisor::{self, Death};
 use super::{Answer, ClientKey, Notice, RequestId, Workers, WorkersError, MAX_WORKERS};
 use crate::metrics::Outcome;
+use crate::worker::EXIT_INIT_FAILED;
 use nix::sys::signal::Signal;
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
+
+/// How long the daemon waits for the InitFailed of a zmq worker that exited
+/// saying it sent one (`await_zmq_init_failures`).
+const ZMQ_INIT_FAILED_WAIT: Duration = Duration::from_secs(1);
 
 impl Workers {
     /// Request `id` of `client` failed: its client is told, with `reason`.
@@ -114,6 +120,7 @@ impl Workers {
         // on arrival: it names a worker that is gone.)
         if !exited.is_empty() {
             self.take_zmq_messages(usize::MAX)?;
+            self.await_zmq_init_failures(&exited)?;
         }
         for death in self.supervisor.reap(&exited) {
             self.on_death(death)?;
@@ -143,6 +150,36 @@ impl Workers {
         self.update_gauges();
         self.update_ready_gauge();
         Ok(())
+    }
+
+    /// A zmq worker that exited with [`EXIT_INIT_FAILED`] had handed its
+    /// InitFailed to the kernel first (its context lingers until sent), but
+    /// the daemon's libzmq thread may not have passed it on yet: where the
+    /// reason decides what happens (the first start, a reload's first
+    /// worker), it is waited for, briefly, so that the daemon stops or
+    /// rejects the reload with the handler's reason, as on the local link.
+    fn await_zmq_init_failures(&mut self, exited: &[usize]) -> Result<(), WorkersError> {
+        let deadline = Instant::now() + ZMQ_INIT_FAILED_WAIT;
+        loop {
+            let awaited = exited.iter().any(|&slot| {
+                self.supervisor.exit_code(slot) == Some(EXIT_INIT_FAILED.into())
+                    && self
+                        .supervisor
+                        .incarnation_of(slot)
+                        .is_some_and(|incarnation| {
+                            !self.started || self.reload.is_probe(incarnation)
+                        })
+            });
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Linking::Zmq(hub) = &self.linking else {
+                return Ok(());
+            };
+            if !awaited || left.is_zero() {
+                return Ok(());
+            }
+            hub.wait_readable(left);
+            self.take_zmq_messages(usize::MAX)?;
+        }
     }
 
     /// One worker's death: settle its requests, say why in one line.

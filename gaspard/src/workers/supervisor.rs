@@ -453,6 +453,17 @@ impl Supervisor {
         exited
     }
 
+    /// The exit code of the worker in `slot`, if it has exited with one and
+    /// is not reaped yet.
+    pub(crate) fn exit_code(&mut self, slot: usize) -> Option<i32> {
+        match &mut self.slots.get_mut(slot)?.state {
+            SlotState::Starting { child, .. } | SlotState::Ready { child, .. } => {
+                child.try_wait().ok().flatten()?.code()
+            }
+            _ => None,
+        }
+    }
+
     /// Collects the workers of `slots` that have exited (see [`Self::exited`]).
     pub(crate) fn reap(&mut self, slots: &[usize]) -> Vec<Death> {
         let mut deaths = Vec::new();

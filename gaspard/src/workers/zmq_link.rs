@@ -58,6 +58,11 @@ fn zmq_err(what: &'static str) -> impl FnOnce(zmq::Error) -> ZmqLinkError {
     move |source| ZmqLinkError::Zmq { what, source }
 }
 
+/// Where worker `incarnation` binds its request endpoint in `runtime_dir`.
+fn worker_path(runtime_dir: &Path, incarnation: u64) -> PathBuf {
+    runtime_dir.join(format!("worker-{incarnation}.zmq"))
+}
+
 fn ipc_endpoint(path: &Path) -> Result<String, ZmqLinkError> {
     if path.as_os_str().len() > MAX_IPC_PATH {
         return Err(ZmqLinkError::PathTooLong(path.to_path_buf()));
@@ -94,6 +99,9 @@ impl ZmqHub {
             .map_err(zmq_err("replies socket"))?;
         replies.set_linger(0).map_err(zmq_err("replies linger"))?;
         let replies_endpoint = ipc_endpoint(&runtime_dir.join("replies.zmq"))?;
+        // Every worker's endpoint must fit too, the last one the daemon
+        // could ever start included: known now, not when it starts.
+        ipc_endpoint(&worker_path(runtime_dir, u64::MAX))?;
         replies
             .bind(&replies_endpoint)
             .map_err(zmq_err("binding the replies endpoint"))?;
@@ -118,7 +126,7 @@ impl ZmqHub {
     /// Opens the link to worker `incarnation`: its PUSH socket here, and
     /// what to tell the worker.
     pub(super) fn open(&self, incarnation: u64) -> Result<(ZmqLink, LinkArgs), ZmqLinkError> {
-        let path = self.runtime_dir.join(format!("worker-{incarnation}.zmq"));
+        let path = worker_path(&self.runtime_dir, incarnation);
         let endpoint = ipc_endpoint(&path)?;
         let push = self
             .context
@@ -141,6 +149,14 @@ impl ZmqHub {
             outgoing: VecDeque::new(),
         };
         Ok((link, args))
+    }
+
+    /// Waits up to `timeout` for a message on the replies socket.
+    pub(super) fn wait_readable(&self, timeout: std::time::Duration) {
+        let millis = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+        // An error or EINTR is a wait that ended early: the caller reads
+        // whatever is there and decides whether to wait again.
+        let _ = self.replies.poll(zmq::POLLIN, millis);
     }
 
     /// The next message on the replies socket, if one is there.

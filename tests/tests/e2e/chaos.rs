@@ -3,7 +3,7 @@
 //!
 //! Run with `-- --nocapture` to see the figures (docs/reliability.md).
 
-use gaspard_tests::{connect, pack, read_reply, start};
+use gaspard_tests::{connect, pack, read_reply, start, with_link, LOCAL_LINK, ZMQ_LINK};
 use std::io::{ErrorKind, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -53,8 +53,20 @@ fn one_request(addr: std::net::SocketAddr, payload: &[u8], expected: &[u8], tall
 
 #[test]
 fn killing_random_workers_under_load_loses_and_hangs_nothing() {
+    killing_random_workers_under_load(LOCAL_LINK);
+}
+
+#[test]
+fn killing_random_workers_under_load_loses_and_hangs_nothing_over_zmq() {
+    killing_random_workers_under_load(ZMQ_LINK);
+}
+
+fn killing_random_workers_under_load(link: &[&str]) {
     let timeout = TIMEOUT_SECS.to_string();
-    let daemon = start("fault", &["--workers", "2", "--timeout", &timeout]);
+    let daemon = start(
+        "fault",
+        &with_link(&["--workers", "2", "--timeout", &timeout], link),
+    );
     let addr = daemon.addr;
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));

@@ -1,11 +1,20 @@
 //! Failed requests end with a reset and a log line; the daemon keeps serving.
 
-use gaspard_tests::{is_reset, start};
+use gaspard_tests::{is_reset, start, with_link, LOCAL_LINK, ZMQ_LINK};
 use std::time::Duration;
 
 #[test]
 fn a_handler_error_resets_the_connection_and_logs_why() {
-    let daemon = start("fault", &["--workers", "1"]);
+    handler_errors(LOCAL_LINK);
+}
+
+#[test]
+fn a_handler_error_resets_the_connection_and_logs_why_over_zmq() {
+    handler_errors(ZMQ_LINK);
+}
+
+fn handler_errors(link: &[&str]) {
+    let daemon = start("fault", &with_link(&["--workers", "1"], link));
     let result = daemon.request(b"error:the disk is on fire");
     assert!(is_reset(&result), "{result:?}");
     daemon.expect_log("handler failed: the disk is on fire");
@@ -24,7 +33,16 @@ fn a_handler_panic_is_an_error_not_a_crash() {
 
 #[test]
 fn a_crashing_worker_fails_its_request_and_is_replaced() {
-    let daemon = start("fault", &["--workers", "2"]);
+    crashing_workers(LOCAL_LINK);
+}
+
+#[test]
+fn a_crashing_worker_fails_its_request_and_is_replaced_over_zmq() {
+    crashing_workers(ZMQ_LINK);
+}
+
+fn crashing_workers(link: &[&str]) {
+    let daemon = start("fault", &with_link(&["--workers", "2"], link));
     let before = daemon.workers();
     for crash in [&b"segv"[..], b"abort", b"exit:7"] {
         let result = daemon.request(crash);
@@ -54,7 +72,19 @@ fn a_crashing_worker_fails_its_request_and_is_replaced() {
 
 #[test]
 fn a_request_past_the_timeout_is_reset_and_its_worker_replaced() {
-    let daemon = start("fault", &["--workers", "1", "--timeout", "0.5"]);
+    requests_past_the_timeout(LOCAL_LINK);
+}
+
+#[test]
+fn a_request_past_the_timeout_is_reset_and_its_worker_replaced_over_zmq() {
+    requests_past_the_timeout(ZMQ_LINK);
+}
+
+fn requests_past_the_timeout(link: &[&str]) {
+    let daemon = start(
+        "fault",
+        &with_link(&["--workers", "1", "--timeout", "0.5"], link),
+    );
     let before = daemon.workers();
     let result = daemon.request(b"sleep:30000");
     assert!(is_reset(&result), "{result:?}");
@@ -69,7 +99,16 @@ fn a_request_past_the_timeout_is_reset_and_its_worker_replaced() {
 
 #[test]
 fn a_worker_killed_from_outside_is_replaced() {
-    let daemon = start("echo", &["--workers", "2"]);
+    workers_killed_from_outside(LOCAL_LINK);
+}
+
+#[test]
+fn a_worker_killed_from_outside_is_replaced_over_zmq() {
+    workers_killed_from_outside(ZMQ_LINK);
+}
+
+fn workers_killed_from_outside(link: &[&str]) {
+    let daemon = start("echo", &with_link(&["--workers", "2"], link));
     let before = daemon.workers();
     // SAFETY: kill(2) on a worker of the daemon this test started.
     unsafe { libc::kill(before[0], libc::SIGKILL) };

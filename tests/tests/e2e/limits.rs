@@ -1,7 +1,9 @@
 //! Every limit a request passes: each triggers, logs, and leaves the daemon
 //! serving everyone else.
 
-use gaspard_tests::{connect, is_reset, pack, read_reply, request, start};
+use gaspard_tests::{
+    connect, is_reset, pack, read_reply, request, start, with_link, LOCAL_LINK, ZMQ_LINK,
+};
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -221,7 +223,19 @@ fn a_client_that_leaves_while_running_has_its_reply_discarded() {
 
 #[test]
 fn max_requests_recycles_workers_without_failing_a_request() {
-    let daemon = start("fault", &["--workers", "1", "--max-requests", "3"]);
+    max_requests_recycles_workers(LOCAL_LINK);
+}
+
+#[test]
+fn max_requests_recycles_workers_without_failing_a_request_over_zmq() {
+    max_requests_recycles_workers(ZMQ_LINK);
+}
+
+fn max_requests_recycles_workers(link: &[&str]) {
+    let daemon = start(
+        "fault",
+        &with_link(&["--workers", "1", "--max-requests", "3"], link),
+    );
     let mut pids = Vec::new();
     for _ in 0..9 {
         let reply = daemon

@@ -23,3 +23,4 @@ mod python;
 mod round_trip;
 mod shell;
 mod workers;
+mod zmq;

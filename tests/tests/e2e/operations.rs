@@ -1,7 +1,10 @@
 //! Operating gaspard: signals under load, hot reload, scaling, sd_notify,
 //! socket activation, privilege drop and metrics.
 
-use gaspard_tests::{handler, is_reset, launch, metric, request, start, wait_gone, Daemon};
+use gaspard_tests::{
+    handler, is_reset, launch, metric, request, start, wait_gone, with_link, Daemon, LOCAL_LINK,
+    ZMQ_LINK,
+};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixDatagram;
@@ -106,7 +109,16 @@ fn echo_payload(client: usize, n: u64) -> Vec<u8> {
 
 #[test]
 fn sigterm_under_load_answers_every_accepted_request() {
-    let mut daemon = start("fault", &["--workers", "2"]);
+    sigterm_under_load(LOCAL_LINK);
+}
+
+#[test]
+fn sigterm_under_load_answers_every_accepted_request_over_zmq() {
+    sigterm_under_load(ZMQ_LINK);
+}
+
+fn sigterm_under_load(link: &[&str]) {
+    let mut daemon = start("fault", &with_link(&["--workers", "2"], link));
     let load = Load::start(daemon.addr, 8, |client, n| {
         format!("sleep:{}", 20 + (client as u64 * 7 + n) % 60).into_bytes()
     });
@@ -139,7 +151,16 @@ fn sigterm_under_load_answers_every_accepted_request() {
 
 #[test]
 fn sighup_reloads_the_handler_under_load_without_failing_a_request() {
-    let (daemon, _dir, path) = start_replaceable("echo", &["--workers", "2"]);
+    sighup_reload_under_load(LOCAL_LINK);
+}
+
+#[test]
+fn sighup_reloads_the_handler_under_load_without_failing_a_request_over_zmq() {
+    sighup_reload_under_load(ZMQ_LINK);
+}
+
+fn sighup_reload_under_load(link: &[&str]) {
+    let (daemon, _dir, path) = start_replaceable("echo", &with_link(&["--workers", "2"], link));
     let old_workers = daemon.workers();
     assert_eq!(daemon.request(b"before").unwrap(), b"before");
     let load = Load::start(daemon.addr, 6, echo_payload);
@@ -166,7 +187,16 @@ fn sighup_reloads_the_handler_under_load_without_failing_a_request() {
 
 #[test]
 fn a_broken_reload_is_rejected_and_the_old_handler_keeps_serving() {
-    let (daemon, dir, path) = start_replaceable("echo", &["--workers", "2"]);
+    broken_reload(LOCAL_LINK);
+}
+
+#[test]
+fn a_broken_reload_is_rejected_and_the_old_handler_keeps_serving_over_zmq() {
+    broken_reload(ZMQ_LINK);
+}
+
+fn broken_reload(link: &[&str]) {
+    let (daemon, dir, path) = start_replaceable("echo", &with_link(&["--workers", "2"], link));
     let garbage = dir.path().join("garbage");
     std::fs::write(&garbage, b"not a shared library").unwrap();
     install(&garbage, &path);
@@ -200,11 +230,21 @@ fn a_broken_reload_is_rejected_and_the_old_handler_keeps_serving() {
 
 #[test]
 fn a_reload_whose_init_fails_is_rejected_with_the_handlers_reason() {
+    reload_whose_init_fails(LOCAL_LINK);
+}
+
+#[test]
+fn a_reload_whose_init_fails_is_rejected_with_the_handlers_reason_over_zmq() {
+    reload_whose_init_fails(ZMQ_LINK);
+}
+
+fn reload_whose_init_fails(link: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("libhandler.so");
     install(&handler("echo"), &path);
     // The config makes the fault handler's init fail; echo ignores it.
-    let daemon = launch(&path, &["--workers", "1", "--handler-config", "fail"], &[])
+    let args = with_link(&["--workers", "1", "--handler-config", "fail"], link);
+    let daemon = launch(&path, &args, &[])
         .unwrap_or_else(|(status, log)| panic!("{status:?}: {}", log.lines().join("\n")));
     install(&handler("fault"), &path);
     daemon.signal(libc::SIGHUP);
@@ -215,7 +255,16 @@ fn a_reload_whose_init_fails_is_rejected_with_the_handlers_reason() {
 
 #[test]
 fn sigttin_and_sigttou_add_and_retire_workers() {
-    let daemon = start("echo", &["--workers", "2"]);
+    sigttin_and_sigttou(LOCAL_LINK);
+}
+
+#[test]
+fn sigttin_and_sigttou_add_and_retire_workers_over_zmq() {
+    sigttin_and_sigttou(ZMQ_LINK);
+}
+
+fn sigttin_and_sigttou(link: &[&str]) {
+    let daemon = start("echo", &with_link(&["--workers", "2"], link));
     daemon.signal(libc::SIGTTIN);
     daemon.wait_for_workers(3, &[], Duration::from_secs(20));
     daemon.expect_log("SIGTTIN: one more worker (3 now)");

@@ -1,6 +1,6 @@
 //! Requests and replies, byte for byte.
 
-use gaspard_tests::{is_reset, raw_exchange, request, start};
+use gaspard_tests::{is_reset, raw_exchange, request, start, with_link, LOCAL_LINK, ZMQ_LINK};
 use sha2::{Digest, Sha256};
 
 /// Deterministic bytes covering every value, so a shifted or truncated reply shows.
@@ -10,7 +10,16 @@ fn pattern(len: usize) -> Vec<u8> {
 
 #[test]
 fn echo_round_trips_1_byte_64_kib_and_16_mib() {
-    let daemon = start("echo", &["--workers", "2"]);
+    echo_round_trips(LOCAL_LINK);
+}
+
+#[test]
+fn echo_round_trips_1_byte_64_kib_and_16_mib_over_zmq() {
+    echo_round_trips(ZMQ_LINK);
+}
+
+fn echo_round_trips(link: &[&str]) {
+    let daemon = start("echo", &with_link(&["--workers", "2"], link));
     for len in [1, 64 << 10, 16 << 20] {
         let payload = pattern(len);
         let reply = daemon.request(&payload).expect("echo reply");
@@ -72,7 +81,16 @@ fn the_c_handler_echoes() {
 
 #[test]
 fn two_hundred_concurrent_clients_are_all_answered_correctly() {
-    let daemon = start("echo", &["--workers", "2"]);
+    two_hundred_concurrent_clients(LOCAL_LINK);
+}
+
+#[test]
+fn two_hundred_concurrent_clients_are_all_answered_correctly_over_zmq() {
+    two_hundred_concurrent_clients(ZMQ_LINK);
+}
+
+fn two_hundred_concurrent_clients(link: &[&str]) {
+    let daemon = start("echo", &with_link(&["--workers", "2"], link));
     let addr = daemon.addr;
     let clients: Vec<_> = (0..200)
         .map(|i| {

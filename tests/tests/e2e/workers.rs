@@ -91,6 +91,11 @@ fn requests_staged_behind_a_call_that_turns_out_slow_are_taken_back() {
     quick_requests_sent_with_a_long_one(&["--workers", "2", "--timeout", "60"]);
 }
 
+#[test]
+fn requests_staged_behind_a_call_that_turns_out_slow_are_taken_back_over_zmq() {
+    quick_requests_sent_with_a_long_one(&["--workers", "2", "--timeout", "60", "--link", "zmq"]);
+}
+
 /// With --timeout 0 no deadline would ever move a request staged behind a
 /// call that hangs: taking it back is what does.
 #[test]
