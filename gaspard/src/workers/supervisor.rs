@@ -263,6 +263,17 @@ impl Supervisor {
         slot: usize,
         linking: &Linking,
     ) -> Result<(Carrier, Claims), StartError> {
+        let started = self.spawn(slot, linking);
+        if started.is_err() {
+            // Try again later rather than never, and not on every loop turn.
+            self.slots[slot].state = SlotState::Backoff {
+                until: Instant::now() + MAX_BACKOFF,
+            };
+        }
+        started
+    }
+
+    fn spawn(&mut self, slot: usize, linking: &Linking) -> Result<(Carrier, Claims), StartError> {
         let incarnation = self.next_incarnation;
         self.next_incarnation += 1;
         let generation = self.slots[slot].generation;
@@ -307,16 +318,7 @@ impl Supervisor {
             .spawn();
         drop(inherit);
         drop(claims_fd);
-        let child = match spawned {
-            Ok(child) => child,
-            Err(e) => {
-                // Try again later rather than never.
-                self.slots[slot].state = SlotState::Backoff {
-                    until: Instant::now() + MAX_BACKOFF,
-                };
-                return Err(StartError::Spawn(e));
-            }
-        };
+        let child = spawned.map_err(StartError::Spawn)?;
         log::debug!(
             "worker {incarnation} started in slot {slot} (pid {}, handler generation {generation})",
             child.id()
@@ -698,6 +700,44 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    #[test]
+    fn a_worker_that_cannot_be_started_backs_off_instead_of_being_retried_every_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut supervisor = supervisor(dir.path());
+        // Generation 2 has no snapshot: starting it fails.
+        assert!(supervisor.add(2, &Linking::Local).is_err());
+        let now = Instant::now();
+        assert!(supervisor.due(now).is_empty(), "not due again at once");
+        let next = supervisor.next_deadline().expect("a start is planned");
+        assert!(
+            next >= now + MAX_BACKOFF - Duration::from_secs(1),
+            "{:?}",
+            next - now
+        );
+    }
+
+    #[test]
+    fn lent_slots_are_no_workers_and_are_not_reused_until_given_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut supervisor = supervisor(dir.path());
+        let lent = supervisor.lend();
+        let (slot, _link, _claims) = supervisor.add(1, &Linking::Local).unwrap();
+        assert_ne!(slot, lent);
+        assert_eq!(supervisor.ready_count(), 0);
+        assert_eq!(
+            supervisor.last_active(None),
+            Some(slot),
+            "never retired by SIGTTOU"
+        );
+        assert_eq!(supervisor.incarnation_of(lent), None);
+        assert_eq!(
+            supervisor.signal(lent, Signal::SIGTERM),
+            Signalled::NotRunning
+        );
+        supervisor.give_back(lent);
+        assert_eq!(supervisor.lend(), lent, "free again");
     }
 
     #[test]
