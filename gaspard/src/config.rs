@@ -253,7 +253,8 @@ pub struct Cli {
 
     /// How workers are linked to the daemon: `local` (a socket pair and a
     /// pipe per worker, the fastest) or `zmq` (gaspar's libzmq PUSH/PULL,
-    /// over ipc:// endpoints in the runtime directory).
+    /// over ipc:// endpoints in the runtime directory, whose path must then
+    /// be at most 60 bytes).
     #[arg(long, env = "GASPARD_LINK", value_enum, default_value_t = LinkKind::Local)]
     pub link: LinkKind,
 
