@@ -43,6 +43,9 @@ pub enum CheckError {
     /// `--user` or `--group` names nobody; worded as the daemon says it.
     #[error("{0}")]
     Privileges(#[from] crate::privileges::PrivilegeError),
+    /// A `--pool-key` or `--pool-authorized` file the daemon could not use.
+    #[error("{0}")]
+    PoolKey(#[from] crate::pool::keys::KeyError),
     #[error("handler {path}: cannot open: {source}")]
     Open {
         path: PathBuf,
@@ -72,12 +75,17 @@ pub enum CheckError {
 }
 
 /// Checks what the daemon would check at start without side effects: the
-/// `--user` and `--group` names, then the handler: loads it in a child
+/// `--user` and `--group` names, the worker pool's key files, then the
+/// handler: loads it in a child
 /// process, runs its init with the handler config, and shuts it down again.
 /// Returns the report for stdout. The flags themselves are validated by
 /// building `config`.
 pub fn check(config: &Config) -> Result<String, CheckError> {
     crate::privileges::look_up(config.user.as_deref(), config.group.as_deref())?;
+    if let Some((key, authorized)) = config.pool.as_ref().and_then(|pool| pool.curve.as_ref()) {
+        crate::pool::keys::read_pair(key)?;
+        crate::pool::keys::read_public(authorized)?;
+    }
     let loaded = check_handler(&config.handler, &config.handler_config)?;
     Ok(format!(
         "handler {}: ok: {:?} speaks handler ABI version {ABI_VERSION}, init succeeded",

@@ -378,6 +378,37 @@ fn a_pool_on_a_public_address_without_keys_is_refused_unless_insecure() {
     ]);
     assert_eq!(status.and_then(|s| s.code()), Some(2), "{err}");
     assert!(err.contains("--workers 0 needs --pool-listen"), "{err}");
+    // --check reads the key files as the daemon would.
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keygen(dir.path(), "daemon");
+    std::fs::write(dir.path().join("authorized"), "not-a-key\n").unwrap();
+    let authorized = dir.path().join("authorized");
+    let (status, _out, err) = gaspard_tests::run_gaspard(&[
+        "--handler",
+        handler("echo").to_str().unwrap(),
+        "--check",
+        "--pool-listen",
+        "tcp://0.0.0.0:10124",
+        "--pool-key",
+        &key,
+        "--pool-authorized",
+        authorized.to_str().unwrap(),
+    ]);
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{err}");
+    assert!(err.contains("authorized, line 1"), "{err}");
+    std::fs::copy(&public, &authorized).unwrap();
+    let (status, _out, err) = gaspard_tests::run_gaspard(&[
+        "--handler",
+        handler("echo").to_str().unwrap(),
+        "--check",
+        "--pool-listen",
+        "tcp://0.0.0.0:10124",
+        "--pool-key",
+        &key,
+        "--pool-authorized",
+        authorized.to_str().unwrap(),
+    ]);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{err}");
 }
 
 /// Two network namespaces joined by a veth pair, on addresses of
