@@ -245,6 +245,24 @@ fn large_payloads_survive_partial_reads_and_writes() {
         assert_eq!(report["ok"], 24, "{report}");
         assert_eq!(report["payload_bytes_total"], 24 * 2 * 3 * 1024 * 1024);
     }
+    // Bodies of other sizes on the same server: the buffers the earlier ones
+    // left are reused where they fit, and replies are still exactly echoes.
+    for size in ["100K", "5M", "70K", "2M"] {
+        let report = bench(&[
+            &server.addr,
+            "-n",
+            "12",
+            "-c",
+            "4",
+            "--size",
+            size,
+            "--check",
+            "--json",
+        ])
+        .assert_success()
+        .json();
+        assert_eq!(report["ok"], 12, "{size}: {report}");
+    }
 }
 
 #[test]
