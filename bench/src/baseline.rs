@@ -16,6 +16,8 @@
 //! megabyte per request cost about 250 page faults each, as glibc gave the
 //! freed top of its heap back to the kernel between requests.)
 
+pub mod spin;
+
 use crate::frame::{self, Header};
 use crate::limits;
 use mio::event::Event;
@@ -56,6 +58,9 @@ pub struct Options {
     pub listen: SocketAddr,
     /// Requests a GSP2 client may have outstanding on a connection.
     pub window: u32,
+    /// Answer as libspin.so does, on a pool of this many threads, instead
+    /// of echoing (see [`spin`]).
+    pub spin_threads: Option<usize>,
 }
 
 /// Serves until the process is killed. Prints `listening on ADDR` on
@@ -67,8 +72,13 @@ pub fn serve(options: &Options) -> io::Result<()> {
     let mut stderr = io::stderr();
     writeln!(stderr, "listening on {}", listener.local_addr()?)?;
     stderr.flush()?;
-    listener.set_nonblocking(true)?;
-    echo(TcpListener::from_std(listener), options.window as usize)
+    match options.spin_threads {
+        Some(threads) => spin::serve(listener, threads),
+        None => {
+            listener.set_nonblocking(true)?;
+            echo(TcpListener::from_std(listener), options.window as usize)
+        }
+    }
 }
 
 /// The echo server's loop.
@@ -623,6 +633,7 @@ mod tests {
             serve(&Options {
                 listen: addr,
                 window: 4,
+                spin_threads: None,
             })
         });
         // Wait until it accepts.
