@@ -116,6 +116,22 @@ class Server:
     def rss_kib(self, with_children=False):
         return self.status_kib("VmRSS", with_children)
 
+    def cpu_seconds(self):
+        """User + system CPU time of the server and its workers so far."""
+        return sum(cpu_seconds(pid) for pid in [self.proc.pid, *children(self.proc.pid)])
+
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
 
 def children(pid):
     found = []
@@ -158,11 +174,19 @@ def bench(server, conns, seconds, size="16", extra=(), requests=None):
            *amount, "--json", *extra]
     if size is not None:
         cmd[2:2] = ["--size", str(size)]
+    cpu_before = server.cpu_seconds()
     out = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if out.returncode not in (0, 3):
         sys.exit(f"gaspar-bench failed: {' '.join(cmd)}\n{out.stderr}")
     result = json.loads(out.stdout)
     result["command"] = " ".join(["gaspar-bench", *cmd[1:]])
+    if result["ok"]:
+        # The server's CPU per request: a figure that the host's other load
+        # moves far less than it moves requests/s. The warm-up's requests
+        # are not counted, so its share of the time is left out (roughly).
+        used = server.cpu_seconds() - cpu_before
+        measured = 1.0 if requests else seconds / (seconds + WARMUP)
+        result["server_cpu_us_per_request"] = used * measured / result["ok"] * 1e6
     return result
 
 
@@ -173,6 +197,7 @@ def compact(result):
             "ok": result["ok"], "errors": result["errors"],
             "p50_us": lat.get("p50"), "p99_us": lat.get("p99"),
             "generator_cpu_percent": round(result["cpu"]["percent_of_one_core"], 1),
+            "server_cpu_us_per_request": result.get("server_cpu_us_per_request"),
             "command": result["command"]}
 
 
@@ -432,6 +457,11 @@ def fmt_rate(value):
     return f"{value:,.0f}" if value >= 100 else f"{value:,.1f}"
 
 
+def cpu_text(runs):
+    value = median([r.get("server_cpu_us_per_request") for r in runs])
+    return "–" if value is None else f"{value:,.0f}"
+
+
 def ratio_text(value):
     return "–" if value is None else f"{value:.2f}×"
 
@@ -505,7 +535,7 @@ def table(header, rows):
 def sweep_table(results):
     plain = "baseline_to_plain_ratio" in results["sweep"][0]
     header = ["payload", "connections", "baseline req/s", "gaspard req/s", "gaspard MB/s",
-              "gaspard / baseline (rounds)"]
+              "gaspard / baseline (rounds)", "server CPU µs per request: baseline, gaspard"]
     if plain:
         header.append("baseline / plain server (rounds)")
     rows = []
@@ -513,7 +543,8 @@ def sweep_table(results):
         b, g = e["runs"]["baseline"], e["runs"]["gaspard"]
         row = [size_label(e["size"]), e["connections"], fmt_rate(med(b, "requests_per_sec")),
                fmt_rate(med(g, "requests_per_sec")), fmt_rate(med(g, "mb_per_sec")),
-               f"{ratio_text(e['gaspard_ratio'])} ({rounds_text(e['gaspard_ratios'])})"]
+               f"{ratio_text(e['gaspard_ratio'])} ({rounds_text(e['gaspard_ratios'])})",
+               f"{cpu_text(b)}, {cpu_text(g)}"]
         if plain:
             row.append(f"{ratio_text(e['baseline_to_plain_ratio'])}"
                        f" ({rounds_text(e['baseline_to_plain_ratios'])})")
@@ -606,6 +637,11 @@ divides by the baseline's persistent pipelined echo.
 
 Echo, one request per connection, gaspard with two workers, at one and four
 connections. Points are the median of the rounds; bars span the rounds.
+The last column is the servers' own CPU time (user + system, gaspard's
+daemon and workers together, from `/proc`) per request, the median of the
+rounds: the host's other load moves it far less than it moves requests/s,
+and it shows what each request costs beyond the baseline's two copies of
+the body through loopback TCP.
 
 ![throughput and ratio against payload size](benchmarks/sweep.svg)
 
