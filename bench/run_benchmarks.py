@@ -613,7 +613,7 @@ figure is a ratio to the same work done in-process under the same load, not
 to the ideal 2,000 requests/s. Figures measured before 2026-12-07 (in the
 hand-written sections below) divide by an older baseline that for large
 bodies ran at less than half the speed of a plain server (it allocated each
-body afresh: about 250 page faults per megabyte).{plain_note}
+body afresh: about 210 page faults per megabyte).{plain_note}
 
 ## The machine
 

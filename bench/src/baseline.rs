@@ -13,7 +13,7 @@
 //! their connections, and the reply is written from there: no copy between
 //! the socket's reads and its write, and no page faults or zeroing per
 //! request once the pool holds a buffer of the size. (Allocating a fresh
-//! megabyte per request cost about 250 page faults each, as glibc gave the
+//! megabyte per request cost about 210 page faults each, as glibc gave the
 //! freed top of its heap back to the kernel between requests.)
 
 pub mod spin;
