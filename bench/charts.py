@@ -90,7 +90,7 @@ def sweep_chart(results, out_dir, png):
     sweep = results["sweep"]
     conns = sorted({e["connections"] for e in sweep})
     names = [n for n in ("baseline", "plain", "gaspard") if n in sweep[0]["runs"]]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+    fig, ((left, right), (cpu, cpu_ratio)) = plt.subplots(2, 2, figsize=(11, 8.8))
     lows, highs = [], []
     for name in names:
         for c in conns:
@@ -143,15 +143,69 @@ def sweep_chart(results, out_dir, png):
     right.set_xlabel("payload size (log scale)")
     right.set_ylabel("ratio of requests/s (median of rounds)")
     right.set_title("gaspard as a fraction of the baseline")
-    right.legend(fontsize=8, loc="lower left")
+    right.legend(fontsize=8, loc="upper right")
+
+    # The servers' own CPU per request: far steadier on a shared host.
+    lows, highs = [], []
+    for name in [n for n in names if n != "plain"]:
+        for c in conns:
+            points = sorted((e for e in sweep if e["connections"] == c), key=lambda e: e["size"])
+            mid = [median([r.get("server_cpu_us_per_request") for r in e["runs"][name]])
+                   for e in points]
+            xs = [e["size"] for e, m in zip(points, mid) if m]
+            mid = [m for m in mid if m]
+            if not mid:
+                continue
+            lows.append(min(mid))
+            highs.append(max(mid))
+            cpu.plot(xs, mid, color=COLOURS[name], linestyle="-" if c == 1 else "--",
+                     marker="o" if c == 1 else "s", markersize=4, linewidth=1.5,
+                     label=f"{name}, {c} connection{'s' if c > 1 else ''}")
+    size_axis(cpu)
+    if lows:
+        log_ticks(cpu, min(lows), max(highs))
+    cpu.set_xlabel("payload size (log scale)")
+    cpu.set_ylabel("µs of server CPU per request (log scale)")
+    cpu.set_title("server CPU per request (gaspard: daemon + workers)")
+    cpu.legend(fontsize=8, loc="upper left")
+
+    top = 1.0
+    for c in conns:
+        points = sorted((e for e in sweep if e["connections"] == c), key=lambda e: e["size"])
+        xs, ys = [], []
+        for e in points:
+            b = median([r.get("server_cpu_us_per_request") for r in e["runs"]["baseline"]])
+            g = median([r.get("server_cpu_us_per_request") for r in e["runs"]["gaspard"]])
+            if b and g:
+                xs.append(e["size"])
+                ys.append(g / b)
+        top = max([top] + ys)
+        cpu_ratio.plot(xs, ys, color=COLOURS["gaspard"], linestyle="-" if c == 1 else "--",
+                       marker="o" if c == 1 else "s", markersize=4, linewidth=1.5,
+                       label=f"{c} connection{'s' if c > 1 else ''}")
+    cpu_ratio.axhline(1.0, color=COLOURS["baseline"], linewidth=1)
+    size_axis(cpu_ratio)
+    cpu_ratio.set_ylim(0, top * 1.15)
+    cpu_ratio.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}×"))
+    cpu_ratio.set_xlabel("payload size (log scale)")
+    cpu_ratio.set_ylabel("gaspard's CPU per request / the baseline's")
+    cpu_ratio.set_title("what a request costs gaspard, in baseline requests")
+    cpu_ratio.legend(fontsize=8, loc="upper right")
     save(fig, out_dir, "sweep", png)
+
+
+def size_axis(ax):
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(SIZE_TICKS))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: size_label(v)))
 
 
 def two_panels(out_dir, name, xlabel, xs, series, png, log_x):
     """requests/s and p99 latency against xs, one line per series."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, title in [(left, "requests_per_sec", "requests/s"),
-                           (right, "p99_us", "p99 latency (ms)")]:
+                           (right, "p99_us", "p99 latency, ms")]:
         values = []
         for label, runs in series.items():
             ys = [r[key] / (1000 if key == "p99_us" else 1) for r in runs]

@@ -643,12 +643,12 @@ far less than it moves requests/s.
 ## Payload-size sweep
 
 Echo, one request per connection, gaspard with two workers, at one and four
-connections. Points are the median of the rounds; bars span the rounds.
-The last column is the servers' own CPU time (user + system, gaspard's
-daemon and workers together, from `/proc`) per request, the median of the
-rounds: the host's other load moves it far less than it moves requests/s,
-and it shows what each request costs beyond the baseline's two copies of
-the body through loopback TCP.
+connections. Points are the median of the rounds; bars span the rounds. The
+lower panels, and the table's CPU column, are the servers' own CPU time
+(user + system, gaspard's daemon and workers together, from `/proc`) per
+request, the median of the rounds: the host's other load moves it far less
+than it moves requests/s, and it shows what a request costs gaspard beyond
+the baseline's two copies of the body through loopback TCP.
 
 ![throughput and ratio against payload size](benchmarks/sweep.svg)
 
