@@ -540,7 +540,7 @@ def sweep_table(results):
     header = ["payload", "connections", "baseline req/s", "gaspard req/s", "gaspard MB/s",
               "gaspard / baseline (rounds)", "server CPU µs per request: baseline, gaspard"]
     if plain:
-        header.append("baseline / plain server (rounds)")
+        header += ["baseline / plain server (rounds)", "plain server CPU µs per request"]
     rows = []
     for e in results["sweep"]:
         b, g = e["runs"]["baseline"], e["runs"]["gaspard"]
@@ -551,6 +551,7 @@ def sweep_table(results):
         if plain:
             row.append(f"{ratio_text(e['baseline_to_plain_ratio'])}"
                        f" ({rounds_text(e['baseline_to_plain_ratios'])})")
+            row.append(cpu_text(e["runs"]["plain"]))
         rows.append(row)
     return table(header, rows)
 
@@ -574,13 +575,22 @@ def write_doc(results, path):
                   for runs in e["runs"].values() for r in runs)
     plain_note = ""
     if "baseline_to_plain_ratio" in results["sweep"][0]:
-        worst = min(e["baseline_to_plain_ratio"] or 0 for e in results["sweep"])
+        rates = [e["baseline_to_plain_ratio"] or 0 for e in results["sweep"]]
+        cpus = []
+        for e in results["sweep"]:
+            b = median([r.get("server_cpu_us_per_request") for r in e["runs"]["baseline"]])
+            p = median([r.get("server_cpu_us_per_request") for r in e["runs"]["plain"]])
+            if b and p:
+                cpus.append(b / p)
         plain_note = (
             "\n\nThe sweep was also run against a plain single-threaded mio echo server"
             " (`bench/examples/plain_echo.rs`: the header, then the body read into a buffer"
-            " allocated from its length), to check that the baseline is the faster of the"
-            f" two at every size: its lowest median ratio to that server is {worst:.2f}×"
-            " (last column of the sweep's table).")
+            " allocated from its length), as a check on the baseline. Over the sweep's"
+            f" {len(rates)} points the median ratio of the baseline's requests/s to the plain"
+            f" server's runs from {min(rates):.2f}× to {max(rates):.2f}×"
+            f" ({sum(r >= 1 for r in rates)} at 1× or more), and the baseline spends from"
+            f" {min(cpus):.2f}× to {max(cpus):.2f}× the plain server's CPU per request"
+            " (the last two columns of the sweep's table).")
     text = f"""# Benchmarks
 
 <!-- Written by bench/run_benchmarks.py from benchmarks/results.json, down to the marker line. -->

@@ -220,7 +220,8 @@ struct Pool {
 }
 
 impl Pool {
-    /// A buffer of at least `len` bytes: the smallest free one that fits, or
+    /// A buffer of at least `len` bytes: the smallest free one that fits
+    /// (of those, the one given back last, the likeliest still in cache), or
     /// a new one rounded up to a power of two (`calloc` maps zeroed pages
     /// lazily, so the rounding costs address space, not memory).
     fn take(&mut self, len: usize) -> Vec<u8> {
@@ -228,6 +229,7 @@ impl Pool {
             .free
             .iter()
             .enumerate()
+            .rev()
             .filter(|(_, buffer)| buffer.len() >= len)
             .min_by_key(|(_, buffer)| buffer.len())
             .map(|(index, _)| index);
