@@ -71,7 +71,7 @@ Exit status:
     subcommand_negates_reqs = true,
     disable_help_subcommand = true,
     override_usage = "gaspar-bench [OPTIONS] <ADDR> (-n REQUESTS | -d SECS)\n       \
-                      gaspar-bench serve-baseline [--port N] [--bind ADDR]",
+                      gaspar-bench serve-baseline [--port N] [--bind ADDR] [--spin N]",
     subcommand_help_heading = "Subcommand"
 )]
 pub struct Cli {
@@ -177,6 +177,13 @@ enum Command {
         /// With GSP2: requests a client may have outstanding on a connection
         #[arg(long, value_name = "N", default_value = "128", value_parser = clap::value_parser!(u32).range(1..))]
         window: u32,
+
+        /// Instead of echoing, do what libspin.so does (spin on the CPU for
+        /// the microseconds the request gives in ASCII, reply `ok`) on a pool
+        /// of N threads, each accepting and answering its own connections
+        /// (v1 only)
+        #[arg(long, value_name = "N")]
+        spin: Option<NonZeroUsize>,
     },
 }
 
@@ -186,8 +193,13 @@ and serves until killed. Requests over 64 MiB are reset, as gaspard does by
 default. It has no read timeout and does not drain bytes sent after a v1
 request: it is a yardstick, not a server to deploy.
 
-Example:
-  gaspar-bench serve-baseline --port 0";
+Examples:
+  gaspar-bench serve-baseline --port 0
+
+  # The in-process limit for gaspard --handler libspin.so --workers 2
+  gaspar-bench serve-baseline --port 10124 --spin 2 &
+  echo -n 1000 > spin.txt
+  gaspar-bench 127.0.0.1:10124 -c 8 -d 5 --payload-file spin.txt --expect ok";
 
 /// What the command line asks for.
 pub enum Action {
@@ -220,12 +232,16 @@ impl Cli {
     /// The action asked for, validated; reads the payload and expected files.
     pub fn action(self) -> Result<Action, CliError> {
         match self.command {
-            Some(Command::ServeBaseline { port, bind, window }) => {
-                Ok(Action::Serve(baseline::Options {
-                    listen: SocketAddr::new(bind, port),
-                    window,
-                }))
-            }
+            Some(Command::ServeBaseline {
+                port,
+                bind,
+                window,
+                spin,
+            }) => Ok(Action::Serve(baseline::Options {
+                listen: SocketAddr::new(bind, port),
+                window,
+                spin_threads: spin.map(NonZeroUsize::get),
+            })),
             None => {
                 let json = self.run.json;
                 Ok(Action::Run {
@@ -385,6 +401,13 @@ mod tests {
         };
         assert_eq!(options.listen, "127.0.0.1:0".parse().unwrap());
         assert_eq!(options.window, 128);
+        assert_eq!(options.spin_threads, None);
+        let cli = parse(&["serve-baseline", "--spin", "2"]).unwrap();
+        let Ok(Action::Serve(options)) = cli.action() else {
+            panic!("not serve-baseline")
+        };
+        assert_eq!(options.spin_threads, Some(2));
+        assert!(parse(&["serve-baseline", "--spin", "0"]).is_err());
     }
 
     #[test]

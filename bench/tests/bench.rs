@@ -245,6 +245,56 @@ fn large_payloads_survive_partial_reads_and_writes() {
         assert_eq!(report["ok"], 24, "{report}");
         assert_eq!(report["payload_bytes_total"], 24 * 2 * 3 * 1024 * 1024);
     }
+    // Bodies of other sizes on the same server: the buffers the earlier ones
+    // left are reused where they fit, and replies are still exactly echoes.
+    for size in ["100K", "5M", "70K", "2M"] {
+        let report = bench(&[
+            &server.addr,
+            "-n",
+            "12",
+            "-c",
+            "4",
+            "--size",
+            size,
+            "--check",
+            "--json",
+        ])
+        .assert_success()
+        .json();
+        assert_eq!(report["ok"], 12, "{size}: {report}");
+    }
+}
+
+#[test]
+fn the_spin_pool_answers_as_libspin_does() {
+    let server = Baseline::start(&["--spin", "2"]);
+    let dir = std::env::temp_dir().join(format!("gaspar-bench-spin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.txt");
+    std::fs::write(&good, b"50").unwrap();
+    let bad = dir.join("bad.txt");
+    std::fs::write(&bad, b"50 ms").unwrap();
+    let run = |file: &std::path::Path| {
+        bench(&[
+            &server.addr,
+            "-n",
+            "40",
+            "-c",
+            "8",
+            "--payload-file",
+            file.to_str().unwrap(),
+            "--expect",
+            "ok",
+            "--json",
+        ])
+    };
+    let report = run(&good).assert_success().json();
+    assert_eq!(report["ok"], 40, "{report}");
+    // A request libspin.so would refuse is reset, as gaspard fails it.
+    let failed = run(&bad);
+    assert_eq!(failed.status.code(), Some(3), "{}", failed.stderr);
+    assert_eq!(errors_of(&failed.json(), "reset"), 40);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
