@@ -701,3 +701,130 @@ pub fn run_gaspard_with_env<S: AsRef<std::ffi::OsStr>>(
     let _ = err_thread.join();
     (status, out.lines().join("\n"), err.lines().join("\n"))
 }
+
+/// How long a worker host may take to check its handler and start its
+/// workers on a busy machine; only a failing test waits this long.
+const HOST_START: Duration = Duration::from_secs(60);
+
+/// A worker host process (`gaspard worker --connect`), killed with its
+/// workers when dropped.
+pub struct WorkerHost {
+    child: Child,
+    pub log: Log,
+    runtime_parent: tempfile::TempDir,
+}
+
+impl WorkerHost {
+    /// Starts `gaspard worker --connect ENDPOINT --handler libNAME.so ARGS`,
+    /// logging at debug level into [`Self::log`], in a runtime directory of
+    /// its own.
+    pub fn start(endpoint: &str, handler_name: &str, args: &[&str]) -> WorkerHost {
+        WorkerHost::start_with(Command::new(gaspard_bin()), endpoint, handler_name, args)
+    }
+
+    /// Like [`Self::start`], through `command`: gaspard itself, or a command
+    /// that runs it (`ip netns exec NS gaspard`).
+    pub fn start_with(
+        mut command: Command,
+        endpoint: &str,
+        handler_name: &str,
+        args: &[&str],
+    ) -> WorkerHost {
+        let runtime_parent = tempfile::tempdir().expect("temporary directory");
+        let mut child = command
+            .args(["worker", "--connect", endpoint, "--handler"])
+            .arg(handler(handler_name))
+            .args(["--log-level", "debug", "--runtime-dir"])
+            .arg(runtime_parent.path())
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start gaspard worker");
+        let log = Log::default();
+        log.clone().collect(child.stderr.take().unwrap());
+        WorkerHost {
+            child,
+            log,
+            runtime_parent,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child, not reaped yet.
+        unsafe { libc::kill(self.pid(), signal) };
+    }
+
+    /// Its worker processes, once there are exactly `n` (fails the test if
+    /// that takes longer than a start may).
+    pub fn workers(&self, n: usize) -> Vec<i32> {
+        let deadline = Instant::now() + HOST_START;
+        loop {
+            let workers = children_of(self.pid());
+            if workers.len() == n {
+                return workers;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} workers, have {workers:?}\n{}",
+                self.log.lines().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (up to 20 s) for a log line containing `needle`.
+    pub fn expect_log(&self, needle: &str) -> String {
+        self.log
+            .wait_for(needle, Duration::from_secs(20))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no log line contains {needle:?}:\n{}",
+                    self.log.lines().join("\n")
+                )
+            })
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the host") {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// What is left in its runtime directory's parent.
+    pub fn runtime_leftovers(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.runtime_parent.path())
+            .expect("read the runtime parent")
+            .flatten()
+            .map(|entry| entry.path())
+            .collect()
+    }
+}
+
+impl Drop for WorkerHost {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let workers = children_of(self.pid());
+            for &worker in &workers {
+                // SAFETY: kill(2) on a worker of our child.
+                unsafe { libc::kill(worker, libc::SIGKILL) };
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            wait_gone(&workers, Duration::from_secs(5));
+        }
+    }
+}

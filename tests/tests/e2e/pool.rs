@@ -2,87 +2,12 @@
 //! hosts (`gaspard worker --connect`) as separate processes.
 
 use gaspard_tests::{
-    children_of, gaspard_bin, handler, is_alive, is_reset, request, start, wait_gone, Daemon, Log,
+    children_of, gaspard_bin, handler, is_alive, is_reset, request, start, wait_gone, Daemon,
+    WorkerHost,
 };
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// A worker host process, killed (with its workers) when dropped.
-struct Host {
-    child: Child,
-    log: Log,
-    _runtime_parent: tempfile::TempDir,
-}
-
-impl Host {
-    fn start(endpoint: &str, handler_name: &str, workers: usize, extra: &[&str]) -> Host {
-        Host::start_with(
-            Command::new(gaspard_bin()),
-            endpoint,
-            handler_name,
-            workers,
-            extra,
-        )
-    }
-
-    /// Starts it with `command`: gaspard, or what runs it (`ip netns exec NS
-    /// gaspard`).
-    fn start_with(
-        mut command: Command,
-        endpoint: &str,
-        handler_name: &str,
-        workers: usize,
-        extra: &[&str],
-    ) -> Host {
-        let runtime_parent = tempfile::tempdir().unwrap();
-        let mut child = command
-            .args(["worker", "--connect", endpoint, "--handler"])
-            .arg(handler(handler_name))
-            .args(["--workers", &workers.to_string(), "--log-level", "debug"])
-            .arg("--runtime-dir")
-            .arg(runtime_parent.path())
-            .args(extra)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start gaspard worker");
-        let log = Log::default();
-        log.clone().collect(child.stderr.take().unwrap());
-        Host {
-            child,
-            log,
-            _runtime_parent: runtime_parent,
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// Its worker processes, once `n` are up.
-    fn workers(&self, n: usize) -> Vec<i32> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let workers = children_of(self.pid());
-            if workers.len() >= n || Instant::now() > deadline {
-                return workers;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let workers = children_of(self.pid());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        wait_gone(&workers, Duration::from_secs(5));
-    }
-}
 
 /// The endpoint a daemon's pool listens on, from its log.
 fn pool_endpoint(daemon: &Daemon) -> String {
@@ -143,7 +68,7 @@ fn a_daemon_without_workers_of_its_own_serves_through_a_worker_host() {
         is_reset(&daemon.request(b"early")),
         "refused without a host"
     );
-    let host = Host::start(&endpoint, "echo", 2, &[]);
+    let host = WorkerHost::start(&endpoint, "echo", &["--workers", "2"]);
     wait_joined(&daemon, 1);
     let line = daemon.expect_log("joined");
     assert!(
@@ -169,10 +94,9 @@ fn a_remote_worker_killed_costs_exactly_its_request_and_is_replaced() {
         "spin",
         &["--workers", "0", "--pool-listen", "tcp://127.0.0.1:*"],
     );
-    let host = Host::start(&pool_endpoint(&daemon), "spin", 2, &[]);
+    let host = WorkerHost::start(&pool_endpoint(&daemon), "spin", &["--workers", "2"]);
     wait_joined(&daemon, 1);
     let workers = host.workers(2);
-    assert_eq!(workers.len(), 2, "two workers on the host");
     // Credit: wait until both workers are ready (a short request each).
     assert_eq!(daemon.request(b"1000").unwrap(), b"ok");
     let long = [spin(daemon.addr, 3_000_000), spin(daemon.addr, 3_000_000)];
@@ -212,7 +136,7 @@ fn a_killed_worker_host_costs_its_requests_within_the_heartbeat_timeout() {
             "1",
         ],
     );
-    let host = Host::start(&pool_endpoint(&daemon), "spin", 2, &[]);
+    let host = WorkerHost::start(&pool_endpoint(&daemon), "spin", &["--workers", "2"]);
     wait_joined(&daemon, 1);
     // Three long requests: the local worker takes one (its credit is 1
     // until it has timed a call), the host the other two.
@@ -261,7 +185,7 @@ fn worker_hosts_rejoin_a_restarted_daemon_by_themselves() {
         "1",
     ];
     let mut daemon = start("echo", &args);
-    let host = Host::start(&endpoint, "echo", 1, &[]);
+    let host = WorkerHost::start(&endpoint, "echo", &["--workers", "1"]);
     wait_joined(&daemon, 1);
     assert_eq!(daemon.request(b"before").unwrap(), b"before");
     daemon.signal(libc::SIGTERM);
@@ -321,11 +245,17 @@ fn with_curve_only_authorized_hosts_join_and_a_refused_key_is_logged_once() {
         ],
     );
     let endpoint = pool_endpoint(&daemon);
-    let bad = Host::start(
+    let bad = WorkerHost::start(
         &endpoint,
         "echo",
-        1,
-        &["--key", &bad_key, "--server-key", &daemon_pub],
+        &[
+            "--workers",
+            "1",
+            "--key",
+            &bad_key,
+            "--server-key",
+            &daemon_pub,
+        ],
     );
     let bad_public = std::fs::read_to_string(&bad_pub).unwrap();
     let bad_public = bad_public.split_whitespace().next().unwrap();
@@ -335,11 +265,17 @@ fn with_curve_only_authorized_hosts_join_and_a_refused_key_is_logged_once() {
     assert!(is_reset(&daemon.request(b"nobody")));
     assert_eq!(joined(&daemon), 0);
 
-    let _good = Host::start(
+    let _good = WorkerHost::start(
         &endpoint,
         "echo",
-        1,
-        &["--key", &good_key, "--server-key", &daemon_pub],
+        &[
+            "--workers",
+            "1",
+            "--key",
+            &good_key,
+            "--server-key",
+            &daemon_pub,
+        ],
     );
     wait_joined(&daemon, 1);
     assert_eq!(daemon.request(b"sealed").unwrap(), b"sealed");
@@ -359,56 +295,40 @@ fn with_curve_only_authorized_hosts_join_and_a_refused_key_is_logged_once() {
 }
 
 #[test]
-fn a_pool_on_a_public_address_without_keys_is_refused_unless_insecure() {
-    let (status, _out, err) = gaspard_tests::run_gaspard(&[
-        "--handler",
-        handler("echo").to_str().unwrap(),
-        "--check",
-        "--pool-listen",
-        "tcp://0.0.0.0:10124",
-    ]);
-    assert_eq!(status.and_then(|s| s.code()), Some(2), "{err}");
+fn the_pools_flags_and_key_files_are_checked_before_anything_is_served() {
+    // `gaspard --check` with these flags: its exit status and stderr.
+    let check = |flags: &[&str]| {
+        let echo = handler("echo");
+        let args = [&["--handler", echo.to_str().unwrap(), "--check"], flags].concat();
+        let (status, _out, err) = gaspard_tests::run_gaspard(&args);
+        (status.and_then(|s| s.code()), err)
+    };
+    let (code, err) = check(&["--pool-listen", "tcp://0.0.0.0:10124"]);
+    assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--pool-insecure"), "{err}");
-    let (status, _out, err) = gaspard_tests::run_gaspard(&[
-        "--handler",
-        handler("echo").to_str().unwrap(),
-        "--check",
-        "--workers",
-        "0",
-    ]);
-    assert_eq!(status.and_then(|s| s.code()), Some(2), "{err}");
+    let (code, err) = check(&["--workers", "0"]);
+    assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--workers 0 needs --pool-listen"), "{err}");
-    // --check reads the key files as the daemon would.
+
+    // The key files are read as the daemon would.
     let dir = tempfile::tempdir().unwrap();
     let (key, public) = keygen(dir.path(), "daemon");
-    std::fs::write(dir.path().join("authorized"), "not-a-key\n").unwrap();
     let authorized = dir.path().join("authorized");
-    let (status, _out, err) = gaspard_tests::run_gaspard(&[
-        "--handler",
-        handler("echo").to_str().unwrap(),
-        "--check",
+    std::fs::write(&authorized, "not-a-key\n").unwrap();
+    let with_keys = [
         "--pool-listen",
         "tcp://0.0.0.0:10124",
         "--pool-key",
         &key,
         "--pool-authorized",
         authorized.to_str().unwrap(),
-    ]);
-    assert_eq!(status.and_then(|s| s.code()), Some(1), "{err}");
+    ];
+    let (code, err) = check(&with_keys);
+    assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("authorized, line 1"), "{err}");
     std::fs::copy(&public, &authorized).unwrap();
-    let (status, _out, err) = gaspard_tests::run_gaspard(&[
-        "--handler",
-        handler("echo").to_str().unwrap(),
-        "--check",
-        "--pool-listen",
-        "tcp://0.0.0.0:10124",
-        "--pool-key",
-        &key,
-        "--pool-authorized",
-        authorized.to_str().unwrap(),
-    ]);
-    assert_eq!(status.and_then(|s| s.code()), Some(0), "{err}");
+    let (code, err) = check(&with_keys);
+    assert_eq!(code, Some(0), "{err}");
 }
 
 /// Two network namespaces joined by a veth pair, on addresses of
@@ -547,7 +467,7 @@ fn across_a_real_network_a_cut_link_costs_the_held_requests_and_the_host_rejoins
     .unwrap_or_else(|(status, log)| panic!("{status:?}\n{}", log.lines().join("\n")));
     let mut in_host_ns = Network::exec_in(&network.host_ns);
     in_host_ns.arg(gaspard_bin());
-    let host = Host::start_with(in_host_ns, &pool, "spin", 2, &[]);
+    let host = WorkerHost::start_with(in_host_ns, &pool, "spin", &["--workers", "2"]);
     wait_joined(&daemon, 1);
     let addr = daemon.addr;
     assert_eq!(

@@ -7,9 +7,9 @@
 // Links the libzmq with CURVE that the zmq crate's calls resolve to.
 use libzmq_curve as _;
 
-use gaspard_tests::{children_of, gaspard_bin, handler, run_gaspard, wait_gone, Log};
+use gaspard_tests::{children_of, handler, run_gaspard, wait_gone, WorkerHost};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+
 use std::time::{Duration, Instant};
 
 /// Long enough for a host to check its handler and start its workers on a
@@ -208,7 +208,7 @@ impl FakeDaemon {
     /// nothing came.
     fn expect(
         &mut self,
-        host: &Host,
+        host: &WorkerHost,
         what: &str,
         timeout: Duration,
         wanted: impl Fn(&FromHost) -> bool,
@@ -232,7 +232,7 @@ impl FakeDaemon {
     }
 
     /// Waits for a Hello and welcomes its sender: its routing id.
-    fn accept(&mut self, host: &Host, heartbeat_ms: u32) -> Vec<u8> {
+    fn accept(&mut self, host: &WorkerHost, heartbeat_ms: u32) -> Vec<u8> {
         let (peer, hello) = self.expect(host, "Hello", START, |m| {
             matches!(m, FromHost::Hello { .. })
         });
@@ -252,107 +252,6 @@ impl FakeDaemon {
     }
 }
 
-/// A worker host process, killed with its workers when dropped.
-struct Host {
-    child: Child,
-    log: Log,
-    runtime_parent: tempfile::TempDir,
-}
-
-impl Host {
-    fn start(endpoint: &str, args: &[&str]) -> Host {
-        let runtime_parent = tempfile::tempdir().unwrap();
-        let mut child = Command::new(gaspard_bin())
-            .args(["worker", "--connect", endpoint, "--handler"])
-            .arg(handler("fault"))
-            .args(["--log-level", "debug", "--runtime-dir"])
-            .arg(runtime_parent.path())
-            .args(args)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start gaspard worker");
-        let log = Log::default();
-        log.clone().collect(child.stderr.take().unwrap());
-        Host {
-            child,
-            log,
-            runtime_parent,
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) on our own child, not reaped yet.
-        unsafe { libc::kill(self.pid(), signal) };
-    }
-
-    /// Its worker processes, once there are `n`.
-    fn workers(&self, n: usize) -> Vec<i32> {
-        let deadline = Instant::now() + START;
-        loop {
-            let workers = children_of(self.pid());
-            if workers.len() == n {
-                return workers;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "expected {n} workers, have {workers:?}\n{}",
-                self.log.lines().join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn expect_log(&self, needle: &str) -> String {
-        self.log.wait_for(needle, SOON).unwrap_or_else(|| {
-            panic!(
-                "no log line contains {needle:?}:\n{}",
-                self.log.lines().join("\n")
-            )
-        })
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn runtime_leftovers(&self) -> Vec<std::path::PathBuf> {
-        std::fs::read_dir(self.runtime_parent.path())
-            .unwrap()
-            .flatten()
-            .map(|entry| entry.path())
-            .collect()
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            for worker in children_of(self.pid()) {
-                // SAFETY: kill(2) on a worker of our child.
-                unsafe { libc::kill(worker, libc::SIGKILL) };
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// Whether `pid` is in nanosleep (the fault handler's `sleep:MS`), rather
 /// than waiting for a request.
 fn sleeping(pid: i32) -> bool {
@@ -365,8 +264,9 @@ fn sleeping(pid: i32) -> bool {
 #[test]
 fn a_host_says_hello_runs_requests_and_reports_a_lost_worker_exactly() {
     let mut daemon = FakeDaemon::bind();
-    let host = Host::start(
+    let host = WorkerHost::start(
         &daemon.endpoint,
+        "fault",
         &["--workers", "1", "--credit-per-worker", "2"],
     );
     let (peer, hello) = daemon.expect(&host, "Hello", START, |m| {
@@ -487,7 +387,7 @@ fn a_host_says_hello_runs_requests_and_reports_a_lost_worker_exactly() {
 #[test]
 fn a_silent_or_forgetful_daemon_gets_a_new_session_and_no_stale_reply() {
     let mut daemon = FakeDaemon::bind();
-    let host = Host::start(&daemon.endpoint, &["--workers", "1"]);
+    let host = WorkerHost::start(&daemon.endpoint, "fault", &["--workers", "1"]);
     let first = daemon.accept(&host, 1000);
     // Held when the daemon falls silent: the daemon fails it, so its reply
     // must never come, in this session or the next.
@@ -565,7 +465,7 @@ fn a_silent_or_forgetful_daemon_gets_a_new_session_and_no_stale_reply() {
 #[test]
 fn a_host_answers_heartbeats_and_a_garbled_message_starts_a_new_session() {
     let mut daemon = FakeDaemon::bind();
-    let host = Host::start(&daemon.endpoint, &["--workers", "1"]);
+    let host = WorkerHost::start(&daemon.endpoint, "fault", &["--workers", "1"]);
     // Long enough that the test answers each heartbeat in time however
     // busy the machine is.
     let first = daemon.accept(&host, 1000);
@@ -596,7 +496,7 @@ fn a_host_answers_heartbeats_and_a_garbled_message_starts_a_new_session() {
 #[test]
 fn sigterm_says_leaving_finishes_what_it_holds_and_exits_cleanly() {
     let mut daemon = FakeDaemon::bind();
-    let mut host = Host::start(&daemon.endpoint, &["--workers", "2"]);
+    let mut host = WorkerHost::start(&daemon.endpoint, "fault", &["--workers", "2"]);
     let peer = daemon.accept(&host, 60_000);
     let workers = host.workers(2);
     daemon.send(
@@ -645,7 +545,7 @@ fn sigterm_says_leaving_finishes_what_it_holds_and_exits_cleanly() {
 #[test]
 fn a_second_sigterm_stops_at_once_and_fails_what_it_held() {
     let mut daemon = FakeDaemon::bind();
-    let mut host = Host::start(&daemon.endpoint, &["--workers", "1"]);
+    let mut host = WorkerHost::start(&daemon.endpoint, "fault", &["--workers", "1"]);
     let peer = daemon.accept(&host, 60_000);
     let workers = host.workers(1);
     daemon.send(
@@ -686,7 +586,7 @@ fn a_second_sigterm_stops_at_once_and_fails_what_it_held() {
 #[test]
 fn the_daemons_timeout_is_enforced_by_the_host() {
     let mut daemon = FakeDaemon::bind();
-    let host = Host::start(&daemon.endpoint, &["--workers", "1"]);
+    let host = WorkerHost::start(&daemon.endpoint, "fault", &["--workers", "1"]);
     let (peer, _) = daemon.expect(&host, "Hello", START, |m| {
         matches!(m, FromHost::Hello { .. })
     });
@@ -736,7 +636,7 @@ fn the_daemons_timeout_is_enforced_by_the_host() {
 #[test]
 fn sighup_reloads_the_hosts_workers_and_it_keeps_serving() {
     let mut daemon = FakeDaemon::bind();
-    let host = Host::start(&daemon.endpoint, &["--workers", "1"]);
+    let host = WorkerHost::start(&daemon.endpoint, "fault", &["--workers", "1"]);
     let peer = daemon.accept(&host, 60_000);
     let before = host.workers(1);
     host.signal(libc::SIGHUP);
@@ -769,7 +669,7 @@ fn sighup_reloads_the_hosts_workers_and_it_keeps_serving() {
 #[test]
 fn a_refused_host_exits_with_the_reason() {
     let mut daemon = FakeDaemon::bind();
-    let mut host = Host::start(&daemon.endpoint, &["--workers", "1"]);
+    let mut host = WorkerHost::start(&daemon.endpoint, "fault", &["--workers", "1"]);
     let (peer, _) = daemon.expect(&host, "Hello", START, |m| {
         matches!(m, FromHost::Hello { .. })
     });
@@ -812,8 +712,9 @@ fn with_curve_keys_only_the_right_daemon_hears_the_host() {
 
     let mut daemon = FakeDaemon::bind_with(curve_server);
     {
-        let host = Host::start(
+        let host = WorkerHost::start(
             &daemon.endpoint,
+            "fault",
             &[
                 "--workers",
                 "1",
@@ -846,8 +747,9 @@ fn with_curve_keys_only_the_right_daemon_hears_the_host() {
     // A host that expects another daemon's key never completes the
     // handshake: nothing it sends reaches this daemon.
     let mut daemon = FakeDaemon::bind_with(curve_server);
-    let host = Host::start(
+    let host = WorkerHost::start(
         &daemon.endpoint,
+        "fault",
         &[
             "--workers",
             "1",
@@ -868,7 +770,7 @@ fn with_curve_keys_only_the_right_daemon_hears_the_host() {
 
     // And a host without keys cannot talk to a CURVE daemon either.
     drop(host);
-    let host = Host::start(&daemon.endpoint, &["--workers", "1"]);
+    let host = WorkerHost::start(&daemon.endpoint, "fault", &["--workers", "1"]);
     host.expect_log("connecting to the daemon at");
     assert_eq!(
         daemon.recv(Duration::from_secs(4)),
