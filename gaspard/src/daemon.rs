@@ -347,9 +347,8 @@ impl Daemon {
             if self.answers.is_empty() {
                 return;
             }
-            for answer in self.answers.drain(..) {
-                self.clients.answer(answer, &mut self.workers);
-            }
+            self.clients
+                .answer_all(&mut self.answers, &mut self.workers);
         }
     }
 

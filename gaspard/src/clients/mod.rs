@@ -161,6 +161,10 @@ pub(crate) struct Clients {
     allow: Vec<Cidr>,
     /// A graceful stop is under way: sessions take no new requests.
     draining: bool,
+    /// Sessions that got answers in the batch at hand: each is moved along
+    /// once at the end of the batch ([`Self::answer_all`]), so that its
+    /// replies leave in one write, not one write each.
+    answered_sessions: Vec<usize>,
     scratch: Vec<u8>,
     /// When client deadlines were last checked.
     last_sweep: Instant,
@@ -197,6 +201,7 @@ impl Clients {
             limits,
             allow,
             draining: false,
+            answered_sessions: Vec::new(),
             scratch: vec![0; SCRATCH_LEN],
             last_sweep: Instant::now(),
             warnings: Warnings::default(),
@@ -393,9 +398,29 @@ impl Clients {
         self.drive(token.0 - CONN_BASE, readable, event.is_writable(), work);
     }
 
+    /// The workers are done with these requests (taken, in order): each
+    /// one's reply, or why it failed, or that it waits in the queue again.
+    /// Sessions are moved along once at the end, so that the replies a
+    /// session got in one batch leave in one write.
+    pub(crate) fn answer_all(&mut self, answers: &mut Vec<Answer>, work: &mut impl Requests) {
+        for answer in answers.drain(..) {
+            self.answer(answer, work);
+        }
+        let mut sessions = std::mem::take(&mut self.answered_sessions);
+        sessions.sort_unstable();
+        sessions.dedup();
+        for &key in &sessions {
+            self.pump_session(key, work);
+        }
+        sessions.clear();
+        // Kept, so that carrying answers allocates nothing once it has grown.
+        self.answered_sessions = sessions;
+    }
+
     /// The workers are done with a request: its reply, or why it failed, or
-    /// that it waits in the queue again.
-    pub(crate) fn answer(&mut self, answer: Answer, work: &mut impl Requests) {
+    /// that it waits in the queue again. A session's answer only completes
+    /// its request: [`Self::answer_all`] then moves the session along.
+    fn answer(&mut self, answer: Answer, work: &mut impl Requests) {
         match answer {
             Answer::Reply { client, id, reply } => self.deliver(client, id, reply, work),
             Answer::Failure {
@@ -610,7 +635,8 @@ impl Clients {
                 self.metrics.observe_latency(received, now);
                 self.metrics.request_ended(Outcome::ok);
             }
-            return self.pump_session(key, work);
+            self.answered_sessions.push(key);
+            return;
         }
         if let Some(received) = conn.received() {
             self.metrics.observe_latency(received, now);
@@ -648,7 +674,7 @@ impl Clients {
         if session.complete(id, status, Body::Text(reason)).is_some() {
             self.metrics.request_ended(outcome);
         }
-        self.pump_session(key, work);
+        self.answered_sessions.push(key);
     }
 
     /// Removes a connection: counts how its request ended, withdraws what
