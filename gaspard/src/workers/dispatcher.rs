@@ -638,10 +638,13 @@ impl Dispatcher {
     }
 
     /// The earliest deadline of a running request, for the loop's timeout.
+    /// Only the first request a worker holds runs, so only it is looked at
+    /// (as [`Self::expire`] does): this runs every loop turn, and a worker
+    /// may hold 64.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.workers
             .iter()
-            .flat_map(|load| &load.held)
+            .filter_map(|load| load.held.first())
             .filter_map(|id| match self.requests.get(id)?.place {
                 Place::Running { deadline, .. } => deadline,
                 Place::Queued(_) => None,
