@@ -503,6 +503,37 @@ impl Dispatcher {
         stuck
     }
 
+    /// Local workers whose running call has run [`SLOW_CALL`] with requests
+    /// behind it, or (with `deadlines`) whose running request is past its
+    /// deadline: replies they finished before it and have not announced
+    /// yet (`link.rs`) should be taken now rather than wait for that call.
+    pub(crate) fn in_long_calls(
+        &self,
+        now: Instant,
+        deadlines: bool,
+    ) -> impl Iterator<Item = usize> + '_ {
+        self.workers
+            .iter()
+            .enumerate()
+            .filter(move |(_, load)| {
+                let slow = load.held.len() > 1
+                    && load
+                        .busy_since
+                        .is_some_and(|since| now >= since + SLOW_CALL);
+                let overdue = || {
+                    deadlines
+                        && load.held.first().is_some_and(|id| {
+                            matches!(
+                                self.requests.get(id).map(|request| &request.place),
+                                Some(Place::Running { deadline: Some(at), .. }) if *at <= now
+                            )
+                        })
+                };
+                load.remote_credit.is_none() && (slow || overdue())
+            })
+            .map(|(slot, _)| slot)
+    }
+
     /// How many requests workers that are not stuck could take now.
     fn room_elsewhere(&self, now: Instant) -> usize {
         self.workers
