@@ -39,6 +39,12 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 const MAX_ACCEPT_ERRORS: u32 = 16;
 /// The loop-wide read buffer.
 const SCRATCH_LEN: usize = 64 * 1024;
+/// A connection whose request waits in the queue is watched (so that a
+/// client that leaves costs no worker time) once it has waited this long:
+/// most waits are shorter (at 256 echo clients, a few milliseconds), and
+/// registering each connection that waits at all cost an `epoll_ctl`, an
+/// event and a removal at close for half the requests.
+const WATCH_QUEUED_AFTER: Duration = Duration::from_millis(20);
 
 /// The limits a client is held to.
 #[derive(Debug, Clone, Copy)]
@@ -161,6 +167,10 @@ pub(crate) struct Clients {
     allow: Vec<Cidr>,
     /// A graceful stop is under way: sessions take no new requests.
     draining: bool,
+    /// Connections whose requests wait in the queue and are not watched
+    /// yet, with their request and since when, oldest first (see
+    /// [`WATCH_QUEUED_AFTER`]).
+    queued_unwatched: VecDeque<(usize, RequestId, Instant)>,
     /// Sessions that got answers in the batch at hand: each is moved along
     /// once at the end of the batch ([`Self::answer_all`]), so that its
     /// replies leave in one write, not one write each.
@@ -201,6 +211,7 @@ impl Clients {
             limits,
             allow,
             draining: false,
+            queued_unwatched: VecDeque::new(),
             answered_sessions: Vec::new(),
             scratch: vec![0; SCRATCH_LEN],
             last_sweep: Instant::now(),
@@ -440,10 +451,19 @@ impl Clients {
             Accepting::Paused(until) => until,
             _ => None,
         };
-        [paused_until, self.next_sweep(), self.warnings.next_flush()]
-            .into_iter()
-            .flatten()
-            .min()
+        let watch_queued = self
+            .queued_unwatched
+            .front()
+            .map(|&(_, _, since)| since + WATCH_QUEUED_AFTER);
+        [
+            paused_until,
+            self.next_sweep(),
+            self.warnings.next_flush(),
+            watch_queued,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Resumes a paused accept, resets clients past their deadline, and
@@ -455,7 +475,26 @@ impl Clients {
         if self.next_sweep().is_some_and(|at| now >= at) {
             self.sweep(now, work);
         }
+        self.watch_long_queued(now, work);
         self.warnings.flush(now);
+    }
+
+    /// Watches the connections whose requests have waited in the queue for
+    /// [`WATCH_QUEUED_AFTER`] and still do.
+    fn watch_long_queued(&mut self, now: Instant, work: &mut impl Requests) {
+        while let Some(&(key, id, since)) = self.queued_unwatched.front() {
+            if now < since + WATCH_QUEUED_AFTER {
+                return;
+            }
+            self.queued_unwatched.pop_front();
+            let waiting = self.conns.get(key).is_some_and(|conn| {
+                !conn.registered
+                    && matches!(conn.state(), State::Waiting(waiting) if *waiting == id)
+            });
+            if waiting && work.is_queued(id) {
+                self.register(key, work);
+            }
+        }
     }
 
     /// The end of a loop turn: bodies that waited for the budget are read
@@ -496,7 +535,8 @@ impl Clients {
     /// session. A one-shot request that went straight to a worker needs
     /// nothing until its reply, so most connections are never registered
     /// (one `epoll_ctl` less per request). One left waiting in the queue is
-    /// watched, so that a client that leaves meanwhile costs no worker time.
+    /// watched once it has waited [`WATCH_QUEUED_AFTER`], so that a client
+    /// that leaves meanwhile costs no worker time.
     fn watch(&mut self, key: usize, work: &mut impl Requests) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
@@ -505,10 +545,19 @@ impl Clients {
             return;
         }
         if let State::Waiting(id) = conn.state() {
-            if !work.is_queued(*id) {
-                return;
+            if work.is_queued(*id) {
+                self.queued_unwatched.push_back((key, *id, Instant::now()));
             }
+            return;
         }
+        self.register(key, work);
+    }
+
+    /// Registers a connection in the poll.
+    fn register(&mut self, key: usize, work: &mut impl Requests) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         // Both directions at once: edge-triggered, so no re-registering later;
         // what is ready already is reported at once.
         let token = Token(CONN_BASE + key);
