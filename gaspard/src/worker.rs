@@ -379,11 +379,11 @@ impl WorkerLink for LocalEnds<'_> {
         Ok(Incoming::Request(header))
     }
 
-    /// A reply to a quick call goes into the ring, and is announced with
-    /// those that follow it (see `link.rs`); any other frame is announced
-    /// what the ring holds first, so frames keep their order. A small frame
-    /// leaves in one `write`, so a worker that dies leaves at most the frame
-    /// it was writing torn.
+    /// A reply goes into the ring, and after a quick call is announced with
+    /// those that follow it (see `link.rs`); before any other frame, what
+    /// the ring holds is announced, so frames keep their order. A small
+    /// frame leaves in one `write`, so a worker that dies leaves at most the
+    /// frame it was writing torn.
     fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
         let head: &[u8; HEADER_LEN] = frame[..HEADER_LEN].try_into().expect("a whole header");
         let header = link::parse_header(head)?;
