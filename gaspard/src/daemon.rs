@@ -326,13 +326,14 @@ impl Daemon {
                 // before later events can close their clients.
                 self.answer_clients();
             }
-            // Replies first, and the freed workers' next requests at once:
-            // a worker must not idle while the rest of the batch (accepts,
-            // reads) is handled.
+            // The freed workers' next requests at once, then the replies: a
+            // worker must not idle while the replies of its batch are
+            // written to their clients, nor while the rest of the events
+            // (accepts, reads) are handled.
             token @ Token(LINK_BASE..WORKERS_END) => {
                 self.workers.on_link_event(token, event)?;
-                self.answer_clients();
                 crate::workers::Requests::dispatch(&mut self.workers);
+                self.answer_clients();
             }
             token @ Token(CONN_BASE..) => self.clients.on_event(token, event, &mut self.workers),
             Token(_) => {}
@@ -347,9 +348,8 @@ impl Daemon {
             if self.answers.is_empty() {
                 return;
             }
-            for answer in self.answers.drain(..) {
-                self.clients.answer(answer, &mut self.workers);
-            }
+            self.clients
+                .answer_all(&mut self.answers, &mut self.workers);
         }
     }
 

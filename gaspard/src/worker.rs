@@ -10,7 +10,7 @@
 use crate::plugin::Plugin;
 pub use crate::workers::args::{ArgsError, LinkArgs, WorkerArgs, WORKER_ARG};
 use crate::workers::claims::{Claims, Ticket};
-use crate::workers::link::{self, Header, Kind, HEADER_LEN};
+use crate::workers::link::{self, Header, Kind, RingWriter, HEADER_LEN};
 use crate::workers::zmq_link::{self, WorkerZmq, ZmqLinkError};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -196,6 +196,7 @@ fn serve(args: &WorkerArgs) -> Result<(), WorkerError> {
                 reader: BufReader::with_capacity(READ_BUFFER, &socket),
                 pipe: &pipe,
                 socket: &socket,
+                ring: RingWriter::new(claims.ring()),
             };
             serve_on(args, &claims, &mut link)
         }
@@ -221,8 +222,14 @@ enum Incoming {
 trait WorkerLink {
     /// The next request, its payload read into `payload` (reused).
     fn next(&mut self, payload: &mut Vec<u8>) -> Result<Incoming, WorkerError>;
-    /// Sends `frame`, a header and its body.
+    /// Sends `frame`, a header and its body. A reply may wait (in shared
+    /// memory) to leave with the next ones: see [`WorkerLink::flush`].
     fn send(&mut self, frame: &[u8]) -> std::io::Result<()>;
+    /// Announces the replies that wait, if any (also done before the link
+    /// waits for a request).
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn serve_on(
@@ -277,8 +284,10 @@ fn serve_on(
         let started = Instant::now();
         let outcome = plugin.handle(&payload, |len| reply_buffer(&mut spare, len));
         let micros = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
-        // Each reply leaves before the next request is claimed: if this
-        // worker dies, its claims tell the daemon which one was running.
+        // Each reply leaves (or, on the local link, is in the shared reply
+        // ring) before the next request is claimed: if this worker dies, its
+        // claims tell the daemon which one was running, and it has every
+        // reply finished before.
         match outcome {
             Ok(Some(ReplyBuffer(mut reply))) => {
                 let len = reply.len() - HEADER_LEN;
@@ -305,6 +314,7 @@ fn serve_on(
         }
     }
     log::debug!("worker {}: stopping", args.incarnation);
+    link.flush()?;
     drop(plugin);
     Ok(())
 }
@@ -316,17 +326,43 @@ fn send(link: &mut impl WorkerLink, kind: Kind, value: u64, body: &[u8]) -> std:
     link.send(&frame)
 }
 
-/// A worker's end of a local link: requests on the socket; frames go on the
-/// pipe, except that a body larger than [`link::MAX_PIPED_BODY`] follows its
-/// header on the socket (`link.rs`).
+/// A worker's end of a local link: requests on the socket; replies go into
+/// the reply ring and are announced on the pipe in batches, other frames go
+/// on the pipe, except that a body larger than [`link::MAX_PIPED_BODY`]
+/// follows its header on the socket (`link.rs`).
 struct LocalEnds<'a> {
     reader: BufReader<&'a UnixStream>,
     pipe: &'a File,
     socket: &'a UnixStream,
+    ring: RingWriter<'a>,
+}
+
+impl LocalEnds<'_> {
+    /// Whether a whole request is in the read buffer: the next one runs
+    /// without waiting for the daemon.
+    fn request_buffered(&self) -> bool {
+        let buffered = self.reader.buffer();
+        buffered.len() >= HEADER_LEN && {
+            let len = u32::from_le_bytes(buffered[4..8].try_into().expect("4 bytes"));
+            buffered.len() - HEADER_LEN >= len as usize
+        }
+    }
+
+    /// Announces what the ring holds unannounced, in one write.
+    fn announce(&mut self) -> std::io::Result<()> {
+        match self.ring.announcement() {
+            Some(frame) => self.pipe.write_all(&frame),
+            None => Ok(()),
+        }
+    }
 }
 
 impl WorkerLink for LocalEnds<'_> {
     fn next(&mut self, payload: &mut Vec<u8>) -> Result<Incoming, WorkerError> {
+        // Nothing left to run without waiting: the replies go now.
+        if !self.request_buffered() {
+            self.announce()?;
+        }
         match self.reader.fill_buf() {
             Ok([]) => return Ok(Incoming::Closed),
             Ok(_) => {}
@@ -343,9 +379,25 @@ impl WorkerLink for LocalEnds<'_> {
         Ok(Incoming::Request(header))
     }
 
-    /// A small frame leaves in one `write`, so a worker that dies leaves at
-    /// most the frame it was writing torn.
+    /// A reply goes into the ring, and after a quick call is announced with
+    /// those that follow it (see `link.rs`); before any other frame, what
+    /// the ring holds is announced, so frames keep their order. A small
+    /// frame leaves in one `write`, so a worker that dies leaves at most the
+    /// frame it was writing torn.
     fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        let head: &[u8; HEADER_LEN] = frame[..HEADER_LEN].try_into().expect("a whole header");
+        let header = link::parse_header(head)?;
+        if matches!(header.kind, Kind::Reply | Kind::Failed) {
+            let now = Instant::now();
+            if self.ring.push(frame, now) {
+                let quick = u128::from(header.extra) < link::QUICK_CALL.as_micros();
+                if !quick || self.ring.overdue(now) {
+                    self.announce()?;
+                }
+                return Ok(());
+            }
+        }
+        self.announce()?;
         let (mut pipe, mut socket) = (self.pipe, self.socket);
         let (header, body) = frame.split_at(HEADER_LEN);
         if body.len() <= link::MAX_PIPED_BODY {
@@ -353,6 +405,10 @@ impl WorkerLink for LocalEnds<'_> {
         }
         pipe.write_all(header)?;
         socket.write_all(body)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.announce()
     }
 }
 

@@ -39,6 +39,12 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 const MAX_ACCEPT_ERRORS: u32 = 16;
 /// The loop-wide read buffer.
 const SCRATCH_LEN: usize = 64 * 1024;
+/// A connection whose request waits in the queue is watched (so that a
+/// client that leaves costs no worker time) once it has waited this long:
+/// most waits are shorter (at 256 echo clients, a few milliseconds), and
+/// registering each connection that waits at all cost an `epoll_ctl`, an
+/// event and a removal at close for half the requests.
+const WATCH_QUEUED_AFTER: Duration = Duration::from_millis(20);
 
 /// The limits a client is held to.
 #[derive(Debug, Clone, Copy)]
@@ -161,6 +167,14 @@ pub(crate) struct Clients {
     allow: Vec<Cidr>,
     /// A graceful stop is under way: sessions take no new requests.
     draining: bool,
+    /// Connections whose requests wait in the queue and are not watched
+    /// yet, with their request and since when, oldest first (see
+    /// [`WATCH_QUEUED_AFTER`]).
+    queued_unwatched: VecDeque<(usize, RequestId, Instant)>,
+    /// Sessions that got answers in the batch at hand: each is moved along
+    /// once at the end of the batch ([`Self::answer_all`]), so that its
+    /// replies leave in one write, not one write each.
+    answered_sessions: Vec<usize>,
     scratch: Vec<u8>,
     /// When client deadlines were last checked.
     last_sweep: Instant,
@@ -197,6 +211,8 @@ impl Clients {
             limits,
             allow,
             draining: false,
+            queued_unwatched: VecDeque::new(),
+            answered_sessions: Vec::new(),
             scratch: vec![0; SCRATCH_LEN],
             last_sweep: Instant::now(),
             warnings: Warnings::default(),
@@ -393,9 +409,29 @@ impl Clients {
         self.drive(token.0 - CONN_BASE, readable, event.is_writable(), work);
     }
 
+    /// The workers are done with these requests (taken, in order): each
+    /// one's reply, or why it failed, or that it waits in the queue again.
+    /// Sessions are moved along once at the end, so that the replies a
+    /// session got in one batch leave in one write.
+    pub(crate) fn answer_all(&mut self, answers: &mut Vec<Answer>, work: &mut impl Requests) {
+        for answer in answers.drain(..) {
+            self.answer(answer, work);
+        }
+        let mut sessions = std::mem::take(&mut self.answered_sessions);
+        sessions.sort_unstable();
+        sessions.dedup();
+        for &key in &sessions {
+            self.pump_session(key, work);
+        }
+        sessions.clear();
+        // Kept, so that carrying answers allocates nothing once it has grown.
+        self.answered_sessions = sessions;
+    }
+
     /// The workers are done with a request: its reply, or why it failed, or
-    /// that it waits in the queue again.
-    pub(crate) fn answer(&mut self, answer: Answer, work: &mut impl Requests) {
+    /// that it waits in the queue again. A session's answer only completes
+    /// its request: [`Self::answer_all`] then moves the session along.
+    fn answer(&mut self, answer: Answer, work: &mut impl Requests) {
         match answer {
             Answer::Reply { client, id, reply } => self.deliver(client, id, reply, work),
             Answer::Failure {
@@ -415,10 +451,19 @@ impl Clients {
             Accepting::Paused(until) => until,
             _ => None,
         };
-        [paused_until, self.next_sweep(), self.warnings.next_flush()]
-            .into_iter()
-            .flatten()
-            .min()
+        let watch_queued = self
+            .queued_unwatched
+            .front()
+            .map(|&(_, _, since)| since + WATCH_QUEUED_AFTER);
+        [
+            paused_until,
+            self.next_sweep(),
+            self.warnings.next_flush(),
+            watch_queued,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Resumes a paused accept, resets clients past their deadline, and
@@ -430,7 +475,26 @@ impl Clients {
         if self.next_sweep().is_some_and(|at| now >= at) {
             self.sweep(now, work);
         }
+        self.watch_long_queued(now, work);
         self.warnings.flush(now);
+    }
+
+    /// Watches the connections whose requests have waited in the queue for
+    /// [`WATCH_QUEUED_AFTER`] and still do.
+    fn watch_long_queued(&mut self, now: Instant, work: &mut impl Requests) {
+        while let Some(&(key, id, since)) = self.queued_unwatched.front() {
+            if now < since + WATCH_QUEUED_AFTER {
+                return;
+            }
+            self.queued_unwatched.pop_front();
+            let waiting = self.conns.get(key).is_some_and(|conn| {
+                !conn.registered
+                    && matches!(conn.state(), State::Waiting(waiting) if *waiting == id)
+            });
+            if waiting && work.is_queued(id) {
+                self.register(key, work);
+            }
+        }
     }
 
     /// The end of a loop turn: bodies that waited for the budget are read
@@ -471,7 +535,8 @@ impl Clients {
     /// session. A one-shot request that went straight to a worker needs
     /// nothing until its reply, so most connections are never registered
     /// (one `epoll_ctl` less per request). One left waiting in the queue is
-    /// watched, so that a client that leaves meanwhile costs no worker time.
+    /// watched once it has waited [`WATCH_QUEUED_AFTER`], so that a client
+    /// that leaves meanwhile costs no worker time.
     fn watch(&mut self, key: usize, work: &mut impl Requests) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
@@ -480,10 +545,19 @@ impl Clients {
             return;
         }
         if let State::Waiting(id) = conn.state() {
-            if !work.is_queued(*id) {
-                return;
+            if work.is_queued(*id) {
+                self.queued_unwatched.push_back((key, *id, Instant::now()));
             }
+            return;
         }
+        self.register(key, work);
+    }
+
+    /// Registers a connection in the poll.
+    fn register(&mut self, key: usize, work: &mut impl Requests) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         // Both directions at once: edge-triggered, so no re-registering later;
         // what is ready already is reported at once.
         let token = Token(CONN_BASE + key);
@@ -610,7 +684,8 @@ impl Clients {
                 self.metrics.observe_latency(received, now);
                 self.metrics.request_ended(Outcome::ok);
             }
-            return self.pump_session(key, work);
+            self.answered_sessions.push(key);
+            return;
         }
         if let Some(received) = conn.received() {
             self.metrics.observe_latency(received, now);
@@ -648,7 +723,7 @@ impl Clients {
         if session.complete(id, status, Body::Text(reason)).is_some() {
             self.metrics.request_ended(outcome);
         }
-        self.pump_session(key, work);
+        self.answered_sessions.push(key);
     }
 
     /// Removes a connection: counts how its request ended, withdraws what

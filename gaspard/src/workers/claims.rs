@@ -21,7 +21,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Words per worker: as many as the most requests a worker may hold.
 pub const ENTRIES: usize = 64;
-const BYTES: usize = ENTRIES * std::mem::size_of::<u64>();
+/// Where the ring's positions are: bytes written (the worker's), bytes taken
+/// (the daemon's), each on a cache line of its own, after the claim words.
+const HEAD_AT: usize = 512;
+const TAIL_AT: usize = 576;
+const _: () = assert!(ENTRIES * std::mem::size_of::<u64>() <= HEAD_AT);
+/// Where the ring's bytes start: the second page.
+const RING_AT: usize = 4096;
+/// The ring's size. Its pages are only taken once written.
+pub const RING_LEN: usize = 128 * 1024;
+const BYTES: usize = RING_AT + RING_LEN;
 
 const STAGED: u64 = 1;
 const STARTED: u64 = 2;
@@ -111,6 +120,21 @@ impl Claims {
         Ok(Claims { base: base.cast() })
     }
 
+    /// The reply ring in this memory.
+    pub fn ring(&self) -> Ring<'_> {
+        Ring { claims: self }
+    }
+
+    /// The u64 at byte `at` (a multiple of 8, below [`RING_AT`]).
+    fn atomic_at(&self, at: usize) -> &AtomicU64 {
+        assert!(at % 8 == 0 && at < RING_AT, "offset {at} is not a word");
+        // SAFETY: the mapping is page-aligned and `BYTES` long, so `at`
+        // (checked above) is an aligned u64 inside it; AtomicU64 has u64's
+        // layout; it lives as long as `self`; other processes touch it only
+        // through atomic operations.
+        unsafe { &*self.base.as_ptr().cast::<u8>().add(at).cast::<AtomicU64>() }
+    }
+
     fn word(&self, entry: usize) -> &AtomicU64 {
         assert!(entry < ENTRIES, "claim entry {entry} out of range");
         // SAFETY: the mapping is page-aligned and `BYTES` long, so entry
@@ -162,9 +186,105 @@ impl Drop for Claims {
     }
 }
 
+/// The reply ring: [`RING_LEN`] bytes that the worker writes at its head
+/// and the daemon reads at its tail, both counted in bytes since the start
+/// (never wrapping in practice). Only the worker moves the head and only
+/// the daemon the tail; each keeps its own position and publishes it, and
+/// the daemon never trusts what the worker publishes beyond checking it
+/// (`link.rs`): the bytes it copies out are untrusted like any frame.
+pub struct Ring<'a> {
+    claims: &'a Claims,
+}
+
+impl Ring<'_> {
+    /// How far the worker has written.
+    pub fn head(&self) -> u64 {
+        self.claims.atomic_at(HEAD_AT).load(Ordering::Acquire)
+    }
+
+    /// The worker: bytes up to `head` are written.
+    pub fn publish_head(&self, head: u64) {
+        self.claims
+            .atomic_at(HEAD_AT)
+            .store(head, Ordering::Release);
+    }
+
+    /// How far the daemon has read.
+    pub fn tail(&self) -> u64 {
+        self.claims.atomic_at(TAIL_AT).load(Ordering::Acquire)
+    }
+
+    /// The daemon: bytes up to `tail` are read, and may be written again.
+    pub fn publish_tail(&self, tail: u64) {
+        self.claims
+            .atomic_at(TAIL_AT)
+            .store(tail, Ordering::Release);
+    }
+
+    /// The ring's byte pointer for position `at`, and how many bytes follow
+    /// it before the ring wraps.
+    fn span(&self, at: u64) -> (*mut u8, usize) {
+        let offset = (at % RING_LEN as u64) as usize;
+        // SAFETY: RING_AT + offset < BYTES: inside the mapping.
+        let ptr = unsafe { self.claims.base.as_ptr().cast::<u8>().add(RING_AT + offset) };
+        (ptr, RING_LEN - offset)
+    }
+
+    /// Copies `bytes` (at most [`RING_LEN`]) into the ring at position `at`.
+    pub fn write(&self, at: u64, bytes: &[u8]) {
+        assert!(bytes.len() <= RING_LEN, "more than the ring holds");
+        let (ptr, room) = self.span(at);
+        let first = bytes.len().min(room);
+        // SAFETY: `ptr` has `room` bytes of the mapping after it, and the
+        // ring's start has RING_LEN; no reference to these bytes exists
+        // anywhere (they are only ever copied in and out), and the other
+        // process reads them only once told they are written.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr, first);
+            let (start, _) = self.span(0);
+            std::ptr::copy_nonoverlapping(bytes[first..].as_ptr(), start, bytes.len() - first);
+        }
+    }
+
+    /// Copies `out.len()` bytes (at most [`RING_LEN`]) from the ring at
+    /// position `at`. What the worker wrote there may change meanwhile: the
+    /// copy is untrusted, and no reference to the ring's bytes is made.
+    pub fn read(&self, at: u64, out: &mut [u8]) {
+        assert!(out.len() <= RING_LEN, "more than the ring holds");
+        let (ptr, room) = self.span(at);
+        let first = out.len().min(room);
+        // SAFETY: as in `write`: both ranges lie inside the mapping, and
+        // `out` is this process's own memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(ptr, out.as_mut_ptr(), first);
+            let (start, _) = self.span(0);
+            let rest = out.len() - first;
+            std::ptr::copy_nonoverlapping(start, out[first..].as_mut_ptr(), rest);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ring_is_shared_and_wraps() {
+        let (daemon, fd) = Claims::create().unwrap();
+        let worker = Claims::open(fd).unwrap();
+        let at = RING_LEN as u64 * 3 - 5;
+        worker.ring().write(at, b"0123456789");
+        worker.ring().publish_head(at + 10);
+        assert_eq!(daemon.ring().head(), at + 10);
+        let mut out = [0; 10];
+        daemon.ring().read(at, &mut out);
+        assert_eq!(&out, b"0123456789");
+        daemon.ring().publish_tail(at + 10);
+        assert_eq!(worker.ring().tail(), at + 10);
+        // The claims are untouched.
+        daemon.stage(ticket(0, 1), 7);
+        assert!(worker.start(ticket(0, 1), 7));
+    }
 
     fn ticket(entry: usize, generation: u16) -> Ticket {
         Ticket { entry, generation }

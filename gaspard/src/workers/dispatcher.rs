@@ -16,6 +16,7 @@ use super::claims::{Ticket, ENTRIES};
 use super::ClientKey;
 use crate::config::Credit;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,33 @@ pub(crate) type RequestId = u64;
 /// reply, so that a request staged at a worker that dies before starting it
 /// can go to another.
 pub(crate) type Payload = Rc<Vec<u8>>;
+
+/// Hashes request ids for the request map. They are the daemon's own
+/// sequential numbers, never chosen by a client, so they need no defence
+/// against keys crafted to collide (what SipHash, std's default, is for,
+/// at about a sixth of the daemon's instructions per pipelined request):
+/// one multiplication by an odd constant spreads them, keeping consecutive
+/// ids in distinct buckets.
+#[derive(Default)]
+struct IdHasher(u64);
+
+const SPREAD: u64 = 0x9e37_79b9_7f4a_7c15;
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(SPREAD);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = (self.0 ^ id).wrapping_mul(SPREAD);
+    }
+}
 
 /// Where a request is.
 #[derive(Debug)]
@@ -142,7 +170,7 @@ pub(crate) struct Assignment {
 }
 
 pub(crate) struct Dispatcher {
-    requests: HashMap<RequestId, Request>,
+    requests: HashMap<RequestId, Request, BuildHasherDefault<IdHasher>>,
     /// The ids of the requests waiting for a worker, in arrival order.
     queue: VecDeque<RequestId>,
     workers: Vec<WorkerLoad>,
@@ -156,7 +184,7 @@ pub(crate) struct Dispatcher {
 impl Dispatcher {
     pub(crate) fn new(credit: Credit, timeout: Option<Duration>) -> Dispatcher {
         Dispatcher {
-            requests: HashMap::new(),
+            requests: HashMap::default(),
             queue: VecDeque::new(),
             workers: Vec::new(),
             credit: match credit {
@@ -509,6 +537,37 @@ impl Dispatcher {
         stuck
     }
 
+    /// Local workers whose running call has run [`SLOW_CALL`] with requests
+    /// behind it, or (with `deadlines`) whose running request is past its
+    /// deadline: replies they finished before it and have not announced
+    /// yet (`link.rs`) should be taken now rather than wait for that call.
+    pub(crate) fn in_long_calls(
+        &self,
+        now: Instant,
+        deadlines: bool,
+    ) -> impl Iterator<Item = usize> + '_ {
+        self.workers
+            .iter()
+            .enumerate()
+            .filter(move |(_, load)| {
+                let slow = load.held.len() > 1
+                    && load
+                        .busy_since
+                        .is_some_and(|since| now >= since + SLOW_CALL);
+                let overdue = || {
+                    deadlines
+                        && load.held.first().is_some_and(|id| {
+                            matches!(
+                                self.requests.get(id).map(|request| &request.place),
+                                Some(Place::Running { deadline: Some(at), .. }) if *at <= now
+                            )
+                        })
+                };
+                load.remote_credit.is_none() && (slow || overdue())
+            })
+            .map(|(slot, _)| slot)
+    }
+
     /// How many requests workers that are not stuck could take now.
     fn room_elsewhere(&self, now: Instant) -> usize {
         self.workers
@@ -644,10 +703,13 @@ impl Dispatcher {
     }
 
     /// The earliest deadline of a running request, for the loop's timeout.
+    /// Only the first request a worker holds runs, so only it is looked at
+    /// (as [`Self::expire`] does): this runs every loop turn, and a worker
+    /// may hold 64.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.workers
             .iter()
-            .flat_map(|load| &load.held)
+            .filter_map(|load| load.held.first())
             .filter_map(|id| match self.requests.get(id)?.place {
                 Place::Running { deadline, .. } => deadline,
                 Place::Queued(_) => None,
@@ -659,6 +721,21 @@ impl Dispatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn consecutive_ids_hash_apart() {
+        use std::hash::BuildHasher;
+        let ids: BuildHasherDefault<IdHasher> = BuildHasherDefault::default();
+        // The low bits pick the bucket: 4096 consecutive ids, 4096 buckets.
+        let mut buckets: Vec<u64> = (1..=4096u64).map(|id| ids.hash_one(id) & 4095).collect();
+        buckets.sort_unstable();
+        buckets.dedup();
+        assert_eq!(buckets.len(), 4096);
+        // The top 7 bits (hashbrown's tag) vary too.
+        let tags: std::collections::HashSet<u64> =
+            (1..=512u64).map(|id| ids.hash_one(id) >> 57).collect();
+        assert!(tags.len() > 64, "{} tags", tags.len());
+    }
 
     #[test]
     fn an_idle_worker_never_waits_behind_a_busy_one() {

@@ -175,10 +175,19 @@ impl Endpoint {
         }
     }
 
+    /// Lets [`Self::try_recv`] take the replies the worker has finished but
+    /// not announced yet (see `Link::take_unannounced`).
+    pub(super) fn take_unannounced(&mut self) -> io::Result<()> {
+        match (&mut self.carrier, &self.claims) {
+            (Carrier::Local(link), Some(claims)) => link.take_unannounced(claims.ring()),
+            _ => Ok(()),
+        }
+    }
+
     /// The next message from the worker on this endpoint's own fds.
     pub(super) fn try_recv(&mut self) -> io::Result<Option<Message>> {
         match &mut self.carrier {
-            Carrier::Local(link) => link.try_recv(),
+            Carrier::Local(link) => link.try_recv(self.claims.as_ref().map(Claims::ring)),
             Carrier::Zmq(_) | Carrier::Remote(_) => Ok(None),
         }
     }

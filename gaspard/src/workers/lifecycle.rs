@@ -235,6 +235,9 @@ impl Workers {
             let events = pool.on_timers(now);
             self.on_pool_events(events);
         }
+        // Replies finished before a call that ran past --timeout are not
+        // failed with it.
+        self.take_unannounced(now, true);
         for (slot, id, client) in self.dispatcher.expire(now) {
             log::error!(
                 "a request ran past --timeout ({:?}) in worker slot {slot}; killing the worker",

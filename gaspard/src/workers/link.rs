@@ -12,9 +12,8 @@
 //! incarnation (nothing of a dead worker can reach its replacement), and
 //! tells each side at once when the other is gone.
 //!
-//! Why a pipe for replies: the worker writes each reply on its own (so that
-//! if it dies, the daemon has every reply it finished), and a pipe write
-//! costs half what a socket write does. It also spares the worker a wake-up:
+//! Why a pipe for replies: a pipe write costs half what a socket write
+//! does. It also spares the worker a wake-up:
 //! a socket's reader is woken whenever its peer frees buffer space, so
 //! replies read from the socket the worker sleeps on would wake it for
 //! nothing. Why not a pipe both ways: a pipe copies in and out under one
@@ -22,6 +21,15 @@
 //! the reader copies out while the writer still copies in. Requests leave in
 //! batches (one `writev`), where the socket's cost hardly shows, and a reply
 //! body larger than [`MAX_PIPED_BODY`] follows its header on the socket.
+//!
+//! Replies to quick calls leave in batches: the worker writes each into its
+//! reply ring (shared memory, `claims.rs`) before it claims its next
+//! request, so that if it dies the daemon still has every reply it
+//! finished, and announces them with one [`Kind::Replies`] frame on the
+//! pipe when it has no whole request left to run, after a call that was not
+//! quick ([`QUICK_CALL`]), after [`BATCH_WINDOW`], or before any other frame
+//! (so frames keep their order). One write and one wake-up per batch
+//! instead of one per reply. See [`RingWriter`] and [`Link::try_recv`].
 //!
 //! Both directions carry frames (a large reply's body on the socket, as
 //! above): a [`HEADER_LEN`]-byte header (a [`Kind`]
@@ -32,11 +40,13 @@
 //! are written back to back, so one `read` can bring many and one `writev`
 //! can send many.
 
+use super::claims::{Ring, RING_LEN};
 use crate::buffers::{gather, read_appending};
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 pub const HEADER_LEN: usize = 16;
 
@@ -54,6 +64,9 @@ pub enum Kind {
     Failed = 4,
     /// Daemon → worker: a request; value: request id; body: the payload.
     Request = 5,
+    /// Worker → daemon: the frames in its reply ring up to value (a byte
+    /// position, see [`RingWriter`]) are written; no body.
+    Replies = 6,
 }
 
 impl Kind {
@@ -64,6 +77,7 @@ impl Kind {
             3 => Kind::Reply,
             4 => Kind::Failed,
             5 => Kind::Request,
+            6 => Kind::Replies,
             _ => return None,
         })
     }
@@ -290,6 +304,12 @@ pub struct Link {
     /// The last read of the pipe came back short: it was empty, and the next
     /// bytes to arrive will be announced by a new readiness event.
     drained: bool,
+    /// How far the worker's reply ring has been read (this side's own
+    /// count: the one in shared memory is only published).
+    ring_tail: u64,
+    /// How far it may be read: announced, or (the worker is gone, or runs a
+    /// slow call) all it has written.
+    ring_until: u64,
 }
 
 impl Link {
@@ -306,6 +326,8 @@ impl Link {
             large: None,
             closed: false,
             drained: false,
+            ring_tail: 0,
+            ring_until: 0,
         }
     }
 
@@ -407,15 +429,38 @@ impl Link {
     }
 
     /// The next whole frame, reading from the pipe (and for a large reply
-    /// body, the socket) as needed. `Ok(None)`: nothing more until the link
-    /// is readable again (or it closed; a frame cut short by the end is
-    /// dropped). An error means the stream is broken or out of step.
-    pub fn try_recv(&mut self) -> io::Result<Option<Message>> {
+    /// body, the socket) as needed, and the frames of the worker's reply
+    /// `ring` (if it has one) where the pipe announces them. `Ok(None)`:
+    /// nothing more until the link is readable again (or it closed; a frame
+    /// cut short by the end is dropped). An error means the stream is
+    /// broken or out of step.
+    pub fn try_recv(&mut self, ring: Option<Ring<'_>>) -> io::Result<Option<Message>> {
         loop {
+            if let Some(ring) = &ring {
+                if self.ring_tail < self.ring_until {
+                    return self.take_ringed(ring).map(Some);
+                }
+            }
             if let Some(message) = self.take_buffered()? {
-                return Ok(Some(message));
+                if message.kind != Kind::Replies {
+                    return Ok(Some(message));
+                }
+                let Some(ring) = &ring else {
+                    return Err(garbage("announced replies without a reply ring"));
+                };
+                self.allow_ring_until(ring, message.value)?;
+                continue;
             }
             if self.closed {
+                // The worker is gone: what it wrote in its ring and never
+                // announced are its last replies (it writes each there
+                // before it claims its next request).
+                if let Some(ring) = &ring {
+                    self.allow_ring_until(ring, ring.head())?;
+                    if self.ring_tail < self.ring_until {
+                        continue;
+                    }
+                }
                 return Ok(None);
             }
             let read = match &mut self.large {
@@ -445,7 +490,6 @@ impl Link {
                     self.large = None;
                     self.start = 0;
                     self.end = 0;
-                    return Ok(None);
                 }
                 Ok(n) => {
                     // Short: the pipe is empty for now (saves the read
@@ -458,6 +502,60 @@ impl Link {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Lets [`Self::try_recv`] take what the worker has written in its
+    /// ring and not announced yet: its handler runs a call that turned out
+    /// slow (or past --timeout), and replies it finished before must not
+    /// wait for it. Only between frames of the pipe (call after reading it
+    /// to `None`), so that frames keep their order.
+    pub fn take_unannounced(&mut self, ring: Ring<'_>) -> io::Result<()> {
+        if self.large.is_none() && self.start == self.end {
+            self.allow_ring_until(&ring, ring.head())?;
+        }
+        Ok(())
+    }
+
+    /// The ring may be read up to `until`, if the worker's head says it
+    /// has written that far (a position already read is nothing new).
+    fn allow_ring_until(&mut self, ring: &Ring<'_>, until: u64) -> io::Result<()> {
+        let head = ring.head();
+        let written = head.checked_sub(self.ring_tail);
+        if written.map_or(true, |written| written > RING_LEN as u64) || until > head {
+            return Err(garbage(&format!(
+                "reply ring positions out of range (read {}, written {head}, announced {until})",
+                self.ring_tail
+            )));
+        }
+        self.ring_until = self.ring_until.max(until);
+        Ok(())
+    }
+
+    /// The frame at the ring's tail, which must lie whole before
+    /// `ring_until`; the space it took is given back to the worker.
+    fn take_ringed(&mut self, ring: &Ring<'_>) -> io::Result<Message> {
+        let available = self.ring_until - self.ring_tail;
+        let mut head = [0; HEADER_LEN];
+        if available < HEADER_LEN as u64 {
+            return Err(garbage("a frame cut short in its reply ring"));
+        }
+        ring.read(self.ring_tail, &mut head);
+        let header = parse_header(&head)?;
+        if header.kind == Kind::Replies || header.len as u64 > available - HEADER_LEN as u64 {
+            return Err(garbage(
+                "a frame that does not fit where it is in its reply ring",
+            ));
+        }
+        let mut body = vec![0; header.len];
+        ring.read(self.ring_tail + HEADER_LEN as u64, &mut body);
+        self.ring_tail += (HEADER_LEN + header.len) as u64;
+        ring.publish_tail(self.ring_tail);
+        Ok(Message {
+            kind: header.kind,
+            micros: header.extra,
+            value: header.value,
+            body,
+        })
     }
 
     /// A whole frame from what was already read, if there is one.
@@ -521,6 +619,79 @@ impl Link {
     }
 }
 
+/// An error for bytes from a worker that make no frame.
+fn garbage(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
+}
+
+/// The largest frame that goes through the reply ring; larger ones take the
+/// pipe (or the socket), as before the ring.
+pub const MAX_RINGED_FRAME: usize = 16 * 1024;
+/// A handler call shorter than this is quick: its reply may wait in the
+/// ring, unannounced, while the worker runs the next request it already
+/// has. After a longer one the worker announces at once, so a reply never
+/// waits for a call unless the one before it was quick (and then the
+/// daemon takes it anyway once that call has run `SLOW_CALL`, see
+/// `Workers::take_back_stuck`).
+pub const QUICK_CALL: Duration = Duration::from_micros(50);
+/// The longest a reply waits in the ring, unannounced, while quick calls
+/// follow it.
+pub const BATCH_WINDOW: Duration = Duration::from_micros(200);
+
+/// The worker's side of its reply ring: frames written at the head, and
+/// the position last announced on the pipe.
+pub struct RingWriter<'a> {
+    ring: Ring<'a>,
+    head: u64,
+    announced: u64,
+    /// When the oldest frame not announced yet was written.
+    since: Option<Instant>,
+}
+
+impl<'a> RingWriter<'a> {
+    pub fn new(ring: Ring<'a>) -> RingWriter<'a> {
+        let head = ring.head();
+        RingWriter {
+            ring,
+            head,
+            announced: head,
+            since: None,
+        }
+    }
+
+    /// Writes `frame` into the ring, if it is small enough and the daemon
+    /// has read enough to make room; false if not (then it takes the pipe,
+    /// after [`Self::announcement`]).
+    pub fn push(&mut self, frame: &[u8], now: Instant) -> bool {
+        let used = self.head.saturating_sub(self.ring.tail());
+        if frame.len() > MAX_RINGED_FRAME || used + frame.len() as u64 > RING_LEN as u64 {
+            return false;
+        }
+        self.ring.write(self.head, frame);
+        self.head += frame.len() as u64;
+        self.ring.publish_head(self.head);
+        self.since.get_or_insert(now);
+        true
+    }
+
+    /// Whether frames wait unannounced since before `now - BATCH_WINDOW`.
+    pub fn overdue(&self, now: Instant) -> bool {
+        self.since
+            .is_some_and(|since| now.saturating_duration_since(since) >= BATCH_WINDOW)
+    }
+
+    /// The frame that announces what was written since the last one, if
+    /// anything was.
+    pub fn announcement(&mut self) -> Option<[u8; HEADER_LEN]> {
+        if self.head == self.announced {
+            return None;
+        }
+        self.announced = self.head;
+        self.since = None;
+        Some(header(Kind::Replies, 0, self.head))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -553,7 +724,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             link.readable();
-            assert!(link.try_recv().unwrap().is_none(), "no more frames");
+            assert!(link.try_recv(None).unwrap().is_none(), "no more frames");
             if link.is_closed() {
                 return;
             }
@@ -612,7 +783,7 @@ mod tests {
         let mut next = 0u64;
         while next < 5000 {
             link.readable();
-            match link.try_recv().unwrap() {
+            match link.try_recv(None).unwrap() {
                 Some(message) => {
                     assert_eq!(message.kind, Kind::Reply);
                     assert_eq!(message.value, next);
@@ -637,7 +808,7 @@ mod tests {
         let mut got = Vec::new();
         while got.len() < 2 {
             link.readable();
-            match link.try_recv().unwrap() {
+            match link.try_recv(None).unwrap() {
                 Some(message) => got.push(message),
                 None => std::thread::sleep(std::time::Duration::from_micros(50)),
             }
@@ -679,12 +850,208 @@ mod tests {
         assert!(all == expected);
     }
 
+    /// The daemon's and a worker's views of one worker's claims memory.
+    fn shared() -> (
+        crate::workers::claims::Claims,
+        crate::workers::claims::Claims,
+    ) {
+        use crate::workers::claims::Claims;
+        let (daemon, fd) = Claims::create().unwrap();
+        (daemon, Claims::open(fd).unwrap())
+    }
+
+    /// Reads what the link has now (the worker is done writing).
+    fn receive_all(link: &mut Link, ring: &crate::workers::claims::Claims) -> Vec<Message> {
+        let mut got = Vec::new();
+        link.readable();
+        while let Some(message) = link.try_recv(Some(ring.ring())).unwrap() {
+            got.push(message);
+        }
+        got
+    }
+
+    #[test]
+    fn replies_in_the_ring_arrive_when_announced_in_order_with_the_pipe() {
+        let (mut link, mut worker) = linked();
+        let (daemon, claims) = shared();
+        let mut ring = RingWriter::new(claims.ring());
+        let now = Instant::now();
+        assert!(ring.push(&frame(Kind::Reply, 1, b"one"), now));
+        assert!(ring.push(&frame(Kind::Failed, 2, b"two"), now));
+        assert!(
+            receive_all(&mut link, &daemon).is_empty(),
+            "nothing is read before it is announced"
+        );
+        // Another frame takes the pipe only after the announcement.
+        worker
+            .pipe
+            .write_all(&ring.announcement().unwrap())
+            .unwrap();
+        worker.send(&frame(Kind::Reply, 3, &[7; MAX_RINGED_FRAME]));
+        assert!(ring.push(&frame(Kind::Reply, 4, b"four"), now));
+        worker
+            .pipe
+            .write_all(&ring.announcement().unwrap())
+            .unwrap();
+        assert_eq!(ring.announcement(), None, "nothing new to announce");
+        let got = receive_all(&mut link, &daemon);
+        let ids: Vec<(Kind, u64, usize)> = got
+            .iter()
+            .map(|m| (m.kind, m.value, m.body.len()))
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                (Kind::Reply, 1, 3),
+                (Kind::Failed, 2, 3),
+                (Kind::Reply, 3, MAX_RINGED_FRAME),
+                (Kind::Reply, 4, 4)
+            ]
+        );
+        assert_eq!(&got[3].body[..], b"four");
+    }
+
+    #[test]
+    fn the_ring_refuses_what_does_not_fit_until_the_daemon_reads() {
+        let (mut link, mut worker) = linked();
+        let (daemon, claims) = shared();
+        let mut ring = RingWriter::new(claims.ring());
+        let now = Instant::now();
+        assert!(!ring.push(&frame(Kind::Reply, 1, &[0; MAX_RINGED_FRAME]), now));
+        let reply = frame(Kind::Reply, 1, &[1; 8000]);
+        let fit = RING_LEN / reply.len();
+        for _ in 0..fit {
+            assert!(ring.push(&reply, now));
+        }
+        assert!(!ring.push(&reply, now), "the ring is full");
+        worker
+            .pipe
+            .write_all(&ring.announcement().unwrap())
+            .unwrap();
+        assert_eq!(receive_all(&mut link, &daemon).len(), fit);
+        // Read: its room is the worker's again, and it wraps around.
+        for _ in 0..fit {
+            assert!(ring.push(&reply, now));
+        }
+        worker
+            .pipe
+            .write_all(&ring.announcement().unwrap())
+            .unwrap();
+        let got = receive_all(&mut link, &daemon);
+        assert_eq!(got.len(), fit);
+        assert!(got.iter().all(|m| m.body == [1; 8000]));
+    }
+
+    #[test]
+    fn a_batch_waits_at_most_the_batch_window() {
+        let (_daemon, claims) = shared();
+        let mut ring = RingWriter::new(claims.ring());
+        let now = Instant::now();
+        assert!(!ring.overdue(now + BATCH_WINDOW), "nothing waits");
+        assert!(ring.push(&frame(Kind::Reply, 1, b"a"), now));
+        assert!(ring.push(&frame(Kind::Reply, 2, b"b"), now + BATCH_WINDOW / 2));
+        assert!(!ring.overdue(now + BATCH_WINDOW / 2));
+        assert!(
+            ring.overdue(now + BATCH_WINDOW),
+            "the first one set the clock"
+        );
+        ring.announcement().unwrap();
+        assert!(!ring.overdue(now + BATCH_WINDOW * 2));
+    }
+
+    /// A worker that dies with replies written in its ring and not yet
+    /// announced (it was running the next request): they are still
+    /// delivered, before the end of the link.
+    #[test]
+    fn replies_a_dead_worker_never_announced_are_delivered() {
+        let (mut link, mut worker) = linked();
+        let (daemon, claims) = shared();
+        let mut ring = RingWriter::new(claims.ring());
+        let now = Instant::now();
+        assert!(ring.push(&frame(Kind::Reply, 1, b"announced"), now));
+        worker
+            .pipe
+            .write_all(&ring.announcement().unwrap())
+            .unwrap();
+        assert!(ring.push(&frame(Kind::Reply, 2, b"finished"), now));
+        assert!(ring.push(&frame(Kind::Reply, 3, b"also"), now));
+        assert_eq!(receive_all(&mut link, &daemon).len(), 1);
+        drop(worker);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got = Vec::new();
+        while !link.is_closed() {
+            got.extend(receive_all(&mut link, &daemon));
+            assert!(Instant::now() < deadline, "the link never ended");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        got.extend(receive_all(&mut link, &daemon));
+        let ids: Vec<u64> = got.iter().map(|m| m.value).collect();
+        assert_eq!(ids, [2, 3]);
+    }
+
+    /// The daemon takes what a worker running a long call has not announced.
+    #[test]
+    fn unannounced_replies_can_be_taken_early() {
+        let (mut link, mut worker) = linked();
+        let (daemon, claims) = shared();
+        let mut ring = RingWriter::new(claims.ring());
+        assert!(ring.push(&frame(Kind::Reply, 5, b"done"), Instant::now()));
+        assert!(receive_all(&mut link, &daemon).is_empty());
+        link.take_unannounced(daemon.ring()).unwrap();
+        let got = receive_all(&mut link, &daemon);
+        assert_eq!((got.len(), got[0].value), (1, 5));
+        // Its announcement, read later, brings nothing twice.
+        worker
+            .pipe
+            .write_all(&ring.announcement().unwrap())
+            .unwrap();
+        assert!(receive_all(&mut link, &daemon).is_empty());
+    }
+
+    #[test]
+    fn a_ring_out_of_step_is_garbage() {
+        let announce = |at: u64| header(Kind::Replies, 0, at);
+        // Announced beyond what was written.
+        let (mut link, mut worker) = linked();
+        let (daemon, claims) = shared();
+        claims.ring().publish_head(10);
+        worker.pipe.write_all(&announce(11)).unwrap();
+        assert!(link.try_recv(Some(daemon.ring())).is_err());
+        // Written beyond what the ring holds.
+        let (mut link, mut worker) = linked();
+        let (daemon, claims) = shared();
+        claims.ring().publish_head(RING_LEN as u64 + 1);
+        worker.pipe.write_all(&announce(1)).unwrap();
+        assert!(link.try_recv(Some(daemon.ring())).is_err());
+        // A frame longer than what was announced.
+        let (mut link, mut worker) = linked();
+        let (daemon, claims) = shared();
+        let long = frame(Kind::Reply, 1, b"0123456789");
+        claims.ring().write(0, &long);
+        claims.ring().publish_head(long.len() as u64);
+        worker
+            .pipe
+            .write_all(&announce(long.len() as u64 - 1))
+            .unwrap();
+        assert!(link.try_recv(Some(daemon.ring())).is_err());
+        // An announcement in the ring itself, or with no ring at all.
+        let (mut link, mut worker) = linked();
+        let (daemon, claims) = shared();
+        claims.ring().write(0, &announce(0));
+        claims.ring().publish_head(HEADER_LEN as u64);
+        worker.pipe.write_all(&announce(HEADER_LEN as u64)).unwrap();
+        assert!(link.try_recv(Some(daemon.ring())).is_err());
+        let (mut link, mut worker) = linked();
+        worker.pipe.write_all(&announce(0)).unwrap();
+        assert!(link.try_recv(None).is_err());
+    }
+
     #[test]
     fn a_closed_peer_is_reported_a_torn_frame_dropped_and_garbage_refused() {
         let (mut link, mut worker) = linked();
         worker.send(&frame(Kind::Ready, 3, b"42"));
         drop(worker);
-        let message = link.try_recv().unwrap().unwrap();
+        let message = link.try_recv(None).unwrap().unwrap();
         assert_eq!((message.kind, message.value), (Kind::Ready, 3));
         assert_ends(&mut link);
 
@@ -695,7 +1062,7 @@ mod tests {
         link.flush().unwrap();
         worker.send(&frame(Kind::Reply, 8, b"done"));
         drop(worker);
-        let message = link.try_recv().unwrap().unwrap();
+        let message = link.try_recv(None).unwrap().unwrap();
         assert_eq!((message.value, &message.body[..]), (8, &b"done"[..]));
         assert_ends(&mut link);
 
@@ -706,7 +1073,7 @@ mod tests {
             .unwrap();
         drop(worker);
         // A short read: nothing more is read until the pipe is readable again.
-        assert!(link.try_recv().unwrap().is_none());
+        assert!(link.try_recv(None).unwrap().is_none());
         assert_ends(&mut link); // the torn frame is dropped
 
         // Killed halfway through a large body on the socket, with a request
@@ -721,7 +1088,7 @@ mod tests {
             worker.pipe.write_all(&large[..HEADER_LEN]).unwrap();
             worker.socket.write_all(&large[HEADER_LEN..1000]).unwrap();
             if read_before_death {
-                assert!(link.try_recv().unwrap().is_none());
+                assert!(link.try_recv(None).unwrap().is_none());
                 worker.socket.write_all(&large[1000..2000]).unwrap();
             }
             drop(worker);
@@ -730,7 +1097,7 @@ mod tests {
 
         let (mut link, mut worker) = linked();
         worker.pipe.write_all(&[9; HEADER_LEN]).unwrap();
-        assert!(link.try_recv().is_err(), "garbage is an error");
+        assert!(link.try_recv(None).is_err(), "garbage is an error");
     }
 
     /// Properties of what the daemon makes of the bytes a worker sends:
@@ -826,7 +1193,7 @@ mod tests {
                 // Every kind byte, with the rest of the header at random.
                 for kind in 0..=u8::MAX {
                     bytes[0] = kind;
-                    let known = (1..=5).contains(&kind);
+                    let known = (1..=6).contains(&kind);
                     match parse_header(&bytes) {
                         Ok(header) => {
                             prop_assert!(known, "kind {} accepted", kind);
@@ -902,7 +1269,7 @@ mod tests {
                 for (i, spec) in specs.iter().enumerate() {
                     let message = loop {
                         link.readable();
-                        match link.try_recv() {
+                        match link.try_recv(None) {
                             Ok(Some(message)) => break message,
                             Ok(None) => {
                                 // Fail fast once the worker's ends are closed
@@ -929,7 +1296,7 @@ mod tests {
                 let deadline = Instant::now() + Duration::from_secs(5);
                 loop {
                     link.readable();
-                    prop_assert!(link.try_recv().unwrap().is_none());
+                    prop_assert!(link.try_recv(None).unwrap().is_none());
                     if link.is_closed() {
                         break;
                     }
@@ -955,7 +1322,7 @@ mod tests {
                 // Each frame takes at least a header from the pipe.
                 for _ in 0..piped.len() / HEADER_LEN + 4 {
                     link.readable();
-                    match link.try_recv() {
+                    match link.try_recv(None) {
                         Ok(Some(message)) => {
                             from_pipe += HEADER_LEN;
                             if message.body.len() > MAX_PIPED_BODY {

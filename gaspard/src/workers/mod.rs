@@ -675,6 +675,8 @@ impl Workers {
                 }
             }
             Kind::Request => self.abandon_worker(slot, "sent a request frame"),
+            // Its link takes these itself: over any other, it is garbage.
+            Kind::Replies => self.abandon_worker(slot, "announced replies outside its link"),
         }
         Ok(())
     }
@@ -745,6 +747,7 @@ impl Workers {
     /// if their workers have not started them: they go to whichever worker
     /// is free first (see `claims.rs`).
     fn take_back_stuck(&mut self, now: Instant) {
+        self.take_unannounced(now, false);
         let stuck = self.dispatcher.stuck(now);
         // In reverse: each goes back to the head of the queue.
         for &(slot, id, ticket) in stuck.iter().rev() {
@@ -759,6 +762,28 @@ impl Workers {
             log::debug!("took back request {id} from slot {slot}: its worker runs a slow call");
             if let Some(client) = self.dispatcher.taken_back(id) {
                 self.answers.push(Answer::Requeued { client });
+            }
+        }
+    }
+}
+
+impl Workers {
+    /// Takes the replies that workers running a long call finished before
+    /// it but have not announced yet (`link.rs`): they must not wait for
+    /// that call, nor be failed with it at its --timeout.
+    pub(super) fn take_unannounced(&mut self, now: Instant, deadlines: bool) {
+        let slots: Vec<usize> = self.dispatcher.in_long_calls(now, deadlines).collect();
+        for slot in slots {
+            let Some(endpoint) = self.endpoints.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            if let Err(e) = endpoint.take_unannounced() {
+                self.abandon_worker(slot, &format!("sent garbage: {e}"));
+                continue;
+            }
+            // Only replies come through the ring: nothing here is fatal.
+            if let Err(e) = self.take_messages(slot, REPLIES_PER_TURN) {
+                log::error!("worker slot {slot}: {e}");
             }
         }
     }

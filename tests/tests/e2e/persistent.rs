@@ -127,6 +127,32 @@ fn requests_staged_behind_a_crash_or_a_timeout_are_served_by_the_next_worker() {
     session.finish();
 }
 
+/// Replies to quick calls leave the worker in batches; those it finished
+/// before it crashed, not yet announced when it died (it was running the
+/// next request it had), are delivered, not failed with it: it wrote them
+/// to its reply ring before it claimed the next request.
+#[test]
+fn replies_finished_before_a_crash_are_delivered_with_the_batch_unsent() {
+    let daemon = start("fault", &["--workers", "1", "--worker-credit", "8"]);
+    let mut session = Session::open(daemon.addr);
+    // While it sleeps, the rest waits in its read buffer: after the sleep,
+    // a and b are quick calls with more to run, so they wait unannounced.
+    for request in [&b"sleep:100"[..], b"echo:a", b"echo:b", b"segv", b"echo:c"] {
+        session.send(request);
+    }
+    assert_eq!(session.reply(), (0, b"slept".to_vec()));
+    assert_eq!(session.reply(), (0, b"a".to_vec()));
+    assert_eq!(session.reply(), (0, b"b".to_vec()));
+    let (status, message) = session.reply();
+    assert_eq!(
+        (status, String::from_utf8_lossy(&message).as_ref()),
+        (4, "its worker was killed by SIGSEGV")
+    );
+    assert_eq!(session.reply(), (0, b"c".to_vec()));
+    session.finish();
+    daemon.expect_log("was killed by SIGSEGV; 1 requests failed");
+}
+
 /// A worker killed in the middle of writing a large reply: that request
 /// fails, and the ones staged behind it still go to the next worker.
 #[test]
