@@ -14,6 +14,11 @@ pub enum ConfigError {
     TooManyWorkers(usize),
     #[error("--workers 0 needs --pool-listen: someone must do the work")]
     NoWorkers,
+    #[error(
+        "--workers {0} with --link zmq: at most {MAX_ZMQ_WORKERS} (a libzmq context has 1023 \
+         sockets, one per worker, and a reload runs old and new workers side by side)"
+    )]
+    TooManyZmqWorkers(usize),
     #[error("--pool-listen {0}: expected tcp://ADDRESS:PORT")]
     PoolEndpoint(String),
     #[error(
@@ -53,6 +58,10 @@ pub enum ConfigError {
 /// a reload runs old and new workers side by side.
 pub const MAX_WORKERS: usize = 32_767;
 
+/// The most --workers with --link zmq: a libzmq context has 1023 sockets by
+/// default, one PUSH per worker, twice as many during a reload.
+pub const MAX_ZMQ_WORKERS: usize = 500;
+
 /// The worker pool's flags, checked (the key files are read at start).
 #[derive(Debug, Clone)]
 pub struct PoolFlags {
@@ -61,6 +70,8 @@ pub struct PoolFlags {
     /// --pool-key and --pool-authorized: CURVE.
     pub curve: Option<(PathBuf, PathBuf)>,
     pub heartbeat_timeout: Duration,
+    /// --pool-max-reply.
+    pub max_reply: u64,
 }
 
 /// How workers are linked to the daemon (--link).
@@ -291,6 +302,12 @@ pub struct Cli {
           num_args = 0..=1, default_missing_value = "true")]
     pub pool_insecure: bool,
 
+    /// The largest message a worker host may send (a reply, suffixes K, M,
+    /// G): a host that sends more is cut off. It also bounds what a peer
+    /// that is no host can make the daemon hold while it connects.
+    #[arg(long, env = "GASPARD_POOL_MAX_REPLY", default_value = "64M", value_parser = parse_size, value_name = "BYTES")]
+    pub pool_max_reply: u64,
+
     /// Seconds without a word from a worker host before it is given up on
     /// (and the requests it held fail); heartbeats go both ways three times
     /// as often.
@@ -421,6 +438,9 @@ impl Config {
         if workers == 0 && pool.is_none() {
             return Err(ConfigError::NoWorkers);
         }
+        if cli.link == LinkKind::Zmq && workers > MAX_ZMQ_WORKERS {
+            return Err(ConfigError::TooManyZmqWorkers(workers));
+        }
         Ok(Config {
             handler: cli.handler.clone(),
             handler_config: cli.handler_config.clone(),
@@ -452,6 +472,9 @@ impl Config {
     }
 }
 
+/// The longest --pool-heartbeat-timeout taken (longer is this).
+const MAX_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 /// The pool's flags, checked: a `tcp://` endpoint, loopback unless CURVE or
 /// --pool-insecure.
 fn pool_flags(cli: &Cli, heartbeat_timeout: Duration) -> Result<Option<PoolFlags>, ConfigError> {
@@ -471,10 +494,18 @@ fn pool_flags(cli: &Cli, heartbeat_timeout: Duration) -> Result<Option<PoolFlags
     if curve.is_none() && !loopback && !cli.pool_insecure {
         return Err(ConfigError::PoolInsecure(listen.clone()));
     }
+    // libzmq binds interfaces and addresses, not names.
+    let listen = if host == "localhost" {
+        listen.replacen("localhost", "127.0.0.1", 1)
+    } else {
+        listen.clone()
+    };
     Ok(Some(PoolFlags {
-        listen: listen.clone(),
+        listen,
         curve,
-        heartbeat_timeout: heartbeat_timeout.max(Duration::from_millis(30)),
+        heartbeat_timeout: heartbeat_timeout
+            .clamp(Duration::from_millis(30), MAX_HEARTBEAT_TIMEOUT),
+        max_reply: cli.pool_max_reply,
     }))
 }
 

@@ -69,6 +69,9 @@ pub enum DaemonError {
     Workers(#[from] WorkersError),
     #[error(transparent)]
     PoolKey(#[from] crate::pool::keys::KeyError),
+    /// The handler could not be checked for the name hosts must match.
+    #[error("{0}")]
+    PoolHandler(#[source] crate::check::CheckError),
     #[error("handler {0}: workers did not finish loading the handler within --timeout")]
     LoadTimeout(PathBuf),
     #[error("the event loop failed: {0}")]
@@ -105,11 +108,19 @@ fn pool_config(config: &Config) -> Result<Option<PoolConfig>, DaemonError> {
         Some((key, authorized)) => Some((keys::read_pair(key)?, keys::read_public(authorized)?)),
         None => None,
     };
+    // Hosts must run the handler this daemon runs: its name, checked the
+    // way --check does (in a child).
+    let handler = crate::check::check_handler(&config.handler, &config.handler_config)
+        .map_err(DaemonError::PoolHandler)?
+        .name;
     Ok(Some(PoolConfig {
         listen: flags.listen.clone(),
         curve,
         heartbeat_timeout: flags.heartbeat_timeout,
         request_timeout: config.timeout,
+        handler,
+        // Never less than a request: an echo must fit.
+        max_message: flags.max_reply.max(u64::from(config.max_request_size)),
     }))
 }
 

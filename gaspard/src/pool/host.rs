@@ -73,6 +73,10 @@ const MESSAGES_PER_TURN: usize = 1024;
 /// How often sends that libzmq refused are tried again, besides when its
 /// fd says so.
 const BLOCKED_RETRY: Duration = Duration::from_millis(50);
+/// How long a host that has answered everything after Leaving waits for
+/// the daemon's Bye (requests the daemon sent before it read Leaving may
+/// still be on their way) before it stops anyway.
+const BYE_GRACE: Duration = Duration::from_secs(2);
 
 /// Run worker processes for a gaspard daemon on another machine.
 ///
@@ -338,6 +342,8 @@ struct Session {
     blocked: bool,
     /// How many ready workers the daemon was last told of.
     ready_told: usize,
+    /// The daemon said Bye (after Leaving): it sends nothing more.
+    bye: bool,
 }
 
 impl Session {
@@ -421,6 +427,8 @@ struct Host {
     answers: Vec<Answer>,
     /// The daemon's socket had more messages than one turn takes.
     socket_pending: bool,
+    /// Since when a graceful stop has held nothing (waiting for Bye).
+    drained_since: Option<Instant>,
     // The sockets' context: dropped after them (it waits for their linger).
     context: zmq::Context,
     // Last: removed after the workers are stopped.
@@ -490,6 +498,7 @@ impl Host {
             next_client: 0,
             answers: Vec::new(),
             socket_pending: false,
+            drained_since: None,
             context: zmq::Context::new(),
             _runtime_dir: runtime_dir,
         })
@@ -571,7 +580,7 @@ impl Host {
             self.carry_answers();
             self.tell_credit();
             self.pump()?;
-            if self.phase == Phase::Draining && self.drained() {
+            if self.phase == Phase::Draining && self.drained(Instant::now()) {
                 log::info!("every request held was answered; stopping");
                 self.phase = Phase::Stopped { urgent: false };
             }
@@ -596,7 +605,8 @@ impl Host {
             Link::Waiting { until } => Some(*until),
             Link::Idle => None,
         };
-        [self.workers.next_deadline(now), session]
+        let bye_grace = self.drained_since.map(|since| since + BYE_GRACE);
+        [self.workers.next_deadline(now), session, bye_grace]
             .into_iter()
             .flatten()
             .min()
@@ -605,13 +615,26 @@ impl Host {
     }
 
     /// Whether a graceful stop has nothing left to do: no request held,
-    /// and every answer handed to libzmq (or nobody to hand it to).
-    fn drained(&self) -> bool {
-        self.held.is_empty()
+    /// every answer handed to libzmq (or nobody to hand it to), and the
+    /// daemon has said Bye, so that no request it sent before it read
+    /// Leaving is still on its way. A daemon that never says it (or a test
+    /// standing in for one) is waited for [`BYE_GRACE`] at most.
+    fn drained(&mut self, now: Instant) -> bool {
+        let done = self.held.is_empty()
             && match &self.link {
                 Link::Connected(session) => session.outgoing.is_empty(),
                 Link::Idle | Link::Waiting { .. } => true,
-            }
+            };
+        if !done {
+            self.drained_since = None;
+            return false;
+        }
+        let bye = match &self.link {
+            Link::Connected(session) => session.bye,
+            Link::Idle | Link::Waiting { .. } => true,
+        };
+        let since = *self.drained_since.get_or_insert(now);
+        bye || now.saturating_duration_since(since) >= BYE_GRACE
     }
 
     fn on_signals(&mut self) -> Result<(), HostError> {
@@ -690,6 +713,7 @@ impl Host {
         // Nothing waits in a queue for a daemon that is not connected: a
         // message either leaves on a live connection or stays here.
         socket.set_immediate(true).map_err(zmq_err("immediate"))?;
+        socket.set_ipv6(true).map_err(zmq_err("IPv6"))?;
         socket
             .set_reconnect_ivl(RECONNECT_MS)
             .map_err(zmq_err("reconnect interval"))?;
@@ -726,6 +750,7 @@ impl Host {
             blocked: false,
             // Not told yet: a Credit with the ready count follows Hello.
             ready_told: usize::MAX,
+            bye: false,
         };
         session.queue(ToDaemon::Hello {
             protocol: PROTOCOL,
@@ -923,6 +948,7 @@ impl Host {
             }
             ToHost::Request { id, payload } => self.on_request(id, payload),
             ToHost::Heartbeat => {}
+            ToHost::Bye => session.bye = true,
             ToHost::Unknown => {
                 // It restarted (or gave up on this host): join it again at
                 // once; with back-off if it says so to a new session.
@@ -939,7 +965,9 @@ impl Host {
     }
 
     fn on_request(&mut self, id: u64, payload: Vec<u8>) {
-        let refused = if self.phase == Phase::Serving {
+        // While draining too: the daemon may have sent it before it read
+        // Leaving; it says Bye once nothing more can come.
+        let refused = if matches!(self.phase, Phase::Serving | Phase::Draining) {
             let client = self.next_client;
             self.next_client += 1;
             match self.workers.submit(client, payload) {

@@ -88,6 +88,9 @@ pub(crate) enum ToHost {
     /// The daemon does not know this host (it restarted, or gave up on
     /// it): start a new session.
     Unknown,
+    /// After `Leaving`: the daemon sends nothing more and holds nothing of
+    /// this host's; it may go.
+    Bye,
 }
 
 mod kind {
@@ -101,6 +104,7 @@ mod kind {
     pub(super) const REFUSED: u8 = 12;
     pub(super) const REQUEST: u8 = 13;
     pub(super) const UNKNOWN: u8 = 14;
+    pub(super) const BYE: u8 = 15;
 }
 
 /// A message as frames: the head, and the body if it has one.
@@ -209,6 +213,7 @@ impl ToHost {
             }
             ToHost::Heartbeat => (vec![kind::HEARTBEAT], None),
             ToHost::Unknown => (vec![kind::UNKNOWN], None),
+            ToHost::Bye => (vec![kind::BYE], None),
         }
     }
 
@@ -237,6 +242,7 @@ impl ToHost {
             },
             kind::HEARTBEAT => no_body(kind, body, ToHost::Heartbeat)?,
             kind::UNKNOWN => no_body(kind, body, ToHost::Unknown)?,
+            kind::BYE => no_body(kind, body, ToHost::Bye)?,
             other => return Err(ProtocolError::Type(other)),
         };
         fields.end(kind)?;
@@ -371,6 +377,7 @@ mod tests {
             },
             ToHost::Heartbeat,
             ToHost::Unknown,
+            ToHost::Bye,
         ] {
             assert_eq!(
                 ToHost::decode(frames(message.clone().encode())),

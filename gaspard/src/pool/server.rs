@@ -28,6 +28,12 @@ use std::time::{Duration, Instant};
 /// A worker host, as zmq knows it: its routing id.
 pub(crate) type HostId = Vec<u8>;
 
+/// The most worker hosts at once: each has a slot, which every dispatch
+/// looks at.
+const MAX_HOSTS: usize = 1024;
+/// The most refused keys remembered (logged once each while remembered).
+const MAX_REFUSED: usize = 4096;
+
 /// The ZAP endpoint libzmq asks for authentication.
 const ZAP_ENDPOINT: &str = "inproc://zeromq.zap.01";
 
@@ -42,6 +48,10 @@ pub(crate) struct PoolConfig {
     pub(crate) heartbeat_timeout: Duration,
     /// `--timeout`, which hosts enforce on their workers.
     pub(crate) request_timeout: Option<Duration>,
+    /// The name the daemon's handler reports: a host must run the same.
+    pub(crate) handler: String,
+    /// --pool-max-reply: the largest message a host may send.
+    pub(crate) max_message: u64,
 }
 
 /// Why the pool's socket cannot be set up.
@@ -110,6 +120,8 @@ struct Host {
     address: String,
     last_heard: Instant,
     ready: u32,
+    /// How many requests it said it can hold.
+    credit: u32,
     /// It said Leaving: it takes nothing more.
     leaving: bool,
 }
@@ -118,12 +130,16 @@ pub(crate) struct PoolServer {
     router: zmq::Socket,
     zap: Option<zmq::Socket>,
     authorized: HashSet<Key>,
-    /// Keys refused once, so that each is logged once.
+    /// Keys refused, so that each is logged once (at most [`MAX_REFUSED`]
+    /// remembered: fresh keys cost nothing to make).
     refused: HashSet<Key>,
+    /// Refused keys' lines, one a second at most (throttled).
+    refusals: crate::logging::Throttle,
     hosts: HashMap<HostId, Host>,
     heartbeat: Duration,
     timeout: Duration,
     request_timeout: Option<Duration>,
+    handler: String,
     next_heartbeat: Instant,
     events: Vec<PoolEvent>,
     endpoint: String,
@@ -141,6 +157,12 @@ impl PoolServer {
         router
             .set_router_mandatory(true)
             .map_err(socket_err("ROUTER_MANDATORY"))?;
+        // libzmq takes a frame of whatever size a peer announces, even before
+        // its CURVE handshake is over: this bounds it.
+        router
+            .set_maxmsgsize(i64::try_from(config.max_message).unwrap_or(i64::MAX))
+            .map_err(socket_err("MAXMSGSIZE"))?;
+        router.set_ipv6(true).map_err(socket_err("IPv6"))?;
         let mut zap = None;
         let mut authorized = HashSet::new();
         if let Some((pair, keys)) = &config.curve {
@@ -182,10 +204,12 @@ impl PoolServer {
             zap,
             authorized,
             refused: HashSet::new(),
+            refusals: crate::logging::Throttle::default(),
             hosts: HashMap::new(),
             heartbeat,
             timeout: config.heartbeat_timeout,
             request_timeout: config.request_timeout,
+            handler: config.handler.clone(),
             next_heartbeat: Instant::now() + heartbeat,
             events: Vec::new(),
             endpoint,
@@ -222,6 +246,14 @@ impl PoolServer {
     pub(crate) fn hosts(&self) -> (usize, usize) {
         let ready = self.hosts.values().map(|host| host.ready as usize).sum();
         (self.hosts.len(), ready)
+    }
+
+    /// How many hosts can take requests: joined, not leaving, with credit.
+    pub(crate) fn serving_hosts(&self) -> usize {
+        self.hosts
+            .values()
+            .filter(|host| host.slot.is_some() && !host.leaving && host.credit > 0)
+            .count()
     }
 
     /// Whether a socket may have messages that its (edge-triggered) fd has
@@ -282,7 +314,12 @@ impl PoolServer {
                 frames.push(part.to_vec());
             }
         }
-        Ok(Some((host, address.unwrap_or_else(|| "?".into()), frames)))
+        // The socket takes IPv6 too, so IPv4 peers come as ::ffff:a.b.c.d.
+        let address = address.map_or_else(
+            || "?".to_string(),
+            |a| a.strip_prefix("::ffff:").map_or(a.clone(), str::to_string),
+        );
+        Ok(Some((host, address, frames)))
     }
 
     fn on_message(&mut self, id: HostId, address: String, frames: Vec<Vec<u8>>, now: Instant) {
@@ -307,6 +344,7 @@ impl PoolServer {
             Ok(ToDaemon::Heartbeat) => return,
             Ok(ToDaemon::Credit { credit, ready }) => {
                 host.ready = ready;
+                host.credit = credit;
                 PoolEvent::Credit { slot, credit }
             }
             Ok(ToDaemon::Reply { id, micros, body }) => PoolEvent::Reply {
@@ -365,6 +403,13 @@ impl PoolServer {
                 "its handler ABI is version {abi}, this daemon speaks version {}",
                 gaspard_handler_abi::ABI_VERSION
             ))
+        } else if handler != self.handler {
+            Some(format!(
+                "it runs handler {handler:?}, this daemon runs {:?}",
+                self.handler
+            ))
+        } else if self.hosts.len() >= MAX_HOSTS {
+            Some(format!("{MAX_HOSTS} worker hosts are the most"))
         } else {
             None
         };
@@ -382,6 +427,7 @@ impl PoolServer {
                 address,
                 last_heard: now,
                 ready: 0,
+                credit,
                 leaving: false,
             },
         );
@@ -442,14 +488,19 @@ impl PoolServer {
         }
     }
 
-    /// Forgets a host the workers part is done with (it left).
+    /// Forgets a host that left, once it holds nothing: it is told Bye, so
+    /// that it knows no request of ours is still on its way to it.
     pub(crate) fn forget(&mut self, host: &HostId) {
-        self.hosts.remove(host);
+        if let Some(left) = self.hosts.remove(host) {
+            self.send_quietly(host, ToHost::Bye);
+            log::info!("worker pool: host {} left", left.address);
+        }
     }
 
     /// Heartbeats to every host; hosts not heard from for the timeout are
     /// lost.
     pub(crate) fn on_timers(&mut self, now: Instant) -> Vec<PoolEvent> {
+        self.refusals.flush(now);
         let silent: Vec<HostId> = self
             .hosts
             .iter()
@@ -533,10 +584,10 @@ impl PoolServer {
                 }
             };
             // 1.0, request id, domain, address, identity, mechanism, key.
-            let (version, request_id) = match (frames.first(), frames.get(1)) {
-                (Some(version), Some(id)) => (version.clone(), id.clone()),
-                _ => continue,
-            };
+            // A REP socket must answer every request, malformed or not, or it
+            // takes no more.
+            let version = frames.first().cloned().unwrap_or_else(|| b"1.0".to_vec());
+            let request_id = frames.get(1).cloned().unwrap_or_default();
             let address = frames
                 .get(3)
                 .map(|a| String::from_utf8_lossy(a).into_owned());
@@ -547,11 +598,17 @@ impl PoolServer {
                 && key.is_some_and(|key| self.authorized.contains(&key));
             if !allowed {
                 if let Some(key) = key {
+                    if self.refused.len() >= MAX_REFUSED {
+                        self.refused.clear();
+                    }
                     if self.refused.insert(key) {
-                        log::warn!(
-                            "worker pool: refused a host at {} whose key {} is not in --pool-authorized",
-                            address.as_deref().unwrap_or("?"),
-                            keys::encode(&key)
+                        self.refusals.warn(
+                            Instant::now(),
+                            format_args!(
+                                "worker pool: refused a host at {} whose key {} is not in --pool-authorized",
+                                address.as_deref().unwrap_or("?"),
+                                keys::encode(&key)
+                            ),
                         );
                     }
                 }

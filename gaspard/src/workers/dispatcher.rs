@@ -176,6 +176,10 @@ pub(crate) struct Dispatcher {
     workers: Vec<WorkerLoad>,
     credit: Credit,
     timeout: Option<Duration>,
+    /// How long a worker host may hold a request before it is given up on:
+    /// --timeout (which the host enforces) plus its heartbeat timeout. A
+    /// backstop against a host that heartbeats but never answers.
+    remote_timeout: Option<Duration>,
     next_id: RequestId,
     /// Where the search for an idle worker starts, so work spreads over all of them.
     cursor: usize,
@@ -192,9 +196,15 @@ impl Dispatcher {
                 Credit::Auto => Credit::Auto,
             },
             timeout,
+            remote_timeout: None,
             next_id: 1,
             cursor: 0,
         }
+    }
+
+    /// Sets the backstop for requests held by worker hosts.
+    pub(crate) fn set_remote_timeout(&mut self, timeout: Option<Duration>) {
+        self.remote_timeout = timeout;
     }
 
     /// Changes --timeout for requests that start from now on (a worker
@@ -247,8 +257,12 @@ impl Dispatcher {
             };
             // The clock starts when the worker starts it: only the first
             // request a worker holds is running; others (credit > 1) wait.
+            // A worker host runs what it holds at once, and times it
+            // itself: only a backstop here, from when it is sent.
             let load = &self.workers[slot];
-            let deadline = if load.held.is_empty() && load.remote_credit.is_none() {
+            let deadline = if load.remote_credit.is_some() {
+                self.remote_timeout.map(|t| now + t)
+            } else if load.held.is_empty() {
                 self.timeout.map(|t| now + t)
             } else {
                 None
@@ -1147,6 +1161,20 @@ mod tests {
             (2, 0),
             "a lost host fails all it held"
         );
+    }
+
+    #[test]
+    fn a_worker_host_that_holds_a_request_past_the_backstop_is_given_up_on() {
+        let mut d = Dispatcher::new(Credit::Auto, Some(Duration::from_secs(1)));
+        d.set_remote_timeout(Some(Duration::from_secs(5)));
+        d.open_remote(0, 2);
+        let now = Instant::now();
+        let sent = assign(&mut d, 2, now);
+        assert_eq!(d.next_deadline(), Some(now + Duration::from_secs(5)));
+        assert!(d.expire(now + Duration::from_secs(4)).is_empty());
+        let expired = d.expire(now + Duration::from_secs(6));
+        assert_eq!(expired, vec![(0, sent[0].id, Some(0))]);
+        assert!(d.next_assignment(now).is_none(), "it takes nothing more");
     }
 
     #[test]

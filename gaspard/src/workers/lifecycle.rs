@@ -130,23 +130,7 @@ impl Workers {
         if !self.reload.is_validating() {
             self.supervisor.forget_unused_snapshots(self.generation);
         }
-        if self.supervisor.all_failing() {
-            let queued = self.dispatcher.fail_queued();
-            if !queued.is_empty() {
-                log::error!(
-                    "no worker can serve (the handler keeps failing); resetting {} queued requests",
-                    queued.len()
-                );
-            }
-            for (id, client) in queued {
-                self.fail(
-                    client,
-                    id,
-                    Outcome::refused,
-                    "no worker can serve: the handler keeps failing".to_string(),
-                );
-            }
-        }
+        self.fail_queued_if_none_can_serve();
         self.update_gauges();
         self.update_ready_gauge();
         Ok(())
@@ -239,6 +223,31 @@ impl Workers {
         // failed with it.
         self.take_unannounced(now, true);
         for (slot, id, client) in self.dispatcher.expire(now) {
+            if let (
+                Some(Some(super::Endpoint {
+                    carrier: super::Carrier::Remote(_),
+                    ..
+                })),
+                Some(pool),
+            ) = (self.endpoints.get(slot), &mut self.pool)
+            {
+                // Its host should have failed it at --timeout: it broke
+                // the contract, and what it holds is given up on.
+                if let Some(client) = client {
+                    self.answers.push(Answer::Failure {
+                        client,
+                        id,
+                        outcome: Outcome::timeout,
+                        reason: "request ran past --timeout on a worker host that never failed it"
+                            .to_string(),
+                    });
+                }
+                pool.drop_slot(
+                    slot,
+                    &format!("held request {id} past --timeout and its heartbeat timeout"),
+                );
+                continue;
+            }
             log::error!(
                 "a request ran past --timeout ({:?}) in worker slot {slot}; killing the worker",
                 self.timeout.unwrap_or_default()
@@ -313,6 +322,12 @@ impl Workers {
     /// worker first; only when it is up are the old workers replaced, one at
     /// a time, each finishing its request first. A broken file changes nothing.
     pub(crate) fn start_reload(&mut self) {
+        if self.target == 0 {
+            log::warn!(
+                "SIGHUP ignored: no local workers (--workers 0); worker hosts reload on their own SIGHUP"
+            );
+            return;
+        }
         if self.reload != Reload::Idle {
             log::warn!("SIGHUP ignored: a reload is already under way");
             return;

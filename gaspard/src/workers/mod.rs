@@ -225,6 +225,10 @@ impl Workers {
         let generation = supervisor
             .snapshot_handler()
             .map_err(WorkersError::Snapshot)?;
+        let mut dispatcher = Dispatcher::new(config.credit, config.timeout);
+        if let (Some(pool), Some(timeout)) = (&config.pool, config.timeout) {
+            dispatcher.set_remote_timeout(Some(timeout + pool.heartbeat_timeout));
+        }
         Ok(Workers {
             registry,
             endpoints: Vec::new(),
@@ -234,7 +238,7 @@ impl Workers {
             zmq_pending: false,
             pool,
             supervisor,
-            dispatcher: Dispatcher::new(config.credit, config.timeout),
+            dispatcher,
             reload: Reload::Idle,
             target: config.workers,
             generation,
@@ -269,10 +273,53 @@ impl Workers {
         self.supervisor.ready_count() + self.pool.as_ref().map_or(0, |pool| pool.hosts().1)
     }
 
-    /// Whether every worker slot keeps failing, so that requests are refused
-    /// (see `Supervisor::all_failing`).
+    /// Whether every worker slot keeps failing and no worker host serves,
+    /// so that requests are refused (see `Supervisor::all_failing`).
     pub(crate) fn all_failing(&self) -> bool {
-        self.supervisor.all_failing()
+        self.supervisor.all_failing() && !self.hosts_serve()
+    }
+
+    /// Whether some worker host can take requests.
+    fn hosts_serve(&self) -> bool {
+        self.pool
+            .as_ref()
+            .is_some_and(|pool| pool.serving_hosts() > 0)
+    }
+
+    /// Why no worker can take a request now, if none can: requests would
+    /// wait in the queue for nobody.
+    fn none_can_serve(&self) -> Option<&'static str> {
+        if self.hosts_serve() {
+            None
+        } else if self.target == 0 {
+            Some("no worker host is connected")
+        } else if self.supervisor.all_failing() {
+            Some("the handler keeps failing")
+        } else {
+            None
+        }
+    }
+
+    /// Fails the queued requests if no worker can take them.
+    pub(super) fn fail_queued_if_none_can_serve(&mut self) {
+        let Some(why) = self.none_can_serve() else {
+            return;
+        };
+        let queued = self.dispatcher.fail_queued();
+        if !queued.is_empty() {
+            log::error!(
+                "no worker can serve ({why}); resetting {} queued requests",
+                queued.len()
+            );
+        }
+        for (id, client) in queued {
+            self.answers.push(Answer::Failure {
+                client,
+                id,
+                outcome: Outcome::refused,
+                reason: format!("no worker can serve: {why}"),
+            });
+        }
     }
 
     /// The operator's handler file.
@@ -510,15 +557,16 @@ impl Workers {
                     id,
                     micros,
                     body,
-                } => self.on_reply(
-                    slot,
-                    Message {
+                } => {
+                    let reply = Message {
                         kind: Kind::Reply,
                         micros,
                         value: id,
                         body,
-                    },
-                ),
+                    };
+                    self.on_reply(slot, reply);
+                    self.forget_host_if_done(slot);
+                }
                 PoolEvent::Failed {
                     slot,
                     id,
@@ -538,6 +586,8 @@ impl Workers {
                 }
             }
         }
+        // The last host that could serve may have gone (or have no credit).
+        self.fail_queued_if_none_can_serve();
         self.update_ready_gauge();
     }
 
@@ -551,7 +601,8 @@ impl Workers {
                 value: id,
                 body: reason.into_bytes(),
             };
-            return self.on_reply(slot, message);
+            self.on_reply(slot, message);
+            return self.forget_host_if_done(slot);
         }
         match self.dispatcher.complete(slot, id, 0) {
             Ok(Some(client)) => self.answers.push(Answer::Failure {
@@ -799,11 +850,8 @@ impl Requests for Workers {
                 payload.len()
             ));
         }
-        if self.supervisor.all_failing() {
-            return Err("no worker can take the request: the handler keeps failing".into());
-        }
-        if self.target == 0 && self.pool.as_ref().map_or(true, |pool| pool.hosts().0 == 0) {
-            return Err("no worker can take the request: no worker host is connected".into());
+        if let Some(why) = self.none_can_serve() {
+            return Err(format!("no worker can take the request: {why}"));
         }
         // Requests that idle workers are about to take are not waiting.
         let queued = self.dispatcher.queued();

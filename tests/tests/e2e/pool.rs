@@ -507,3 +507,302 @@ fn across_a_real_network_a_cut_link_costs_the_held_requests_and_the_host_rejoins
     );
     assert!(is_alive(host.pid()), "the same host process rejoined");
 }
+
+/// A request on its own thread, whose result is awaited for at most `limit`.
+fn within(
+    addr: std::net::SocketAddr,
+    payload: &'static [u8],
+) -> std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(request(addr, payload));
+    });
+    rx
+}
+
+#[test]
+fn queued_requests_are_reset_when_the_last_host_is_lost() {
+    let daemon = start(
+        "spin",
+        &[
+            "--workers",
+            "0",
+            "--pool-listen",
+            "tcp://127.0.0.1:*",
+            "--pool-heartbeat-timeout",
+            "1",
+        ],
+    );
+    let host = WorkerHost::start(
+        &pool_endpoint(&daemon),
+        "spin",
+        &["--workers", "1", "--credit-per-worker", "1"],
+    );
+    wait_joined(&daemon, 1);
+    assert_eq!(daemon.request(b"1000").unwrap(), b"ok");
+    let held = within(daemon.addr, b"3000000");
+    std::thread::sleep(Duration::from_millis(300));
+    // The host's credit (1) is used: this one waits in the daemon's queue.
+    let queued = within(daemon.addr, b"1000");
+    std::thread::sleep(Duration::from_millis(300));
+    let workers = children_of(host.pid());
+    // SAFETY: the host process this test started.
+    unsafe { libc::kill(host.pid(), libc::SIGKILL) };
+    daemon.expect_log("requests it held failed");
+    assert!(is_reset(
+        &held.recv_timeout(Duration::from_secs(15)).unwrap()
+    ));
+    wait_gone(&workers, Duration::from_secs(5));
+    let answer = queued.recv_timeout(Duration::from_secs(15));
+    assert!(
+        answer.as_ref().is_ok_and(is_reset),
+        "the queued request, 15 s after the last host was lost: {answer:?}"
+    );
+}
+
+#[test]
+fn queued_requests_are_reset_when_the_last_host_leaves() {
+    let daemon = start(
+        "spin",
+        &["--workers", "0", "--pool-listen", "tcp://127.0.0.1:*"],
+    );
+    let mut host = WorkerHost::start(
+        &pool_endpoint(&daemon),
+        "spin",
+        &["--workers", "1", "--credit-per-worker", "1"],
+    );
+    wait_joined(&daemon, 1);
+    assert_eq!(daemon.request(b"1000").unwrap(), b"ok");
+    let held = within(daemon.addr, b"1000000");
+    std::thread::sleep(Duration::from_millis(300));
+    let queued = within(daemon.addr, b"1000");
+    std::thread::sleep(Duration::from_millis(300));
+    host.signal(libc::SIGTERM);
+    assert_eq!(
+        held.recv_timeout(Duration::from_secs(15)).unwrap().unwrap(),
+        b"ok"
+    );
+    assert!(host.wait_exit(Duration::from_secs(15)).is_some());
+    let answer = queued.recv_timeout(Duration::from_secs(15));
+    assert!(
+        answer.as_ref().is_ok_and(is_reset),
+        "the queued request, 15 s after the last host left: {answer:?}"
+    );
+}
+
+#[test]
+fn sighup_with_workers_0_starts_no_local_worker() {
+    let daemon = start(
+        "echo",
+        &["--workers", "0", "--pool-listen", "tcp://127.0.0.1:*"],
+    );
+    daemon.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        daemon.workers(),
+        Vec::<i32>::new(),
+        "--workers 0, after SIGHUP"
+    );
+}
+
+#[test]
+fn local_workers_failing_do_not_refuse_what_a_host_can_serve() {
+    let daemon = start(
+        "echo",
+        &["--workers", "1", "--pool-listen", "tcp://127.0.0.1:*"],
+    );
+    let _host = WorkerHost::start(&pool_endpoint(&daemon), "echo", &["--workers", "2"]);
+    wait_joined(&daemon, 1);
+    assert_eq!(daemon.request(b"warm").unwrap(), b"warm");
+    // The local worker dies six times without serving: it backs off (1.6 s).
+    let mut last = daemon.wait_for_workers(1, &[], Duration::from_secs(10));
+    for _ in 0..6 {
+        // SAFETY: a worker of the daemon this test started.
+        unsafe { libc::kill(last[0], libc::SIGKILL) };
+        last = daemon.wait_for_workers(1, &last, Duration::from_secs(30));
+    }
+    unsafe { libc::kill(last[0], libc::SIGKILL) };
+    daemon.wait_for_workers(0, &[], Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(100));
+    // The host has two ready workers all along.
+    let answer = daemon.request(b"served elsewhere");
+    assert_eq!(answer.unwrap(), b"served elsewhere");
+}
+
+/// A fake worker host: says Hello with `credit`, then only heartbeats; it
+/// never answers a request. Runs until `stop` is set.
+fn silent_host(
+    endpoint: String,
+    credit: u32,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let context = zmq::Context::new();
+        let dealer = context.socket(zmq::DEALER).unwrap();
+        dealer.set_linger(0).unwrap();
+        dealer.connect(&endpoint).unwrap();
+        let mut head = vec![1u8];
+        head.extend_from_slice(&1u16.to_le_bytes());
+        head.extend_from_slice(&gaspard_handler_abi::ABI_VERSION.to_le_bytes());
+        head.extend_from_slice(&credit.to_le_bytes());
+        dealer
+            .send_multipart([head, b"echo-handler".to_vec()], 0)
+            .unwrap();
+        let mut requests = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if dealer.poll(zmq::POLLIN, 200).unwrap() > 0 {
+                let frames = dealer.recv_multipart(0).unwrap();
+                if frames[0][0] == 13 {
+                    requests += 1;
+                }
+            }
+            dealer.send(&[5u8][..], 0).unwrap();
+        }
+        requests
+    })
+}
+
+#[test]
+fn a_host_that_never_answers_cannot_hold_a_request_forever() {
+    let daemon = start(
+        "echo",
+        &[
+            "--workers",
+            "0",
+            "--timeout",
+            "1",
+            "--pool-listen",
+            "tcp://127.0.0.1:*",
+        ],
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let host = silent_host(pool_endpoint(&daemon), 1, stop.clone());
+    wait_joined(&daemon, 1);
+    let answer = within(daemon.addr, b"anyone there?");
+    // --timeout 1 s, --pool-heartbeat-timeout 3 s: 20 s is far past both.
+    let result = answer.recv_timeout(Duration::from_secs(20));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = host.join().unwrap();
+    assert_eq!(sent, 1, "the request went to the silent host");
+    assert!(
+        result.as_ref().is_ok_and(is_reset),
+        "a request held by a host that heartbeats but never answers, 20 s on (--timeout 1): {result:?}"
+    );
+    daemon.expect_log("past --timeout and its heartbeat timeout");
+}
+
+#[test]
+fn a_host_leaving_gracefully_under_load_costs_no_request() {
+    let daemon = start(
+        "echo",
+        &["--workers", "0", "--pool-listen", "tcp://127.0.0.1:*"],
+    );
+    let endpoint = pool_endpoint(&daemon);
+    let mut leaving = WorkerHost::start(&endpoint, "echo", &["--workers", "2"]);
+    let _staying = WorkerHost::start(&endpoint, "echo", &["--workers", "2"]);
+    wait_joined(&daemon, 2);
+    std::thread::sleep(Duration::from_millis(500));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let addr = daemon.addr;
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match request(addr, b"ping") {
+                        Ok(reply) if reply == b"ping" => ok += 1,
+                        other => failed.push(format!("{other:?}")),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1000));
+    leaving.signal(libc::SIGTERM);
+    assert!(leaving.wait_exit(Duration::from_secs(15)).is_some());
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for client in clients {
+        let (o, f) = client.join().unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    let resets: Vec<String> = daemon
+        .log
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("reset") || l.contains("stopping"))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{ok} served, {} failed while a host left gracefully: {:?}\n{}",
+        failed.len(),
+        &failed[..failed.len().min(3)],
+        resets.join("\n")
+    );
+}
+
+#[test]
+fn a_host_running_another_handler_is_refused() {
+    let daemon = start(
+        "echo",
+        &["--workers", "0", "--pool-listen", "tcp://127.0.0.1:*"],
+    );
+    let _host = WorkerHost::start(&pool_endpoint(&daemon), "upper", &["--workers", "1"]);
+    std::thread::sleep(Duration::from_secs(3));
+    daemon.expect_log("it runs handler \"upper-handler\", this daemon runs \"echo-handler\"");
+    let reply = daemon.request(b"hello");
+    assert!(
+        is_reset(&reply),
+        "a daemon serving \"echo\" answered through a host running another handler: {reply:?}"
+    );
+}
+
+#[test]
+fn unauthorized_peers_with_fresh_keys_cannot_flood_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon_key, daemon_pub) = keygen(dir.path(), "daemon");
+    let (_, host_pub) = keygen(dir.path(), "host");
+    let daemon = start(
+        "echo",
+        &[
+            "--workers",
+            "1",
+            "--pool-listen",
+            "tcp://127.0.0.1:*",
+            "--pool-key",
+            &daemon_key,
+            "--pool-authorized",
+            &host_pub,
+        ],
+    );
+    let endpoint = pool_endpoint(&daemon);
+    let server = std::fs::read_to_string(&daemon_pub).unwrap();
+    let server = zmq::z85_decode(server.split_whitespace().next().unwrap()).unwrap();
+    let context = zmq::Context::new();
+    let mut sockets = Vec::new();
+    for _ in 0..200 {
+        let pair = zmq::CurveKeyPair::new().unwrap();
+        let socket = context.socket(zmq::DEALER).unwrap();
+        socket.set_linger(0).unwrap();
+        socket.set_curve_serverkey(&server).unwrap();
+        socket.set_curve_publickey(&pair.public_key).unwrap();
+        socket.set_curve_secretkey(&pair.secret_key).unwrap();
+        socket.connect(&endpoint).unwrap();
+        sockets.push(socket);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let refused = daemon
+        .log
+        .lines()
+        .iter()
+        .filter(|l| l.contains("not in --pool-authorized"))
+        .count();
+    assert!(
+        refused <= 10,
+        "{refused} warning lines from 200 unauthorized connection attempts"
+    );
+}
