@@ -193,12 +193,11 @@ const LISTENING: &str = "listening on ";
 const METRICS_UP: &str = "serving metrics on http://";
 
 /// The address in a `listening on ADDR …` line.
-fn listening_addr(line: &str) -> SocketAddr {
+fn listening_addr(line: &str) -> Option<SocketAddr> {
     line.split(LISTENING)
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|addr| addr.parse().ok())
-        .expect("the listening line names the address")
 }
 
 /// Starts `gaspard` as systemd does with socket activation: `listener` as
@@ -302,15 +301,18 @@ fn spawn_from(
             let addr = if until == LISTENING {
                 listening_addr(&line)
             } else {
-                SocketAddr::from(([0, 0, 0, 0], 0))
+                Some(SocketAddr::from(([0, 0, 0, 0], 0)))
             };
-            return Ok(Daemon {
+            // The guard first, so that a failed test still stops the daemon.
+            let mut daemon = Daemon {
                 child,
-                addr,
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
                 log,
                 runtime_parent,
                 log_thread: Some(log_thread),
-            });
+            };
+            daemon.addr = addr.unwrap_or_else(|| panic!("no address in {line:?}"));
+            return Ok(daemon);
         }
         if let Ok(Some(status)) = child.try_wait() {
             let _ = log_thread.join();
@@ -413,7 +415,7 @@ impl Daemon {
             .log
             .wait_for(LISTENING, START_TIMEOUT)
             .unwrap_or_else(|| panic!("never served:\n{}", self.log.lines().join("\n")));
-        self.addr = listening_addr(&line);
+        self.addr = listening_addr(&line).unwrap_or_else(|| panic!("no address in {line:?}"));
     }
 
     /// Asks the health endpoint (`GET /healthz` over HTTP/1.1 with a Host
