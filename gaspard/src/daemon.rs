@@ -468,13 +468,8 @@ impl Daemon {
         for signal in pending {
             let serving = self.phase == Phase::Serving;
             match signal {
-                SIGCHLD => self.workers.on_exits()?,
                 SIGTERM | SIGINT => self.on_stop_signal(signal),
-                SIGHUP if serving => self.workers.start_reload(),
-                SIGHUP => log::warn!("SIGHUP ignored: not serving"),
-                SIGTTIN if serving => self.workers.scale(1),
-                SIGTTOU if serving => self.workers.scale(-1),
-                _ => {}
+                other => self.workers.on_signal(other, serving)?,
             }
         }
         Ok(())

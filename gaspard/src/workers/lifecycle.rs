@@ -290,6 +290,22 @@ impl Workers {
         self.dispatcher.set_timeout(timeout);
     }
 
+    /// A signal meant for the workers: SIGCHLD (deaths), and while
+    /// `serving`, SIGHUP (reload), SIGTTIN and SIGTTOU (one more, one
+    /// fewer). Others are the caller's.
+    pub(crate) fn on_signal(&mut self, signal: i32, serving: bool) -> Result<(), WorkersError> {
+        use signal_hook::consts::{SIGCHLD, SIGHUP, SIGTTIN, SIGTTOU};
+        match signal {
+            SIGCHLD => self.on_exits()?,
+            SIGHUP if serving => self.start_reload(),
+            SIGHUP => log::warn!("SIGHUP ignored: not serving"),
+            SIGTTIN if serving => self.scale(1),
+            SIGTTOU if serving => self.scale(-1),
+            _ => {}
+        }
+        Ok(())
+    }
+
     /// SIGTTIN (+1) / SIGTTOU (-1): one more or one fewer worker.
     pub(crate) fn scale(&mut self, delta: i32) {
         if delta > 0 {

@@ -520,8 +520,19 @@ fn within(
     rx
 }
 
-#[test]
-fn queued_requests_are_reset_when_the_last_host_is_lost() {
+/// A daemon served by one host with room for one request (`--workers 1
+/// --credit-per-worker 1`), that host running a spin of `held_micros`, and a
+/// second request waiting in the daemon's queue behind it: (daemon, host,
+/// the held request, the queued one).
+#[allow(clippy::type_complexity)]
+fn one_held_one_queued(
+    held_micros: &'static [u8],
+) -> (
+    Daemon,
+    WorkerHost,
+    std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+) {
     let daemon = start(
         "spin",
         &[
@@ -540,11 +551,17 @@ fn queued_requests_are_reset_when_the_last_host_is_lost() {
     );
     wait_joined(&daemon, 1);
     assert_eq!(daemon.request(b"1000").unwrap(), b"ok");
-    let held = within(daemon.addr, b"3000000");
+    let held = within(daemon.addr, held_micros);
     std::thread::sleep(Duration::from_millis(300));
     // The host's credit (1) is used: this one waits in the daemon's queue.
     let queued = within(daemon.addr, b"1000");
     std::thread::sleep(Duration::from_millis(300));
+    (daemon, host, held, queued)
+}
+
+#[test]
+fn queued_requests_are_reset_when_the_last_host_is_lost() {
+    let (daemon, host, held, queued) = one_held_one_queued(b"3000000");
     let workers = children_of(host.pid());
     // SAFETY: the host process this test started.
     unsafe { libc::kill(host.pid(), libc::SIGKILL) };
@@ -562,21 +579,7 @@ fn queued_requests_are_reset_when_the_last_host_is_lost() {
 
 #[test]
 fn queued_requests_are_reset_when_the_last_host_leaves() {
-    let daemon = start(
-        "spin",
-        &["--workers", "0", "--pool-listen", "tcp://127.0.0.1:*"],
-    );
-    let mut host = WorkerHost::start(
-        &pool_endpoint(&daemon),
-        "spin",
-        &["--workers", "1", "--credit-per-worker", "1"],
-    );
-    wait_joined(&daemon, 1);
-    assert_eq!(daemon.request(b"1000").unwrap(), b"ok");
-    let held = within(daemon.addr, b"1000000");
-    std::thread::sleep(Duration::from_millis(300));
-    let queued = within(daemon.addr, b"1000");
-    std::thread::sleep(Duration::from_millis(300));
+    let (_daemon, mut host, held, queued) = one_held_one_queued(b"1000000");
     host.signal(libc::SIGTERM);
     assert_eq!(
         held.recv_timeout(Duration::from_secs(15)).unwrap().unwrap(),
