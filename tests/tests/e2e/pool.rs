@@ -2,8 +2,8 @@
 //! hosts (`gaspard worker --connect`) as separate processes.
 
 use gaspard_tests::{
-    children_of, gaspard_bin, handler, is_alive, is_reset, request, start, wait_gone, Daemon,
-    WorkerHost,
+    children_of, gaspard_bin, handler, is_alive, is_reset, proc_state, request, start, wait_gone,
+    Daemon, WorkerHost,
 };
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -17,6 +17,22 @@ fn pool_endpoint(daemon: &Daemon) -> String {
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("no endpoint in {line:?}"))
         .to_string()
+}
+
+/// Waits (up to 20 s) until every one of `pids` runs a request (a spinning
+/// worker is running or runnable; an idle one sleeps in read).
+fn wait_running(pids: &[i32]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pids
+        .iter()
+        .all(|&pid| proc_state(pid).is_some_and(|(state, _)| state == 'R'))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{pids:?} never all ran a request"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Waits (up to 20 s) until the daemon has logged `n` hosts joining.
@@ -101,7 +117,7 @@ fn a_remote_worker_killed_costs_exactly_its_request_and_is_replaced() {
     assert_eq!(daemon.request(b"1000").unwrap(), b"ok");
     let long = [spin(daemon.addr, 3_000_000), spin(daemon.addr, 3_000_000)];
     // Both run, one on each worker: kill one.
-    std::thread::sleep(Duration::from_millis(500));
+    wait_running(&workers);
     // SAFETY: a pid of a worker process this test's host started.
     unsafe { libc::kill(workers[0], libc::SIGKILL) };
     let results: Vec<_> = long.into_iter().map(|t| t.join().unwrap()).collect();
@@ -141,8 +157,8 @@ fn a_killed_worker_host_costs_its_requests_within_the_heartbeat_timeout() {
     // Three long requests: the local worker takes one (its credit is 1
     // until it has timed a call), the host the other two.
     let long: Vec<_> = (0..3).map(|_| spin(daemon.addr, 4_000_000)).collect();
-    std::thread::sleep(Duration::from_millis(500));
-    let workers = children_of(host.pid());
+    let workers = host.workers(2);
+    wait_running(&workers);
     // SAFETY: the host process this test started.
     unsafe { libc::kill(host.pid(), libc::SIGKILL) };
     let killed = Instant::now();
@@ -552,7 +568,7 @@ fn one_held_one_queued(
     wait_joined(&daemon, 1);
     assert_eq!(daemon.request(b"1000").unwrap(), b"ok");
     let held = within(daemon.addr, held_micros);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_running(&host.workers(1));
     // The host's credit (1) is used: this one waits in the daemon's queue.
     let queued = within(daemon.addr, b"1000");
     std::thread::sleep(Duration::from_millis(300));
