@@ -825,3 +825,15 @@ fn unauthorized_peers_with_fresh_keys_cannot_flood_the_log() {
         "{refused} warning lines from 200 unauthorized connection attempts"
     );
 }
+
+#[test]
+fn the_build_under_test_has_curve_from_its_own_libzmq() {
+    // Built by libzmq-curve with libsodium, not a system package: the pool
+    // tests with keys above run on this build.
+    let (status, out, err) = gaspard_tests::run_gaspard(&["--version"]);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{err}");
+    assert!(
+        out.contains("libzmq 4.3.4, CURVE on, built with libsodium"),
+        "{out}"
+    );
+}
