@@ -202,7 +202,7 @@ fn serve(args: &WorkerArgs) -> Result<(), WorkerError> {
         }
         LinkArgs::Zmq { requests, replies } => {
             // Made here, after exec: a zmq context never crosses a fork.
-            let mut link = WorkerZmq::connect(requests, replies, args.incarnation)?;
+            let mut link = WorkerZmq::connect(requests, replies, args.slot, args.incarnation)?;
             serve_on(args, &claims, &mut link)
         }
     }

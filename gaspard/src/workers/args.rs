@@ -41,6 +41,8 @@ pub struct WorkerArgs {
     /// Its claims (`claims.rs`), a memfd inherited open.
     pub claims_fd: RawFd,
     pub incarnation: u64,
+    /// The slot it runs in (its place in the daemon's tables).
+    pub slot: usize,
     pub daemon_pid: i32,
     /// The operator's handler file, as named in messages.
     pub handler: PathBuf,
@@ -60,6 +62,7 @@ impl WorkerArgs {
             },
             claims_fd: -1,
             incarnation: 0,
+            slot: 0,
             daemon_pid: std::process::id() as i32,
             handler,
             load_from: PathBuf::new(),
@@ -83,6 +86,7 @@ impl WorkerArgs {
             replies.into(),
             self.claims_fd.to_string().into(),
             self.incarnation.to_string().into(),
+            self.slot.to_string().into(),
             self.daemon_pid.to_string().into(),
             self.handler.clone().into(),
             self.load_from.clone().into(),
@@ -122,6 +126,7 @@ impl WorkerArgs {
         };
         let claims_fd: RawFd = number(next("claims fd")?, "claims fd")?;
         let incarnation: u64 = number(next("incarnation")?, "incarnation")?;
+        let slot: usize = number(next("slot")?, "slot")?;
         let daemon_pid: i32 = number(next("daemon pid")?, "daemon pid")?;
         let handler = PathBuf::from(next("handler")?);
         let load_from = PathBuf::from(next("handler snapshot")?);
@@ -130,6 +135,7 @@ impl WorkerArgs {
             link,
             claims_fd,
             incarnation,
+            slot,
             daemon_pid,
             handler,
             load_from,
@@ -147,6 +153,7 @@ mod tests {
             link,
             claims_fd: 5,
             incarnation: 7,
+            slot: 3,
             ..WorkerArgs::template("h.so".into(), String::new())
         };
         let written = args.to_args();
@@ -168,8 +175,13 @@ mod tests {
         ] {
             let parsed = round_trip(link.clone());
             assert_eq!(
-                (parsed.link, parsed.claims_fd, parsed.incarnation),
-                (link, 5, 7)
+                (
+                    parsed.link,
+                    parsed.claims_fd,
+                    parsed.incarnation,
+                    parsed.slot
+                ),
+                (link, 5, 7, 3)
             );
         }
     }
@@ -178,11 +190,11 @@ mod tests {
     fn an_unknown_link_or_a_negative_fd_is_refused() {
         let parse = |args: &[&str]| WorkerArgs::parse(args.iter().map(Into::into));
         assert!(matches!(
-            parse(&["tcp", "a", "b", "5", "7", "1", "h", "s"]),
+            parse(&["tcp", "a", "b", "5", "7", "0", "1", "h", "s"]),
             Err(ArgsError::Bad("link"))
         ));
         assert!(matches!(
-            parse(&["local", "-3", "4", "5", "7", "1", "h", "s"]),
+            parse(&["local", "-3", "4", "5", "7", "0", "1", "h", "s"]),
             Err(ArgsError::Bad("requests fd"))
         ));
     }

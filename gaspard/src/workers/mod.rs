@@ -662,14 +662,19 @@ impl Workers {
                     return Ok(());
                 }
             };
-            let zmq_link::Received::Frame { incarnation, frame } = received else {
+            let zmq_link::Received::Frame {
+                slot,
+                incarnation,
+                frame,
+            } = received
+            else {
                 log::warn!("dropped a message on the zmq replies socket that names no worker");
                 continue;
             };
-            let Some(slot) = self.supervisor.slot_of(incarnation) else {
+            if self.supervisor.incarnation_of(slot) != Some(incarnation) {
                 log::debug!("dropped a message from worker {incarnation}, which is gone");
                 continue;
-            };
+            }
             match frame {
                 Ok(message) => self.on_message(slot, message)?,
                 Err(e) => self.abandon_worker(slot, &format!("sent garbage: {e}")),

@@ -292,6 +292,7 @@ impl Supervisor {
             link: link_args,
             claims_fd: claims_fd.as_raw_fd(),
             incarnation,
+            slot,
             load_from: snapshot,
             ..self.template.clone()
         };
@@ -347,11 +348,6 @@ impl Supervisor {
             }
             _ => None,
         }
-    }
-
-    /// The slot that worker `incarnation` runs (or starts) in.
-    pub(crate) fn slot_of(&self, incarnation: u64) -> Option<usize> {
-        (0..self.slots.len()).find(|&slot| self.incarnation_of(slot) == Some(incarnation))
     }
 
     /// How many workers serve (ready, and not being stopped).

@@ -9,7 +9,9 @@
 //! request sent before the worker has bound waits in the daemon's queue
 //! instead of failing (a bound PUSH with no peer has nowhere to put it).
 //! Replies from every worker come back on one PULL socket the daemon binds,
-//! as two-part messages: the worker's incarnation (8 bytes, little-endian),
+//! as two-part messages: the worker's tag (its slot, u32, then its
+//! incarnation, u64, little-endian; the slot finds it, the incarnation
+//! proves it is the slot's current worker),
 //! then a frame of the local link's format (`link.rs`: header, body). A
 //! frame from an incarnation that is gone is dropped; one that breaks the
 //! format breaks that worker's link, as on the local link.
@@ -81,8 +83,9 @@ pub(super) struct ZmqHub {
 
 /// A message read from the replies socket.
 pub(super) enum Received {
-    /// From worker `incarnation`: a frame, or why it is not one.
+    /// From worker `incarnation` in `slot`: a frame, or why it is not one.
     Frame {
+        slot: usize,
         incarnation: u64,
         frame: io::Result<Message>,
     },
@@ -170,14 +173,32 @@ impl ZmqHub {
         let [tag, frame] = parts.as_slice() else {
             return Ok(Some(Received::Untagged));
         };
-        let Ok(tag) = <[u8; 8]>::try_from(tag.as_slice()) else {
+        let Some((slot, incarnation)) = untag(tag) else {
             return Ok(Some(Received::Untagged));
         };
         Ok(Some(Received::Frame {
-            incarnation: u64::from_le_bytes(tag),
+            slot,
+            incarnation,
             frame: parse_frame(frame),
         }))
     }
+}
+
+/// A worker's tag: its slot and incarnation.
+fn tag(slot: usize, incarnation: u64) -> [u8; TAG_LEN] {
+    let mut tag = [0; TAG_LEN];
+    tag[..4].copy_from_slice(&u32::try_from(slot).unwrap_or(u32::MAX).to_le_bytes());
+    tag[4..].copy_from_slice(&incarnation.to_le_bytes());
+    tag
+}
+
+/// The slot and incarnation of a tag, if it is one.
+fn untag(bytes: &[u8]) -> Option<(usize, u64)> {
+    let bytes: &[u8; TAG_LEN] = bytes.try_into().ok()?;
+    let (slot, incarnation) = bytes.split_at(4);
+    let slot = u32::from_le_bytes(slot.try_into().ok()?);
+    let incarnation = u64::from_le_bytes(incarnation.try_into().ok()?);
+    Some((usize::try_from(slot).ok()?, incarnation))
 }
 
 /// A frame from a worker, copied out of its message.
@@ -247,10 +268,13 @@ impl Drop for ZmqLink {
 pub(crate) struct WorkerZmq {
     requests: zmq::Socket,
     replies: zmq::Socket,
-    incarnation: [u8; 8],
+    tag: [u8; TAG_LEN],
     // Last: dropped after the sockets, waiting for what they still send.
     _context: zmq::Context,
 }
+
+/// A reply's tag: the worker's slot (u32) and incarnation (u64).
+const TAG_LEN: usize = 12;
 
 /// How long a worker's last replies may take to leave when it stops.
 const WORKER_LINGER_MS: i32 = 2000;
@@ -259,6 +283,7 @@ impl WorkerZmq {
     pub(crate) fn connect(
         requests: &str,
         replies: &str,
+        slot: usize,
         incarnation: u64,
     ) -> Result<WorkerZmq, ZmqLinkError> {
         let context = zmq::Context::new();
@@ -278,7 +303,7 @@ impl WorkerZmq {
         Ok(WorkerZmq {
             requests: pull,
             replies: push,
-            incarnation: incarnation.to_le_bytes(),
+            tag: tag(slot, incarnation),
             _context: context,
         })
     }
@@ -300,7 +325,7 @@ impl WorkerZmq {
 
     /// Sends `frame` (a header and its body), tagged with this worker.
     pub(crate) fn send(&self, frame: &[u8]) -> io::Result<()> {
-        self.replies.send(&self.incarnation[..], zmq::SNDMORE)?;
+        self.replies.send(&self.tag[..], zmq::SNDMORE)?;
         self.replies.send(frame, 0)?;
         Ok(())
     }
@@ -380,7 +405,7 @@ mod tests {
         let LinkArgs::Zmq { requests, replies } = args else {
             panic!("{args:?}")
         };
-        let worker = WorkerZmq::connect(&requests, &replies, 9).unwrap();
+        let worker = WorkerZmq::connect(&requests, &replies, 4, 9).unwrap();
         let message = loop {
             if let Some(m) = worker.recv(std::time::Duration::from_secs(5)).unwrap() {
                 break m;
@@ -398,13 +423,26 @@ mod tests {
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         };
-        let Received::Frame { incarnation, frame } = received else {
+        let Received::Frame {
+            slot,
+            incarnation,
+            frame,
+        } = received
+        else {
             panic!("untagged")
         };
         let frame = frame.unwrap();
         assert_eq!(
-            (incarnation, frame.value, &frame.body[..]),
-            (9, 5, &b"ok"[..])
+            (slot, incarnation, frame.value, &frame.body[..]),
+            (4, 9, 5, &b"ok"[..])
         );
+    }
+
+    #[test]
+    fn only_a_tag_of_a_slot_and_an_incarnation_names_a_worker() {
+        assert_eq!(untag(&tag(4, 9)), Some((4, 9)));
+        assert_eq!(untag(&tag(0, u64::MAX)), Some((0, u64::MAX)));
+        assert_eq!(untag(&[0; 8]), None, "an incarnation alone");
+        assert_eq!(untag(&[0; TAG_LEN + 1]), None);
     }
 }
