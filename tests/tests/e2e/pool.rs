@@ -648,11 +648,13 @@ fn local_workers_failing_do_not_refuse_what_a_host_can_serve() {
     assert_eq!(answer.unwrap(), b"served elsewhere");
 }
 
-/// A fake worker host: says Hello with `credit`, then only heartbeats; it
-/// never answers a request. Runs until `stop` is set.
-fn silent_host(
+/// A fake worker host: says Hello with `credit`, then heartbeats; to each
+/// request it answers `answer` (a message's frames), or nothing if `None`.
+/// Runs until `stop` is set; returns how many requests it got.
+fn fake_host(
     endpoint: String,
     credit: u32,
+    answer: Option<Vec<Vec<u8>>>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> std::thread::JoinHandle<usize> {
     std::thread::spawn(move || {
@@ -673,6 +675,9 @@ fn silent_host(
                 let frames = dealer.recv_multipart(0).unwrap();
                 if frames[0][0] == 13 {
                     requests += 1;
+                    if let Some(answer) = &answer {
+                        dealer.send_multipart(answer, 0).unwrap();
+                    }
                 }
             }
             dealer.send(&[5u8][..], 0).unwrap();
@@ -695,7 +700,7 @@ fn a_host_that_never_answers_cannot_hold_a_request_forever() {
         ],
     );
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let host = silent_host(pool_endpoint(&daemon), 1, stop.clone());
+    let host = fake_host(pool_endpoint(&daemon), 1, None, stop.clone());
     wait_joined(&daemon, 1);
     let answer = within(daemon.addr, b"anyone there?");
     // --timeout 1 s, --pool-heartbeat-timeout 3 s: 20 s is far past both.
@@ -836,4 +841,43 @@ fn the_build_under_test_has_curve_from_its_own_libzmq() {
         out.contains("libzmq 4.3.4, CURVE on, built with libsodium"),
         "{out}"
     );
+}
+
+#[test]
+fn a_host_that_sends_garbage_is_dropped_and_its_request_reset() {
+    let daemon = start(
+        "echo",
+        &[
+            "--workers",
+            "0",
+            "--pool-listen",
+            "tcp://127.0.0.1:*",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // An unknown message type where a reply should be.
+    let garbage = vec![vec![99u8, 1, 2, 3]];
+    let host = fake_host(pool_endpoint(&daemon), 1, Some(garbage), stop.clone());
+    wait_joined(&daemon, 1);
+    let result = within(daemon.addr, b"a request").recv_timeout(Duration::from_secs(20));
+    let line = daemon.expect_log("requests it held failed");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(host.join().unwrap(), 1, "the request went to the host");
+    assert!(
+        result.as_ref().is_ok_and(is_reset),
+        "the request the garbling host held: {result:?}"
+    );
+    assert!(
+        line.contains("it sent a message that does not parse"),
+        "{line}"
+    );
+    assert!(line.contains("; 1 requests it held failed"), "{line}");
+    let scrape = daemon.scrape();
+    let lost = scrape
+        .lines()
+        .find(|l| l.starts_with("gaspard_pool_hosts_lost_total{cause=\"protocol\"}"))
+        .unwrap_or_else(|| panic!("{scrape}"));
+    assert!(lost.ends_with(" 1"), "{lost}");
 }
