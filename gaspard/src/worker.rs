@@ -11,7 +11,7 @@ use crate::plugin::Plugin;
 pub use crate::workers::args::{ArgsError, LinkArgs, WorkerArgs, WORKER_ARG};
 use crate::workers::claims::{Claims, Ticket};
 use crate::workers::link::{self, Header, Kind, RingWriter, HEADER_LEN};
-use crate::workers::zmq_link::{self, WorkerZmq, ZmqLinkError};
+use crate::workers::zmq_link::{WorkerZmq, ZmqLinkError};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -197,6 +197,7 @@ fn serve(args: &WorkerArgs) -> Result<(), WorkerError> {
                 pipe: &pipe,
                 socket: &socket,
                 ring: RingWriter::new(claims.ring()),
+                payload: Vec::new(),
             };
             serve_on(args, &claims, &mut link)
         }
@@ -209,9 +210,9 @@ fn serve(args: &WorkerArgs) -> Result<(), WorkerError> {
 }
 
 /// What a worker waits for next.
-enum Incoming {
-    /// A request: its header, its payload read into the caller's buffer.
-    Request(Header),
+enum Incoming<'a> {
+    /// A request: its header and its payload, where the link holds it.
+    Request(Header, &'a [u8]),
     /// Nothing within [`STOP_CHECK`].
     Idle,
     /// The daemon closed the link.
@@ -220,8 +221,9 @@ enum Incoming {
 
 /// A worker's end of its link, whatever carries it.
 trait WorkerLink {
-    /// The next request, its payload read into `payload` (reused).
-    fn next(&mut self, payload: &mut Vec<u8>) -> Result<Incoming, WorkerError>;
+    /// The next request; its payload is borrowed from the link until the
+    /// next call (no copy where the link has it in a buffer already).
+    fn next(&mut self) -> Result<Incoming<'_>, WorkerError>;
     /// Sends `frame`, a header and its body. A reply may wait (in shared
     /// memory) to leave with the next ones: see [`WorkerLink::flush`].
     fn send(&mut self, frame: &[u8]) -> std::io::Result<()>;
@@ -260,11 +262,10 @@ fn serve_on(
     let pid = std::process::id().to_string();
     send(link, Kind::Ready, args.incarnation, pid.as_bytes())?;
 
-    let mut payload = Vec::new();
     let mut spare = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        let header = match link.next(&mut payload)? {
-            Incoming::Request(header) => header,
+        let (header, payload) = match link.next()? {
+            Incoming::Request(header, payload) => (header, payload),
             Incoming::Idle => continue,
             // The daemon is gone: nobody is left to answer.
             Incoming::Closed => break,
@@ -282,7 +283,7 @@ fn serve_on(
             continue;
         }
         let started = Instant::now();
-        let outcome = plugin.handle(&payload, |len| reply_buffer(&mut spare, len));
+        let outcome = plugin.handle(payload, |len| reply_buffer(&mut spare, len));
         let micros = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
         // Each reply leaves (or, on the local link, is in the shared reply
         // ring) before the next request is claimed: if this worker dies, its
@@ -305,12 +306,11 @@ fn serve_on(
                 link.send(&frame)?;
             }
         }
-        // Buffers are reused between requests, but one large request must
-        // not keep its memory for the worker's whole life.
-        for buffer in [&mut payload, &mut spare] {
-            if buffer.capacity() > KEEP_BUFFER {
-                *buffer = Vec::new();
-            }
+        // Buffers are reused between requests, but one large reply must not
+        // keep its memory for the worker's whole life (see `LocalEnds::next`
+        // for requests).
+        if spare.capacity() > KEEP_BUFFER {
+            spare = Vec::new();
         }
     }
     log::debug!("worker {}: stopping", args.incarnation);
@@ -335,6 +335,8 @@ struct LocalEnds<'a> {
     pipe: &'a File,
     socket: &'a UnixStream,
     ring: RingWriter<'a>,
+    /// The request being run, read here (reused, freed when large).
+    payload: Vec<u8>,
 }
 
 impl LocalEnds<'_> {
@@ -358,7 +360,11 @@ impl LocalEnds<'_> {
 }
 
 impl WorkerLink for LocalEnds<'_> {
-    fn next(&mut self, payload: &mut Vec<u8>) -> Result<Incoming, WorkerError> {
+    fn next(&mut self) -> Result<Incoming<'_>, WorkerError> {
+        // One large request must not keep its memory for the worker's life.
+        if self.payload.capacity() > KEEP_BUFFER {
+            self.payload = Vec::new();
+        }
         // Nothing left to run without waiting: the replies go now.
         if !self.request_buffered() {
             self.announce()?;
@@ -375,8 +381,8 @@ impl WorkerLink for LocalEnds<'_> {
         if header.kind != Kind::Request {
             return Err(WorkerError::UnexpectedFrame(header.kind));
         }
-        read_payload(&mut self.reader, header.len, payload)?;
-        Ok(Incoming::Request(header))
+        read_payload(&mut self.reader, header.len, &mut self.payload)?;
+        Ok(Incoming::Request(header, &self.payload))
     }
 
     /// A reply goes into the ring, and after a quick call is announced with
@@ -413,14 +419,11 @@ impl WorkerLink for LocalEnds<'_> {
 }
 
 impl WorkerLink for WorkerZmq {
-    fn next(&mut self, payload: &mut Vec<u8>) -> Result<Incoming, WorkerError> {
-        let Some(message) = self.recv(STOP_CHECK)? else {
-            return Ok(Incoming::Idle);
-        };
-        let (header, body) = zmq_link::request_of(&message)?;
-        payload.clear();
-        payload.extend_from_slice(body);
-        Ok(Incoming::Request(header))
+    fn next(&mut self) -> Result<Incoming<'_>, WorkerError> {
+        Ok(match self.next_request(STOP_CHECK)? {
+            Some((header, payload)) => Incoming::Request(header, payload),
+            None => Incoming::Idle,
+        })
     }
 
     fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {

@@ -269,6 +269,8 @@ pub(crate) struct WorkerZmq {
     requests: zmq::Socket,
     replies: zmq::Socket,
     tag: [u8; TAG_LEN],
+    /// The request being run: its payload is read in place, not copied.
+    request: Option<zmq::Message>,
     // Last: dropped after the sockets, waiting for what they still send.
     _context: zmq::Context,
 }
@@ -304,12 +306,26 @@ impl WorkerZmq {
             requests: pull,
             replies: push,
             tag: tag(slot, incarnation),
+            request: None,
             _context: context,
         })
     }
 
+    /// Waits up to `timeout` for the next request: its header and payload
+    /// (in the message, kept until the next call); `None` if none came.
+    pub(crate) fn next_request(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> io::Result<Option<(link::Header, &[u8])>> {
+        self.request = self.recv(timeout)?;
+        match &self.request {
+            Some(message) => request_of(message).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Waits up to `timeout` for a request message; `None` if none came.
-    pub(crate) fn recv(&self, timeout: std::time::Duration) -> io::Result<Option<zmq::Message>> {
+    fn recv(&self, timeout: std::time::Duration) -> io::Result<Option<zmq::Message>> {
         let millis = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
         match self.requests.poll(zmq::POLLIN, millis) {
             Ok(0) | Err(zmq::Error::EINTR) => return Ok(None),
@@ -332,7 +348,7 @@ impl WorkerZmq {
 }
 
 /// A request message's header, checked as the worker reads it.
-pub(crate) fn request_of(message: &[u8]) -> io::Result<(link::Header, &[u8])> {
+fn request_of(message: &[u8]) -> io::Result<(link::Header, &[u8])> {
     let frame = split_frame(message)?;
     if frame.0.kind != Kind::Request {
         return Err(io::Error::new(
