@@ -230,6 +230,7 @@ impl Daemon {
                 max_queue: config.max_queue,
                 timeout: config.timeout,
                 link: config.link,
+                max_request_size: config.max_request_size as usize,
                 pool: pool_config(&config)?,
             },
             Arc::clone(&metrics),

@@ -8,6 +8,7 @@
 //! go back the same way.
 
 use crate::plugin::Plugin;
+use crate::workers::areas::{self, AreaBuffer, ReplyArea};
 pub use crate::workers::args::{ArgsError, LinkArgs, WorkerArgs, WORKER_ARG};
 use crate::workers::claims::{Claims, Ticket};
 use crate::workers::link::{self, Header, Kind, RingWriter, HEADER_LEN};
@@ -54,6 +55,8 @@ pub enum WorkerError {
     UnexpectedFrame(Kind),
     #[error("request {id} came with claim ticket {bits:#x}")]
     BadTicket { id: u64, bits: u32 },
+    #[error("request {id} is said to lie outside the request area")]
+    BadArea { id: u64 },
     #[error("cannot watch for SIGTERM: {0}")]
     Signals(std::io::Error),
     #[error(transparent)]
@@ -65,28 +68,45 @@ pub enum WorkerError {
     Io(#[from] std::io::Error),
 }
 
-/// A reply the handler writes into, with room in front for the frame
-/// header so that header and reply leave in one `write`.
-struct ReplyBuffer(Vec<u8>);
+/// A reply the handler writes into.
+enum ReplyBuffer {
+    /// In the worker's own memory, with room in front for the frame header
+    /// so that header and reply leave in one `write`.
+    Own(Vec<u8>),
+    /// In its reply area, where the daemon takes it (`areas.rs`).
+    Area(AreaBuffer),
+}
 
 impl AsMut<[u8]> for ReplyBuffer {
     fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.0[HEADER_LEN..]
+        match self {
+            ReplyBuffer::Own(buffer) => &mut buffer[HEADER_LEN..],
+            ReplyBuffer::Area(buffer) => buffer.as_mut(),
+        }
     }
 }
 
-/// A buffer of `len` bytes for the handler to fill, reusing `spare`; `None`
-/// (NULL to the handler) if it is too large for a frame or cannot be
-/// allocated, rather than an abort.
-fn reply_buffer(spare: &mut Vec<u8>, len: usize) -> Option<ReplyBuffer> {
+/// A buffer of `len` bytes for the handler to fill: in the reply `area` if
+/// it is large and fits there (not zeroed: like `malloc`'s, its bytes are
+/// this worker's earlier replies), else reusing `spare`; `None` (NULL to the
+/// handler) if it is too large for a frame or cannot be allocated, rather
+/// than an abort.
+fn reply_buffer(
+    spare: &mut Vec<u8>,
+    area: Option<&mut ReplyArea<'_>>,
+    len: usize,
+) -> Option<ReplyBuffer> {
     if len > link::MAX_BODY {
         return None;
+    }
+    if let Some(buffer) = area.and_then(|area| area.buffer(len)) {
+        return Some(ReplyBuffer::Area(buffer));
     }
     let mut buffer = std::mem::take(spare);
     buffer.clear();
     buffer.try_reserve_exact(HEADER_LEN + len).ok()?;
     buffer.resize(HEADER_LEN + len, 0);
-    Some(ReplyBuffer(buffer))
+    Some(ReplyBuffer::Own(buffer))
 }
 
 /// Closes every fd of this process but stdio and `keep`. A process gaspard
@@ -197,14 +217,15 @@ fn serve(args: &WorkerArgs) -> Result<(), WorkerError> {
                 pipe: &pipe,
                 socket: &socket,
                 ring: RingWriter::new(claims.ring()),
+                claims: &claims,
                 payload: Vec::new(),
             };
-            serve_on(args, &claims, &mut link)
+            serve_on(args, &claims, &mut link, Some(ReplyArea::new(&claims)))
         }
         LinkArgs::Zmq { requests, replies } => {
             // Made here, after exec: a zmq context never crosses a fork.
             let mut link = WorkerZmq::connect(requests, replies, args.slot, args.incarnation)?;
-            serve_on(args, &claims, &mut link)
+            serve_on(args, &claims, &mut link, None)
         }
     }
 }
@@ -234,10 +255,13 @@ trait WorkerLink {
     }
 }
 
+/// Serves requests from `link`; large replies go into `reply_area` where
+/// the link has one (the local link).
 fn serve_on(
     args: &WorkerArgs,
     claims: &Claims,
     link: &mut impl WorkerLink,
+    mut reply_area: Option<ReplyArea<'_>>,
 ) -> Result<(), WorkerError> {
     let mut plugin = match Plugin::load_as(&args.load_from, &args.handler, &args.handler_config) {
         Ok(plugin) => plugin,
@@ -266,7 +290,12 @@ fn serve_on(
     while !stop.load(Ordering::Relaxed) {
         let (header, payload) = match link.next()? {
             Incoming::Request(header, payload) => (header, payload),
-            Incoming::Idle => continue,
+            Incoming::Idle => {
+                if let Some(area) = &mut reply_area {
+                    area.idle(Instant::now());
+                }
+                continue;
+            }
             // The daemon is gone: nobody is left to answer.
             Incoming::Closed => break,
         };
@@ -283,19 +312,32 @@ fn serve_on(
             continue;
         }
         let started = Instant::now();
-        let outcome = plugin.handle(payload, |len| reply_buffer(&mut spare, len));
+        let outcome = plugin.handle(payload, |len| {
+            reply_buffer(&mut spare, reply_area.as_mut(), len)
+        });
         let micros = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
         // Each reply leaves (or, on the local link, is in the shared reply
         // ring) before the next request is claimed: if this worker dies, its
         // claims tell the daemon which one was running, and it has every
         // reply finished before.
         match outcome {
-            Ok(Some(ReplyBuffer(mut reply))) => {
+            Ok(Some(ReplyBuffer::Own(mut reply))) => {
                 let len = reply.len() - HEADER_LEN;
                 let header = link::reply_header(Kind::Reply, micros, link::body_len(len)?, id);
                 reply[..HEADER_LEN].copy_from_slice(&header);
                 link.send(&reply)?;
                 spare = reply;
+            }
+            Ok(Some(ReplyBuffer::Area(buffer))) => {
+                let place = areas::encode(buffer.at, buffer.len());
+                let mut frame =
+                    link::reply_header(Kind::ReplyInArea, micros, areas::FRAME_BODY as u32, id)
+                        .to_vec();
+                frame.extend_from_slice(&place);
+                if let Some(area) = &mut reply_area {
+                    area.sent(&buffer);
+                }
+                link.send(&frame)?;
             }
             Ok(None) => link.send(&link::reply_header(Kind::Reply, micros, 0, id))?,
             Err(error) => {
@@ -335,6 +377,8 @@ struct LocalEnds<'a> {
     pipe: &'a File,
     socket: &'a UnixStream,
     ring: RingWriter<'a>,
+    /// Where large requests are (`areas.rs`).
+    claims: &'a Claims,
     /// The request being run, read here (reused, freed when large).
     payload: Vec<u8>,
 }
@@ -378,11 +422,38 @@ impl WorkerLink for LocalEnds<'_> {
         let mut head = [0; HEADER_LEN];
         read_full(&mut self.reader, &mut head)?;
         let header = link::parse_header(&head)?;
-        if header.kind != Kind::Request {
-            return Err(WorkerError::UnexpectedFrame(header.kind));
+        match header.kind {
+            Kind::Request => {
+                read_payload(&mut self.reader, header.len, &mut self.payload)?;
+                Ok(Incoming::Request(header, &self.payload))
+            }
+            Kind::RequestInArea => {
+                let mut place = [0; areas::FRAME_BODY];
+                if header.len != place.len() {
+                    return Err(WorkerError::BadArea { id: header.value });
+                }
+                read_full(&mut self.reader, &mut place)?;
+                let (at, len) = areas::decode(&place).expect("FRAME_BODY bytes");
+                let area = self.claims.area_len() as u64;
+                let offset = at.checked_rem(area).unwrap_or(u64::MAX);
+                if offset.checked_add(len).map_or(true, |end| end > area) {
+                    return Err(WorkerError::BadArea { id: header.value });
+                }
+                // SAFETY: offset + len lies inside the request area (checked
+                // above), inside the mapping; the daemon wrote these bytes
+                // before it sent this frame, and writes them again only after
+                // this request is answered (or taken back, and then this
+                // worker cannot claim it and does not read them).
+                let payload = unsafe {
+                    std::slice::from_raw_parts(
+                        self.claims.area(true).add(offset as usize),
+                        len as usize,
+                    )
+                };
+                Ok(Incoming::Request(header, payload))
+            }
+            other => Err(WorkerError::UnexpectedFrame(other)),
         }
-        read_payload(&mut self.reader, header.len, &mut self.payload)?;
-        Ok(Incoming::Request(header, &self.payload))
     }
 
     /// A reply goes into the ring, and after a quick call is announced with
@@ -393,7 +464,7 @@ impl WorkerLink for LocalEnds<'_> {
     fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
         let head: &[u8; HEADER_LEN] = frame[..HEADER_LEN].try_into().expect("a whole header");
         let header = link::parse_header(head)?;
-        if matches!(header.kind, Kind::Reply | Kind::Failed) {
+        if matches!(header.kind, Kind::Reply | Kind::Failed | Kind::ReplyInArea) {
             let now = Instant::now();
             if self.ring.push(frame, now) {
                 let quick = u128::from(header.extra) < link::QUICK_CALL.as_micros();

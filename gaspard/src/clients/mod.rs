@@ -13,7 +13,7 @@ use crate::config::Cidr;
 use crate::logging::Throttle;
 use crate::metrics::{Metrics, Outcome, Refusal};
 use crate::protocol::Status;
-use crate::workers::{Answer, RequestId, Requests};
+use crate::workers::{Answer, ReplyBody, RequestId, Requests};
 use budget::Budget;
 use connection::{Connection, End, State};
 use io::Next;
@@ -157,7 +157,7 @@ pub(crate) struct Clients {
     registry: Registry,
     listener: Option<TcpListener>,
     accepting: Accepting,
-    conns: Slab<Connection<Vec<u8>>>,
+    conns: Slab<Connection<ReplyBody>>,
     limits: ClientLimits,
     /// The bytes held for clients, against --max-buffered.
     budget: Budget,
@@ -671,7 +671,7 @@ impl Clients {
     }
 
     /// Hands the reply to request `id` to its client, if still connected.
-    fn deliver(&mut self, key: usize, id: RequestId, reply: Vec<u8>, work: &mut impl Requests) {
+    fn deliver(&mut self, key: usize, id: RequestId, reply: ReplyBody, work: &mut impl Requests) {
         // By id too: the key may be another connection's by now.
         let Some(conn) = self.conns.get_mut(key).filter(|conn| conn.awaits(id)) else {
             return;

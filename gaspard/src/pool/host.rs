@@ -479,6 +479,9 @@ impl Host {
                 // Until the daemon says its --timeout (Welcome).
                 timeout: None,
                 link: LinkKind::Local,
+                // The daemon's default --max-request-size: larger requests
+                // still reach the workers, through their link's sockets.
+                max_request_size: 64 << 20,
                 pool: None,
             },
             Arc::new(Metrics::default()),
@@ -1016,7 +1019,9 @@ impl Host {
                     Ok(body) => ToDaemon::Reply {
                         id: held.id,
                         micros: u32::try_from(held.since.elapsed().as_micros()).unwrap_or(u32::MAX),
-                        body,
+                        // Copied out of the worker's reply area, if there:
+                        // the message is encoded from it anyway.
+                        body: body.to_vec(),
                     },
                     Err((outcome, reason)) => ToDaemon::Failed {
                         id: held.id,

@@ -12,6 +12,12 @@
 //! and a generation, new each time the entry is used, so that a frame read
 //! late can never claim a later use of the same entry (not even by the same
 //! request, sent again). The word holds generation, request id and state.
+//!
+//! The same memory holds the worker's reply ring (see [`Ring`]) and, on
+//! the local link, its two body areas (`areas.rs`): one the daemon copies
+//! large request bodies into, one the worker's handler writes large
+//! replies into. Their size is the file's: the daemon chooses it, the
+//! worker reads it.
 
 use std::io;
 use std::num::NonZeroUsize;
@@ -30,7 +36,16 @@ const _: () = assert!(ENTRIES * std::mem::size_of::<u64>() <= HEAD_AT);
 const RING_AT: usize = 4096;
 /// The ring's size. Its pages are only taken once written.
 pub const RING_LEN: usize = 128 * 1024;
-const BYTES: usize = RING_AT + RING_LEN;
+/// Where the daemon publishes how far it has taken the reply area.
+const AREA_TAIL_AT: usize = 640;
+/// The words, the positions and the ring: the memory without body areas.
+const BASE_BYTES: usize = RING_AT + RING_LEN;
+/// Where the request area begins (a page boundary).
+const AREAS_AT: usize = BASE_BYTES;
+/// The largest body area: a body larger than this takes the link's sockets.
+pub const MAX_AREA: usize = 256 << 20;
+const PAGE: usize = 4096;
+const _: () = assert!(BASE_BYTES % PAGE == 0 && AREA_TAIL_AT % 64 == 0);
 
 const STAGED: u64 = 1;
 const STARTED: u64 = 2;
@@ -69,44 +84,71 @@ fn word(ticket: Ticket, id: u64, state: u64) -> u64 {
 /// One worker's words, mapped in this process.
 pub struct Claims {
     base: NonNull<AtomicU64>,
+    /// Bytes in each body area (0: none).
+    area_len: usize,
+}
+
+/// The size of each body area for requests of up to `max_body` bytes: a
+/// whole number of pages, at most [`MAX_AREA`]. Its pages are only taken
+/// once written, and given back when unused (`areas.rs`).
+pub fn area_len_for(max_body: usize) -> usize {
+    max_body.div_ceil(PAGE).saturating_mul(PAGE).min(MAX_AREA)
 }
 
 impl Claims {
-    /// Makes a new set of words (all free), for a worker about to start.
-    /// Returns them and the memfd to hand to the worker (close-on-exec).
-    pub fn create() -> io::Result<(Claims, OwnedFd)> {
+    /// Makes a new set of words (all free), for a worker about to start,
+    /// with body areas of `area_len` bytes each (see [`area_len_for`]; 0
+    /// for none). Returns them and the memfd to hand to the worker
+    /// (close-on-exec).
+    pub fn create(area_len: usize) -> io::Result<(Claims, OwnedFd)> {
         use nix::fcntl::{fcntl, FcntlArg, SealFlag};
         use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
         use std::os::fd::AsRawFd;
         let flags = MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING;
         let fd = memfd_create(c"gaspard-claims", flags)?;
-        nix::unistd::ftruncate(&fd, BYTES as i64)?;
+        assert!(
+            area_len % PAGE == 0 && area_len <= MAX_AREA,
+            "area of {area_len} bytes"
+        );
+        let bytes = BASE_BYTES + 2 * area_len;
+        nix::unistd::ftruncate(&fd, bytes as i64)?;
         // Its size is fixed for good: a worker shrinking it would make the
         // daemon's next access to the mapping fault.
         let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
         fcntl(fd.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals))?;
-        Ok((Claims::map(&fd)?, fd))
+        Ok((Claims::map(&fd, area_len)?, fd))
     }
 
     /// Maps the words the daemon made (in the worker), after checking that
-    /// `fd` is what the daemon passed: a file of exactly their size.
+    /// `fd` is what the daemon passed: a sealed file of the size of the
+    /// words and ring plus two equal body areas.
     pub fn open(fd: OwnedFd) -> io::Result<Claims> {
         let size = std::fs::File::from(fd.try_clone()?).metadata()?.len();
-        if size != BYTES as u64 {
+        let areas = usize::try_from(size)
+            .ok()
+            .and_then(|s| s.checked_sub(BASE_BYTES));
+        let area_len = areas
+            .map(|areas| areas / 2)
+            .filter(|area| Some(2 * area) == areas && area % PAGE == 0 && *area <= MAX_AREA);
+        let Some(area_len) = area_len else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("claims fd has {size} bytes, not {BYTES}"),
+                format!("claims fd has {size} bytes, not {BASE_BYTES} plus two body areas"),
             ));
-        }
-        Claims::map(&fd)
+        };
+        Claims::map(&fd, area_len)
     }
 
-    fn map(fd: &impl AsFd) -> io::Result<Claims> {
+    fn bytes(&self) -> usize {
+        BASE_BYTES + 2 * self.area_len
+    }
+
+    fn map(fd: &impl AsFd, area_len: usize) -> io::Result<Claims> {
         use nix::sys::mman::{mmap, MapFlags, ProtFlags};
-        let len = NonZeroUsize::new(BYTES).expect("not zero");
-        // SAFETY: a fresh shared mapping of a file that is exactly `BYTES`
-        // long; nothing else in this process maps or frees it, and it is
-        // unmapped only when this `Claims` is dropped.
+        let len = NonZeroUsize::new(BASE_BYTES + 2 * area_len).expect("not zero");
+        // SAFETY: a fresh shared mapping of a file that is exactly `len`
+        // long (sealed so, see `create`); nothing else in this process maps
+        // or frees it, and it is unmapped only when this `Claims` is dropped.
         let base = unsafe {
             mmap(
                 None,
@@ -117,7 +159,10 @@ impl Claims {
                 0,
             )
         }?;
-        Ok(Claims { base: base.cast() })
+        Ok(Claims {
+            base: base.cast(),
+            area_len,
+        })
     }
 
     /// The reply ring in this memory.
@@ -125,10 +170,34 @@ impl Claims {
         Ring { claims: self }
     }
 
+    /// Bytes in each body area (0: this worker has none).
+    pub fn area_len(&self) -> usize {
+        self.area_len
+    }
+
+    /// The start of the request area (`requests`) or the reply area.
+    pub fn area(&self, requests: bool) -> *mut u8 {
+        let at = AREAS_AT + if requests { 0 } else { self.area_len };
+        // SAFETY: `at` is at most BASE_BYTES + area_len: inside the mapping,
+        // or its end when the areas are empty.
+        unsafe { self.base.as_ptr().cast::<u8>().add(at) }
+    }
+
+    /// How far the daemon has taken replies from the reply area.
+    pub fn area_tail(&self) -> u64 {
+        self.atomic_at(AREA_TAIL_AT).load(Ordering::Acquire)
+    }
+
+    /// The daemon: replies up to `tail` are taken, and their bytes may be
+    /// written again.
+    pub fn publish_area_tail(&self, tail: u64) {
+        self.atomic_at(AREA_TAIL_AT).store(tail, Ordering::Release);
+    }
+
     /// The u64 at byte `at` (a multiple of 8, below [`RING_AT`]).
     fn atomic_at(&self, at: usize) -> &AtomicU64 {
         assert!(at % 8 == 0 && at < RING_AT, "offset {at} is not a word");
-        // SAFETY: the mapping is page-aligned and `BYTES` long, so `at`
+        // SAFETY: the mapping is page-aligned and longer than RING_AT, so `at`
         // (checked above) is an aligned u64 inside it; AtomicU64 has u64's
         // layout; it lives as long as `self`; other processes touch it only
         // through atomic operations.
@@ -137,7 +206,7 @@ impl Claims {
 
     fn word(&self, entry: usize) -> &AtomicU64 {
         assert!(entry < ENTRIES, "claim entry {entry} out of range");
-        // SAFETY: the mapping is page-aligned and `BYTES` long, so entry
+        // SAFETY: the mapping is page-aligned and longer than RING_AT, so entry
         // `entry < ENTRIES` is an aligned u64 inside it; AtomicU64 has u64's
         // layout; and it lives as long as `self`. Other processes touch it
         // only through atomic operations.
@@ -182,7 +251,7 @@ impl Claims {
 impl Drop for Claims {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `map`, unmapped once.
-        let _ = unsafe { nix::sys::mman::munmap(self.base.cast(), BYTES) };
+        let _ = unsafe { nix::sys::mman::munmap(self.base.cast(), self.bytes()) };
     }
 }
 
@@ -225,7 +294,7 @@ impl Ring<'_> {
     /// it before the ring wraps.
     fn span(&self, at: u64) -> (*mut u8, usize) {
         let offset = (at % RING_LEN as u64) as usize;
-        // SAFETY: RING_AT + offset < BYTES: inside the mapping.
+        // SAFETY: RING_AT + offset < BASE_BYTES: inside the mapping.
         let ptr = unsafe { self.claims.base.as_ptr().cast::<u8>().add(RING_AT + offset) };
         (ptr, RING_LEN - offset)
     }
@@ -270,7 +339,7 @@ mod tests {
 
     #[test]
     fn the_ring_is_shared_and_wraps() {
-        let (daemon, fd) = Claims::create().unwrap();
+        let (daemon, fd) = Claims::create(0).unwrap();
         let worker = Claims::open(fd).unwrap();
         let at = RING_LEN as u64 * 3 - 5;
         worker.ring().write(at, b"0123456789");
@@ -292,7 +361,7 @@ mod tests {
 
     #[test]
     fn one_side_wins_each_request_and_the_other_sees_it() {
-        let (daemon, fd) = Claims::create().unwrap();
+        let (daemon, fd) = Claims::create(0).unwrap();
         // The worker's mapping is the same memory.
         let worker = Claims::open(fd).unwrap();
         daemon.stage(ticket(0, 1), 7);
@@ -324,15 +393,34 @@ mod tests {
 
     #[test]
     fn the_size_is_sealed() {
-        let (_daemon, fd) = Claims::create().unwrap();
+        let (_daemon, fd) = Claims::create(0).unwrap();
         assert!(nix::unistd::ftruncate(&fd, 8).is_err());
     }
 
     #[test]
     fn a_file_of_the_wrong_size_is_refused() {
         use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-        let fd = memfd_create(c"wrong", MemFdCreateFlag::MFD_CLOEXEC).unwrap();
-        nix::unistd::ftruncate(&fd, 8).unwrap();
-        assert!(Claims::open(fd).is_err());
+        for size in [
+            8,
+            BASE_BYTES + PAGE,
+            BASE_BYTES + 3 * PAGE,
+            BASE_BYTES + 2 * MAX_AREA + 2 * PAGE,
+        ] {
+            let fd = memfd_create(c"wrong", MemFdCreateFlag::MFD_CLOEXEC).unwrap();
+            nix::unistd::ftruncate(&fd, size as i64).unwrap();
+            assert!(Claims::open(fd).is_err(), "{size} bytes");
+        }
+    }
+
+    #[test]
+    fn the_worker_finds_the_areas_the_daemon_chose() {
+        let (daemon, fd) = Claims::create(area_len_for(100_000)).unwrap();
+        let worker = Claims::open(fd).unwrap();
+        assert_eq!(daemon.area_len(), 25 * PAGE);
+        assert_eq!(worker.area_len(), 25 * PAGE);
+        daemon.publish_area_tail(77);
+        assert_eq!(worker.area_tail(), 77);
+        assert_eq!(area_len_for(usize::MAX), MAX_AREA);
+        assert_eq!(area_len_for(0), 0);
     }
 }

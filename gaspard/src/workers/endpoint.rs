@@ -16,7 +16,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 pub(super) struct Endpoint {
     pub(super) carrier: Carrier,
     /// `None` for a worker host: no memory is shared with it.
-    pub(super) claims: Option<Claims>,
+    /// Shared with the replies still held in its reply area (`areas.rs`).
+    pub(super) claims: Option<std::rc::Rc<Claims>>,
 }
 
 /// What carries a worker's frames.
@@ -39,7 +40,10 @@ pub(super) struct RemoteLink {
 
 /// How new workers are linked to the daemon (--link).
 pub(super) enum Linking {
-    Local,
+    /// With body areas of `area_len` bytes (`areas.rs`).
+    Local {
+        area_len: usize,
+    },
     Zmq(ZmqHub),
 }
 
@@ -61,10 +65,18 @@ pub enum LinkError {
 }
 
 impl Linking {
+    /// How large each body area of a new worker is: the zmq link has none.
+    pub(super) fn area_len(&self) -> usize {
+        match self {
+            Linking::Local { area_len } => *area_len,
+            Linking::Zmq(_) => 0,
+        }
+    }
+
     /// Makes the link for worker `incarnation`.
     pub(super) fn open(&self, incarnation: u64) -> Result<NewLink, LinkError> {
         match self {
-            Linking::Local => {
+            Linking::Local { .. } => {
                 let (link, ends) = link::pair()?;
                 Ok(NewLink {
                     carrier: Carrier::Local(link),
@@ -102,7 +114,9 @@ impl Endpoint {
             claims.stage(ticket, id);
         }
         match &mut self.carrier {
-            Carrier::Local(link) => link.queue_request(id, ticket.encode(), payload),
+            Carrier::Local(link) => {
+                link.queue_request(id, ticket.encode(), payload, self.claims.as_deref())
+            }
             Carrier::Zmq(link) => link.queue_request(id, ticket.encode(), payload),
             Carrier::Remote(link) => link.outgoing.push((id, payload)),
         }
@@ -117,10 +131,29 @@ impl Endpoint {
     }
 
     /// Takes back request `id` if the worker has not started it.
-    pub(super) fn withdraw(&self, ticket: Ticket, id: RequestId) -> bool {
-        self.claims
+    pub(super) fn withdraw(&mut self, ticket: Ticket, id: RequestId) -> bool {
+        let withdrawn = self
+            .claims
             .as_ref()
-            .is_some_and(|claims| claims.withdraw(ticket, id))
+            .is_some_and(|claims| claims.withdraw(ticket, id));
+        if let (true, Carrier::Local(link)) = (withdrawn, &mut self.carrier) {
+            // The worker will never read it: its body's place is free.
+            link.release_request(id);
+        }
+        withdrawn
+    }
+
+    /// Whether the worker's request area holds pages to give back once it
+    /// has been empty a while.
+    pub(super) fn area_holds_pages(&self) -> bool {
+        matches!(&self.carrier, Carrier::Local(link) if link.area_holds_pages())
+    }
+
+    /// Gives back the request area's pages if it has been empty a while.
+    pub(super) fn trim(&mut self, now: std::time::Instant) {
+        if let (Carrier::Local(link), Some(claims)) = (&mut self.carrier, &self.claims) {
+            link.trim(claims, now);
+        }
     }
 
     /// Puts the endpoint's own fds into the loop (a zmq worker's replies
@@ -179,7 +212,7 @@ impl Endpoint {
     /// not announced yet (see `Link::take_unannounced`).
     pub(super) fn take_unannounced(&mut self) -> io::Result<()> {
         match (&mut self.carrier, &self.claims) {
-            (Carrier::Local(link), Some(claims)) => link.take_unannounced(claims.ring()),
+            (Carrier::Local(link), Some(claims)) => link.take_unannounced(claims),
             _ => Ok(()),
         }
     }
@@ -187,7 +220,7 @@ impl Endpoint {
     /// The next message from the worker on this endpoint's own fds.
     pub(super) fn try_recv(&mut self) -> io::Result<Option<Message>> {
         match &mut self.carrier {
-            Carrier::Local(link) => link.try_recv(self.claims.as_ref().map(Claims::ring)),
+            Carrier::Local(link) => link.try_recv(self.claims.as_ref()),
             Carrier::Zmq(_) | Carrier::Remote(_) => Ok(None),
         }
     }

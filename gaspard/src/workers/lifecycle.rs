@@ -209,12 +209,29 @@ impl Workers {
         Ok(())
     }
 
+    /// Gives back the pages of request areas that have been empty for
+    /// `areas::TRIM_AFTER`; looks at most that often, and wakes the loop for
+    /// it only while an area holds such pages.
+    fn trim_areas(&mut self, now: Instant) {
+        if now < self.trim_check {
+            return;
+        }
+        let mut pending = false;
+        for endpoint in self.endpoints.iter_mut().flatten() {
+            endpoint.trim(now);
+            pending |= endpoint.area_holds_pages();
+        }
+        self.trim_check = now + super::areas::TRIM_AFTER;
+        self.trim_pending = pending;
+    }
+
     /// Deadlines: requests past --timeout fail and their workers are killed
     /// (as gunicorn does with stuck workers; what was staged behind them goes
     /// to other workers once they are dead); a reload that takes too long is
     /// rejected; workers whose back-off ran out start again (also while
     /// draining: queued requests still need workers).
     pub(crate) fn on_timers(&mut self, now: Instant) {
+        self.trim_areas(now);
         if let Some(pool) = &mut self.pool {
             let events = pool.on_timers(now);
             self.on_pool_events(events);

@@ -40,7 +40,8 @@
 //! are written back to back, so one `read` can bring many and one `writev`
 //! can send many.
 
-use super::claims::{Ring, RING_LEN};
+use super::areas::{self, ReplyAreaReader, ReplyBody, RequestArea};
+use super::claims::{Claims, Ring, RING_LEN};
 use crate::buffers::{gather, read_appending};
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
@@ -67,6 +68,13 @@ pub enum Kind {
     /// Worker → daemon: the frames in its reply ring up to value (a byte
     /// position, see [`RingWriter`]) are written; no body.
     Replies = 6,
+    /// Daemon → worker: a request whose payload is in the worker's request
+    /// area (`areas.rs`); value: request id; body: where (`areas::encode`).
+    RequestInArea = 7,
+    /// Worker → daemon: a reply whose bytes are in its reply area; value:
+    /// request id; body: where. The daemon's link takes it as a
+    /// [`Kind::Reply`].
+    ReplyInArea = 8,
 }
 
 impl Kind {
@@ -78,6 +86,8 @@ impl Kind {
             4 => Kind::Failed,
             5 => Kind::Request,
             6 => Kind::Replies,
+            7 => Kind::RequestInArea,
+            8 => Kind::ReplyInArea,
             _ => return None,
         })
     }
@@ -213,7 +223,8 @@ pub struct Message {
     /// Replies: how long the handler ran, in microseconds.
     pub micros: u32,
     pub value: u64,
-    pub body: Vec<u8>,
+    /// For a reply from the reply area, where the worker wrote it.
+    pub body: ReplyBody,
 }
 
 /// Reply bodies up to this size travel in the pipe with their header;
@@ -233,9 +244,23 @@ const PIPE_SIZES: [i32; 2] = [1 << 20, 256 << 10];
 const FRAMES_PER_WRITE: usize = 64;
 
 struct Outgoing {
-    header: [u8; HEADER_LEN],
-    /// Shared with the dispatcher, which keeps a request until its reply.
-    body: Rc<Vec<u8>>,
+    /// The header, and for a request in the area where its body is.
+    header: [u8; HEADER_LEN + areas::FRAME_BODY],
+    header_len: usize,
+    /// Shared with the dispatcher, which keeps a request until its reply
+    /// (`None`: the body is in the request area).
+    body: Option<Rc<Vec<u8>>>,
+}
+
+impl Outgoing {
+    fn parts(&self) -> [&[u8]; 2] {
+        let body = self.body.as_deref().map_or(&[][..], Vec::as_slice);
+        [&self.header[..self.header_len], body]
+    }
+
+    fn len(&self) -> usize {
+        self.header_len + self.body.as_ref().map_or(0, |body| body.len())
+    }
 }
 
 /// A frame whose body is being read into its own buffer (allocated at its
@@ -310,6 +335,10 @@ pub struct Link {
     /// How far it may be read: announced, or (the worker is gone, or runs a
     /// slow call) all it has written.
     ring_until: u64,
+    /// The large request bodies in the worker's request area.
+    request_area: RequestArea,
+    /// How far the worker's reply area has been taken.
+    reply_area: ReplyAreaReader,
 }
 
 impl Link {
@@ -328,6 +357,8 @@ impl Link {
             drained: false,
             ring_tail: 0,
             ring_until: 0,
+            request_area: RequestArea::default(),
+            reply_area: ReplyAreaReader::default(),
         }
     }
 
@@ -370,14 +401,61 @@ impl Link {
     }
 
     /// Queues request `id` with its encoded claim ticket; [`Link::flush`]
-    /// sends it, without copying the body. The body is at most
-    /// [`MAX_BODY`] bytes: the workers part refuses larger requests.
-    pub fn queue_request(&mut self, id: u64, ticket: u32, body: Rc<Vec<u8>>) {
+    /// sends it. A large body is copied into the worker's request area in
+    /// `claims` if it fits there (`areas.rs`), and only a frame that says
+    /// where is sent; else the body is sent from where it is, without a
+    /// copy. The body is at most [`MAX_BODY`] bytes: the workers part
+    /// refuses larger requests.
+    pub fn queue_request(
+        &mut self,
+        id: u64,
+        ticket: u32,
+        body: Rc<Vec<u8>>,
+        claims: Option<&Claims>,
+    ) {
+        let mut header = [0; HEADER_LEN + areas::FRAME_BODY];
+        let in_area = claims.and_then(|claims| self.request_area.put(claims, id, &body));
+        if let Some(place) = in_area {
+            header[..HEADER_LEN].copy_from_slice(&reply_header(
+                Kind::RequestInArea,
+                ticket,
+                areas::FRAME_BODY as u32,
+                id,
+            ));
+            header[HEADER_LEN..].copy_from_slice(&place);
+            self.out.push_back(Outgoing {
+                header,
+                header_len: HEADER_LEN + areas::FRAME_BODY,
+                body: None,
+            });
+            return;
+        }
         let len = u32::try_from(body.len()).expect("requests over MAX_BODY are refused");
+        header[..HEADER_LEN].copy_from_slice(&request_header(ticket, len, id));
         self.out.push_back(Outgoing {
-            header: request_header(ticket, len, id),
-            body,
+            header,
+            header_len: HEADER_LEN,
+            body: Some(body),
         });
+    }
+
+    /// Request `id` is answered or taken back: its body's place in the
+    /// request area (if it had one) may be used again.
+    pub fn release_request(&mut self, id: u64) {
+        // Most requests never were in the area: no clock read for them.
+        if self.request_area.holds_any() {
+            self.request_area.release(id, Instant::now());
+        }
+    }
+
+    /// Whether the request area holds pages [`Self::trim`] may give back.
+    pub fn area_holds_pages(&self) -> bool {
+        self.request_area.holds_pages()
+    }
+
+    /// Gives back the request area's pages if it has been empty a while.
+    pub fn trim(&mut self, claims: &Claims, now: Instant) {
+        self.request_area.trim(claims, now);
     }
 
     /// Whether queued frames are waiting for the socket to take them.
@@ -396,10 +474,7 @@ impl Link {
     /// the worker is gone (or never read): its requests cannot be delivered.
     pub fn flush(&mut self) -> io::Result<()> {
         while !self.out.is_empty() {
-            let parts = self
-                .out
-                .iter()
-                .flat_map(|frame| [&frame.header[..], &frame.body[..]]);
+            let parts = self.out.iter().flat_map(Outgoing::parts);
             let mut slices = [IoSlice::new(&[]); 2 * FRAMES_PER_WRITE];
             let filled = gather(parts, self.written, &mut slices);
             let n = match self.socket.write_vectored(&slices[..filled]) {
@@ -411,7 +486,7 @@ impl Link {
             };
             self.written += n;
             while let Some(frame) = self.out.front() {
-                let len = HEADER_LEN + frame.body.len();
+                let len = frame.len();
                 if self.written < len {
                     break;
                 }
@@ -430,11 +505,31 @@ impl Link {
 
     /// The next whole frame, reading from the pipe (and for a large reply
     /// body, the socket) as needed, and the frames of the worker's reply
-    /// `ring` (if it has one) where the pipe announces them. `Ok(None)`:
-    /// nothing more until the link is readable again (or it closed; a frame
-    /// cut short by the end is dropped). An error means the stream is
-    /// broken or out of step.
-    pub fn try_recv(&mut self, ring: Option<Ring<'_>>) -> io::Result<Option<Message>> {
+    /// ring (in its `claims`, if it has them) where the pipe announces
+    /// them; a reply in its reply area is copied out and comes as a
+    /// [`Kind::Reply`]. `Ok(None)`: nothing more until the link is readable
+    /// again (or it closed; a frame cut short by the end is dropped). An
+    /// error means the stream is broken or out of step.
+    pub fn try_recv(&mut self, claims: Option<&Rc<Claims>>) -> io::Result<Option<Message>> {
+        let Some(mut message) = self.next_frame(claims.map(|claims| claims.ring()))? else {
+            return Ok(None);
+        };
+        match message.kind {
+            Kind::ReplyInArea => {
+                let Some(claims) = claims else {
+                    return Err(garbage("a reply in an area it does not have"));
+                };
+                message.body = self.reply_area.take(claims, &message.body)?;
+                message.kind = Kind::Reply;
+                self.release_request(message.value);
+            }
+            Kind::Reply | Kind::Failed => self.release_request(message.value),
+            _ => {}
+        }
+        Ok(Some(message))
+    }
+
+    fn next_frame(&mut self, ring: Option<Ring<'_>>) -> io::Result<Option<Message>> {
         loop {
             if let Some(ring) = &ring {
                 if self.ring_tail < self.ring_until {
@@ -509,8 +604,9 @@ impl Link {
     /// slow (or past --timeout), and replies it finished before must not
     /// wait for it. Only between frames of the pipe (call after reading it
     /// to `None`), so that frames keep their order.
-    pub fn take_unannounced(&mut self, ring: Ring<'_>) -> io::Result<()> {
+    pub fn take_unannounced(&mut self, claims: &Claims) -> io::Result<()> {
         if self.large.is_none() && self.start == self.end {
+            let ring = claims.ring();
             self.allow_ring_until(&ring, ring.head())?;
         }
         Ok(())
@@ -554,7 +650,7 @@ impl Link {
             kind: header.kind,
             micros: header.extra,
             value: header.value,
-            body,
+            body: body.into(),
         })
     }
 
@@ -569,7 +665,7 @@ impl Link {
                 kind: large.header.kind,
                 micros: large.header.extra,
                 value: large.header.value,
-                body: large.body,
+                body: large.body.into(),
             }));
         }
         let available = self.end - self.start;
@@ -607,7 +703,7 @@ impl Link {
             kind: header.kind,
             micros: header.extra,
             value: header.value,
-            body,
+            body: body.into(),
         }))
     }
 
@@ -787,7 +883,7 @@ mod tests {
                 Some(message) => {
                     assert_eq!(message.kind, Kind::Reply);
                     assert_eq!(message.value, next);
-                    assert_eq!(message.body, &next.to_le_bytes()[..(next % 9) as usize]);
+                    assert_eq!(&*message.body, &next.to_le_bytes()[..(next % 9) as usize]);
                     next += 1;
                 }
                 None => std::thread::sleep(std::time::Duration::from_micros(50)),
@@ -814,7 +910,7 @@ mod tests {
             }
         }
         writer.join().unwrap();
-        assert_eq!((got[0].value, got[0].body == big), (1, true));
+        assert_eq!((got[0].value, *got[0].body == big), (1, true));
         assert_eq!(
             (got[1].kind, &got[1].body[..]),
             (Kind::Failed, &b"after"[..])
@@ -825,8 +921,8 @@ mod tests {
     fn queued_frames_are_written_whole_even_when_the_socket_fills() {
         let (mut link, mut worker) = linked();
         let big = vec![7u8; 16 << 20];
-        link.queue_request(1, 0, Rc::new(big.clone()));
-        link.queue_request(2, 1, Rc::new(b"small".to_vec()));
+        link.queue_request(1, 0, Rc::new(big.clone()), None);
+        link.queue_request(2, 1, Rc::new(b"small".to_vec()), None);
         link.flush().unwrap();
         assert!(
             link.has_output(),
@@ -852,19 +948,19 @@ mod tests {
 
     /// The daemon's and a worker's views of one worker's claims memory.
     fn shared() -> (
-        crate::workers::claims::Claims,
+        Rc<crate::workers::claims::Claims>,
         crate::workers::claims::Claims,
     ) {
         use crate::workers::claims::Claims;
-        let (daemon, fd) = Claims::create().unwrap();
-        (daemon, Claims::open(fd).unwrap())
+        let (daemon, fd) = Claims::create(0).unwrap();
+        (Rc::new(daemon), Claims::open(fd).unwrap())
     }
 
     /// Reads what the link has now (the worker is done writing).
-    fn receive_all(link: &mut Link, ring: &crate::workers::claims::Claims) -> Vec<Message> {
+    fn receive_all(link: &mut Link, ring: &Rc<crate::workers::claims::Claims>) -> Vec<Message> {
         let mut got = Vec::new();
         link.readable();
-        while let Some(message) = link.try_recv(Some(ring.ring())).unwrap() {
+        while let Some(message) = link.try_recv(Some(ring)).unwrap() {
             got.push(message);
         }
         got
@@ -939,7 +1035,7 @@ mod tests {
             .unwrap();
         let got = receive_all(&mut link, &daemon);
         assert_eq!(got.len(), fit);
-        assert!(got.iter().all(|m| m.body == [1; 8000]));
+        assert!(got.iter().all(|m| *m.body == [1; 8000]));
     }
 
     #[test]
@@ -997,7 +1093,7 @@ mod tests {
         let mut ring = RingWriter::new(claims.ring());
         assert!(ring.push(&frame(Kind::Reply, 5, b"done"), Instant::now()));
         assert!(receive_all(&mut link, &daemon).is_empty());
-        link.take_unannounced(daemon.ring()).unwrap();
+        link.take_unannounced(&daemon).unwrap();
         let got = receive_all(&mut link, &daemon);
         assert_eq!((got.len(), got[0].value), (1, 5));
         // Its announcement, read later, brings nothing twice.
@@ -1016,13 +1112,13 @@ mod tests {
         let (daemon, claims) = shared();
         claims.ring().publish_head(10);
         worker.pipe.write_all(&announce(11)).unwrap();
-        assert!(link.try_recv(Some(daemon.ring())).is_err());
+        assert!(link.try_recv(Some(&daemon)).is_err());
         // Written beyond what the ring holds.
         let (mut link, mut worker) = linked();
         let (daemon, claims) = shared();
         claims.ring().publish_head(RING_LEN as u64 + 1);
         worker.pipe.write_all(&announce(1)).unwrap();
-        assert!(link.try_recv(Some(daemon.ring())).is_err());
+        assert!(link.try_recv(Some(&daemon)).is_err());
         // A frame longer than what was announced.
         let (mut link, mut worker) = linked();
         let (daemon, claims) = shared();
@@ -1033,14 +1129,14 @@ mod tests {
             .pipe
             .write_all(&announce(long.len() as u64 - 1))
             .unwrap();
-        assert!(link.try_recv(Some(daemon.ring())).is_err());
+        assert!(link.try_recv(Some(&daemon)).is_err());
         // An announcement in the ring itself, or with no ring at all.
         let (mut link, mut worker) = linked();
         let (daemon, claims) = shared();
         claims.ring().write(0, &announce(0));
         claims.ring().publish_head(HEADER_LEN as u64);
         worker.pipe.write_all(&announce(HEADER_LEN as u64)).unwrap();
-        assert!(link.try_recv(Some(daemon.ring())).is_err());
+        assert!(link.try_recv(Some(&daemon)).is_err());
         let (mut link, mut worker) = linked();
         worker.pipe.write_all(&announce(0)).unwrap();
         assert!(link.try_recv(None).is_err());
@@ -1058,7 +1154,7 @@ mod tests {
         // The worker died with a request unread: its replies are still all
         // there, and then the stream simply ends.
         let (mut link, mut worker) = linked();
-        link.queue_request(9, 0, Rc::new(b"never read".to_vec()));
+        link.queue_request(9, 0, Rc::new(b"never read".to_vec()), None);
         link.flush().unwrap();
         worker.send(&frame(Kind::Reply, 8, b"done"));
         drop(worker);
@@ -1082,7 +1178,7 @@ mod tests {
         // dropped too, even though the pipe had its whole header.
         for read_before_death in [false, true] {
             let (mut link, mut worker) = linked();
-            link.queue_request(9, 0, Rc::new(b"never read".to_vec()));
+            link.queue_request(9, 0, Rc::new(b"never read".to_vec()), None);
             link.flush().unwrap();
             let large = frame(Kind::Reply, 2, &[5; MAX_PIPED_BODY + 1]);
             worker.pipe.write_all(&large[..HEADER_LEN]).unwrap();
@@ -1193,7 +1289,7 @@ mod tests {
                 // Every kind byte, with the rest of the header at random.
                 for kind in 0..=u8::MAX {
                     bytes[0] = kind;
-                    let known = (1..=6).contains(&kind);
+                    let known = (1..=8).contains(&kind);
                     match parse_header(&bytes) {
                         Ok(header) => {
                             prop_assert!(known, "kind {} accepted", kind);
@@ -1286,7 +1382,7 @@ mod tests {
                         (spec.kind, spec.micros.min(MAX_MICROS), spec.value, spec.len),
                         "frame {}", i
                     );
-                    prop_assert!(message.body == spec.body(), "frame {}: its body differs", i);
+                    prop_assert!(*message.body == spec.body(), "frame {}: its body differs", i);
                 }
                 writer.join().expect("the writer does not panic").unwrap();
                 // The worker's ends are closed now: nothing more, and the

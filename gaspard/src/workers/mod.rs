@@ -9,6 +9,7 @@
 //! [`Workers::take_answers`]. Nothing here knows about TCP clients beyond an
 //! opaque [`ClientKey`].
 
+pub(crate) mod areas;
 pub(crate) mod args;
 pub(crate) mod claims;
 mod dispatcher;
@@ -21,6 +22,7 @@ pub(crate) mod zmq_link;
 
 use crate::metrics::{Metrics, Outcome};
 use crate::pool::server::{PoolConfig, PoolEvent, PoolServer};
+pub(crate) use areas::ReplyBody;
 use claims::Claims;
 use dispatcher::Dispatcher;
 use endpoint::{Carrier, Endpoint, Linking};
@@ -98,7 +100,7 @@ pub(crate) enum Answer {
     Reply {
         client: ClientKey,
         id: RequestId,
-        reply: Vec<u8>,
+        reply: ReplyBody,
     },
     Failure {
         client: ClientKey,
@@ -144,6 +146,9 @@ pub(crate) struct WorkersConfig {
     pub timeout: Option<Duration>,
     /// --link.
     pub link: crate::config::LinkKind,
+    /// --max-request-size: how large a local worker's body areas are
+    /// (`areas.rs`).
+    pub max_request_size: usize,
     /// --pool-listen and its keys: worker hosts may join.
     pub pool: Option<PoolConfig>,
 }
@@ -179,6 +184,10 @@ pub(crate) struct Workers {
     answers: Vec<Answer>,
     notices: Vec<Notice>,
     metrics: Arc<Metrics>,
+    /// When to look next for request areas to trim (`areas.rs`), and
+    /// whether one held pages to give back at the last look.
+    trim_check: Instant,
+    trim_pending: bool,
 }
 
 impl Workers {
@@ -189,7 +198,9 @@ impl Workers {
         metrics: Arc<Metrics>,
     ) -> Result<Workers, WorkersError> {
         let linking = match config.link {
-            crate::config::LinkKind::Local => Linking::Local,
+            crate::config::LinkKind::Local => Linking::Local {
+                area_len: claims::area_len_for(config.max_request_size),
+            },
             crate::config::LinkKind::Zmq => {
                 let hub = zmq_link::ZmqHub::bind(&config.runtime_dir)?;
                 hub.register(&registry, ZMQ_REPLIES)
@@ -248,6 +259,8 @@ impl Workers {
             answers: Vec::new(),
             notices: Vec::new(),
             metrics,
+            trim_check: Instant::now(),
+            trim_pending: false,
         })
     }
 
@@ -365,6 +378,7 @@ impl Workers {
             self.supervisor.next_deadline(),
             self.reload.deadline(),
             self.pool.as_ref().and_then(PoolServer::next_deadline),
+            self.trim_pending.then_some(self.trim_check),
         ]
         .into_iter()
         .flatten()
@@ -392,7 +406,7 @@ impl Workers {
         self.close_endpoint(slot);
         let mut endpoint = Endpoint {
             carrier,
-            claims: Some(claims),
+            claims: Some(std::rc::Rc::new(claims)),
         };
         endpoint
             .register(&self.registry, Token(LINK_BASE + slot))
@@ -423,7 +437,7 @@ impl Workers {
         let (hosts, remote) = self.pool.as_ref().map_or((0, 0), PoolServer::hosts);
         self.metrics.workers_ready.set((local + remote) as i64);
         let (local, zmq) = match self.linking {
-            Linking::Local => (local, 0),
+            Linking::Local { .. } => (local, 0),
             Linking::Zmq(_) => (0, local),
         };
         self.metrics.set_workers_ready("local", local);
@@ -562,7 +576,7 @@ impl Workers {
                         kind: Kind::Reply,
                         micros,
                         value: id,
-                        body,
+                        body: body.into(),
                     };
                     self.on_reply(slot, reply);
                     self.forget_host_if_done(slot);
@@ -599,7 +613,7 @@ impl Workers {
                 kind: Kind::Failed,
                 micros: 0,
                 value: id,
-                body: reason.into_bytes(),
+                body: reason.into_bytes().into(),
             };
             self.on_reply(slot, message);
             return self.forget_host_if_done(slot);
@@ -730,7 +744,12 @@ impl Workers {
                     log::error!("worker {incarnation} could not start: {reason}");
                 }
             }
-            Kind::Request => self.abandon_worker(slot, "sent a request frame"),
+            Kind::Request | Kind::RequestInArea => {
+                self.abandon_worker(slot, "sent a request frame")
+            }
+            // A local link takes these itself (as replies); over any other
+            // link, there is no area.
+            Kind::ReplyInArea => self.abandon_worker(slot, "sent a reply in an area it has not"),
             // Its link takes these itself: over any other, it is garbage.
             Kind::Replies => self.abandon_worker(slot, "announced replies outside its link"),
         }
@@ -807,7 +826,7 @@ impl Workers {
         let stuck = self.dispatcher.stuck(now);
         // In reverse: each goes back to the head of the queue.
         for &(slot, id, ticket) in stuck.iter().rev() {
-            let Some(endpoint) = self.endpoints.get(slot).and_then(Option::as_ref) else {
+            let Some(endpoint) = self.endpoints.get_mut(slot).and_then(Option::as_mut) else {
                 continue;
             };
             if !endpoint.withdraw(ticket, id) {

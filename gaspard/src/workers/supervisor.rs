@@ -287,7 +287,7 @@ impl Supervisor {
             args: link_args,
             inherit,
         } = linking.open(incarnation)?;
-        let (claims, claims_fd) = Claims::create().map_err(StartError::Claims)?;
+        let (claims, claims_fd) = Claims::create(linking.area_len()).map_err(StartError::Claims)?;
         let args = WorkerArgs {
             link: link_args,
             claims_fd: claims_fd.as_raw_fd(),
@@ -703,7 +703,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut supervisor = supervisor(dir.path());
         // Generation 2 has no snapshot: starting it fails.
-        assert!(supervisor.add(2, &Linking::Local).is_err());
+        assert!(supervisor.add(2, &Linking::Local { area_len: 0 }).is_err());
         let now = Instant::now();
         assert!(supervisor.due(now).is_empty(), "not due again at once");
         let next = supervisor.next_deadline().expect("a start is planned");
@@ -719,7 +719,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut supervisor = supervisor(dir.path());
         let lent = supervisor.lend();
-        let (slot, _link, _claims) = supervisor.add(1, &Linking::Local).unwrap();
+        let (slot, _link, _claims) = supervisor.add(1, &Linking::Local { area_len: 0 }).unwrap();
         assert_ne!(slot, lent);
         assert_eq!(supervisor.ready_count(), 0);
         assert_eq!(
@@ -740,7 +740,7 @@ mod tests {
     fn a_worker_whose_exit_is_known_is_never_signalled() {
         let dir = tempfile::tempdir().unwrap();
         let mut supervisor = supervisor(dir.path());
-        let (slot, _link, _claims) = supervisor.add(1, &Linking::Local).unwrap();
+        let (slot, _link, _claims) = supervisor.add(1, &Linking::Local { area_len: 0 }).unwrap();
         assert_eq!(wait_exited(&mut supervisor), vec![slot]);
         // Its status is known, so its pid may belong to anyone by now.
         assert_eq!(supervisor.signal(slot, Signal::SIGKILL), Signalled::Exited);
@@ -757,7 +757,7 @@ mod tests {
     fn signalling_a_worker_that_just_exited_does_not_lose_its_death() {
         let dir = tempfile::tempdir().unwrap();
         let mut supervisor = supervisor(dir.path());
-        let (slot, _link, _claims) = supervisor.add(1, &Linking::Local).unwrap();
+        let (slot, _link, _claims) = supervisor.add(1, &Linking::Local { area_len: 0 }).unwrap();
         // Exited, but nobody has looked yet (a SIGCHLD on its way).
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(supervisor.signal(slot, Signal::SIGTERM), Signalled::Exited);

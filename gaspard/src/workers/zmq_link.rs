@@ -208,7 +208,7 @@ fn parse_frame(bytes: &[u8]) -> io::Result<Message> {
         kind: header.kind,
         micros: header.extra,
         value: header.value,
-        body: body.to_vec(),
+        body: body.to_vec().into(),
     })
 }
 

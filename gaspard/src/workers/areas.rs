@@ -1,0 +1,600 @@
+//! Body areas: where a large request or reply crosses the local link
+//! without passing through the kernel. Each worker's shared memory
+//! (`claims.rs`) holds two, each as large as the largest request
+//! (`--max-request-size`, at most [`MAX_AREA`]) but taking pages only
+//! where written:
+//!
+//! - the *request area*, which only the daemon writes: it copies a request
+//!   body of [`MIN_BODY`] bytes or more there and sends a small
+//!   [`Kind::RequestInArea`] frame that says where; the handler reads it in
+//!   place. The daemon gives the bytes back to itself when the request is
+//!   answered or taken back ([`RequestArea`]), never while the worker may
+//!   still read them.
+//! - the *reply area*, which only the worker writes: the buffer a handler
+//!   asks for a large reply is there ([`ReplyArea`]), and a small
+//!   [`Kind::ReplyInArea`] frame says where it is. The daemon writes the
+//!   reply to its client from there ([`ReplyBody::Area`]), and gives its
+//!   bytes back once written or dropped, publishing how far the area is free
+//!   ([`Claims::publish_area_tail`]); where it finds a position out of step
+//!   it breaks the link ([`ReplyAreaReader`]). A client slow to take its
+//!   reply holds its part of the area meanwhile, and later large replies
+//!   take the sockets until it is free again.
+//!
+//! Both are rings of positions counted in bytes since the start, like the
+//! reply ring; a body never wraps (it skips to the next lap instead), so a
+//! handler sees one slice. When the body does not fit (the area is full of
+//! others, or it is larger than the area), it takes the link's sockets as
+//! before: the areas only make large bodies cheaper, never possible.
+//!
+//! Memory stays bounded: an area takes pages up to the largest body seen,
+//! and once it has been empty for [`TRIM_AFTER`] the side that writes it
+//! gives back what lies beyond [`KEEP`] (`madvise(MADV_REMOVE)`).
+//!
+//! Why shared memory rather than the socket: a megabyte through a socket
+//! pair is copied into and out of the kernel in socket-buffer-sized
+//! pieces, each a wake-up on both sides; here a request is one `memcpy`, a
+//! reply none, and only a 32-byte frame wakes the other side.
+//!
+//! [`Kind::RequestInArea`]: super::link::Kind::RequestInArea
+//! [`Kind::ReplyInArea`]: super::link::Kind::ReplyInArea
+//! [`MAX_AREA`]: super::claims::MAX_AREA
+
+use super::claims::Claims;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// Bodies smaller than this take the link's sockets: they batch well there,
+/// and a frame of their own would cost as much as the copy saves.
+pub const MIN_BODY: usize = 16 * 1024;
+/// The body of an area frame: position and length, each a u64 little-endian.
+pub const FRAME_BODY: usize = 16;
+/// What an area keeps of its pages when trimmed.
+pub const KEEP: usize = 1 << 20;
+/// How long an area must have been empty before it is trimmed.
+pub const TRIM_AFTER: Duration = Duration::from_secs(1);
+
+/// Encodes where a body is, as an area frame's body.
+pub fn encode(at: u64, len: usize) -> [u8; FRAME_BODY] {
+    let mut body = [0; FRAME_BODY];
+    body[..8].copy_from_slice(&at.to_le_bytes());
+    body[8..].copy_from_slice(&(len as u64).to_le_bytes());
+    body
+}
+
+/// Decodes an area frame's body: position and length.
+pub fn decode(body: &[u8]) -> Option<(u64, u64)> {
+    let body: &[u8; FRAME_BODY] = body.try_into().ok()?;
+    let at = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+    let len = u64::from_le_bytes(body[8..].try_into().expect("8 bytes"));
+    Some((at, len))
+}
+
+/// The position of `len` contiguous bytes at or after `head`, in an area of
+/// `area` bytes whose bytes before `tail` are free: `head` itself, or the
+/// start of the next lap if the body would wrap. `None` if it does not fit.
+fn place(head: u64, tail: u64, len: usize, area: usize) -> Option<u64> {
+    let (len, area) = (len as u64, area as u64);
+    if len == 0 || len > area {
+        return None;
+    }
+    let offset = head % area;
+    let at = if offset + len > area {
+        head + (area - offset)
+    } else {
+        head
+    };
+    (at + len - tail <= area).then_some(at)
+}
+
+/// Whether a body of `len` bytes at position `at` lies whole in one lap of
+/// an area of `area` bytes, between `tail` and `tail + area`.
+fn fits(at: u64, len: u64, tail: u64, area: usize) -> bool {
+    let area = area as u64;
+    len <= area
+        && at >= tail
+        && at.checked_add(len).is_some_and(|end| end - tail <= area)
+        && at % area + len <= area
+}
+
+/// The offset in its area of position `at`.
+fn offset(at: u64, area: usize) -> usize {
+    (at % area as u64) as usize
+}
+
+/// The side that writes an area gives back its pages past [`KEEP`] once
+/// it has been empty for [`TRIM_AFTER`]: `high` is how far pages may have
+/// been taken since the last trim.
+#[derive(Default)]
+struct Trim {
+    high: usize,
+    empty_since: Option<Instant>,
+}
+
+impl Trim {
+    fn used(&mut self, end: usize) {
+        self.high = self.high.max(end);
+        self.empty_since = None;
+    }
+
+    fn emptied(&mut self, now: Instant) {
+        self.empty_since.get_or_insert(now);
+    }
+
+    /// Whether the area holds pages a trim would give back.
+    fn holding(&self) -> bool {
+        self.high > KEEP
+    }
+
+    /// Gives back the pages of `start[KEEP..high]` if the area has been
+    /// empty for [`TRIM_AFTER`].
+    fn trim(&mut self, start: *mut u8, now: Instant) {
+        let due = self.empty_since.map(|since| since + TRIM_AFTER);
+        if !self.holding() || !due.is_some_and(|due| due <= now) {
+            return;
+        }
+        // KEEP is a whole number of pages, and so is `high` rounded up.
+        let end = self.high.div_ceil(4096) * 4096;
+        // SAFETY: start + KEEP .. start + end lies inside the area (the
+        // area is a whole number of pages, `high` at most its length); no
+        // reference into it is live, and nobody reads it while it is empty
+        // (the other side only reads bytes it was told of, and all those
+        // were given back). MADV_REMOVE frees the pages and their backing
+        // in the memfd: a later read sees zeros, never a fault.
+        let removed = unsafe {
+            nix::sys::mman::madvise(
+                std::ptr::NonNull::new(start.add(KEEP))
+                    .expect("inside a mapping")
+                    .cast(),
+                end - KEEP,
+                nix::sys::mman::MmapAdvise::MADV_REMOVE,
+            )
+        };
+        if let Err(e) = removed {
+            log::debug!("cannot give back a body area's pages: {e}");
+        }
+        self.high = KEEP;
+    }
+}
+
+/// One request body in the request area.
+struct Held {
+    id: u64,
+    at: u64,
+    answered: bool,
+}
+
+/// The daemon's side of a worker's request area: where each body it copied
+/// there lies, until its request is answered or taken back.
+#[derive(Default)]
+pub struct RequestArea {
+    head: u64,
+    held: VecDeque<Held>,
+    trim: Trim,
+}
+
+impl RequestArea {
+    /// Copies request `id`'s `body` into the area of `claims`, if it is
+    /// large enough to be worth it and fits; returns the frame body that
+    /// says where (else the body takes the socket).
+    pub fn put(&mut self, claims: &Claims, id: u64, body: &[u8]) -> Option<[u8; FRAME_BODY]> {
+        let area = claims.area_len();
+        if body.len() < MIN_BODY || area == 0 {
+            return None;
+        }
+        if self.held.is_empty() {
+            // Empty: begin at the area's start, so that the pages in use stay
+            // those of the largest body.
+            self.head = self.head.div_ceil(area as u64) * area as u64;
+        }
+        let tail = self.held.front().map_or(self.head, |held| held.at);
+        let at = place(self.head, tail, body.len(), area)?;
+        let start = offset(at, area);
+        // SAFETY: `place` keeps start + len within the area, which lies
+        // inside the mapping; only the daemon writes the request area, and
+        // the worker reads these bytes only once the frame below tells it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(body.as_ptr(), claims.area(true).add(start), body.len());
+        }
+        let end = at + body.len() as u64;
+        self.held.push_back(Held {
+            id,
+            at,
+            answered: false,
+        });
+        self.head = end;
+        self.trim.used(start + body.len());
+        Some(encode(at, body.len()))
+    }
+
+    /// Request `id` is answered or taken back: the worker will not read its
+    /// body again (a worker reads a request only before it replies, and
+    /// never one it could not claim).
+    pub fn release(&mut self, id: u64, now: Instant) {
+        if let Some(held) = self.held.iter_mut().find(|held| held.id == id) {
+            held.answered = true;
+        }
+        while self.held.front().is_some_and(|held| held.answered) {
+            self.held.pop_front();
+        }
+        if self.held.is_empty() {
+            self.trim.emptied(now);
+        }
+    }
+
+    /// Whether any body is in the area.
+    pub fn holds_any(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Whether the area holds pages [`Self::trim`] would give back once it
+    /// has been empty for [`TRIM_AFTER`].
+    pub fn holds_pages(&self) -> bool {
+        self.trim.holding()
+    }
+
+    /// Gives back the area's pages past [`KEEP`] if it has been empty for
+    /// [`TRIM_AFTER`].
+    pub fn trim(&mut self, claims: &Claims, now: Instant) {
+        if self.held.is_empty() {
+            self.trim.trim(claims.area(true), now);
+        }
+    }
+
+    /// Bodies in the area, for tests.
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.held.len()
+    }
+}
+
+/// A reply's bytes in the daemon: its own, or where the worker wrote them
+/// in its reply area, given back when this is dropped.
+pub enum ReplyBody {
+    Own(Vec<u8>),
+    Area(AreaReply),
+}
+
+impl std::ops::Deref for ReplyBody {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            ReplyBody::Own(bytes) => bytes,
+            ReplyBody::Area(reply) => reply.bytes(),
+        }
+    }
+}
+
+impl AsRef<[u8]> for ReplyBody {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl From<Vec<u8>> for ReplyBody {
+    fn from(bytes: Vec<u8>) -> ReplyBody {
+        ReplyBody::Own(bytes)
+    }
+}
+
+impl std::fmt::Debug for ReplyBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplyBody::Own(bytes) => write!(f, "Own({} bytes)", bytes.len()),
+            ReplyBody::Area(reply) => write!(f, "Area({} bytes at {})", reply.len, reply.at),
+        }
+    }
+}
+
+/// A reply in a worker's reply area, held by the daemon until written.
+pub struct AreaReply {
+    taken: Rc<RefCell<Taken>>,
+    /// Keeps the area mapped even once the worker's endpoint is gone.
+    claims: Rc<Claims>,
+    at: u64,
+    len: usize,
+}
+
+impl AreaReply {
+    fn bytes(&self) -> &[u8] {
+        let start = offset(self.at, self.claims.area_len());
+        // SAFETY: `ReplyAreaReader::take` checked that these `len` bytes lie
+        // inside the reply area, which stays mapped while `claims` lives.
+        // The worker writes them again only after they are given back (on
+        // drop); a worker that breaks that rule changes what its own client
+        // receives, and nothing in the daemon depends on these bytes.
+        unsafe { std::slice::from_raw_parts(self.claims.area(false).add(start), self.len) }
+    }
+}
+
+impl Drop for AreaReply {
+    fn drop(&mut self) {
+        self.taken.borrow_mut().give_back(self.at, &self.claims);
+    }
+}
+
+/// The replies taken from a reply area and not yet given back, in order.
+#[derive(Default)]
+struct Taken {
+    /// The end of the last reply taken: the next one lies at or after it.
+    until: u64,
+    /// Each taken reply's position, and whether it was given back.
+    out: VecDeque<(u64, bool)>,
+}
+
+impl Taken {
+    /// The replies before the first still held are free for the worker.
+    fn free_until(&self) -> u64 {
+        self.out.front().map_or(self.until, |&(at, _)| at)
+    }
+
+    fn give_back(&mut self, at: u64, claims: &Claims) {
+        if let Some(entry) = self
+            .out
+            .iter_mut()
+            .find(|(held, given)| *held == at && !given)
+        {
+            entry.1 = true;
+        }
+        let before = self.free_until();
+        while self.out.front().is_some_and(|&(_, given)| given) {
+            self.out.pop_front();
+        }
+        if self.free_until() != before {
+            claims.publish_area_tail(self.free_until());
+        }
+    }
+}
+
+/// The daemon's reading of a worker's reply area: what it has taken, and
+/// what of that is still held for a client.
+#[derive(Default)]
+pub struct ReplyAreaReader {
+    taken: Rc<RefCell<Taken>>,
+}
+
+impl ReplyAreaReader {
+    /// Takes the reply a [`Kind::ReplyInArea`] frame's `body` points to: its
+    /// bytes stay where they are until the [`ReplyBody`] is dropped. An error
+    /// means the worker is out of step (a position behind what was taken,
+    /// past the area, over bytes still held, or wrapping), and its link
+    /// cannot be trusted.
+    ///
+    /// [`Kind::ReplyInArea`]: super::link::Kind::ReplyInArea
+    pub fn take(&mut self, claims: &Rc<Claims>, body: &[u8]) -> io::Result<ReplyBody> {
+        let area = claims.area_len();
+        let out_of_step = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+        let (at, len) =
+            decode(body).ok_or_else(|| out_of_step("a reply area frame of the wrong size"))?;
+        let mut taken = self.taken.borrow_mut();
+        let free = taken.free_until();
+        if area == 0 || len == 0 || at < taken.until || !fits(at, len, free, area) {
+            return Err(out_of_step(&format!(
+                "a reply area position out of range ({len} bytes at {at}, taken up to {}, free from {free})",
+                taken.until
+            )));
+        }
+        taken.until = at + len;
+        taken.out.push_back((at, false));
+        drop(taken);
+        Ok(ReplyBody::Area(AreaReply {
+            taken: Rc::clone(&self.taken),
+            claims: Rc::clone(claims),
+            at,
+            len: len as usize,
+        }))
+    }
+}
+
+/// The worker's side of its reply area: where the next large reply goes.
+pub struct ReplyArea<'a> {
+    claims: &'a Claims,
+    head: u64,
+    trim: Trim,
+}
+
+/// A reply buffer in the reply area: `len` bytes at position `at`.
+pub struct AreaBuffer {
+    pub at: u64,
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl AsMut<[u8]> for AreaBuffer {
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` has `len` bytes of the reply area after it (see
+        // `ReplyArea::buffer`), which only this worker writes, and which the
+        // daemon reads only once the frame that names them is sent; one
+        // buffer is handed out at a time.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl AreaBuffer {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl<'a> ReplyArea<'a> {
+    pub fn new(claims: &'a Claims) -> ReplyArea<'a> {
+        ReplyArea {
+            claims,
+            head: claims.area_tail(),
+            trim: Trim::default(),
+        }
+    }
+
+    /// A buffer of `len` bytes for a handler's reply, if it is large enough
+    /// to be worth it and the area has room (the daemon has taken enough of
+    /// the replies before); `None`: the reply takes a buffer of its own.
+    /// Nothing is taken until [`Self::sent`]: a handler that asks again
+    /// gets the same place.
+    pub fn buffer(&mut self, len: usize) -> Option<AreaBuffer> {
+        let area = self.claims.area_len();
+        if len < MIN_BODY || area == 0 {
+            return None;
+        }
+        let tail = self.claims.area_tail();
+        if tail == self.head {
+            // Empty: begin at the area's start, so that the pages in use stay
+            // those of the largest reply.
+            self.head = self.head.div_ceil(area as u64) * area as u64;
+        }
+        let at = place(self.head, tail, len, area)?;
+        // SAFETY: `place` keeps offset + len within the area.
+        let ptr = unsafe { self.claims.area(false).add(offset(at, area)) };
+        Some(AreaBuffer { at, ptr, len })
+    }
+
+    /// The reply in `buffer` is sent: its bytes are the daemon's until it
+    /// takes them.
+    pub fn sent(&mut self, buffer: &AreaBuffer) {
+        self.head = buffer.at + buffer.len as u64;
+        self.trim
+            .used(offset(buffer.at, self.claims.area_len()) + buffer.len);
+    }
+
+    /// The worker is idle: gives back the area's pages past [`KEEP`] once
+    /// the daemon has taken every reply and [`TRIM_AFTER`] has passed.
+    pub fn idle(&mut self, now: Instant) {
+        if self.claims.area_tail() == self.head && self.trim.holding() {
+            self.trim.emptied(now);
+            self.trim.trim(self.claims.area(false), now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workers::claims::area_len_for;
+
+    #[test]
+    fn place_skips_to_the_next_lap_rather_than_wrap() {
+        assert_eq!(place(0, 0, 10, 100), Some(0));
+        assert_eq!(place(95, 95, 10, 100), Some(100));
+        assert_eq!(place(95, 5, 10, 100), None, "would overwrite 5..10");
+        assert_eq!(place(95, 60, 10, 100), Some(100));
+        assert_eq!(place(0, 0, 101, 100), None);
+        assert_eq!(place(0, 0, 0, 100), None);
+    }
+
+    #[test]
+    fn fits_refuses_what_lies_outside_one_lap_after_the_tail() {
+        assert!(fits(0, 100, 0, 100));
+        assert!(fits(100, 10, 95, 100));
+        assert!(!fits(90, 20, 90, 100), "wraps");
+        assert!(!fits(5, 10, 10, 100), "behind the tail");
+        assert!(!fits(200, 10, 95, 100), "beyond the lap");
+        assert!(!fits(u64::MAX - 5, 10, u64::MAX - 6, 100));
+    }
+
+    fn shared(max: usize) -> (Claims, Claims) {
+        let (daemon, fd) = Claims::create(area_len_for(max)).unwrap();
+        (daemon, Claims::open(fd).unwrap())
+    }
+
+    fn read_request(worker: &Claims, frame: &[u8; FRAME_BODY]) -> Vec<u8> {
+        let (at, len) = decode(frame).unwrap();
+        let start = offset(at, worker.area_len());
+        // SAFETY: the daemon wrote these bytes; nothing writes them now.
+        unsafe { std::slice::from_raw_parts(worker.area(true).add(start), len as usize).to_vec() }
+    }
+
+    #[test]
+    fn a_request_body_crosses_and_its_bytes_are_reused_once_answered() {
+        let (daemon, worker) = shared(64 * 1024);
+        let mut area = RequestArea::default();
+        let now = Instant::now();
+        assert_eq!(area.put(&daemon, 1, &[7; 100]), None, "small: the socket");
+        let a = area.put(&daemon, 1, &[1; 40_000]).unwrap();
+        assert_eq!(area.put(&daemon, 2, &[2; 40_000]), None, "full");
+        assert_eq!(read_request(&worker, &a), vec![1; 40_000]);
+        area.release(1, now);
+        assert_eq!(area.held(), 0);
+        let b = area.put(&daemon, 2, &[2; 40_000]).unwrap();
+        let c = area.put(&daemon, 3, &[3; 20_000]).unwrap();
+        assert_eq!(read_request(&worker, &b), vec![2; 40_000]);
+        assert_eq!(read_request(&worker, &c), vec![3; 20_000]);
+        // Answered out of order: the space comes back in order.
+        area.release(3, now);
+        assert_eq!(area.held(), 2);
+        area.release(2, now);
+        assert_eq!(area.held(), 0);
+    }
+
+    #[test]
+    fn a_reply_crosses_and_a_position_out_of_step_is_refused() {
+        let (daemon, worker) = shared(64 * 1024);
+        let mut writer = ReplyArea::new(&worker);
+        let mut reader = ReplyAreaReader::default();
+        assert!(writer.buffer(100).is_none(), "small: a buffer of its own");
+        let mut one = writer.buffer(30_000).unwrap();
+        one.as_mut().fill(1);
+        writer.sent(&one);
+        let mut two = writer.buffer(30_000).unwrap();
+        two.as_mut().fill(2);
+        writer.sent(&two);
+        assert!(
+            writer.buffer(30_000).is_none(),
+            "full until the daemon takes"
+        );
+        let daemon = Rc::new(daemon);
+        let frame_one = encode(one.at, one.len());
+        let one_body = reader.take(&daemon, &frame_one).unwrap();
+        assert_eq!(&*one_body, &[1; 30_000][..]);
+        assert!(reader.take(&daemon, &frame_one).is_err(), "taken already");
+        let two_body = reader.take(&daemon, &encode(two.at, two.len())).unwrap();
+        assert_eq!(&*two_body, &[2; 30_000][..]);
+        // Held until written: given back in any order, freed in order.
+        drop(two_body);
+        assert!(writer.buffer(30_000).is_none(), "the first is still held");
+        drop(one_body);
+        // Everything given back: the next reply begins at the area's start.
+        let three = writer.buffer(60_000).unwrap();
+        assert_eq!(three.at % daemon.area_len() as u64, 0);
+        for bad in [
+            encode(three.at, daemon.area_len() + 1),
+            encode(three.at + 10_000, daemon.area_len() - 5_000),
+            encode(three.at, 0),
+            [0; FRAME_BODY],
+        ] {
+            assert!(reader.take(&daemon, &bad).is_err());
+        }
+        assert!(reader.take(&daemon, &[0; 3]).is_err());
+    }
+
+    #[test]
+    fn an_area_gives_back_its_pages_once_empty_for_a_while() {
+        let (daemon, worker) = shared(8 << 20);
+        let mut area = RequestArea::default();
+        let start = Instant::now();
+        area.put(&daemon, 1, &vec![9; 4 << 20]).unwrap();
+        assert!(area.holds_pages());
+        area.trim(&daemon, start + 2 * TRIM_AFTER);
+        assert_eq!(
+            read_request(&worker, &encode(KEEP as u64, 16))[0],
+            9,
+            "in use"
+        );
+        area.release(1, start);
+        area.trim(&daemon, start);
+        assert_eq!(
+            read_request(&worker, &encode(KEEP as u64, 16))[0],
+            9,
+            "not yet"
+        );
+        area.trim(&daemon, start + TRIM_AFTER);
+        assert!(!area.holds_pages());
+        assert_eq!(
+            read_request(&worker, &encode(KEEP as u64, 16)),
+            vec![0; 16],
+            "given back"
+        );
+        assert_eq!(read_request(&worker, &encode(0, 16)), vec![9; 16], "kept");
+    }
+}
