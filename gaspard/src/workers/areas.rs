@@ -370,7 +370,8 @@ impl ReplyAreaReader {
         let (at, len) =
             decode(body).ok_or_else(|| out_of_step("a reply area frame of the wrong size"))?;
         let mut taken = self.taken.borrow_mut();
-        let free = taken.free_until();
+        // With nothing held, all is free: the worker may begin a new lap.
+        let free = taken.out.front().map_or(at, |&(held, _)| held);
         if area == 0 || len == 0 || at < taken.until || !fits(at, len, free, area) {
             return Err(out_of_step(&format!(
                 "a reply area position out of range ({len} bytes at {at}, taken up to {}, free from {free})",
@@ -438,11 +439,12 @@ impl<'a> ReplyArea<'a> {
         if len < MIN_BODY || area == 0 {
             return None;
         }
-        let tail = self.claims.area_tail();
+        let mut tail = self.claims.area_tail();
         if tail == self.head {
             // Empty: begin at the area's start, so that the pages in use stay
             // those of the largest reply.
             self.head = self.head.div_ceil(area as u64) * area as u64;
+            tail = self.head;
         }
         let at = place(self.head, tail, len, area)?;
         // SAFETY: `place` keeps offset + len within the area.

@@ -210,19 +210,16 @@ impl Workers {
     }
 
     /// Gives back the pages of request areas that have been empty for
-    /// `areas::TRIM_AFTER`; looks at most that often, and wakes the loop for
-    /// it only while an area holds such pages.
+    /// `areas::TRIM_AFTER`; looks at most that often (`next_deadline` wakes
+    /// the loop for it while an area holds such pages).
     fn trim_areas(&mut self, now: Instant) {
         if now < self.trim_check {
             return;
         }
-        let mut pending = false;
         for endpoint in self.endpoints.iter_mut().flatten() {
             endpoint.trim(now);
-            pending |= endpoint.area_holds_pages();
         }
         self.trim_check = now + super::areas::TRIM_AFTER;
-        self.trim_pending = pending;
     }
 
     /// Deadlines: requests past --timeout fail and their workers are killed

@@ -917,6 +917,101 @@ mod tests {
         );
     }
 
+    /// The daemon's and a worker's views of one worker's shared memory,
+    /// with body areas for requests of up to `max` bytes.
+    fn shared_areas(max: usize) -> (Rc<Claims>, Claims) {
+        let (daemon, fd) = Claims::create(super::super::claims::area_len_for(max)).unwrap();
+        (Rc::new(daemon), Claims::open(fd).unwrap())
+    }
+
+    #[test]
+    fn large_bodies_cross_in_the_areas_and_only_frames_take_the_link() {
+        let (mut link, mut worker) = linked();
+        let (daemon, claims) = shared_areas(1 << 20);
+        let big = Rc::new(vec![5u8; 300_000]);
+        link.queue_request(1, 3, Rc::clone(&big), Some(&daemon));
+        link.queue_request(2, 4, Rc::new(b"small".to_vec()), Some(&daemon));
+        link.flush().unwrap();
+        // The worker reads two frames: the first says where its body is.
+        let mut got = vec![0; 2 * HEADER_LEN + areas::FRAME_BODY + 5];
+        worker.socket.read_exact(&mut got).unwrap();
+        let first = parse_header(got[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!(
+            (first.kind, first.extra, first.len, first.value),
+            (Kind::RequestInArea, 3, 16, 1)
+        );
+        let (at, len) = areas::decode(&got[HEADER_LEN..HEADER_LEN + 16]).unwrap();
+        assert_eq!(len, 300_000);
+        let offset = (at % claims.area_len() as u64) as usize;
+        // SAFETY: inside the request area, written before the frame was sent.
+        let body = unsafe { std::slice::from_raw_parts(claims.area(true).add(offset), 300_000) };
+        assert!(body == &big[..]);
+        let second = parse_header(
+            got[HEADER_LEN + 16..2 * HEADER_LEN + 16]
+                .try_into()
+                .unwrap(),
+        );
+        assert_eq!(second.unwrap().kind, Kind::Request);
+        assert_eq!(&got[2 * HEADER_LEN + 16..], b"small");
+
+        // The worker's reply in its reply area comes as a Reply, its bytes
+        // where the worker wrote them.
+        let mut area = areas::ReplyArea::new(&claims);
+        let mut buffer = area.buffer(200_000).unwrap();
+        buffer.as_mut().fill(9);
+        area.sent(&buffer);
+        let place = areas::encode(buffer.at, buffer.len());
+        worker.send(&frame(Kind::ReplyInArea, 1, &place));
+        let replies = receive_all(&mut link, &daemon);
+        assert_eq!(replies.len(), 1);
+        assert_eq!((replies[0].kind, replies[0].value), (Kind::Reply, 1));
+        assert!(*replies[0].body == [9; 200_000]);
+        assert!(matches!(replies[0].body, ReplyBody::Area(_)));
+        assert!(
+            area.buffer(900_000).is_none(),
+            "held until the daemon is done with it"
+        );
+        drop(replies);
+        assert!(area.buffer(900_000).is_some(), "given back");
+
+        // The same position again: out of step, the link is broken.
+        worker.send(&frame(Kind::ReplyInArea, 2, &place));
+        link.readable();
+        assert!(link.try_recv(Some(&daemon)).is_err());
+    }
+
+    #[test]
+    fn a_reply_in_an_area_the_worker_has_not_is_garbage() {
+        let (mut link, mut worker) = linked();
+        let (daemon, _claims) = shared();
+        worker.send(&frame(Kind::ReplyInArea, 1, &areas::encode(0, 100_000)));
+        link.readable();
+        assert!(link.try_recv(Some(&daemon)).is_err());
+    }
+
+    #[test]
+    fn a_body_that_does_not_fit_its_area_takes_the_socket() {
+        let (mut link, mut worker) = linked();
+        let (daemon, _claims) = shared_areas(100_000);
+        link.queue_request(1, 0, Rc::new(vec![1; 80_000]), Some(&daemon));
+        link.queue_request(2, 0, Rc::new(vec![2; 80_000]), Some(&daemon));
+        link.flush().unwrap();
+        let mut got = vec![0; 2 * HEADER_LEN + areas::FRAME_BODY + 80_000];
+        worker.socket.read_exact(&mut got).unwrap();
+        let second = &got[HEADER_LEN + areas::FRAME_BODY..];
+        let header = parse_header(second[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!((header.kind, header.len), (Kind::Request, 80_000));
+        assert!(second[HEADER_LEN..].iter().all(|&b| b == 2));
+        // Once the first is answered, its place is free again.
+        worker.send(&frame(Kind::Reply, 1, b"done"));
+        assert_eq!(receive_all(&mut link, &daemon).len(), 1);
+        link.queue_request(3, 0, Rc::new(vec![3; 80_000]), Some(&daemon));
+        link.flush().unwrap();
+        let mut head = [0; HEADER_LEN];
+        worker.socket.read_exact(&mut head).unwrap();
+        assert_eq!(parse_header(&head).unwrap().kind, Kind::RequestInArea);
+    }
+
     #[test]
     fn queued_frames_are_written_whole_even_when_the_socket_fills() {
         let (mut link, mut worker) = linked();

@@ -184,10 +184,8 @@ pub(crate) struct Workers {
     answers: Vec<Answer>,
     notices: Vec<Notice>,
     metrics: Arc<Metrics>,
-    /// When to look next for request areas to trim (`areas.rs`), and
-    /// whether one held pages to give back at the last look.
+    /// When to look next for request areas to trim (`areas.rs`).
     trim_check: Instant,
-    trim_pending: bool,
 }
 
 impl Workers {
@@ -260,7 +258,6 @@ impl Workers {
             notices: Vec::new(),
             metrics,
             trim_check: Instant::now(),
-            trim_pending: false,
         })
     }
 
@@ -378,7 +375,11 @@ impl Workers {
             self.supervisor.next_deadline(),
             self.reload.deadline(),
             self.pool.as_ref().and_then(PoolServer::next_deadline),
-            self.trim_pending.then_some(self.trim_check),
+            self.endpoints
+                .iter()
+                .flatten()
+                .any(Endpoint::area_holds_pages)
+                .then_some(self.trim_check),
         ]
         .into_iter()
         .flatten()

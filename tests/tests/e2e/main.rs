@@ -2,6 +2,7 @@
 //! TCP on 127.0.0.1. One module per area.
 
 mod allow;
+mod areas;
 mod authors;
 mod chaos;
 mod check;

@@ -1,0 +1,166 @@
+//! Large bodies in the workers' shared body areas (gaspard/src/workers/
+//! areas.rs): exact bytes, what a crash costs, which process maps which
+//! area, and that an area gives its memory back.
+
+use gaspard_tests::{is_reset, request, start};
+use std::time::{Duration, Instant};
+
+/// A body whose bytes say where they are and which request they belong to.
+fn body(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+#[test]
+fn large_bodies_cross_whole_and_a_crash_costs_exactly_its_request() {
+    // Credit 4: requests are staged in a worker's area behind the one it
+    // runs, so a crash finds some there, which must go to another worker.
+    let daemon = start("fault", &["--workers", "2", "--worker-credit", "4"]);
+    let addr = daemon.addr;
+    let clients: Vec<_> = (0..6u64)
+        .map(|client| {
+            std::thread::spawn(move || {
+                let mut outcomes = (0, 0);
+                for i in 0..12u64 {
+                    let len = [20_000, 200_000, 1 << 20, 3 << 20][(client + i) as usize % 4];
+                    let crash = client == 0 && i % 4 == 1;
+                    let mut payload = if crash {
+                        b"segv:".to_vec()
+                    } else {
+                        b"echo:".to_vec()
+                    };
+                    let sent = body(client * 100 + i, len);
+                    payload.extend_from_slice(&sent);
+                    let reply = request(addr, &payload);
+                    if crash {
+                        assert!(is_reset(&reply), "a crashed request is reset: {reply:?}");
+                        outcomes.1 += 1;
+                    } else {
+                        let reply = reply.unwrap_or_else(|e| panic!("client {client} #{i}: {e}"));
+                        assert!(
+                            reply == sent,
+                            "client {client} #{i}: {len} bytes came back changed"
+                        );
+                        outcomes.0 += 1;
+                    }
+                }
+                outcomes
+            })
+        })
+        .collect();
+    let (mut echoed, mut crashed) = (0, 0);
+    for client in clients {
+        let (e, c) = client.join().unwrap();
+        echoed += e;
+        crashed += c;
+    }
+    assert_eq!((echoed, crashed), (69, 3));
+    // Each crash cost its own request and no other: one failed per death.
+    let deaths = || {
+        let lines = daemon.log.lines().into_iter();
+        lines
+            .filter(|line| line.contains(") was killed by SIGSEGV;"))
+            .collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while deaths().len() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let deaths = deaths();
+    assert_eq!(deaths.len(), 3, "{deaths:?}");
+    assert!(
+        deaths
+            .iter()
+            .all(|line| line.contains("; 1 requests failed")),
+        "{deaths:?}"
+    );
+}
+
+/// The inodes of the claims memfds (which hold the areas) `pid` maps.
+fn claims_mappings(pid: i32) -> Vec<(u64, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut found = Vec::new();
+    let mut current: Option<u64> = None;
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() >= 6 && fields[0].contains('-') {
+            current = (fields[5] == "/memfd:gaspard-claims").then(|| fields[4].parse().unwrap());
+        } else if let (Some(inode), Some(["Rss:", kib, "kB"])) = (current, fields.get(..3)) {
+            found.push((inode, kib.parse().unwrap()));
+        }
+    }
+    found
+}
+
+#[test]
+fn each_worker_maps_its_own_areas_and_no_other() {
+    let daemon = start("echo", &["--workers", "3"]);
+    let reply = request(daemon.addr, &body(1, 1 << 20)).unwrap();
+    assert!(reply == body(1, 1 << 20));
+    let daemon_maps: Vec<u64> = claims_mappings(daemon.pid()).iter().map(|m| m.0).collect();
+    assert_eq!(
+        daemon_maps.len(),
+        3,
+        "one per worker in the daemon: {daemon_maps:?}"
+    );
+    let mut seen = Vec::new();
+    for worker in daemon.workers() {
+        let maps = claims_mappings(worker);
+        assert_eq!(maps.len(), 1, "worker {worker} maps {maps:?}");
+        assert!(daemon_maps.contains(&maps[0].0));
+        assert!(
+            !seen.contains(&maps[0].0),
+            "two workers share {}",
+            maps[0].0
+        );
+        seen.push(maps[0].0);
+        // And holds no fd to any other worker's (or its own: it is mapped).
+        for fd in std::fs::read_dir(format!("/proc/{worker}/fd")).unwrap() {
+            let target = std::fs::read_link(fd.unwrap().path()).unwrap_or_default();
+            assert!(
+                !target.to_string_lossy().contains("gaspard-claims"),
+                "{target:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_area_gives_its_memory_back_once_idle() {
+    let daemon = start("echo", &["--workers", "1"]);
+    let sent = body(7, 16 << 20);
+    let reply = request(daemon.addr, &sent).unwrap();
+    assert!(reply == sent, "16 MiB came back changed");
+    let worker = daemon.workers()[0];
+    let resident = |pid| claims_mappings(pid).iter().map(|m| m.1).sum::<u64>();
+    // Both areas held the 16 MiB: the daemon wrote the request there and
+    // wrote the reply to the client from there.
+    assert!(
+        resident(daemon.pid()) >= 16 << 10,
+        "{} KiB",
+        resident(daemon.pid())
+    );
+    assert!(resident(worker) >= 16 << 10, "{} KiB", resident(worker));
+    // Each area keeps 1 MiB; the words and the reply ring are 132 KiB.
+    let small = 2 * 1024 + 132;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while resident(daemon.pid()) > small || resident(worker) > small {
+        assert!(
+            Instant::now() < deadline,
+            "still {} KiB in the daemon, {} KiB in the worker",
+            resident(daemon.pid()),
+            resident(worker)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // And the areas still work.
+    let again = body(8, 4 << 20);
+    assert!(request(daemon.addr, &again).unwrap() == again);
+}
