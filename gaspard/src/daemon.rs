@@ -231,6 +231,7 @@ impl Daemon {
                 timeout: config.timeout,
                 link: config.link,
                 max_request_size: config.max_request_size as usize,
+                max_buffered: config.max_buffered,
                 pool: pool_config(&config)?,
             },
             Arc::clone(&metrics),

@@ -479,9 +479,11 @@ impl Host {
                 // Until the daemon says its --timeout (Welcome).
                 timeout: None,
                 link: LinkKind::Local,
-                // The daemon's default --max-request-size: larger requests
-                // still reach the workers, through their link's sockets.
+                // The daemon's defaults for --max-request-size and
+                // --max-buffered: larger requests still reach the workers,
+                // through their link's sockets.
                 max_request_size: 64 << 20,
+                max_buffered: 1 << 30,
                 pool: None,
             },
             Arc::new(Metrics::default()),

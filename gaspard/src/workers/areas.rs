@@ -39,7 +39,7 @@
 //! [`Kind::ReplyInArea`]: super::link::Kind::ReplyInArea
 //! [`MAX_AREA`]: super::claims::MAX_AREA
 
-use super::claims::Claims;
+use super::claims::{area_len_for, Claims};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
@@ -55,6 +55,18 @@ pub const FRAME_BODY: usize = 16;
 pub const KEEP: usize = 1 << 20;
 /// How long an area must have been empty before it is trimmed.
 pub const TRIM_AFTER: Duration = Duration::from_secs(1);
+
+/// The size of each body area of a local worker: large enough for a
+/// request of `max_request_size` bytes (`--max-request-size`), but all the
+/// areas of `workers` workers together at most a quarter of `max_buffered`
+/// (`--max-buffered`): their pages stay taken while in use (the daemon maps
+/// them too), so they count against the memory the operator allowed for
+/// bodies. Bodies larger than the area take the link's sockets.
+pub fn area_len(max_request_size: usize, max_buffered: usize, workers: usize) -> usize {
+    let share = max_buffered / (8 * workers.max(1));
+    // Whole pages, rounded down: area_len_for rounds up.
+    area_len_for(max_request_size.min(share / 4096 * 4096))
+}
 
 /// Encodes where a body is, as an area frame's body.
 pub fn encode(at: u64, len: usize) -> [u8; FRAME_BODY] {
@@ -473,7 +485,16 @@ impl<'a> ReplyArea<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workers::claims::area_len_for;
+
+    #[test]
+    fn the_areas_together_take_at_most_a_quarter_of_the_budget() {
+        assert_eq!(area_len(64 << 20, 1 << 30, 2), 64 << 20);
+        assert_eq!(area_len(64 << 20, 1 << 30, 64), 2 << 20);
+        assert_eq!(area_len(64 << 20, 96 << 20, 2), 6 << 20);
+        assert_eq!(area_len(1000, 1 << 30, 2), 4096);
+        assert_eq!(area_len(64 << 20, 4096, 2), 0, "too small a budget: none");
+        assert_eq!(area_len(64 << 20, 1 << 30, 0), 64 << 20);
+    }
 
     #[test]
     fn place_skips_to_the_next_lap_rather_than_wrap() {

@@ -146,9 +146,10 @@ pub(crate) struct WorkersConfig {
     pub timeout: Option<Duration>,
     /// --link.
     pub link: crate::config::LinkKind,
-    /// --max-request-size: how large a local worker's body areas are
-    /// (`areas.rs`).
+    /// --max-request-size and --max-buffered: how large a local worker's
+    /// body areas are (`areas::area_len`).
     pub max_request_size: usize,
+    pub max_buffered: usize,
     /// --pool-listen and its keys: worker hosts may join.
     pub pool: Option<PoolConfig>,
 }
@@ -197,7 +198,11 @@ impl Workers {
     ) -> Result<Workers, WorkersError> {
         let linking = match config.link {
             crate::config::LinkKind::Local => Linking::Local {
-                area_len: claims::area_len_for(config.max_request_size),
+                area_len: areas::area_len(
+                    config.max_request_size,
+                    config.max_buffered,
+                    config.workers,
+                ),
             },
             crate::config::LinkKind::Zmq => {
                 let hub = zmq_link::ZmqHub::bind(&config.runtime_dir)?;

@@ -157,7 +157,17 @@ fn replies_finished_before_a_crash_are_delivered_with_the_batch_unsent() {
 /// fails, and the ones staged behind it still go to the next worker.
 #[test]
 fn a_reply_cut_short_by_a_kill_fails_only_its_own_request() {
-    let daemon = start("fault", &["--workers", "1", "--worker-credit", "4"]);
+    // A reply larger than the worker's reply area (as large as a request,
+    // here 1 MiB) takes the link's socket, where it can be cut short.
+    let args = [
+        "--workers",
+        "1",
+        "--worker-credit",
+        "4",
+        "--max-request-size",
+        "1M",
+    ];
+    let daemon = start("fault", &args);
     let worker = daemon.workers()[0];
     let mut session = Session::open(daemon.addr);
     for request in [&b"big:20000000"[..], b"echo:a", b"echo:b"] {
