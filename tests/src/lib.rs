@@ -603,6 +603,16 @@ pub fn proc_state(pid: i32) -> Option<(char, i32)> {
     Some((state, ppid))
 }
 
+/// The CPU time `pid` has used so far (user + system), in clock ticks.
+pub fn cpu_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command: state is field 3; utime and stime are 14 and 15.
+    let mut fields = stat[stat.rfind(')')? + 2..].split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(user + system)
+}
+
 /// Whether `pid` is a live process (not gone, not a zombie).
 pub fn is_alive(pid: i32) -> bool {
     matches!(proc_state(pid), Some((state, _)) if state != 'Z' && state != 'X')

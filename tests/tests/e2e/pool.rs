@@ -2,8 +2,8 @@
 //! hosts (`gaspard worker --connect`) as separate processes.
 
 use gaspard_tests::{
-    children_of, gaspard_bin, handler, is_alive, is_reset, proc_state, request, start, wait_gone,
-    Daemon, WorkerHost,
+    children_of, cpu_ticks, gaspard_bin, handler, is_alive, is_reset, proc_state, request, start,
+    wait_gone, Daemon, WorkerHost,
 };
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -23,10 +23,17 @@ fn pool_endpoint(daemon: &Daemon) -> String {
 /// worker is running or runnable; an idle one sleeps in read).
 fn wait_running(pids: &[i32]) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !pids
+    // Runnable is not enough (a worker woken to look for a stop is, for a
+    // moment): each must also have spent CPU time since the first look.
+    let first: Vec<u64> = pids
         .iter()
-        .all(|&pid| proc_state(pid).is_some_and(|(state, _)| state == 'R'))
-    {
+        .map(|&pid| cpu_ticks(pid).unwrap_or(0))
+        .collect();
+    let spinning = |(&pid, &before): (&i32, &u64)| {
+        proc_state(pid).is_some_and(|(state, _)| state == 'R')
+            && cpu_ticks(pid).is_some_and(|now| now >= before + 3)
+    };
+    while !pids.iter().zip(&first).all(spinning) {
         assert!(
             Instant::now() < deadline,
             "{pids:?} never all ran a request"
