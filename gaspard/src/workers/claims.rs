@@ -121,7 +121,9 @@ impl Claims {
 
     /// Maps the words the daemon made (in the worker), after checking that
     /// `fd` is what the daemon passed: a sealed file of the size of the
-    /// words and ring plus two equal body areas.
+    /// words and ring plus two equal body areas. The request area is mapped
+    /// read-only: a handler that writes through a stray pointer faults
+    /// rather than change a request staged behind the one it runs.
     pub fn open(fd: OwnedFd) -> io::Result<Claims> {
         let size = std::fs::File::from(fd.try_clone()?).metadata()?.len();
         let areas = usize::try_from(size)
@@ -136,7 +138,15 @@ impl Claims {
                 format!("claims fd has {size} bytes, not {BASE_BYTES} plus two body areas"),
             ));
         };
-        Claims::map(&fd, area_len)
+        let claims = Claims::map(&fd, area_len)?;
+        if let Some(start) = NonNull::new(claims.area(true)).filter(|_| area_len > 0) {
+            use nix::sys::mman::{mprotect, ProtFlags};
+            // SAFETY: the request area is `area_len` bytes of the mapping just
+            // made, page-aligned (AREAS_AT and area_len are whole pages); no
+            // reference into it exists, and this process only reads it.
+            unsafe { mprotect(start.cast(), area_len, ProtFlags::PROT_READ) }?;
+        }
+        Ok(claims)
     }
 
     fn bytes(&self) -> usize {
@@ -410,6 +420,26 @@ mod tests {
             nix::unistd::ftruncate(&fd, size as i64).unwrap();
             assert!(Claims::open(fd).is_err(), "{size} bytes");
         }
+    }
+
+    #[test]
+    fn the_worker_maps_its_request_area_read_only() {
+        let (daemon, fd) = Claims::create(area_len_for(100_000)).unwrap();
+        let worker = Claims::open(fd).unwrap();
+        let perms = |start: usize| {
+            let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+            let line = maps
+                .lines()
+                .find(|line| line.starts_with(&format!("{start:x}-")))
+                .map(str::to_string);
+            line.unwrap_or_default()
+        };
+        assert!(perms(worker.area(true) as usize).contains(" r--s "));
+        assert!(perms(worker.area(false) as usize).contains(" rw-s "));
+        assert!(
+            perms(daemon.area(true) as usize).contains(" rw-s ")
+                || perms(daemon.base.as_ptr() as usize).contains(" rw-s ")
+        );
     }
 
     #[test]
