@@ -83,7 +83,8 @@ fn large_bodies_cross_whole_and_a_crash_costs_exactly_its_request() {
     );
 }
 
-/// The inodes of the claims memfds (which hold the areas) `pid` maps.
+/// The inodes of the claims memfds (which hold the areas) `pid` maps, and
+/// the KiB of each resident there.
 fn claims_mappings(pid: i32) -> Vec<(u64, u64)> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
     let mut found = Vec::new();
@@ -93,7 +94,13 @@ fn claims_mappings(pid: i32) -> Vec<(u64, u64)> {
         if fields.len() >= 6 && fields[0].contains('-') {
             current = (fields[5] == "/memfd:gaspard-claims").then(|| fields[4].parse().unwrap());
         } else if let (Some(inode), Some(["Rss:", kib, "kB"])) = (current, fields.get(..3)) {
-            found.push((inode, kib.parse().unwrap()));
+            let kib: u64 = kib.parse().unwrap();
+            // A worker maps its request area read-only: one file, three
+            // mappings. Summed per file.
+            match found.iter_mut().find(|(seen, _)| *seen == inode) {
+                Some((_, total)) => *total += kib,
+                None => found.push((inode, kib)),
+            }
         }
     }
     found
