@@ -451,14 +451,19 @@ impl<'a> ReplyArea<'a> {
         if len < MIN_BODY || area == 0 {
             return None;
         }
-        let mut tail = self.claims.area_tail();
-        if tail == self.head {
-            // Empty: begin at the area's start, so that the pages in use stay
-            // those of the largest reply.
-            self.head = self.head.div_ceil(area as u64) * area as u64;
-            tail = self.head;
-        }
-        let at = place(self.head, tail, len, area)?;
+        let tail = self.claims.area_tail();
+        // Empty: begin at the area's start, so that the pages in use stay
+        // those of the largest reply. Only `sent` moves `head`: a buffer
+        // asked for and never sent (the handler failed, or asked again for
+        // a small one) must leave the area empty, else `idle` never sees
+        // the daemon's tail reach it and never trims.
+        let (head, tail) = if tail == self.head {
+            let start = self.head.div_ceil(area as u64) * area as u64;
+            (start, start)
+        } else {
+            (self.head, tail)
+        };
+        let at = place(head, tail, len, area)?;
         // SAFETY: `place` keeps offset + len within the area.
         let ptr = unsafe { self.claims.area(false).add(offset(at, area)) };
         Some(AreaBuffer { at, ptr, len })
@@ -619,5 +624,31 @@ mod tests {
             "given back"
         );
         assert_eq!(read_request(&worker, &encode(0, 16)), vec![9; 16], "kept");
+    }
+
+    #[test]
+    fn a_buffer_asked_for_and_not_sent_does_not_keep_the_reply_area_from_shrinking() {
+        let (daemon, worker) = shared(4 << 20);
+        let daemon = Rc::new(daemon);
+        let mut writer = ReplyArea::new(&worker);
+        let mut reader = ReplyAreaReader::default();
+        // A 3 MiB reply, taken and written to its client.
+        let mut big = writer.buffer(3 << 20).unwrap();
+        big.as_mut().fill(9);
+        writer.sent(&big);
+        drop(reader.take(&daemon, &encode(big.at, big.len())).unwrap());
+        // The next handler asks for a large buffer, then fails (or asks
+        // again for a small one): nothing is sent.
+        assert!(writer.buffer(100_000).is_some());
+        let start = Instant::now();
+        writer.idle(start);
+        writer.idle(start + TRIM_AFTER);
+        // SAFETY: inside the reply area; nothing writes it now.
+        let past_keep = unsafe { std::slice::from_raw_parts(daemon.area(false).add(KEEP), 16) };
+        assert_eq!(past_keep, &[0; 16], "the area is idle: its pages go back");
+        // And the whole area is still there for the next reply.
+        let whole = writer.buffer(daemon.area_len()).expect("all of it is free");
+        writer.sent(&whole);
+        assert!(reader.take(&daemon, &encode(whole.at, whole.len())).is_ok());
     }
 }
