@@ -477,8 +477,14 @@ impl<'a> ReplyArea<'a> {
             .used(offset(buffer.at, self.claims.area_len()) + buffer.len);
     }
 
-    /// The worker is idle: gives back the area's pages past [`KEEP`] once
-    /// the daemon has taken every reply and [`TRIM_AFTER`] has passed.
+    /// Whether the area holds pages [`Self::idle`] may give back.
+    pub fn holds_pages(&self) -> bool {
+        self.trim.holding()
+    }
+
+    /// Between requests (and while waiting for one): gives back the area's
+    /// pages past [`KEEP`] once the daemon has given back every reply and
+    /// the area has been empty for [`TRIM_AFTER`].
     pub fn idle(&mut self, now: Instant) {
         if self.claims.area_tail() == self.head && self.trim.holding() {
             self.trim.emptied(now);

@@ -164,3 +164,28 @@ fn an_area_gives_its_memory_back_once_idle() {
     let again = body(8, 4 << 20);
     assert!(request(daemon.addr, &again).unwrap() == again);
 }
+
+#[test]
+fn a_worker_kept_busy_with_small_requests_still_gives_its_reply_area_back() {
+    let daemon = start("echo", &["--workers", "1"]);
+    let sent = body(9, 16 << 20);
+    assert!(request(daemon.addr, &sent).unwrap() == sent);
+    let worker = daemon.workers()[0];
+    let resident = |pid| claims_mappings(pid).iter().map(|m| m.1).sum::<u64>();
+    assert!(resident(worker) >= 16 << 10, "{} KiB", resident(worker));
+    // Small requests more often than the worker's wait for one times out:
+    // it is never idle, but its reply area has been empty all along.
+    let small = 2 * 1024 + 132;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while resident(worker) > small {
+        assert!(
+            Instant::now() < deadline,
+            "still {} KiB in the worker",
+            resident(worker)
+        );
+        for _ in 0..5 {
+            assert_eq!(request(daemon.addr, b"tick").unwrap(), b"tick");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
