@@ -189,3 +189,67 @@ fn a_worker_kept_busy_with_small_requests_still_gives_its_reply_area_back() {
         }
     }
 }
+
+/// `big:N`'s reply: N bytes of a repeating `0123456789`.
+fn repeating(len: usize) -> Vec<u8> {
+    b"0123456789".iter().copied().cycle().take(len).collect()
+}
+
+/// Opens a connection asking for `big:len` and reads the reply's first
+/// byte: the daemon holds the rest (in the worker's reply area).
+fn begin_big_reply(addr: std::net::SocketAddr, len: usize) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut stream = gaspard_tests::connect(addr).unwrap();
+    let payload = format!("big:{len}");
+    stream
+        .write_all(&gaspard_tests::pack(payload.as_bytes()))
+        .unwrap();
+    let mut first = [0; 1];
+    stream.read_exact(&mut first).unwrap();
+    assert_eq!(first, *b"0");
+    stream
+}
+
+#[test]
+fn a_reply_in_the_area_is_written_whole_after_its_worker_is_gone() {
+    let daemon = start("fault", &["--workers", "1"]);
+    let worker = daemon.workers()[0];
+    let len = 40 << 20;
+    let mut stream = begin_big_reply(daemon.addr, len);
+    // SAFETY: kill(2) on the daemon's worker, alive until reaped.
+    unsafe { libc::kill(worker, libc::SIGKILL) };
+    let next = daemon.wait_for_workers(1, &[worker], Duration::from_secs(10));
+    // The new worker's replies do not disturb the old one's.
+    let again = body(3, 8 << 20);
+    let mut with_echo = b"echo:".to_vec();
+    with_echo.extend_from_slice(&again);
+    assert!(request(daemon.addr, &with_echo).unwrap() == again);
+    let rest = gaspard_tests::read_reply(&mut stream).unwrap();
+    assert!(rest == repeating(len)[1..], "{} bytes came", rest.len());
+    assert_eq!(daemon.workers(), next);
+}
+
+#[test]
+fn a_client_that_leaves_mid_reply_gives_the_reply_area_back() {
+    let daemon = start("fault", &["--workers", "1"]);
+    let worker = daemon.workers()[0];
+    let len = 40 << 20;
+    drop(begin_big_reply(daemon.addr, len));
+    // Another reply as large: the area has room for it only if the first
+    // was given back (else it takes the socket, and the area stays full).
+    let reply = request(daemon.addr, format!("big:{len}").as_bytes()).unwrap();
+    assert!(reply == repeating(len));
+    let resident = |pid| claims_mappings(pid).iter().map(|m| m.1).sum::<u64>();
+    let small = 2 * 1024 + 132;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while resident(worker) > small || resident(daemon.pid()) > small {
+        assert!(
+            Instant::now() < deadline,
+            "still {} KiB in the worker, {} KiB in the daemon",
+            resident(worker),
+            resident(daemon.pid())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(daemon.workers(), vec![worker]);
+}
