@@ -225,7 +225,13 @@ impl RequestArea {
     /// body again (a worker reads a request only before it replies, and
     /// never one it could not claim).
     pub fn release(&mut self, id: u64, now: Instant) {
-        if let Some(held) = self.held.iter_mut().find(|held| held.id == id) {
+        // Not one already given back: a request taken back and sent to
+        // the same worker again is in the area twice.
+        let held = self
+            .held
+            .iter_mut()
+            .find(|held| held.id == id && !held.answered);
+        if let Some(held) = held {
             held.answered = true;
         }
         while self.held.front().is_some_and(|held| held.answered) {
@@ -420,8 +426,9 @@ impl AsMut<[u8]> for AreaBuffer {
     fn as_mut(&mut self) -> &mut [u8] {
         // SAFETY: `ptr` has `len` bytes of the reply area after it (see
         // `ReplyArea::buffer`), which only this worker writes, and which the
-        // daemon reads only once the frame that names them is sent; one
-        // buffer is handed out at a time.
+        // daemon reads only once the frame that names them is sent. A
+        // handler that asks again gets the same bytes again, but the ABI
+        // forbids it to touch the earlier buffer then (`reply_buffer`).
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 }
@@ -559,6 +566,20 @@ mod tests {
         assert_eq!(area.held(), 2);
         area.release(2, now);
         assert_eq!(area.held(), 0);
+    }
+
+    #[test]
+    fn a_request_taken_back_and_sent_again_is_released_each_time() {
+        let (daemon, _worker) = shared(256 * 1024);
+        let mut area = RequestArea::default();
+        let now = Instant::now();
+        area.put(&daemon, 1, &[1; 20_000]).unwrap();
+        area.put(&daemon, 2, &[2; 20_000]).unwrap();
+        area.release(2, now); // taken back: 1 still runs
+        area.put(&daemon, 2, &[2; 20_000]).unwrap(); // the same worker again
+        area.release(2, now);
+        area.release(1, now);
+        assert_eq!(area.held(), 0, "nothing is held for good");
     }
 
     #[test]
