@@ -253,3 +253,30 @@ fn a_client_that_leaves_mid_reply_gives_the_reply_area_back() {
     }
     assert_eq!(daemon.workers(), vec![worker]);
 }
+
+#[test]
+#[ignore = "a held area reply pins its dead worker's whole memfd: design question, see the review"]
+fn a_reply_held_from_a_dead_worker_keeps_only_its_own_pages() {
+    let daemon = start("fault", &["--workers", "1"]);
+    let worker = daemon.workers()[0];
+    // Both areas of the worker take 48 MiB of pages...
+    let mut with_echo = b"echo:".to_vec();
+    with_echo.extend_from_slice(&body(4, 48 << 20));
+    assert_eq!(request(daemon.addr, &with_echo).unwrap().len(), 48 << 20);
+    // ...then a client slow to take a 16 MiB reply holds it in the reply
+    // area when the worker dies.
+    let _slow = begin_big_reply(daemon.addr, 16 << 20);
+    // SAFETY: kill(2) on the daemon's worker, alive until reaped.
+    unsafe { libc::kill(worker, libc::SIGKILL) };
+    daemon.wait_for_workers(1, &[worker], Duration::from_secs(10));
+    // Nobody reads the dead worker's request area any more, and of its
+    // reply area only the 16 MiB are held: the daemon should keep little
+    // more than that of the claims memfds (it keeps all 96 MiB until the
+    // client is done, up to --read-timeout).
+    std::thread::sleep(Duration::from_secs(3));
+    let resident: u64 = claims_mappings(daemon.pid()).iter().map(|m| m.1).sum();
+    assert!(
+        resident < 24 << 10,
+        "{resident} KiB kept for a 16 MiB reply"
+    );
+}
