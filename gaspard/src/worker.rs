@@ -288,14 +288,15 @@ fn serve_on(
 
     let mut spare = Vec::new();
     while !stop.load(Ordering::Relaxed) {
+        // Between requests, not only when none comes for a while: a worker
+        // kept busy with small requests must still give back the pages of
+        // a large reply once the daemon is done with it.
+        if let Some(area) = reply_area.as_mut().filter(|area| area.holds_pages()) {
+            area.idle(Instant::now());
+        }
         let (header, payload) = match link.next()? {
             Incoming::Request(header, payload) => (header, payload),
-            Incoming::Idle => {
-                if let Some(area) = &mut reply_area {
-                    area.idle(Instant::now());
-                }
-                continue;
-            }
+            Incoming::Idle => continue,
             // The daemon is gone: nobody is left to answer.
             Incoming::Closed => break,
         };

@@ -225,7 +225,13 @@ impl RequestArea {
     /// body again (a worker reads a request only before it replies, and
     /// never one it could not claim).
     pub fn release(&mut self, id: u64, now: Instant) {
-        if let Some(held) = self.held.iter_mut().find(|held| held.id == id) {
+        // Not one already given back: a request taken back and sent to
+        // the same worker again is in the area twice.
+        let held = self
+            .held
+            .iter_mut()
+            .find(|held| held.id == id && !held.answered);
+        if let Some(held) = held {
             held.answered = true;
         }
         while self.held.front().is_some_and(|held| held.answered) {
@@ -420,8 +426,9 @@ impl AsMut<[u8]> for AreaBuffer {
     fn as_mut(&mut self) -> &mut [u8] {
         // SAFETY: `ptr` has `len` bytes of the reply area after it (see
         // `ReplyArea::buffer`), which only this worker writes, and which the
-        // daemon reads only once the frame that names them is sent; one
-        // buffer is handed out at a time.
+        // daemon reads only once the frame that names them is sent. A
+        // handler that asks again gets the same bytes again, but the ABI
+        // forbids it to touch the earlier buffer then (`reply_buffer`).
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 }
@@ -451,14 +458,19 @@ impl<'a> ReplyArea<'a> {
         if len < MIN_BODY || area == 0 {
             return None;
         }
-        let mut tail = self.claims.area_tail();
-        if tail == self.head {
-            // Empty: begin at the area's start, so that the pages in use stay
-            // those of the largest reply.
-            self.head = self.head.div_ceil(area as u64) * area as u64;
-            tail = self.head;
-        }
-        let at = place(self.head, tail, len, area)?;
+        let tail = self.claims.area_tail();
+        // Empty: begin at the area's start, so that the pages in use stay
+        // those of the largest reply. Only `sent` moves `head`: a buffer
+        // asked for and never sent (the handler failed, or asked again for
+        // a small one) must leave the area empty, else `idle` never sees
+        // the daemon's tail reach it and never trims.
+        let (head, tail) = if tail == self.head {
+            let start = self.head.div_ceil(area as u64) * area as u64;
+            (start, start)
+        } else {
+            (self.head, tail)
+        };
+        let at = place(head, tail, len, area)?;
         // SAFETY: `place` keeps offset + len within the area.
         let ptr = unsafe { self.claims.area(false).add(offset(at, area)) };
         Some(AreaBuffer { at, ptr, len })
@@ -472,8 +484,14 @@ impl<'a> ReplyArea<'a> {
             .used(offset(buffer.at, self.claims.area_len()) + buffer.len);
     }
 
-    /// The worker is idle: gives back the area's pages past [`KEEP`] once
-    /// the daemon has taken every reply and [`TRIM_AFTER`] has passed.
+    /// Whether the area holds pages [`Self::idle`] may give back.
+    pub fn holds_pages(&self) -> bool {
+        self.trim.holding()
+    }
+
+    /// Between requests (and while waiting for one): gives back the area's
+    /// pages past [`KEEP`] once the daemon has given back every reply and
+    /// the area has been empty for [`TRIM_AFTER`].
     pub fn idle(&mut self, now: Instant) {
         if self.claims.area_tail() == self.head && self.trim.holding() {
             self.trim.emptied(now);
@@ -551,6 +569,20 @@ mod tests {
     }
 
     #[test]
+    fn a_request_taken_back_and_sent_again_is_released_each_time() {
+        let (daemon, _worker) = shared(256 * 1024);
+        let mut area = RequestArea::default();
+        let now = Instant::now();
+        area.put(&daemon, 1, &[1; 20_000]).unwrap();
+        area.put(&daemon, 2, &[2; 20_000]).unwrap();
+        area.release(2, now); // taken back: 1 still runs
+        area.put(&daemon, 2, &[2; 20_000]).unwrap(); // the same worker again
+        area.release(2, now);
+        area.release(1, now);
+        assert_eq!(area.held(), 0, "nothing is held for good");
+    }
+
+    #[test]
     fn a_reply_crosses_and_a_position_out_of_step_is_refused() {
         let (daemon, worker) = shared(64 * 1024);
         let mut writer = ReplyArea::new(&worker);
@@ -619,5 +651,31 @@ mod tests {
             "given back"
         );
         assert_eq!(read_request(&worker, &encode(0, 16)), vec![9; 16], "kept");
+    }
+
+    #[test]
+    fn a_buffer_asked_for_and_not_sent_does_not_keep_the_reply_area_from_shrinking() {
+        let (daemon, worker) = shared(4 << 20);
+        let daemon = Rc::new(daemon);
+        let mut writer = ReplyArea::new(&worker);
+        let mut reader = ReplyAreaReader::default();
+        // A 3 MiB reply, taken and written to its client.
+        let mut big = writer.buffer(3 << 20).unwrap();
+        big.as_mut().fill(9);
+        writer.sent(&big);
+        drop(reader.take(&daemon, &encode(big.at, big.len())).unwrap());
+        // The next handler asks for a large buffer, then fails (or asks
+        // again for a small one): nothing is sent.
+        assert!(writer.buffer(100_000).is_some());
+        let start = Instant::now();
+        writer.idle(start);
+        writer.idle(start + TRIM_AFTER);
+        // SAFETY: inside the reply area; nothing writes it now.
+        let past_keep = unsafe { std::slice::from_raw_parts(daemon.area(false).add(KEEP), 16) };
+        assert_eq!(past_keep, &[0; 16], "the area is idle: its pages go back");
+        // And the whole area is still there for the next reply.
+        let whole = writer.buffer(daemon.area_len()).expect("all of it is free");
+        writer.sent(&whole);
+        assert!(reader.take(&daemon, &encode(whole.at, whole.len())).is_ok());
     }
 }

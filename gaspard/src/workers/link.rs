@@ -506,10 +506,11 @@ impl Link {
     /// The next whole frame, reading from the pipe (and for a large reply
     /// body, the socket) as needed, and the frames of the worker's reply
     /// ring (in its `claims`, if it has them) where the pipe announces
-    /// them; a reply in its reply area is copied out and comes as a
-    /// [`Kind::Reply`]. `Ok(None)`: nothing more until the link is readable
-    /// again (or it closed; a frame cut short by the end is dropped). An
-    /// error means the stream is broken or out of step.
+    /// them; a reply in its reply area comes as a [`Kind::Reply`] whose
+    /// body stays there ([`ReplyBody::Area`], given back when dropped).
+    /// `Ok(None)`: nothing more until the link is readable again (or it
+    /// closed; a frame cut short by the end is dropped). An error means the
+    /// stream is broken or out of step.
     pub fn try_recv(&mut self, claims: Option<&Rc<Claims>>) -> io::Result<Option<Message>> {
         let Some(mut message) = self.next_frame(claims.map(|claims| claims.ring()))? else {
             return Ok(None);
