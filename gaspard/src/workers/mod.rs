@@ -418,6 +418,9 @@ impl Workers {
             .register(&self.registry, Token(LINK_BASE + slot))
             .map_err(WorkersError::Watch)?;
         self.endpoints[slot] = Some(endpoint);
+        if let Some(pid) = self.supervisor.pid_of(slot) {
+            never_preempt_on_wake_up(pid);
+        }
         Ok(())
     }
 
@@ -867,6 +870,36 @@ impl Workers {
                 log::error!("worker slot {slot}: {e}");
             }
         }
+    }
+}
+
+/// Runs a new worker as `SCHED_BATCH`, which differs from the normal policy
+/// (nice included) in one thing only: a worker woken by a request does not
+/// preempt the task running on the CPU it is woken on, usually the loop that
+/// just wrote to it; it runs on an idle CPU if there is one, else when that
+/// task sleeps or its slice ends. When every CPU is busy (256 echo clients on
+/// two cores), a worker preempted the loop after each `writev` to it, about
+/// once per request, and each switch between the two processes cost more
+/// than the request: the loop now finishes its turn first. Measured: 0.67x
+/// of the baseline became 0.81x at 256 clients; 1 ms calls at 8 clients and
+/// 64 clients unchanged. The loop itself keeps the normal policy: as
+/// `SCHED_BATCH` it waited for ticks while workers ran out of staged work.
+/// A policy other than the normal one (set for the daemon by the operator,
+/// as systemd's `CPUSchedulingPolicy=`, and inherited) is left as it is.
+fn never_preempt_on_wake_up(pid: u32) {
+    use nix::libc;
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain syscalls on a child not reaped yet (its pid cannot be
+    // another process's); `param` outlives the call.
+    let changed = unsafe {
+        libc::sched_getscheduler(pid) == libc::SCHED_OTHER
+            && libc::sched_setscheduler(pid, libc::SCHED_BATCH, &param) == 0
+    };
+    if !changed {
+        log::debug!("worker pid {pid} keeps its scheduling policy");
     }
 }
 

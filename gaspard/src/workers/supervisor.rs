@@ -350,6 +350,15 @@ impl Supervisor {
         }
     }
 
+    /// The process id of the worker running (or starting) in `slot`. Not
+    /// reaped yet, so the pid is still this worker's.
+    pub(crate) fn pid_of(&self, slot: usize) -> Option<u32> {
+        match &self.slots.get(slot)?.state {
+            SlotState::Starting { child, .. } | SlotState::Ready { child, .. } => Some(child.id()),
+            _ => None,
+        }
+    }
+
     /// How many workers serve (ready, and not being stopped).
     pub(crate) fn ready_count(&self) -> usize {
         self.slots
