@@ -147,27 +147,35 @@ impl Trim {
         if !self.holding() || !due.is_some_and(|due| due <= now) {
             return;
         }
-        // KEEP is a whole number of pages, and so is `high` rounded up.
-        let end = self.high.div_ceil(4096) * 4096;
-        // SAFETY: start + KEEP .. start + end lies inside the area (the
-        // area is a whole number of pages, `high` at most its length); no
-        // reference into it is live, and nobody reads it while it is empty
-        // (the other side only reads bytes it was told of, and all those
-        // were given back). MADV_REMOVE frees the pages and their backing
-        // in the memfd: a later read sees zeros, never a fault.
-        let removed = unsafe {
-            nix::sys::mman::madvise(
-                std::ptr::NonNull::new(start.add(KEEP))
-                    .expect("inside a mapping")
-                    .cast(),
-                end - KEEP,
-                nix::sys::mman::MmapAdvise::MADV_REMOVE,
-            )
-        };
-        if let Err(e) = removed {
-            log::debug!("cannot give back a body area's pages: {e}");
-        }
+        // Nobody reads it while it is empty: the other side only reads bytes
+        // it was told of, and all those were given back.
+        remove_pages(start, KEEP, self.high);
         self.high = KEEP;
+    }
+}
+
+/// Gives back the whole pages of `area[from..to]` (`from` rounded up, `to`
+/// down), whose bytes nobody reads any more. MADV_REMOVE frees the pages
+/// and their backing in the memfd: a later read sees zeros, never a fault.
+fn remove_pages(area: *mut u8, from: usize, to: usize) {
+    let (from, to) = (from.div_ceil(4096) * 4096, to / 4096 * 4096);
+    if from >= to {
+        return;
+    }
+    // SAFETY: `area` is the start of a body area, a whole number of pages
+    // inside its mapping, and callers keep `to` within its length; no
+    // reference into these bytes is live.
+    let removed = unsafe {
+        nix::sys::mman::madvise(
+            std::ptr::NonNull::new(area.add(from))
+                .expect("inside a mapping")
+                .cast(),
+            to - from,
+            nix::sys::mman::MmapAdvise::MADV_REMOVE,
+        )
+    };
+    if let Err(e) = removed {
+        log::debug!("cannot give back a body area's pages: {e}");
     }
 }
 
@@ -245,6 +253,14 @@ impl RequestArea {
     /// Whether any body is in the area.
     pub fn holds_any(&self) -> bool {
         !self.held.is_empty()
+    }
+
+    /// The worker is dead: nobody reads the area any more (the daemon keeps
+    /// its own copy of every body), so all its pages are given back.
+    pub fn worker_gone(&mut self, claims: &Claims) {
+        remove_pages(claims.area(true), 0, claims.area_len());
+        self.held.clear();
+        self.trim.high = 0;
     }
 
     /// Whether the area holds pages [`Self::trim`] would give back once it
@@ -339,26 +355,26 @@ impl Drop for AreaReply {
 struct Taken {
     /// The end of the last reply taken: the next one lies at or after it.
     until: u64,
-    /// Each taken reply's position, and whether it was given back.
-    out: VecDeque<(u64, bool)>,
+    /// Each taken reply's position and end, and whether it was given back.
+    out: VecDeque<(u64, u64, bool)>,
 }
 
 impl Taken {
     /// The replies before the first still held are free for the worker.
     fn free_until(&self) -> u64 {
-        self.out.front().map_or(self.until, |&(at, _)| at)
+        self.out.front().map_or(self.until, |&(at, _, _)| at)
     }
 
     fn give_back(&mut self, at: u64, claims: &Claims) {
         if let Some(entry) = self
             .out
             .iter_mut()
-            .find(|(held, given)| *held == at && !given)
+            .find(|(held, _, given)| *held == at && !given)
         {
-            entry.1 = true;
+            entry.2 = true;
         }
         let before = self.free_until();
-        while self.out.front().is_some_and(|&(_, given)| given) {
+        while self.out.front().is_some_and(|&(_, _, given)| given) {
             self.out.pop_front();
         }
         if self.free_until() != before {
@@ -375,6 +391,29 @@ pub struct ReplyAreaReader {
 }
 
 impl ReplyAreaReader {
+    /// The worker is dead: of its reply area only the replies still held
+    /// for clients are kept; the pages around them are given back.
+    pub fn worker_gone(&self, claims: &Claims) {
+        let area = claims.area_len();
+        if area == 0 {
+            return;
+        }
+        let taken = self.taken.borrow();
+        let mut held: Vec<(usize, usize)> = taken
+            .out
+            .iter()
+            .filter(|&&(_, _, given)| !given)
+            .map(|&(at, end, _)| (offset(at, area), offset(at, area) + (end - at) as usize))
+            .collect();
+        held.sort_unstable();
+        let mut from = 0;
+        for (start, end) in held {
+            remove_pages(claims.area(false), from, start);
+            from = from.max(end);
+        }
+        remove_pages(claims.area(false), from, area);
+    }
+
     /// Takes the reply a [`Kind::ReplyInArea`] frame's `body` points to: its
     /// bytes stay where they are until the [`ReplyBody`] is dropped. An error
     /// means the worker is out of step (a position behind what was taken,
@@ -389,7 +428,7 @@ impl ReplyAreaReader {
             decode(body).ok_or_else(|| out_of_step("a reply area frame of the wrong size"))?;
         let mut taken = self.taken.borrow_mut();
         // With nothing held, all is free: the worker may begin a new lap.
-        let free = taken.out.front().map_or(at, |&(held, _)| held);
+        let free = taken.out.front().map_or(at, |&(held, _, _)| held);
         if area == 0 || len == 0 || at < taken.until || !fits(at, len, free, area) {
             return Err(out_of_step(&format!(
                 "a reply area position out of range ({len} bytes at {at}, taken up to {}, free from {free})",
@@ -397,7 +436,7 @@ impl ReplyAreaReader {
             )));
         }
         taken.until = at + len;
-        taken.out.push_back((at, false));
+        taken.out.push_back((at, at + len, false));
         drop(taken);
         Ok(ReplyBody::Area(AreaReply {
             taken: Rc::clone(&self.taken),

@@ -39,6 +39,7 @@ impl Workers {
         });
         if let Some(mut endpoint) = endpoint {
             endpoint.deregister(&self.registry);
+            endpoint.worker_gone();
         }
         // Every request it had started counts, also one whose client had
         // already been answered (its --timeout) or had left.

@@ -453,6 +453,13 @@ impl Link {
         self.request_area.holds_pages()
     }
 
+    /// The worker is dead: gives back its areas' pages but for the replies
+    /// still held for clients (`areas.rs`).
+    pub fn worker_gone(&mut self, claims: &Claims) {
+        self.request_area.worker_gone(claims);
+        self.reply_area.worker_gone(claims);
+    }
+
     /// Gives back the request area's pages if it has been empty a while.
     pub fn trim(&mut self, claims: &Claims, now: Instant) {
         self.request_area.trim(claims, now);

@@ -262,7 +262,6 @@ fn a_client_that_leaves_mid_reply_gives_the_reply_area_back() {
 }
 
 #[test]
-#[ignore = "a held area reply pins its dead worker's whole memfd: design question, see the review"]
 fn a_reply_held_from_a_dead_worker_keeps_only_its_own_pages() {
     let daemon = start("fault", &["--workers", "1"]);
     let worker = daemon.workers()[0];
@@ -277,9 +276,8 @@ fn a_reply_held_from_a_dead_worker_keeps_only_its_own_pages() {
     unsafe { libc::kill(worker, libc::SIGKILL) };
     daemon.wait_for_workers(1, &[worker], Duration::from_secs(10));
     // Nobody reads the dead worker's request area any more, and of its
-    // reply area only the 16 MiB are held: the daemon should keep little
-    // more than that of the claims memfds (it keeps all 96 MiB until the
-    // client is done, up to --read-timeout).
+    // reply area only the 16 MiB are held: the daemon keeps little more than
+    // that of the claims memfds, not all 96 MiB until the client is done.
     std::thread::sleep(Duration::from_secs(3));
     let resident: u64 = claims_mappings(daemon.pid()).iter().map(|m| m.1).sum();
     assert!(
