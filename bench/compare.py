@@ -2,7 +2,7 @@
 """Runs the same loads against two gaspard builds side by side, in one go.
 
     python3 bench/compare.py OLD_RELEASE_DIR NEW_RELEASE_DIR [--rounds 5] [--seconds 3]
-                             [--only NAME] [--generator DIR]
+                             [--only NAME] [--generator DIR] [--baseline]
 
 Each directory holds a release build (`gaspard`, `libecho.so`, `libspin.so`),
 for example `target/release` of two checkouts. The load generator is the new
@@ -11,9 +11,12 @@ one. Each round runs
 every scenario against the old build, then the new, so that a slow moment of
 the (shared, noisy) host hits both alike; the ratio new/old is printed round
 by round. A change that should cost nothing should show ratios around 1.00.
+With --baseline, each round drives the generator's serve-baseline first
+(echo scenarios), and each build's ratio to it is printed too.
 """
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -40,8 +43,14 @@ def scenarios(spin_file):
         ("echo 16 B, 64 connections", "echo", 64, {}, "requests_per_sec"),
         ("echo 16 B, 256 connections", "echo", 256, {}, "requests_per_sec"),
         ("echo 16 B, one connection: p50 µs", "echo", 1, {}, "p50"),
+        ("echo 1 MiB, one connection: MB/s", "echo", 1,
+         {"size": "1M", "extra": ["--check"]}, "mb_per_sec"),
+        ("echo 1 MiB, one connection: p50 µs", "echo", 1,
+         {"size": "1M", "extra": ["--check"]}, "p50"),
         ("echo 1 MiB, 4 connections: MB/s", "echo", 4,
          {"size": "1M", "extra": ["--check"]}, "mb_per_sec"),
+        ("echo 16 MiB, one connection: MB/s", "echo", 1,
+         {"size": "16M", "extra": ["--check"]}, "mb_per_sec"),
         ("persistent, 8 x pipeline 16", "echo", 8,
          {"extra": ["--persistent", "--pipeline", "16", "--check"]}, "requests_per_sec"),
         ("spin 1 ms, 8 connections", "spin", 8,
@@ -64,6 +73,8 @@ def main():
                         " [default: NEW_RELEASE_DIR]")
     parser.add_argument("--only", default="",
                         help="run only the scenarios whose name contains this")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also drive serve-baseline in each round (echo scenarios)")
     args = parser.parse_args()
     rb.RELEASE = args.generator or args.new  # the load generator
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as spin:
@@ -72,14 +83,27 @@ def main():
         for name, handler, conns, kw, key in scenarios(spin.name):
             if args.only not in name:
                 continue
-            print(f"{name} ({args.rounds} rounds; old, new, new/old)")
+            with_base = args.baseline and handler == "echo"
+            columns = "baseline, old, new, old/baseline, new/baseline" if with_base else "old, new"
+            print(f"{name} ({args.rounds} rounds; {columns}, new/old)")
             ratios = []
-            with Build(args.old, handler) as old, Build(args.new, handler) as new:
+            base = rb.Server("baseline") if with_base else contextlib.nullcontext()
+            with base as base, Build(args.old, handler) as old, Build(args.new, handler) as new:
                 for _ in range(args.rounds):
+                    b = figure(rb.bench(base, conns, args.seconds, **kw), key) if base else None
                     o = figure(rb.bench(old, conns, args.seconds, **kw), key)
                     n = figure(rb.bench(new, conns, args.seconds, **kw), key)
                     ratios.append(n / o if o else float("nan"))
-                    print(f"  {o:>10.1f} {n:>10.1f} {ratios[-1]:>6.2f}")
+                    if b is None:
+                        print(f"  {o:>10.1f} {n:>10.1f} {ratios[-1]:>6.2f}")
+                        continue
+                    # For latency the difference tells more than a ratio.
+                    if key == "p50":
+                        o_b, n_b = f"{o - b:+.0f}", f"{n - b:+.0f}"
+                    else:
+                        o_b, n_b = f"{o / b:.2f}", f"{n / b:.2f}"
+                    print(f"  {b:>10.1f} {o:>10.1f} {n:>10.1f} {o_b:>6} {n_b:>6}"
+                          f" {ratios[-1]:>6.2f}")
             ratios.sort()
             print(f"  median new/old {ratios[len(ratios) // 2]:.2f}"
                   f" (range {ratios[0]:.2f}-{ratios[-1]:.2f})")
