@@ -329,6 +329,7 @@ impl Workers {
                 return;
             }
             self.target += 1;
+            self.size_areas();
             match self.add_worker(self.generation) {
                 Ok(_) => log::info!("SIGTTIN: one more worker ({} now)", self.target),
                 Err(e) => log::error!("SIGTTIN: {e}"),
@@ -345,8 +346,20 @@ impl Workers {
             return;
         };
         self.target -= 1;
+        self.size_areas();
         self.retire(slot, true);
         log::info!("SIGTTOU: one fewer worker ({} now)", self.target);
+    }
+
+    /// Sizes the body areas of workers started from now on for the number
+    /// of workers wanted now, so that all areas together stay near a
+    /// quarter of --max-buffered (workers already running keep theirs until
+    /// they are replaced).
+    fn size_areas(&mut self) {
+        if let super::Linking::Local { area_len } = &mut self.linking {
+            let (max_request_size, max_buffered) = self.area_limits;
+            *area_len = super::areas::area_len(max_request_size, max_buffered, self.target);
+        }
     }
 
     /// SIGHUP: load the handler file again. The new file is loaded by one new

@@ -187,6 +187,9 @@ pub(crate) struct Workers {
     metrics: Arc<Metrics>,
     /// When to look next for request areas to trim (`areas.rs`).
     trim_check: Instant,
+    /// --max-request-size and --max-buffered, which size the body areas of
+    /// the workers started from now on (`areas::area_len`).
+    area_limits: (usize, usize),
 }
 
 impl Workers {
@@ -263,6 +266,7 @@ impl Workers {
             notices: Vec::new(),
             metrics,
             trim_check: Instant::now(),
+            area_limits: (config.max_request_size, config.max_buffered),
         })
     }
 

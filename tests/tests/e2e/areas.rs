@@ -285,3 +285,39 @@ fn a_reply_held_from_a_dead_worker_keeps_only_its_own_pages() {
         "{resident} KiB kept for a 16 MiB reply"
     );
 }
+
+/// The bytes of the claims memfd `pid` maps, all its mappings together.
+fn claims_size(pid: i32) -> u64 {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    maps.lines()
+        .filter(|line| line.contains("/memfd:gaspard-claims"))
+        .filter_map(|line| {
+            let (start, end) = line.split_whitespace().next()?.split_once('-')?;
+            Some(u64::from_str_radix(end, 16).ok()? - u64::from_str_radix(start, 16).ok()?)
+        })
+        .sum()
+}
+
+#[test]
+fn a_worker_added_by_sigttin_gets_areas_sized_for_the_new_count() {
+    // A quarter of 64 MiB over one worker's two areas: 8 MiB each; over
+    // two workers', 4 MiB each. The claims words and reply ring: 132 KiB.
+    let daemon = start("echo", &["--workers", "1", "--max-buffered", "64M"]);
+    let first = daemon.workers()[0];
+    assert_eq!(claims_size(first), (132 << 10) + (16 << 20));
+    daemon.signal(libc::SIGTTIN);
+    let both = daemon.wait_for_workers(2, &[], Duration::from_secs(10));
+    let second = *both.iter().find(|&&pid| pid != first).unwrap();
+    // Until it has exec'd, the child still maps what the daemon maps.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while claims_mappings(second).len() != 1 {
+        assert!(Instant::now() < deadline, "{:?}", claims_mappings(second));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(claims_size(second), (132 << 10) + (8 << 20));
+    // Both serve large bodies whole.
+    for seed in 0..4 {
+        let sent = body(seed, 3 << 20);
+        assert!(request(daemon.addr, &sent).unwrap() == sent);
+    }
+}
