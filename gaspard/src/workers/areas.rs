@@ -1,11 +1,12 @@
 //! Body areas: where a large request or reply crosses the local link
 //! without passing through the kernel. Each worker's shared memory
 //! (`claims.rs`) holds two, each as large as the largest request
-//! (`--max-request-size`, at most [`MAX_AREA`]) but taking pages only
-//! where written:
+//! (`--max-request-size`, at most [`MAX_AREA`], and all together at most a
+//! quarter of `--max-buffered`: [`area_len`]) but taking pages only where
+//! written:
 //!
 //! - the *request area*, which only the daemon writes: it copies a request
-//!   body of [`MIN_BODY`] bytes or more there and sends a small
+//!   body of [`MIN_BODY`] to [`MAX_COPIED_BODY`] bytes there and sends a small
 //!   [`Kind::RequestInArea`] frame that says where; the handler reads it in
 //!   place. The daemon gives the bytes back to itself when the request is
 //!   answered or taken back ([`RequestArea`]), never while the worker may
@@ -24,7 +25,8 @@
 //! reply ring; a body never wraps (it skips to the next lap instead), so a
 //! handler sees one slice. When the body does not fit (the area is full of
 //! others, or it is larger than the area), it takes the link's sockets as
-//! before: the areas only make large bodies cheaper, never possible.
+//! before: the areas make large bodies cheaper, never a condition for
+//! serving them.
 //!
 //! Memory stays bounded: an area takes pages up to the largest body seen,
 //! and once it has been empty for [`TRIM_AFTER`] the side that writes it
