@@ -442,8 +442,15 @@ impl ReplyAreaReader {
                 taken.until
             )));
         }
+        let before = taken.free_until();
         taken.until = at + len;
         taken.out.push_back((at, at + len, false));
+        if taken.free_until() != before {
+            // Nothing was held: all before this reply is free, the bytes a
+            // new lap skipped too. Else the worker would count them as held
+            // until this reply is given back, and find no room meanwhile.
+            claims.publish_area_tail(taken.free_until());
+        }
         drop(taken);
         Ok(ReplyBody::Area(AreaReply {
             taken: Rc::clone(&self.taken),
@@ -636,6 +643,30 @@ mod tests {
         area.release(2, now);
         area.release(1, now);
         assert_eq!(area.held(), 0, "nothing is held for good");
+    }
+
+    #[test]
+    fn replies_on_a_new_lap_do_not_count_the_bytes_it_skipped_as_held() {
+        let (daemon, worker) = shared(64 * 1024);
+        let daemon = Rc::new(daemon);
+        let mut writer = ReplyArea::new(&worker);
+        let mut reader = ReplyAreaReader::default();
+        let mut send = |writer: &mut ReplyArea, len| {
+            let buffer = writer.buffer(len).expect("room in the area");
+            writer.sent(&buffer);
+            reader.take(&daemon, &encode(buffer.at, len)).unwrap()
+        };
+        // One reply taken and given back: the area is empty, and the next
+        // reply begins a new lap, past the bytes of the first.
+        drop(send(&mut writer, 20_000));
+        let second = send(&mut writer, 20_000);
+        // Held by a slow client: the area has room for two more of them
+        // all the same, since nothing before the second is held.
+        let third = send(&mut writer, 20_000);
+        let fourth = send(&mut writer, 20_000);
+        assert!(writer.buffer(20_000).is_none(), "now it is full");
+        drop((second, third, fourth));
+        assert!(writer.buffer(60_000).is_some());
     }
 
     #[test]
