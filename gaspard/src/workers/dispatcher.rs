@@ -140,6 +140,13 @@ fn is_stuck(load: &WorkerLoad, now: Instant) -> bool {
 pub(crate) const STAGE_BUDGET: Duration = Duration::from_millis(2);
 /// The most requests a worker holds under [`Credit::Auto`].
 pub(crate) const MAX_AUTO_CREDIT: usize = ENTRIES;
+/// Under [`Credit::Auto`], a request with a body this large is never staged
+/// behind a busy worker: it waits for the first worker free. Staging saves
+/// a round trip to the worker, which a large body's own transfer outweighs,
+/// and it binds the request to one worker. Side by side at 1 MiB and four
+/// connections: 0.85-0.89x the baseline with one request per worker,
+/// 0.77-0.82x staged.
+pub(crate) const UNSTAGED_BODY: usize = super::areas::MIN_BODY;
 /// A call that has run this long stops staging at its worker, and what is
 /// staged behind it may be taken back: the budget, whatever the handler's
 /// usual time. Not less: on a busy (virtual) machine a worker may wait a
@@ -250,6 +257,13 @@ impl Dispatcher {
     /// it back with [`Self::unassign`].
     pub(crate) fn next_assignment(&mut self, now: Instant) -> Option<Assignment> {
         let slot = self.idle_worker(now)?;
+        if self.credit == Credit::Auto
+            && !self.workers[slot].held.is_empty()
+            && self.workers[slot].remote_credit.is_none()
+            && self.first_queued_is_large()
+        {
+            return None;
+        }
         loop {
             let id = self.queue.pop_front()?;
             let Some(request) = self.requests.get_mut(&id) else {
@@ -311,6 +325,15 @@ impl Dispatcher {
             request.place = Place::Queued(payload);
             self.queue.push_front(id);
         }
+    }
+
+    /// Whether the request at the head of the queue has a body of
+    /// [`UNSTAGED_BODY`] bytes or more.
+    fn first_queued_is_large(&self) -> bool {
+        let first = self.queue.front().and_then(|id| self.requests.get(id));
+        first.is_some_and(|request| {
+            matches!(&request.place, Place::Queued(payload) if payload.len() >= UNSTAGED_BODY)
+        })
     }
 
     fn idle_worker(&self, now: Instant) -> Option<usize> {
@@ -836,6 +859,42 @@ mod tests {
         }
         assert_eq!(taken, 21, "2 ms of 100 µs calls behind the running one");
         assert_eq!(d.idle_credit(now), 0);
+    }
+
+    #[test]
+    fn auto_credit_never_stages_a_large_body_but_waits_for_a_free_worker() {
+        let now = Instant::now();
+        let mut d = Dispatcher::new(Credit::Auto, Some(Duration::from_secs(30)));
+        d.open_worker(0);
+        d.open_worker(1);
+        // Both workers' calls are timed: both would stage.
+        timed(&mut d, 100, now);
+        timed(&mut d, 100, now);
+        let large = vec![0; UNSTAGED_BODY];
+        let [first, second, third] = [1, 2, 3].map(|client| d.submit(client, large.clone()));
+        let one = d.next_assignment(now).unwrap();
+        let two = d.next_assignment(now).unwrap();
+        assert_eq!((one.id, two.id), (first, second));
+        assert_ne!(one.slot, two.slot);
+        assert!(d.next_assignment(now).is_none(), "both busy: it waits");
+        // A small request behind it waits too: the queue keeps its order.
+        let small = d.submit(4, vec![1; 16]);
+        assert!(d.next_assignment(now).is_none());
+        d.complete(two.slot, second, 100).unwrap();
+        let next = d.next_assignment(now).unwrap();
+        assert_eq!(
+            (next.id, next.slot),
+            (third, two.slot),
+            "to the worker free first"
+        );
+        // Small ones are staged as before.
+        assert_eq!(d.next_assignment(now).map(|a| a.id), Some(small));
+        // And a fixed credit stages whatever the size.
+        let mut d = Dispatcher::new(Credit::Fixed(2), None);
+        d.open_worker(0);
+        d.submit(1, large.clone());
+        d.submit(2, large);
+        assert!(d.next_assignment(now).is_some() && d.next_assignment(now).is_some());
     }
 
     #[test]
