@@ -89,8 +89,8 @@ pub enum Credit {
     /// Always at most this many (1: strictly one at a time).
     Fixed(usize),
     /// As many as it can run in about 2 ms, judged by its recent handler
-    /// times, and none staged behind a call that has run that long (see
-    /// the dispatcher).
+    /// times, none staged behind a call that has run that long, and no
+    /// large body staged at all (see the dispatcher).
     Auto,
 }
 
@@ -256,8 +256,9 @@ pub struct Cli {
     /// Requests a worker may hold at once: `auto` stages more behind the
     /// request a busy worker runs only while its handler calls are quick (up
     /// to about 2 ms of them), so the worker does not idle for the round trip
-    /// to the daemon, and takes them back if the call turns out slow; a
-    /// number N (1 to 64) fixes it. 1 is strictly one at a time.
+    /// to the daemon, and takes them back if the call turns out slow (a
+    /// request with a body of 16 KiB or more is never staged); a number N
+    /// (1 to 64) fixes it. 1 is strictly one at a time.
     #[arg(long, env = "GASPARD_WORKER_CREDIT", default_value = "auto", value_name = "auto|N",
           value_parser = parse_credit)]
     pub worker_credit: Credit,
