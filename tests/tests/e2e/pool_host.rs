@@ -231,6 +231,28 @@ impl FakeDaemon {
             .expect("the host's session is still there");
     }
 
+    /// Sends request `id` with payload `echo:BYTES` to `peer` and checks that
+    /// the reply is exactly BYTES; returns the session it came from.
+    fn expect_echo(&mut self, host: &WorkerHost, peer: &[u8], id: u64, bytes: &[u8]) -> Vec<u8> {
+        let payload = [&b"echo:"[..], bytes].concat();
+        self.send(
+            peer,
+            ToHost::Request {
+                id,
+                payload: &payload,
+            },
+        );
+        let (from, reply) = self.expect(
+            host,
+            &format!("Reply {id}"),
+            SOON,
+            |m| matches!(m, FromHost::Reply { id: got, .. } if *got == id),
+        );
+        let body = bytes.to_vec();
+        assert_eq!(reply, FromHost::Reply { id, body });
+        from
+    }
+
     /// Waits for a Hello and welcomes its sender: its routing id.
     fn accept(&mut self, host: &WorkerHost, heartbeat_ms: u32) -> Vec<u8> {
         let (peer, hello) = self.expect(host, "Hello", START, |m| {
@@ -290,18 +312,7 @@ fn a_host_says_hello_runs_requests_and_reports_a_lost_worker_exactly() {
     );
 
     // The exact bytes, any bytes.
-    let payload = b"echo:\x00\xffbytes\r\n";
-    daemon.send(&peer, ToHost::Request { id: 41, payload });
-    let (_, reply) = daemon.expect(&host, "Reply 41", SOON, |m| {
-        matches!(m, FromHost::Reply { id: 41, .. })
-    });
-    assert_eq!(
-        reply,
-        FromHost::Reply {
-            id: 41,
-            body: payload[5..].to_vec()
-        }
-    );
+    daemon.expect_echo(&host, &peer, 41, b"\x00\xffbytes\r\n");
     // A handler's error is not a lost worker.
     daemon.send(
         &peer,
@@ -414,16 +425,7 @@ fn a_silent_or_forgetful_daemon_gets_a_new_session_and_no_stale_reply() {
     );
     // One worker: this runs after request 7 has ended, so that 7's reply,
     // were it sent, would come before this one.
-    daemon.send(
-        &second,
-        ToHost::Request {
-            id: 8,
-            payload: b"echo:second",
-        },
-    );
-    daemon.expect(&host, "Reply 8", SOON, |m| {
-        matches!(m, FromHost::Reply { id: 8, .. })
-    });
+    daemon.expect_echo(&host, &second, 8, b"second");
     // (It ends after the first session is lost.)
     assert!(
         !daemon.seen.iter().any(|(from, m)| *from != first
@@ -449,17 +451,7 @@ fn a_silent_or_forgetful_daemon_gets_a_new_session_and_no_stale_reply() {
             timeout_ms: 0,
         },
     );
-    daemon.send(
-        &third,
-        ToHost::Request {
-            id: 9,
-            payload: b"echo:third",
-        },
-    );
-    let (from, _) = daemon.expect(&host, "Reply 9", SOON, |m| {
-        matches!(m, FromHost::Reply { id: 9, .. })
-    });
-    assert_eq!(from, third);
+    assert_eq!(daemon.expect_echo(&host, &third, 9, b"third"), third);
 }
 
 #[test]
@@ -614,23 +606,7 @@ fn the_daemons_timeout_is_enforced_by_the_host() {
     assert_eq!((id, lost), (11, true), "{reason}");
     assert!(reason.contains("--timeout"), "{reason}");
     // Its worker was killed and another took its place.
-    daemon.send(
-        &peer,
-        ToHost::Request {
-            id: 12,
-            payload: b"echo:next",
-        },
-    );
-    let (_, reply) = daemon.expect(&host, "Reply 12", SOON, |m| {
-        matches!(m, FromHost::Reply { id: 12, .. })
-    });
-    assert_eq!(
-        reply,
-        FromHost::Reply {
-            id: 12,
-            body: b"next".to_vec()
-        }
-    );
+    daemon.expect_echo(&host, &peer, 12, b"next");
 }
 
 #[test]
@@ -646,24 +622,8 @@ fn sighup_reloads_the_hosts_workers_and_it_keeps_serving() {
         assert!(Instant::now() < deadline, "the old worker is still there");
         std::thread::sleep(Duration::from_millis(10));
     }
-    daemon.send(
-        &peer,
-        ToHost::Request {
-            id: 21,
-            payload: b"echo:reloaded",
-        },
-    );
-    let (from, reply) = daemon.expect(&host, "Reply 21", SOON, |m| {
-        matches!(m, FromHost::Reply { id: 21, .. })
-    });
+    let from = daemon.expect_echo(&host, &peer, 21, b"reloaded");
     assert_eq!(from, peer, "the same session");
-    assert_eq!(
-        reply,
-        FromHost::Reply {
-            id: 21,
-            body: b"reloaded".to_vec()
-        }
-    );
 }
 
 #[test]
@@ -725,23 +685,7 @@ fn with_curve_keys_only_the_right_daemon_hears_the_host() {
             ],
         );
         let peer = daemon.accept(&host, 60_000);
-        daemon.send(
-            &peer,
-            ToHost::Request {
-                id: 5,
-                payload: b"echo:sealed",
-            },
-        );
-        let (_, reply) = daemon.expect(&host, "Reply 5", SOON, |m| {
-            matches!(m, FromHost::Reply { id: 5, .. })
-        });
-        assert_eq!(
-            reply,
-            FromHost::Reply {
-                id: 5,
-                body: b"sealed".to_vec()
-            }
-        );
+        daemon.expect_echo(&host, &peer, 5, b"sealed");
     }
 
     // A host that expects another daemon's key never completes the
