@@ -325,3 +325,34 @@ fn a_worker_added_by_sigttin_gets_areas_sized_for_the_new_count() {
         assert!(request(daemon.addr, &sent).unwrap() == sent);
     }
 }
+
+#[test]
+fn a_slow_client_holding_the_reply_area_leaves_it_intact_and_others_served() {
+    use std::io::Read;
+    // A quarter of 96 MiB for one worker's two areas: 12 MiB each.
+    let daemon = start("fault", &["--workers", "1", "--max-buffered", "96M"]);
+    // More than the sockets' buffers take: most of it stays in the area.
+    let held_len = 10 << 20;
+    let expected = request(daemon.addr, format!("big:{held_len}").as_bytes()).unwrap();
+    // A client that takes the first byte of its reply, then stops reading:
+    // the rest stays in the worker's reply area, held for it.
+    let mut slow = begin_big_reply(daemon.addr, held_len);
+    // Replies that do not fit beside it take the socket pair, and nothing
+    // the worker writes meanwhile lands on the held bytes.
+    for seed in 0..4 {
+        let sent = body(20 + seed, 4 << 20);
+        let mut with_echo = b"echo:".to_vec();
+        with_echo.extend_from_slice(&sent);
+        assert!(
+            request(daemon.addr, &with_echo).unwrap() == sent,
+            "echo {seed}"
+        );
+    }
+    let mut rest = Vec::new();
+    slow.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest.len() + 1, held_len);
+    assert!(
+        rest[..] == expected[1..],
+        "the held reply changed under its client"
+    );
+}
