@@ -848,6 +848,18 @@ fn the_build_under_test_has_curve_from_its_own_libzmq() {
         out.contains("libzmq 4.3.4, CURVE on, built with libsodium"),
         "{out}"
     );
+    // Linked in, not loaded from a system package (libzmq3-dev's libzmq.so.5,
+    // libsodium23): a fresh machine needs neither.
+    let ldd = std::process::Command::new("ldd")
+        .arg(gaspard_bin())
+        .output()
+        .expect("ldd (libc-bin) runs");
+    let libraries = String::from_utf8_lossy(&ldd.stdout);
+    assert!(ldd.status.success(), "{libraries}");
+    assert!(
+        !libraries.contains("libzmq") && !libraries.contains("libsodium"),
+        "{libraries}"
+    );
 }
 
 #[test]
