@@ -434,23 +434,12 @@ impl WorkerLink for LocalEnds<'_> {
                     return Err(WorkerError::BadArea { id: header.value });
                 }
                 read_full(&mut self.reader, &mut place)?;
-                let (at, len) = areas::decode(&place).expect("FRAME_BODY bytes");
-                let area = self.claims.area_len() as u64;
-                let offset = at.checked_rem(area).unwrap_or(u64::MAX);
-                if offset.checked_add(len).map_or(true, |end| end > area) {
-                    return Err(WorkerError::BadArea { id: header.value });
-                }
-                // SAFETY: offset + len lies inside the request area (checked
-                // above), inside the mapping; the daemon wrote these bytes
-                // before it sent this frame, and writes them again only after
-                // this request is answered (or taken back, and then this
-                // worker cannot claim it and does not read them).
-                let payload = unsafe {
-                    std::slice::from_raw_parts(
-                        self.claims.area(true).add(offset as usize),
-                        len as usize,
-                    )
-                };
+                // SAFETY: the daemon wrote these bytes before it sent this
+                // frame, and writes them again only after this request is
+                // answered (or taken back, and then this worker cannot claim
+                // it and does not read them).
+                let payload = unsafe { areas::request_body(self.claims, &place) };
+                let payload = payload.ok_or(WorkerError::BadArea { id: header.value })?;
                 Ok(Incoming::Request(header, payload))
             }
             other => Err(WorkerError::UnexpectedFrame(other)),

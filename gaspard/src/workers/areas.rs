@@ -91,6 +91,29 @@ pub fn decode(body: &[u8]) -> Option<(u64, u64)> {
     Some((at, len))
 }
 
+/// The request body a [`Kind::RequestInArea`] frame's `body` says is in the
+/// request area of `claims`; `None` if the frame is not one or points
+/// outside the area.
+///
+/// # Safety
+/// The daemon must not write those bytes while the slice lives: it does not
+/// while the request is claimed and unanswered (see [`RequestArea`]).
+///
+/// [`Kind::RequestInArea`]: super::link::Kind::RequestInArea
+pub unsafe fn request_body<'a>(claims: &'a Claims, body: &[u8]) -> Option<&'a [u8]> {
+    let (at, len) = decode(body)?;
+    let area = claims.area_len();
+    if area == 0 || len > area as u64 || offset(at, area) as u64 + len > area as u64 {
+        return None;
+    }
+    // SAFETY: offset + len lies inside the request area (checked above),
+    // inside the mapping, which lives as long as `claims`; the caller
+    // guarantees nobody writes it meanwhile.
+    Some(unsafe {
+        std::slice::from_raw_parts(claims.area(true).add(offset(at, area)), len as usize)
+    })
+}
+
 /// The position of `len` contiguous bytes at or after `head`, in an area of
 /// `area` bytes whose bytes before `tail` are free: `head` itself, or the
 /// start of the next lap if the body would wrap. `None` if it does not fit.
@@ -593,10 +616,22 @@ mod tests {
     }
 
     fn read_request(worker: &Claims, frame: &[u8; FRAME_BODY]) -> Vec<u8> {
-        let (at, len) = decode(frame).unwrap();
-        let start = offset(at, worker.area_len());
         // SAFETY: the daemon wrote these bytes; nothing writes them now.
-        unsafe { std::slice::from_raw_parts(worker.area(true).add(start), len as usize).to_vec() }
+        unsafe { request_body(worker, frame) }.unwrap().to_vec()
+    }
+
+    #[test]
+    fn a_worker_refuses_a_request_said_to_lie_outside_its_area() {
+        let (_daemon, worker) = shared(64 * 1024);
+        let area = worker.area_len();
+        // SAFETY (each): nobody writes the area in this test.
+        assert!(unsafe { request_body(&worker, &encode(area as u64 - 10, 10)) }.is_some());
+        for bad in [encode(area as u64 - 10, 11), encode(5, area + 1)] {
+            assert!(unsafe { request_body(&worker, &bad) }.is_none());
+        }
+        assert!(unsafe { request_body(&worker, &[0; 3]) }.is_none());
+        let (_daemon, none) = shared(0);
+        assert!(unsafe { request_body(&none, &encode(0, 1)) }.is_none());
     }
 
     #[test]
