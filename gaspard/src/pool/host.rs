@@ -374,11 +374,11 @@ impl Session {
                 Err(zmq::Error::EINTR) => continue,
                 Err(e) => return Err(e),
             }
-            // Once the first part is taken, the others are too.
-            if let Some(body) = body {
-                self.socket.send(&body[..], 0)?;
+            // Once the first part is taken, the others are too. The body is
+            // handed to libzmq as it is, not copied again.
+            if let Some((_, Some(body))) = self.outgoing.pop_front() {
+                self.socket.send(body, 0)?;
             }
-            self.outgoing.pop_front();
         }
         Ok(())
     }
@@ -1021,9 +1021,9 @@ impl Host {
                     Ok(body) => ToDaemon::Reply {
                         id: held.id,
                         micros: u32::try_from(held.since.elapsed().as_micros()).unwrap_or(u32::MAX),
-                        // Copied out of the worker's reply area, if there:
-                        // the message is encoded from it anyway.
-                        body: body.to_vec(),
+                        // Copied out of the worker's reply area, if there
+                        // (else moved): the message is sent from it.
+                        body: body.into_vec(),
                     },
                     Err((outcome, reason)) => ToDaemon::Failed {
                         id: held.id,

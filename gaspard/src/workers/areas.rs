@@ -338,6 +338,17 @@ impl AsRef<[u8]> for ReplyBody {
     }
 }
 
+impl ReplyBody {
+    /// The bytes as a `Vec` of their own: moved if they are already one,
+    /// copied out of the reply area (and given back) if not.
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            ReplyBody::Own(bytes) => bytes,
+            ReplyBody::Area(reply) => reply.bytes().to_vec(),
+        }
+    }
+}
+
 impl From<Vec<u8>> for ReplyBody {
     fn from(bytes: Vec<u8>) -> ReplyBody {
         ReplyBody::Own(bytes)
