@@ -247,7 +247,9 @@ trait WorkerLink {
     fn next(&mut self) -> Result<Incoming<'_>, WorkerError>;
     /// Sends `frame`, a header and its body. A reply may wait (in shared
     /// memory) to leave with the next ones: see [`WorkerLink::flush`].
-    fn send(&mut self, frame: &[u8]) -> std::io::Result<()>;
+    /// `now`: the time the caller read last (a reply's end of call), so
+    /// that a reply costs one clock read.
+    fn send(&mut self, frame: &[u8], now: Instant) -> std::io::Result<()>;
     /// Announces the replies that wait, if any (also done before the link
     /// waits for a request).
     fn flush(&mut self) -> std::io::Result<()> {
@@ -316,7 +318,8 @@ fn serve_on(
         let outcome = plugin.handle(payload, |len| {
             reply_buffer(&mut spare, reply_area.as_mut(), len)
         });
-        let micros = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
+        let now = Instant::now();
+        let micros = u32::try_from((now - started).as_micros()).unwrap_or(u32::MAX);
         // Each reply leaves (or, on the local link, is in the shared reply
         // ring) before the next request is claimed: if this worker dies, its
         // claims tell the daemon which one was running, and it has every
@@ -326,27 +329,31 @@ fn serve_on(
                 let len = reply.len() - HEADER_LEN;
                 let header = link::reply_header(Kind::Reply, micros, link::body_len(len)?, id);
                 reply[..HEADER_LEN].copy_from_slice(&header);
-                link.send(&reply)?;
+                link.send(&reply, now)?;
                 spare = reply;
             }
             Ok(Some(ReplyBuffer::Area(buffer))) => {
-                let place = areas::encode(buffer.at, buffer.len());
-                let mut frame =
-                    link::reply_header(Kind::ReplyInArea, micros, areas::FRAME_BODY as u32, id)
-                        .to_vec();
-                frame.extend_from_slice(&place);
+                let mut frame = [0; HEADER_LEN + areas::FRAME_BODY];
+                let len = areas::FRAME_BODY as u32;
+                frame[..HEADER_LEN].copy_from_slice(&link::reply_header(
+                    Kind::ReplyInArea,
+                    micros,
+                    len,
+                    id,
+                ));
+                frame[HEADER_LEN..].copy_from_slice(&areas::encode(buffer.at, buffer.len()));
                 if let Some(area) = &mut reply_area {
                     area.sent(&buffer);
                 }
-                link.send(&frame)?;
+                link.send(&frame, now)?;
             }
-            Ok(None) => link.send(&link::reply_header(Kind::Reply, micros, 0, id))?,
+            Ok(None) => link.send(&link::reply_header(Kind::Reply, micros, 0, id), now)?,
             Err(error) => {
                 let error = clip(&error, MAX_ERROR);
                 let len = link::body_len(error.len())?;
                 let mut frame = link::reply_header(Kind::Failed, micros, len, id).to_vec();
                 frame.extend_from_slice(error.as_bytes());
-                link.send(&frame)?;
+                link.send(&frame, now)?;
             }
         }
         // Buffers are reused between requests, but one large reply must not
@@ -366,7 +373,7 @@ fn serve_on(
 fn send(link: &mut impl WorkerLink, kind: Kind, value: u64, body: &[u8]) -> std::io::Result<()> {
     let mut frame = link::header(kind, link::body_len(body.len())?, value).to_vec();
     frame.extend_from_slice(body);
-    link.send(&frame)
+    link.send(&frame, Instant::now())
 }
 
 /// A worker's end of a local link: requests on the socket; replies go into
@@ -451,18 +458,16 @@ impl WorkerLink for LocalEnds<'_> {
     /// the ring holds is announced, so frames keep their order. A small
     /// frame leaves in one `write`, so a worker that dies leaves at most the
     /// frame it was writing torn.
-    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+    fn send(&mut self, frame: &[u8], now: Instant) -> std::io::Result<()> {
         let head: &[u8; HEADER_LEN] = frame[..HEADER_LEN].try_into().expect("a whole header");
         let header = link::parse_header(head)?;
-        if matches!(header.kind, Kind::Reply | Kind::Failed | Kind::ReplyInArea) {
-            let now = Instant::now();
-            if self.ring.push(frame, now) {
-                let quick = u128::from(header.extra) < link::QUICK_CALL.as_micros();
-                if !quick || self.ring.overdue(now) {
-                    self.announce()?;
-                }
-                return Ok(());
+        let is_reply = matches!(header.kind, Kind::Reply | Kind::Failed | Kind::ReplyInArea);
+        if is_reply && self.ring.push(frame, now) {
+            let quick = u128::from(header.extra) < link::QUICK_CALL.as_micros();
+            if !quick || self.ring.overdue(now) {
+                self.announce()?;
             }
+            return Ok(());
         }
         self.announce()?;
         let (mut pipe, mut socket) = (self.pipe, self.socket);
@@ -487,7 +492,7 @@ impl WorkerLink for WorkerZmq {
         })
     }
 
-    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+    fn send(&mut self, frame: &[u8], _now: Instant) -> std::io::Result<()> {
         WorkerZmq::send(self, frame)
     }
 }
