@@ -211,16 +211,19 @@ impl Workers {
     }
 
     /// Gives back the pages of request areas that have been empty for
-    /// `areas::TRIM_AFTER`; looks at most that often (`next_deadline` wakes
-    /// the loop for it while an area holds such pages).
+    /// `areas::TRIM_AFTER`; looks that often while an area holds such pages
+    /// (`Workers::dispatch` sets the first look when one comes to hold them,
+    /// and `next_deadline` wakes the loop for it).
     fn trim_areas(&mut self, now: Instant) {
-        if now < self.trim_check {
+        if !self.trim_check.is_some_and(|check| check <= now) {
             return;
         }
+        let mut holding = false;
         for endpoint in self.endpoints.iter_mut().flatten() {
             endpoint.trim(now);
+            holding |= endpoint.area_holds_pages();
         }
-        self.trim_check = now + super::areas::TRIM_AFTER;
+        self.trim_check = holding.then_some(now + super::areas::TRIM_AFTER);
     }
 
     /// Deadlines: requests past --timeout fail and their workers are killed

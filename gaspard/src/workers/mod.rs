@@ -185,8 +185,9 @@ pub(crate) struct Workers {
     answers: Vec<Answer>,
     notices: Vec<Notice>,
     metrics: Arc<Metrics>,
-    /// When to look next for request areas to trim (`areas.rs`).
-    trim_check: Instant,
+    /// When to look next for request areas to trim (`areas.rs`); `None`
+    /// while none holds pages to give back.
+    trim_check: Option<Instant>,
     /// --max-request-size and --max-buffered, which size the body areas of
     /// the workers started from now on (`areas::area_len`).
     area_limits: (usize, usize),
@@ -265,7 +266,7 @@ impl Workers {
             answers: Vec::new(),
             notices: Vec::new(),
             metrics,
-            trim_check: Instant::now(),
+            trim_check: None,
             area_limits: (config.max_request_size, config.max_buffered),
         })
     }
@@ -384,11 +385,7 @@ impl Workers {
             self.supervisor.next_deadline(),
             self.reload.deadline(),
             self.pool.as_ref().and_then(PoolServer::next_deadline),
-            self.endpoints
-                .iter()
-                .flatten()
-                .any(Endpoint::area_holds_pages)
-                .then_some(self.trim_check),
+            self.trim_check,
         ]
         .into_iter()
         .flatten()
@@ -950,6 +947,9 @@ impl Requests for Workers {
                 break;
             };
             endpoint.send(assignment);
+            if self.trim_check.is_none() && endpoint.area_holds_pages() {
+                self.trim_check = Some(now + areas::TRIM_AFTER);
+            }
             if self.dispatcher.held(slot) == 1 {
                 idle.push(slot);
             } else if !idle.contains(&slot) && !self.to_flush.contains(&slot) {
