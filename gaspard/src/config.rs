@@ -183,7 +183,7 @@ pub struct Cli {
 
     /// Largest request accepted, in bytes (suffixes K, M, G); a larger announced
     /// length is reset before anything is allocated.
-    #[arg(long, env = "GASPARD_MAX_REQUEST_SIZE", default_value = "64M", value_parser = parse_size, value_name = "BYTES")]
+    #[arg(long, env = "GASPARD_MAX_REQUEST_SIZE", default_value = DEFAULT_MAX_REQUEST_SIZE, value_parser = parse_size, value_name = "BYTES")]
     pub max_request_size: u64,
 
     /// Seconds a request may run in a worker before it is failed and the worker
@@ -221,7 +221,7 @@ pub struct Cli {
     /// Over it, bodies that need more than one read wait and accept pauses
     /// until it falls back; a client that does not take its reply is dropped
     /// at --read-timeout as always.
-    #[arg(long, env = "GASPARD_MAX_BUFFERED", default_value = "1G", value_parser = parse_size, value_name = "BYTES")]
+    #[arg(long, env = "GASPARD_MAX_BUFFERED", default_value = DEFAULT_MAX_BUFFERED, value_parser = parse_size, value_name = "BYTES")]
     pub max_buffered: u64,
 
     /// Most requests waiting for a worker; past it, new requests are reset at once.
@@ -372,6 +372,18 @@ pub struct Cli {
 }
 
 pub use gaspar_protocol::parse_size;
+
+/// --max-request-size when not given (also what a worker host sizes its
+/// workers' body areas for).
+pub const DEFAULT_MAX_REQUEST_SIZE: &str = "64M";
+/// --max-buffered when not given (likewise).
+pub const DEFAULT_MAX_BUFFERED: &str = "1G";
+
+/// A size flag's default, in bytes.
+pub fn default_size(text: &str) -> usize {
+    let bytes = parse_size(text).expect("a default size parses");
+    usize::try_from(bytes).unwrap_or(usize::MAX)
+}
 
 /// Everything the daemon needs, validated: `--check` builds it too, so that
 /// it refuses what the daemon would.

@@ -20,7 +20,9 @@
 use super::keys::{self, Key, KeyError, KeyPair};
 use super::protocol::{Frames, ToDaemon, ToHost, PROTOCOL};
 use crate::check::{self, CheckError};
-use crate::config::{Credit, LinkKind};
+use crate::config::{
+    default_size, Credit, LinkKind, DEFAULT_MAX_BUFFERED, DEFAULT_MAX_REQUEST_SIZE,
+};
 use crate::logging;
 use crate::metrics::{Metrics, Outcome};
 use crate::workers::{
@@ -482,8 +484,8 @@ impl Host {
                 // The daemon's defaults for --max-request-size and
                 // --max-buffered: larger requests still reach the workers,
                 // through their link's sockets.
-                max_request_size: 64 << 20,
-                max_buffered: 1 << 30,
+                max_request_size: default_size(DEFAULT_MAX_REQUEST_SIZE),
+                max_buffered: default_size(DEFAULT_MAX_BUFFERED),
                 pool: None,
             },
             Arc::new(Metrics::default()),
