@@ -494,17 +494,10 @@ fn pool_flags(cli: &Cli, heartbeat_timeout: Duration) -> Result<Option<PoolFlags
     let Some(listen) = &cli.pool_listen else {
         return Ok(None);
     };
-    let host = listen
-        .strip_prefix("tcp://")
-        .and_then(|rest| rest.rsplit_once(':'))
-        .map(|(host, _port)| host.trim_start_matches('[').trim_end_matches(']'))
+    let host = crate::pool::endpoint_host(listen)
         .ok_or_else(|| ConfigError::PoolEndpoint(listen.clone()))?;
     let curve = cli.pool_key.clone().zip(cli.pool_authorized.clone());
-    let loopback = host == "localhost"
-        || host
-            .parse::<IpAddr>()
-            .is_ok_and(|address| address.is_loopback());
-    if curve.is_none() && !loopback && !cli.pool_insecure {
+    if curve.is_none() && !crate::pool::is_loopback(host) && !cli.pool_insecure {
         return Err(ConfigError::PoolInsecure(listen.clone()));
     }
     // libzmq binds interfaces and addresses, not names.

@@ -263,20 +263,6 @@ fn checked_endpoint(text: &str) -> Result<String, HostError> {
     Ok(text.to_string())
 }
 
-/// Whether `endpoint` (checked) names this machine.
-fn is_loopback(endpoint: &str) -> bool {
-    let host = endpoint
-        .trim_start_matches("tcp://")
-        .rsplit_once(':')
-        .map_or("", |(host, _)| host)
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 /// systemd's `$RUNTIME_DIRECTORY` (the first, if RuntimeDirectory= names several).
 fn runtime_directory_from_systemd() -> Option<PathBuf> {
     let dirs = std::env::var_os("RUNTIME_DIRECTORY")?;
@@ -446,7 +432,8 @@ impl Host {
             checked.name,
             gaspard_handler_abi::ABI_VERSION
         );
-        if settings.keys.is_none() && !is_loopback(&settings.endpoint) {
+        let loopback = super::endpoint_host(&settings.endpoint).is_some_and(super::is_loopback);
+        if settings.keys.is_none() && !loopback {
             log::warn!(
                 "no --key and --server-key: requests and replies cross the network to {} unencrypted, and this host cannot tell the daemon from an impostor",
                 settings.endpoint
@@ -1105,14 +1092,5 @@ mod tests {
             };
             assert!(line.contains("--key and --server-key"), "{line}");
         }
-    }
-
-    #[test]
-    fn loopback_is_told_from_the_network() {
-        assert!(is_loopback("tcp://127.0.0.1:1"));
-        assert!(is_loopback("tcp://localhost:1"));
-        assert!(is_loopback("tcp://[::1]:1"));
-        assert!(!is_loopback("tcp://192.0.2.1:1"));
-        assert!(!is_loopback("tcp://daemon.example:1"));
     }
 }

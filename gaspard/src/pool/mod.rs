@@ -19,3 +19,35 @@ pub mod host;
 pub mod keys;
 pub(crate) mod protocol;
 pub(crate) mod server;
+
+/// The host of a `tcp://HOST:PORT` endpoint, without an IPv6 address's
+/// brackets; `None` if it is not one.
+pub(crate) fn endpoint_host(endpoint: &str) -> Option<&str> {
+    let (host, _port) = endpoint.strip_prefix("tcp://")?.rsplit_once(':')?;
+    Some(host.trim_start_matches('[').trim_end_matches(']'))
+}
+
+/// Whether `host` (from [`endpoint_host`]) names this machine.
+pub(crate) fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_endpoints_are_told_from_others() {
+        let loopback = |endpoint| endpoint_host(endpoint).is_some_and(is_loopback);
+        assert!(loopback("tcp://127.0.0.1:1"));
+        assert!(loopback("tcp://localhost:1"));
+        assert!(loopback("tcp://[::1]:1"));
+        assert!(!loopback("tcp://192.0.2.1:1"));
+        assert!(!loopback("tcp://daemon.example:1"));
+        assert_eq!(endpoint_host("udp://127.0.0.1:1"), None);
+        assert_eq!(endpoint_host("tcp://127.0.0.1"), None);
+    }
+}
