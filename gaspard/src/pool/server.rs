@@ -248,12 +248,11 @@ impl PoolServer {
         (self.hosts.len(), ready)
     }
 
-    /// How many hosts can take requests: joined, not leaving, with credit.
-    pub(crate) fn serving_hosts(&self) -> usize {
+    /// Whether any host can take requests: joined, not leaving, with credit.
+    pub(crate) fn any_serving(&self) -> bool {
         self.hosts
             .values()
-            .filter(|host| host.slot.is_some() && !host.leaving && host.credit > 0)
-            .count()
+            .any(|host| host.slot.is_some() && !host.leaving && host.credit > 0)
     }
 
     /// Whether a socket may have messages that its (edge-triggered) fd has

@@ -301,9 +301,7 @@ impl Workers {
 
     /// Whether some worker host can take requests.
     fn hosts_serve(&self) -> bool {
-        self.pool
-            .as_ref()
-            .is_some_and(|pool| pool.serving_hosts() > 0)
+        self.pool.as_ref().is_some_and(PoolServer::any_serving)
     }
 
     /// Why no worker can take a request now, if none can: requests would
@@ -554,6 +552,10 @@ impl Workers {
 
     /// Acts on what happened in the worker pool.
     pub(super) fn on_pool_events(&mut self, events: Vec<PoolEvent>) {
+        // Only these change who can serve: a reply or a failure does not.
+        let hosts_changed = events
+            .iter()
+            .any(|event| !matches!(event, PoolEvent::Reply { .. } | PoolEvent::Failed { .. }));
         for event in events {
             match event {
                 PoolEvent::Joined { host, credit, .. } => {
@@ -610,9 +612,11 @@ impl Workers {
                 }
             }
         }
-        // The last host that could serve may have gone (or have no credit).
-        self.fail_queued_if_none_can_serve();
-        self.update_ready_gauge();
+        if hosts_changed {
+            // The last host that could serve may have gone (or have no credit).
+            self.fail_queued_if_none_can_serve();
+            self.update_ready_gauge();
+        }
     }
 
     /// A request failed on a worker host: its handler's error, or its
