@@ -164,10 +164,11 @@ impl ToDaemon {
                 credit: u32::from_le_bytes(fields.take(kind)?),
                 handler: text(kind, body)?,
             },
-            kind::CREDIT => ToDaemon::Credit {
-                credit: u32::from_le_bytes(fields.take(kind)?),
-                ready: u32::from_le_bytes(fields.take(kind)?),
-            },
+            kind::CREDIT => {
+                let credit = u32::from_le_bytes(fields.take(kind)?);
+                let ready = u32::from_le_bytes(fields.take(kind)?);
+                no_body(kind, body, ToDaemon::Credit { credit, ready })?
+            }
             kind::REPLY => ToDaemon::Reply {
                 id: u64::from_le_bytes(fields.take(kind)?),
                 micros: u32::from_le_bytes(fields.take(kind)?),
@@ -406,6 +407,17 @@ mod tests {
             "three frames"
         );
         assert!(ToDaemon::decode(vec![vec![kind::HEARTBEAT], b"x".to_vec()]).is_err());
+        let credit = ToDaemon::Credit {
+            credit: 0,
+            ready: 0,
+        }
+        .encode()
+        .0;
+        assert_eq!(
+            ToDaemon::decode(vec![credit, Vec::new()]),
+            Err(ProtocolError::UnexpectedBody(kind::CREDIT)),
+            "a credit with a body, even an empty one"
+        );
         assert!(ToDaemon::decode(vec![Vec::new()]).is_err());
         assert!(ToDaemon::decode(vec![vec![kind::REQUEST, 0, 0, 0, 0, 0, 0, 0, 0]]).is_err());
     }
