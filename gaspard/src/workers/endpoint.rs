@@ -149,8 +149,9 @@ impl Endpoint {
         matches!(&self.carrier, Carrier::Local(link) if link.area_holds_pages())
     }
 
-    /// The worker is dead: gives back what its areas hold but the replies
-    /// still being written to clients, which keep the memory mapped.
+    /// The worker is dead, or its link is closed: gives back what its areas
+    /// hold but the replies still being written to clients, which keep the
+    /// memory mapped.
     pub(super) fn worker_gone(&mut self) {
         if let (Carrier::Local(link), Some(claims)) = (&mut self.carrier, &self.claims) {
             link.worker_gone(claims);

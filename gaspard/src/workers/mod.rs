@@ -424,10 +424,15 @@ impl Workers {
     }
 
     /// Closes a worker's endpoint: nothing more is sent to it or read from
-    /// it (a live worker reads the end of its link and stops).
+    /// it (a live worker reads the end of its link and stops). Its areas'
+    /// pages are given back now, as at a death, but for the replies still
+    /// being written to clients: the worker holds no request (retired) or
+    /// is being killed, so it writes no reply the daemon would read, and
+    /// once the endpoint is gone its death finds nothing to give back.
     fn close_endpoint(&mut self, slot: usize) {
         if let Some(mut endpoint) = self.endpoints.get_mut(slot).and_then(Option::take) {
             endpoint.deregister(&self.registry);
+            endpoint.worker_gone();
         }
     }
 

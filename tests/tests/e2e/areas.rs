@@ -2,7 +2,7 @@
 //! areas.rs): exact bytes, what a crash costs, which process maps which
 //! area, and that an area gives its memory back.
 
-use gaspard_tests::{is_reset, request, start};
+use gaspard_tests::{is_reset, request, start, Daemon};
 use std::time::{Duration, Instant};
 
 /// A body whose bytes say where they are and which request they belong to.
@@ -263,6 +263,24 @@ fn a_client_that_leaves_mid_reply_gives_the_reply_area_back() {
 
 #[test]
 fn a_reply_held_from_a_dead_worker_keeps_only_its_own_pages() {
+    held_reply_keeps_only_its_own_pages(|_, worker| {
+        // SAFETY: kill(2) on the daemon's worker, alive until reaped.
+        unsafe { libc::kill(worker, libc::SIGKILL) };
+    });
+}
+
+#[test]
+fn a_reply_held_from_a_worker_replaced_by_a_reload_keeps_only_its_own_pages() {
+    // The old worker is retired, not lost: its link is closed when it holds
+    // no request, before it exits.
+    held_reply_keeps_only_its_own_pages(|daemon, _| daemon.signal(libc::SIGHUP));
+}
+
+/// With one worker whose two areas hold 16 MiB of pages each, a client
+/// slow to take a 16 MiB reply holds it in the reply area when `end` makes
+/// the worker go: the daemon keeps little more than that reply's pages of
+/// the worker's claims memfd, not all of them until the client is done.
+fn held_reply_keeps_only_its_own_pages(end: impl Fn(&Daemon, i32)) {
     let daemon = start("fault", &["--workers", "1"]);
     let worker = daemon.workers()[0];
     // Both areas of the worker take 16 MiB of pages (the most a request
@@ -273,20 +291,24 @@ fn a_reply_held_from_a_dead_worker_keeps_only_its_own_pages() {
         request(daemon.addr, &with_echo).unwrap().len(),
         (16 << 20) - 5
     );
-    // ...then a client slow to take a 16 MiB reply holds it in the reply
-    // area when the worker dies.
-    let _slow = begin_big_reply(daemon.addr, 16 << 20);
-    // SAFETY: kill(2) on the daemon's worker, alive until reaped.
-    unsafe { libc::kill(worker, libc::SIGKILL) };
+    // ...then the slow client's reply is held in the reply area.
+    let mut slow = begin_big_reply(daemon.addr, 16 << 20);
+    end(&daemon, worker);
+    // Its replacement is the daemon's only child: the worker was reaped.
     daemon.wait_for_workers(1, &[worker], Duration::from_secs(10));
-    // Nobody reads the dead worker's request area any more, and of its
-    // reply area only the 16 MiB are held: the daemon keeps little more than
-    // that of the claims memfds, not all 48 MiB until the client is done.
     std::thread::sleep(Duration::from_secs(3));
     let resident: u64 = claims_mappings(daemon.pid()).iter().map(|m| m.1).sum();
     assert!(
         resident < 24 << 10,
-        "{resident} KiB kept for a 16 MiB reply"
+        "{resident} KiB kept for a 16 MiB reply: {:?}",
+        claims_mappings(daemon.pid())
+    );
+    // The pages given back were around the held reply, not under it.
+    let rest = gaspard_tests::read_reply(&mut slow).unwrap();
+    assert!(
+        rest == repeating(16 << 20)[1..],
+        "{} bytes came",
+        rest.len()
     );
 }
 
