@@ -676,6 +676,8 @@ impl Workers {
         self.close_endpoint(slot);
         self.lose_worker(slot, "its worker host left");
         self.supervisor.give_back(slot);
+        // Also after its last reply, which recounts nothing by itself.
+        self.update_ready_gauge();
     }
 
     /// Takes up to `limit` messages from the zmq replies socket, each to the

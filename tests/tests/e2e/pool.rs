@@ -2,8 +2,8 @@
 //! hosts (`gaspard worker --connect`) as separate processes.
 
 use gaspard_tests::{
-    children_of, cpu_ticks, gaspard_bin, handler, is_alive, is_reset, proc_state, request, start,
-    wait_gone, Daemon, WorkerHost,
+    children_of, cpu_ticks, gaspard_bin, handler, is_alive, is_reset, metric, proc_state, request,
+    start, wait_gone, Daemon, WorkerHost,
 };
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -899,4 +899,40 @@ fn a_host_that_sends_garbage_is_dropped_and_its_request_reset() {
         .find(|l| l.starts_with("gaspard_pool_hosts_lost_total{cause=\"protocol\"}"))
         .unwrap_or_else(|| panic!("{scrape}"));
     assert!(lost.ends_with(" 1"), "{lost}");
+}
+
+#[test]
+fn a_host_that_leaves_with_a_request_is_no_longer_counted_once_it_is_answered() {
+    let daemon = start(
+        "fault",
+        &[
+            "--workers",
+            "0",
+            "--pool-listen",
+            "tcp://127.0.0.1:*",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    let endpoint = pool_endpoint(&daemon);
+    let mut leaving = WorkerHost::start(&endpoint, "fault", &["--workers", "1"]);
+    wait_joined(&daemon, 1);
+    // The only host takes the slow request, then another host joins.
+    let slow = within(daemon.addr, b"sleep:1500");
+    std::thread::sleep(Duration::from_millis(300));
+    let _staying = WorkerHost::start(&endpoint, "fault", &["--workers", "1"]);
+    wait_joined(&daemon, 2);
+    std::thread::sleep(Duration::from_millis(300));
+    let hosts = |daemon: &Daemon| metric(&daemon.scrape(), "gaspard_pool_hosts ");
+    assert_eq!(hosts(&daemon), 2.0);
+    // It leaves holding the request: it is forgotten when its reply comes,
+    // and the gauges say so although no other host's news follows.
+    leaving.signal(libc::SIGTERM);
+    let reply = slow.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert_eq!(reply.unwrap(), b"slept");
+    assert!(leaving.wait_exit(Duration::from_secs(15)).is_some());
+    std::thread::sleep(Duration::from_millis(300));
+    let scrape = daemon.scrape();
+    assert_eq!(metric(&scrape, "gaspard_pool_hosts "), 1.0, "{scrape}");
+    assert_eq!(metric(&scrape, "gaspard_workers_ready "), 1.0, "{scrape}");
 }
