@@ -41,7 +41,7 @@
 //! [`Kind::ReplyInArea`]: super::link::Kind::ReplyInArea
 //! [`MAX_AREA`]: super::claims::MAX_AREA
 
-use super::claims::{area_len_for, Claims};
+use super::claims::{area_len_for, Claims, PAGE};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
@@ -170,11 +170,16 @@ impl Trim {
         self.high > KEEP
     }
 
+    /// Whether [`Self::trim`] would give pages back now.
+    fn due(&self, now: Instant) -> bool {
+        let due = self.empty_since.map(|since| since + TRIM_AFTER);
+        self.holding() && due.is_some_and(|due| due <= now)
+    }
+
     /// Gives back the pages of `start[KEEP..high]` if the area has been
     /// empty for [`TRIM_AFTER`].
     fn trim(&mut self, start: *mut u8, now: Instant) {
-        let due = self.empty_since.map(|since| since + TRIM_AFTER);
-        if !self.holding() || !due.is_some_and(|due| due <= now) {
+        if !self.due(now) {
             return;
         }
         // Nobody reads it while it is empty: the other side only reads bytes
@@ -188,7 +193,7 @@ impl Trim {
 /// down), whose bytes nobody reads any more. MADV_REMOVE frees the pages
 /// and their backing in the memfd: a later read sees zeros, never a fault.
 fn remove_pages(area: *mut u8, from: usize, to: usize) {
-    let (from, to) = (from.div_ceil(4096) * 4096, to / 4096 * 4096);
+    let (from, to) = (from.div_ceil(PAGE) * PAGE, to / PAGE * PAGE);
     if from >= to {
         return;
     }
@@ -207,6 +212,26 @@ fn remove_pages(area: *mut u8, from: usize, to: usize) {
     if let Err(e) = removed {
         log::debug!("cannot give back a body area's pages: {e}");
     }
+}
+
+/// Makes the pages of `area[from..to]` writable, or read-only again, in
+/// this process's mapping (`from` and `to` are whole pages).
+fn protect(area: *mut u8, from: usize, to: usize, writable: bool) -> io::Result<()> {
+    use nix::sys::mman::{mprotect, ProtFlags};
+    debug_assert!(from % PAGE == 0 && to % PAGE == 0 && from < to);
+    let flags = if writable {
+        ProtFlags::PROT_READ | ProtFlags::PROT_WRITE
+    } else {
+        ProtFlags::PROT_READ
+    };
+    // SAFETY: `area[from..to]` is whole pages of a body area inside its
+    // mapping (callers keep `to` within the area's length); only the
+    // access allowed changes, and no Rust reference into these bytes lives
+    // across the call.
+    let start = unsafe { area.add(from) };
+    let start = std::ptr::NonNull::new(start).expect("inside a mapping");
+    // SAFETY: as above.
+    unsafe { mprotect(start.cast(), to - from, flags) }.map_err(io::Error::from)
 }
 
 /// One request body in the request area.
@@ -500,6 +525,11 @@ pub struct ReplyArea<'a> {
     claims: &'a Claims,
     head: u64,
     trim: Trim,
+    /// The pages of the buffer handed out, writable until [`Self::close`]:
+    /// the rest of the area stays read-only in the worker, so that a
+    /// handler writing past its buffer faults instead of changing a reply
+    /// the daemon is still writing to another client.
+    open: Option<(usize, usize)>,
 }
 
 /// A reply buffer in the reply area: `len` bytes at position `at`.
@@ -532,6 +562,7 @@ impl<'a> ReplyArea<'a> {
             claims,
             head: claims.area_tail(),
             trim: Trim::default(),
+            open: None,
         }
     }
 
@@ -541,6 +572,7 @@ impl<'a> ReplyArea<'a> {
     /// Nothing is taken until [`Self::sent`]: a handler that asks again
     /// gets the same place.
     pub fn buffer(&mut self, len: usize) -> Option<AreaBuffer> {
+        self.close();
         let area = self.claims.area_len();
         if len < MIN_BODY || area == 0 {
             return None;
@@ -557,10 +589,31 @@ impl<'a> ReplyArea<'a> {
         } else {
             (self.head, tail)
         };
-        let at = place(head, tail, len, area)?;
+        // Each buffer begins a page, so that the pages made writable for it
+        // hold no byte of another reply.
+        let at = place(head.next_multiple_of(PAGE as u64), tail, len, area)?;
+        let (from, to) = (
+            offset(at, area),
+            (offset(at, area) + len).next_multiple_of(PAGE),
+        );
+        if let Err(e) = protect(self.claims.area(false), from, to, true) {
+            log::debug!("cannot open the reply area for a buffer: {e}");
+            return None;
+        }
+        self.open = Some((from, to));
         // SAFETY: `place` keeps offset + len within the area.
-        let ptr = unsafe { self.claims.area(false).add(offset(at, area)) };
+        let ptr = unsafe { self.claims.area(false).add(from) };
         Some(AreaBuffer { at, ptr, len })
+    }
+
+    /// The handler has returned: the buffer handed out (if any) is
+    /// read-only again.
+    pub fn close(&mut self) {
+        if let Some((from, to)) = self.open.take() {
+            if let Err(e) = protect(self.claims.area(false), from, to, false) {
+                log::warn!("cannot make a reply buffer read-only again: {e}");
+            }
+        }
     }
 
     /// The reply in `buffer` is sent: its bytes are the daemon's until it
@@ -582,7 +635,17 @@ impl<'a> ReplyArea<'a> {
     pub fn idle(&mut self, now: Instant) {
         if self.claims.area_tail() == self.head && self.trim.holding() {
             self.trim.emptied(now);
-            self.trim.trim(self.claims.area(false), now);
+            if !self.trim.due(now) {
+                return;
+            }
+            // MADV_REMOVE wants a writable mapping.
+            let (area, len) = (self.claims.area(false), self.claims.area_len());
+            if protect(area, 0, len, true).is_ok() {
+                self.trim.trim(area, now);
+                if let Err(e) = protect(area, 0, len, false) {
+                    log::warn!("cannot make the reply area read-only again: {e}");
+                }
+            }
         }
     }
 }
@@ -713,6 +776,36 @@ mod tests {
         assert!(writer.buffer(20_000).is_none(), "now it is full");
         drop((second, third, fourth));
         assert!(writer.buffer(60_000).is_some());
+    }
+
+    #[test]
+    fn a_reply_buffer_is_writable_only_while_handed_out_and_begins_a_page() {
+        use crate::workers::claims::tests::mapping_perms;
+        let (_daemon, worker) = shared(64 * 1024);
+        let mut writer = ReplyArea::new(&worker);
+        let one = writer.buffer(20_000).unwrap();
+        let start = one.ptr as usize;
+        assert!(mapping_perms(start).contains(" rw-s "));
+        // Writable are the buffer's whole pages, and no more.
+        let writable = mapping_perms(start);
+        assert!(writable.starts_with(&format!("{start:x}-{:x} ", start + 20_480)));
+        writer.sent(&one);
+        writer.close();
+        assert!(!mapping_perms(start).contains(" rw-s "));
+        // The next begins on the page after the last byte of the first.
+        let two = writer.buffer(20_000).unwrap();
+        assert_eq!(two.at, 20_480);
+        // Asking again gives the same place; the first ask's pages close.
+        let again = writer.buffer(30_000).unwrap();
+        assert_eq!(again.at, two.at);
+        let writable = mapping_perms(again.ptr as usize);
+        assert!(writable.starts_with(&format!(
+            "{:x}-{:x} ",
+            again.ptr as usize,
+            again.ptr as usize + 32_768
+        )));
+        writer.close();
+        assert!(!mapping_perms(again.ptr as usize).contains(" rw-s "));
     }
 
     #[test]

@@ -44,7 +44,7 @@ const BASE_BYTES: usize = RING_AT + RING_LEN;
 const AREAS_AT: usize = BASE_BYTES;
 /// The largest body area: a body larger than this takes the link's sockets.
 pub const MAX_AREA: usize = 256 << 20;
-const PAGE: usize = 4096;
+pub const PAGE: usize = 4096;
 const _: () = assert!(BASE_BYTES % PAGE == 0 && AREA_TAIL_AT % 64 == 0);
 
 const STAGED: u64 = 1;
@@ -121,9 +121,11 @@ impl Claims {
 
     /// Maps the words the daemon made (in the worker), after checking that
     /// `fd` is what the daemon passed: a sealed file of the size of the
-    /// words and ring plus two equal body areas. The request area is mapped
+    /// words and ring plus two equal body areas. Both areas are mapped
     /// read-only: a handler that writes through a stray pointer faults
-    /// rather than change a request staged behind the one it runs.
+    /// rather than change a request staged behind the one it runs, or a
+    /// reply the daemon still writes to a client (`ReplyArea` makes the
+    /// buffer it hands out writable, for the call).
     pub fn open(fd: OwnedFd) -> io::Result<Claims> {
         let size = std::fs::File::from(fd.try_clone()?).metadata()?.len();
         let areas = usize::try_from(size)
@@ -141,10 +143,10 @@ impl Claims {
         let claims = Claims::map(&fd, area_len)?;
         if let Some(start) = NonNull::new(claims.area(true)).filter(|_| area_len > 0) {
             use nix::sys::mman::{mprotect, ProtFlags};
-            // SAFETY: the request area is `area_len` bytes of the mapping just
-            // made, page-aligned (AREAS_AT and area_len are whole pages); no
-            // reference into it exists, and this process only reads it.
-            unsafe { mprotect(start.cast(), area_len, ProtFlags::PROT_READ) }?;
+            // SAFETY: the two areas are the last 2 * `area_len` bytes of the
+            // mapping just made, page-aligned (AREAS_AT and area_len are
+            // whole pages); no reference into them exists yet.
+            unsafe { mprotect(start.cast(), 2 * area_len, ProtFlags::PROT_READ) }?;
         }
         Ok(claims)
     }
@@ -344,7 +346,7 @@ impl Ring<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -422,22 +424,30 @@ mod tests {
         }
     }
 
+    /// The permissions of this process's mapping that begins at `start`
+    /// (as `/proc/self/maps` shows them, e.g. " r--s "), or "" if none does.
+    pub(crate) fn mapping_perms(start: usize) -> String {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let line = maps
+            .lines()
+            .find(|line| line.starts_with(&format!("{start:x}-")))
+            .map(str::to_string);
+        line.unwrap_or_default()
+    }
+
     #[test]
-    fn the_worker_maps_its_request_area_read_only() {
+    fn the_worker_maps_its_areas_read_only() {
         let (daemon, fd) = Claims::create(area_len_for(100_000)).unwrap();
         let worker = Claims::open(fd).unwrap();
-        let perms = |start: usize| {
-            let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-            let line = maps
-                .lines()
-                .find(|line| line.starts_with(&format!("{start:x}-")))
-                .map(str::to_string);
-            line.unwrap_or_default()
-        };
-        assert!(perms(worker.area(true) as usize).contains(" r--s "));
-        assert!(perms(worker.area(false) as usize).contains(" rw-s "));
-        // The daemon's mapping stays one writable whole.
-        assert!(perms(daemon.base.as_ptr() as usize).contains(" rw-s "));
+        // One read-only mapping from the request area's start to the end.
+        let areas = mapping_perms(worker.area(true) as usize);
+        assert!(areas.contains(" r--s "), "{areas}");
+        let end = worker.area(true) as usize + 2 * worker.area_len();
+        assert!(areas.starts_with(&format!("{:x}-{end:x} ", worker.area(true) as usize)));
+        // The words and the ring stay writable; the daemon's mapping stays
+        // one writable whole.
+        assert!(mapping_perms(worker.base.as_ptr() as usize).contains(" rw-s "));
+        assert!(mapping_perms(daemon.base.as_ptr() as usize).contains(" rw-s "));
     }
 
     #[test]

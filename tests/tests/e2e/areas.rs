@@ -378,3 +378,86 @@ fn a_slow_client_holding_the_reply_area_leaves_it_intact_and_others_served() {
         "the held reply changed under its client"
     );
 }
+
+/// A handler that answers `bN` with N bytes of a repeating `0123456789` and
+/// `oN E` by asking for an N-byte reply buffer and writing N + E bytes into
+/// it: an overrun, as a buggy C handler makes one.
+const SCRIBBLER: &str = r#"
+#include "gaspar.h"
+#include <stdlib.h>
+#include <string.h>
+static int handle(void *s, const uint8_t *r, size_t n, const gaspar_host *h) {
+    char text[64];
+    size_t k = n < 63 ? n : 63;
+    (void)s;
+    memcpy(text, r, k);
+    text[k] = 0;
+    char *end;
+    unsigned long len = strtoul(text + 1, &end, 10);
+    unsigned long extra = strtoul(end, NULL, 10);
+    volatile uint8_t *out = h->reply_buffer(h->ctx, len);
+    if (!out) return GASPAR_ERROR;
+    if (text[0] == 'b') {
+        for (unsigned long i = 0; i < len; i++) out[i] = '0' + i % 10;
+    } else {
+        for (unsigned long i = 0; i < len + extra; i++) out[i] = 'X';
+    }
+    return GASPAR_OK;
+}
+static const gaspar_handler_v1 table = { GASPAR_ABI_VERSION, "scribbler", 0, handle, 0 };
+const gaspar_handler_v1 *gaspar_handler_entry(void) { return &table; }
+"#;
+
+#[test]
+fn a_handler_writing_past_its_reply_buffer_faults_and_leaves_a_held_reply_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let library = gaspard_tests::compile_c_library(dir.path(), "scribbler", SCRIBBLER);
+    // A quarter of 192 MiB over one worker's two areas: 24 MiB each.
+    let daemon =
+        gaspard_tests::launch(&library, &["--workers", "1", "--max-buffered", "192M"], &[])
+            .unwrap_or_else(|(_, log)| panic!("{}", log.lines().join("\n")));
+    let worker = daemon.workers()[0];
+    // 8 MiB at the area's start, held for a client that reads one byte (the
+    // sockets take a few MiB of it, the rest stays in the area)...
+    let mut first = slow_reply(daemon.addr, 8 << 20);
+    // ...and 14 MiB after it, held the same way...
+    let held_len = 14 << 20;
+    let mut slow = slow_reply(daemon.addr, held_len);
+    // ...then the first is read and given back.
+    let rest = gaspard_tests::read_reply(&mut first).unwrap();
+    assert!(rest == repeating(8 << 20)[1..]);
+    // A 4 MiB buffer does not fit after the held reply: it begins the next
+    // lap, just before it. Writing 14 MiB past its end would run over the
+    // held reply's bytes that have not left yet; the pages past the buffer
+    // are read-only in the worker, so the handler faults at the first one.
+    let overrun = request(daemon.addr, b"o4194304 14680064");
+    assert!(
+        is_reset(&overrun),
+        "the overrunning request: {:?}",
+        overrun.map(|reply| reply.len())
+    );
+    daemon.wait_for_workers(1, &[worker], Duration::from_secs(10));
+    let log = daemon.log.lines().join("\n");
+    assert!(log.contains("SIGSEGV"), "{log}");
+    // The held reply arrives whole and unchanged.
+    let rest = gaspard_tests::read_reply(&mut slow).unwrap();
+    assert!(
+        rest == repeating(held_len)[1..],
+        "{} bytes came, {} of them changed",
+        rest.len(),
+        rest.iter().filter(|&&b| b == b'X').count()
+    );
+}
+
+/// Asks the scribbler for `len` bytes and reads the first.
+fn slow_reply(addr: std::net::SocketAddr, len: usize) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut stream = gaspard_tests::connect(addr).unwrap();
+    stream
+        .write_all(&gaspard_tests::pack(format!("b{len}").as_bytes()))
+        .unwrap();
+    let mut first = [0; 1];
+    stream.read_exact(&mut first).unwrap();
+    assert_eq!(first, *b"0");
+    stream
+}
