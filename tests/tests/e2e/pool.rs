@@ -55,6 +55,22 @@ fn wait_joined(daemon: &Daemon, n: usize) {
     }
 }
 
+/// A daemon with no local workers, serving through worker hosts only, with
+/// its metrics endpoint.
+fn pool_daemon_with_metrics(handler: &str) -> Daemon {
+    start(
+        handler,
+        &[
+            "--workers",
+            "0",
+            "--pool-listen",
+            "tcp://127.0.0.1:*",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    )
+}
+
 fn joined(daemon: &Daemon) -> usize {
     daemon
         .log
@@ -864,17 +880,7 @@ fn the_build_under_test_has_curve_from_its_own_libzmq() {
 
 #[test]
 fn a_host_that_sends_garbage_is_dropped_and_its_request_reset() {
-    let daemon = start(
-        "echo",
-        &[
-            "--workers",
-            "0",
-            "--pool-listen",
-            "tcp://127.0.0.1:*",
-            "--metrics",
-            "127.0.0.1:0",
-        ],
-    );
+    let daemon = pool_daemon_with_metrics("echo");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // An unknown message type where a reply should be.
     let garbage = vec![vec![99u8, 1, 2, 3]];
@@ -903,17 +909,7 @@ fn a_host_that_sends_garbage_is_dropped_and_its_request_reset() {
 
 #[test]
 fn a_host_that_leaves_with_a_request_is_no_longer_counted_once_it_is_answered() {
-    let daemon = start(
-        "fault",
-        &[
-            "--workers",
-            "0",
-            "--pool-listen",
-            "tcp://127.0.0.1:*",
-            "--metrics",
-            "127.0.0.1:0",
-        ],
-    );
+    let daemon = pool_daemon_with_metrics("fault");
     let endpoint = pool_endpoint(&daemon);
     let mut leaving = WorkerHost::start(&endpoint, "fault", &["--workers", "1"]);
     wait_joined(&daemon, 1);
