@@ -415,6 +415,10 @@ struct Host {
     answers: Vec<Answer>,
     /// The daemon's socket had more messages than one turn takes.
     socket_pending: bool,
+    /// A request came in after this turn's dispatch (the turn's last read
+    /// of the socket): the loop must not sleep before a worker has it, as
+    /// nothing else would wake it.
+    undispatched: bool,
     /// Since when a graceful stop has held nothing (waiting for Bye).
     drained_since: Option<Instant>,
     // The sockets' context: dropped after them (it waits for their linger).
@@ -492,6 +496,7 @@ impl Host {
             next_client: 0,
             answers: Vec::new(),
             socket_pending: false,
+            undispatched: false,
             drained_since: None,
             context: zmq::Context::new(),
             _runtime_dir: runtime_dir,
@@ -570,6 +575,7 @@ impl Host {
             }
             self.on_session_timers(Instant::now())?;
             self.pump()?;
+            self.undispatched = false;
             self.workers.dispatch_and_flush();
             self.carry_answers();
             self.tell_credit();
@@ -585,7 +591,7 @@ impl Host {
     }
 
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        if self.workers.has_pending() || self.socket_pending {
+        if self.workers.has_pending() || self.socket_pending || self.undispatched {
             return Some(Duration::ZERO);
         }
         let session = match &self.link {
@@ -963,6 +969,7 @@ impl Host {
                 Ok(request) => {
                     let since = Instant::now();
                     self.held.insert(client, Held { id, request, since });
+                    self.undispatched = true;
                     None
                 }
                 Err(reason) => Some(reason),
