@@ -336,15 +336,8 @@ fn serve_on(
                 spare = reply;
             }
             Ok(Some(ReplyBuffer::Area(buffer))) => {
-                let mut frame = [0; HEADER_LEN + areas::FRAME_BODY];
-                let len = areas::FRAME_BODY as u32;
-                frame[..HEADER_LEN].copy_from_slice(&link::reply_header(
-                    Kind::ReplyInArea,
-                    micros,
-                    len,
-                    id,
-                ));
-                frame[HEADER_LEN..].copy_from_slice(&areas::encode(buffer.at, buffer.len()));
+                let frame =
+                    link::area_frame(Kind::ReplyInArea, micros, id, buffer.at, buffer.len());
                 if let Some(area) = &mut reply_area {
                     area.sent(&buffer);
                 }

@@ -72,7 +72,7 @@ pub const TRIM_AFTER: Duration = Duration::from_secs(1);
 pub fn area_len(max_request_size: usize, max_buffered: usize, workers: usize) -> usize {
     let share = max_buffered / (8 * workers.max(1));
     // Whole pages, rounded down: area_len_for rounds up.
-    area_len_for(max_request_size.min(share / 4096 * 4096))
+    area_len_for(max_request_size.min(share / PAGE * PAGE))
 }
 
 /// Encodes where a body is, as an area frame's body.
@@ -252,9 +252,9 @@ pub struct RequestArea {
 
 impl RequestArea {
     /// Copies request `id`'s `body` into the area of `claims`, if it is
-    /// large enough to be worth it and fits; returns the frame body that
-    /// says where (else the body takes the socket).
-    pub fn put(&mut self, claims: &Claims, id: u64, body: &[u8]) -> Option<[u8; FRAME_BODY]> {
+    /// large enough to be worth it and fits; returns its position (else the
+    /// body takes the socket).
+    pub fn put(&mut self, claims: &Claims, id: u64, body: &[u8]) -> Option<u64> {
         let area = claims.area_len();
         if body.len() < MIN_BODY || body.len() > MAX_COPIED_BODY || area == 0 {
             return None;
@@ -281,7 +281,7 @@ impl RequestArea {
         });
         self.head = end;
         self.trim.used(start + body.len());
-        Some(encode(at, body.len()))
+        Some(at)
     }
 
     /// Request `id` is answered or taken back: the worker will not read its
@@ -689,9 +689,12 @@ mod tests {
         (daemon, Claims::open(fd).unwrap())
     }
 
-    fn read_request(worker: &Claims, frame: &[u8; FRAME_BODY]) -> Vec<u8> {
+    /// The `len` bytes the worker reads for a request put at `at`.
+    fn read_request(worker: &Claims, at: u64, len: usize) -> Vec<u8> {
         // SAFETY: the daemon wrote these bytes; nothing writes them now.
-        unsafe { request_body(worker, frame) }.unwrap().to_vec()
+        unsafe { request_body(worker, &encode(at, len)) }
+            .unwrap()
+            .to_vec()
     }
 
     #[test]
@@ -726,13 +729,13 @@ mod tests {
         assert_eq!(area.put(&daemon, 1, &[7; 100]), None, "small: the socket");
         let a = area.put(&daemon, 1, &[1; 40_000]).unwrap();
         assert_eq!(area.put(&daemon, 2, &[2; 40_000]), None, "full");
-        assert_eq!(read_request(&worker, &a), vec![1; 40_000]);
+        assert_eq!(read_request(&worker, a, 40_000), vec![1; 40_000]);
         area.release(1, now);
         assert_eq!(area.held(), 0);
         let b = area.put(&daemon, 2, &[2; 40_000]).unwrap();
         let c = area.put(&daemon, 3, &[3; 20_000]).unwrap();
-        assert_eq!(read_request(&worker, &b), vec![2; 40_000]);
-        assert_eq!(read_request(&worker, &c), vec![3; 20_000]);
+        assert_eq!(read_request(&worker, b, 40_000), vec![2; 40_000]);
+        assert_eq!(read_request(&worker, c, 20_000), vec![3; 20_000]);
         // Answered out of order: the space comes back in order.
         area.release(3, now);
         assert_eq!(area.held(), 2);
@@ -857,26 +860,18 @@ mod tests {
         area.put(&daemon, 1, &vec![9; 4 << 20]).unwrap();
         assert!(area.holds_pages());
         area.trim(&daemon, start + 2 * TRIM_AFTER);
-        assert_eq!(
-            read_request(&worker, &encode(KEEP as u64, 16))[0],
-            9,
-            "in use"
-        );
+        assert_eq!(read_request(&worker, KEEP as u64, 16)[0], 9, "in use");
         area.release(1, start);
         area.trim(&daemon, start);
-        assert_eq!(
-            read_request(&worker, &encode(KEEP as u64, 16))[0],
-            9,
-            "not yet"
-        );
+        assert_eq!(read_request(&worker, KEEP as u64, 16)[0], 9, "not yet");
         area.trim(&daemon, start + TRIM_AFTER);
         assert!(!area.holds_pages());
         assert_eq!(
-            read_request(&worker, &encode(KEEP as u64, 16)),
+            read_request(&worker, KEEP as u64, 16),
             vec![0; 16],
             "given back"
         );
-        assert_eq!(read_request(&worker, &encode(0, 16)), vec![9; 16], "kept");
+        assert_eq!(read_request(&worker, 0, 16), vec![9; 16], "kept");
     }
 
     #[test]

@@ -130,6 +130,27 @@ pub fn reply_header(kind: Kind, micros: u32, len: u32, value: u64) -> [u8; HEADE
     header
 }
 
+/// A whole [`Kind::RequestInArea`] or [`Kind::ReplyInArea`] frame: its
+/// header (`extra` is the claim ticket or the handler's micros) and where in
+/// the area its `len` bytes at position `at` are.
+pub fn area_frame(
+    kind: Kind,
+    extra: u32,
+    value: u64,
+    at: u64,
+    len: usize,
+) -> [u8; HEADER_LEN + areas::FRAME_BODY] {
+    let mut frame = [0; HEADER_LEN + areas::FRAME_BODY];
+    frame[..HEADER_LEN].copy_from_slice(&reply_header(
+        kind,
+        extra,
+        areas::FRAME_BODY as u32,
+        value,
+    ));
+    frame[HEADER_LEN..].copy_from_slice(&areas::encode(at, len));
+    frame
+}
+
 /// The length of a body as a frame carries it, or an error for a body
 /// larger than a frame can say (never cut short into another length).
 pub fn body_len(len: usize) -> io::Result<u32> {
@@ -413,24 +434,17 @@ impl Link {
         body: Rc<Vec<u8>>,
         claims: Option<&Claims>,
     ) {
-        let mut header = [0; HEADER_LEN + areas::FRAME_BODY];
         let in_area = claims.and_then(|claims| self.request_area.put(claims, id, &body));
-        if let Some(place) = in_area {
-            header[..HEADER_LEN].copy_from_slice(&reply_header(
-                Kind::RequestInArea,
-                ticket,
-                areas::FRAME_BODY as u32,
-                id,
-            ));
-            header[HEADER_LEN..].copy_from_slice(&place);
+        if let Some(at) = in_area {
             self.out.push_back(Outgoing {
-                header,
+                header: area_frame(Kind::RequestInArea, ticket, id, at, body.len()),
                 header_len: HEADER_LEN + areas::FRAME_BODY,
                 body: None,
             });
             return;
         }
         let len = u32::try_from(body.len()).expect("requests over MAX_BODY are refused");
+        let mut header = [0; HEADER_LEN + areas::FRAME_BODY];
         header[..HEADER_LEN].copy_from_slice(&request_header(ticket, len, id));
         self.out.push_back(Outgoing {
             header,
