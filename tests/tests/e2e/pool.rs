@@ -864,8 +864,8 @@ fn the_build_under_test_has_curve_from_its_own_libzmq() {
         out.contains("libzmq 4.3.4, CURVE on, built with libsodium"),
         "{out}"
     );
-    // Linked in, not loaded from a system package (libzmq3-dev's libzmq.so.5,
-    // libsodium23): a fresh machine needs neither.
+    // Linked in, not loaded from a system package (Debian's libzmq5 or
+    // libsodium23): a fresh machine needs neither, nor their -dev packages.
     let ldd = std::process::Command::new("ldd")
         .arg(gaspard_bin())
         .output()
