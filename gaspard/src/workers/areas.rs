@@ -234,11 +234,62 @@ fn protect(area: *mut u8, from: usize, to: usize, writable: bool) -> io::Result<
     unsafe { mprotect(start.cast(), to - from, flags) }.map_err(io::Error::from)
 }
 
-/// One request body in the request area.
-struct Held {
-    id: u64,
+/// Bodies placed one after another in an area and given back in any
+/// order: the area is free up to the first one still held. Each is named by
+/// a key (a request's id, a reply's position) and spans `at..end`.
+#[derive(Default)]
+struct InOrder {
+    out: VecDeque<Placed>,
+}
+
+struct Placed {
+    key: u64,
     at: u64,
-    answered: bool,
+    end: u64,
+    given: bool,
+}
+
+impl InOrder {
+    fn push(&mut self, key: u64, at: u64, end: u64) {
+        self.out.push_back(Placed {
+            key,
+            at,
+            end,
+            given: false,
+        });
+    }
+
+    /// Gives back the first body named `key` not given back yet (a request
+    /// taken back and sent to the same worker again is there twice).
+    fn give_back(&mut self, key: u64) {
+        if let Some(placed) = self
+            .out
+            .iter_mut()
+            .find(|placed| placed.key == key && !placed.given)
+        {
+            placed.given = true;
+        }
+        while self.out.front().is_some_and(|placed| placed.given) {
+            self.out.pop_front();
+        }
+    }
+
+    /// Where the first body still held begins.
+    fn first_held(&self) -> Option<u64> {
+        self.out.front().map(|placed| placed.at)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.out.is_empty()
+    }
+
+    /// The bodies still held: where each begins and ends.
+    fn held(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.out
+            .iter()
+            .filter(|placed| !placed.given)
+            .map(|placed| (placed.at, placed.end))
+    }
 }
 
 /// The daemon's side of a worker's request area: where each body it copied
@@ -246,7 +297,8 @@ struct Held {
 #[derive(Default)]
 pub struct RequestArea {
     head: u64,
-    held: VecDeque<Held>,
+    /// Keyed by request id.
+    held: InOrder,
     trim: Trim,
 }
 
@@ -264,7 +316,7 @@ impl RequestArea {
             // those of the largest body.
             self.head = self.head.div_ceil(area as u64) * area as u64;
         }
-        let tail = self.held.front().map_or(self.head, |held| held.at);
+        let tail = self.held.first_held().unwrap_or(self.head);
         let at = place(self.head, tail, body.len(), area)?;
         let start = offset(at, area);
         // SAFETY: `place` keeps start + len within the area, which lies
@@ -274,11 +326,7 @@ impl RequestArea {
             std::ptr::copy_nonoverlapping(body.as_ptr(), claims.area(true).add(start), body.len());
         }
         let end = at + body.len() as u64;
-        self.held.push_back(Held {
-            id,
-            at,
-            answered: false,
-        });
+        self.held.push(id, at, end);
         self.head = end;
         self.trim.used(start + body.len());
         Some(at)
@@ -288,18 +336,7 @@ impl RequestArea {
     /// body again (a worker reads a request only before it replies, and
     /// never one it could not claim).
     pub fn release(&mut self, id: u64, now: Instant) {
-        // Not one already given back: a request taken back and sent to
-        // the same worker again is in the area twice.
-        let held = self
-            .held
-            .iter_mut()
-            .find(|held| held.id == id && !held.answered);
-        if let Some(held) = held {
-            held.answered = true;
-        }
-        while self.held.front().is_some_and(|held| held.answered) {
-            self.held.pop_front();
-        }
+        self.held.give_back(id);
         if self.held.is_empty() {
             self.trim.emptied(now);
         }
@@ -314,7 +351,7 @@ impl RequestArea {
     /// its own copy of every body), so all its pages are given back.
     pub fn worker_gone(&mut self, claims: &Claims) {
         remove_pages(claims.area(true), 0, claims.area_len());
-        self.held.clear();
+        self.held = InOrder::default();
         self.trim.high = 0;
     }
 
@@ -332,10 +369,11 @@ impl RequestArea {
         }
     }
 
-    /// Bodies in the area, for tests.
+    /// Bodies whose place is not free yet (answered ones too, behind one
+    /// that is not), for tests.
     #[cfg(test)]
     fn held(&self) -> usize {
-        self.held.len()
+        self.held.out.len()
     }
 }
 
@@ -421,28 +459,19 @@ impl Drop for AreaReply {
 struct Taken {
     /// The end of the last reply taken: the next one lies at or after it.
     until: u64,
-    /// Each taken reply's position and end, and whether it was given back.
-    out: VecDeque<(u64, u64, bool)>,
+    /// The replies taken, keyed by position.
+    out: InOrder,
 }
 
 impl Taken {
     /// The replies before the first still held are free for the worker.
     fn free_until(&self) -> u64 {
-        self.out.front().map_or(self.until, |&(at, _, _)| at)
+        self.out.first_held().unwrap_or(self.until)
     }
 
     fn give_back(&mut self, at: u64, claims: &Claims) {
-        if let Some(entry) = self
-            .out
-            .iter_mut()
-            .find(|(held, _, given)| *held == at && !given)
-        {
-            entry.2 = true;
-        }
         let before = self.free_until();
-        while self.out.front().is_some_and(|&(_, _, given)| given) {
-            self.out.pop_front();
-        }
+        self.out.give_back(at);
         if self.free_until() != before {
             claims.publish_area_tail(self.free_until());
         }
@@ -467,9 +496,8 @@ impl ReplyAreaReader {
         let taken = self.taken.borrow();
         let mut held: Vec<(usize, usize)> = taken
             .out
-            .iter()
-            .filter(|&&(_, _, given)| !given)
-            .map(|&(at, end, _)| (offset(at, area), offset(at, area) + (end - at) as usize))
+            .held()
+            .map(|(at, end)| (offset(at, area), offset(at, area) + (end - at) as usize))
             .collect();
         held.sort_unstable();
         let mut from = 0;
@@ -494,7 +522,7 @@ impl ReplyAreaReader {
             decode(body).ok_or_else(|| out_of_step("a reply area frame of the wrong size"))?;
         let mut taken = self.taken.borrow_mut();
         // With nothing held, all is free: the worker may begin a new lap.
-        let free = taken.out.front().map_or(at, |&(held, _, _)| held);
+        let free = taken.out.first_held().unwrap_or(at);
         if area == 0 || len == 0 || at < taken.until || !fits(at, len, free, area) {
             return Err(out_of_step(&format!(
                 "a reply area position out of range ({len} bytes at {at}, taken up to {}, free from {free})",
@@ -503,7 +531,7 @@ impl ReplyAreaReader {
         }
         let before = taken.free_until();
         taken.until = at + len;
-        taken.out.push_back((at, at + len, false));
+        taken.out.push(at, at, at + len);
         if taken.free_until() != before {
             // Nothing was held: all before this reply is free, the bytes a
             // new lap skipped too. Else the worker would count them as held
