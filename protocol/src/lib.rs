@@ -444,6 +444,24 @@ impl RequestDecoder {
         (body, step)
     }
 
+    /// The whole body's length, once the header is known.
+    pub fn body_len(&self) -> Option<usize> {
+        if self.in_preamble {
+            return None;
+        }
+        self.body.as_ref().map(|(_, len)| *len)
+    }
+
+    /// The body so far, for a caller that reads the rest into a place of
+    /// its own: this decoder is then done with the request (it still counts
+    /// as [`Self::started`], and decodes nothing more).
+    pub fn hand_over_body(&mut self) -> Option<Vec<u8>> {
+        if self.in_preamble {
+            return None;
+        }
+        self.body.take().map(|(body, _)| body)
+    }
+
     /// The request, once [`Self::body_to_fill`] has the whole body.
     pub fn take_body(&mut self) -> Option<Vec<u8>> {
         let (body, len) = self.body.as_ref()?;

@@ -9,7 +9,7 @@ use super::io::{read_step, Next, ReadStep};
 use super::session::Session;
 use crate::metrics::Outcome;
 use crate::protocol::{Decoded, RequestDecoder};
-use crate::workers::RequestId;
+use crate::workers::{AreaBody, RequestBody, RequestId};
 use mio::net::TcpStream;
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
@@ -71,6 +71,9 @@ pub(crate) struct Connection<R> {
     held: usize,
     /// Bytes admitted for the request body being read, if one is.
     admitted: usize,
+    /// A large body being read straight into a worker's request area
+    /// (the decoder has handed it over).
+    into_area: Option<AreaBody>,
     /// The length of its request while the workers have it.
     request_len: usize,
     /// Waiting for the budget to read a body (in the clients part's queue).
@@ -97,6 +100,7 @@ impl<R: AsRef<[u8]>> Connection<R> {
             registered: false,
             held: 0,
             admitted: 0,
+            into_area: None,
             request_len: 0,
             parked: false,
             trailing: 0,
@@ -106,8 +110,14 @@ impl<R: AsRef<[u8]>> Connection<R> {
 
     /// Reads what the socket has into the request, or the session.
     /// A body that needs more than the read at hand is read only once the
-    /// budget admits it ([`Next::Parked`] until then).
-    pub(crate) fn on_readable(&mut self, scratch: &mut [u8], budget: &mut Budget) -> Next {
+    /// budget admits it ([`Next::Parked`] until then); a large one is read
+    /// into the place `place` finds for its length, if it finds one.
+    pub(crate) fn on_readable(
+        &mut self,
+        scratch: &mut [u8],
+        budget: &mut Budget,
+        place: &mut dyn FnMut(usize) -> Option<AreaBody>,
+    ) -> Next {
         if self.parked {
             // Only the clients part unparks it (`Clients::end_turn`), oldest
             // first, with its deadline restored: a read event must not
@@ -130,12 +140,46 @@ impl<R: AsRef<[u8]>> Connection<R> {
                 }
                 _ => return self.discard_trailing(scratch),
             };
+            if let Some(body) = &mut self.into_area {
+                self.input_drained = false;
+                match self.stream.read(body.unfilled()) {
+                    Ok(0) => {
+                        return Next::Reset(
+                            "closed its side before sending the whole request".into(),
+                        )
+                    }
+                    Ok(n) => body.filled(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.input_drained = true;
+                        return Next::Wait;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Next::Gone(e),
+                }
+                if body.is_whole() {
+                    let body = self.into_area.take().expect("matched above");
+                    return Next::Request(RequestBody::Area(body));
+                }
+                continue;
+            }
             if let Some(missing) = decoder.body_missing() {
                 if self.admitted == 0 {
                     if !account.admit(missing) {
                         return self.park();
                     }
                     self.admitted = missing;
+                    // Large enough to be read without the scratch buffer:
+                    // straight into a worker's area if there is room.
+                    let placed = (missing >= scratch.len())
+                        .then(|| decoder.body_len().and_then(&mut *place))
+                        .flatten();
+                    if let Some(mut body) = placed {
+                        let so_far = decoder.hand_over_body().expect("the header is known");
+                        body.unfilled()[..so_far.len()].copy_from_slice(&so_far);
+                        body.filled(so_far.len());
+                        self.into_area = Some(body);
+                        continue;
+                    }
                     if decoder.reserve_body().is_err() {
                         return Next::Reset(format!(
                             "cannot allocate {missing} bytes for its request"
@@ -153,7 +197,7 @@ impl<R: AsRef<[u8]>> Connection<R> {
                     return Next::Reset("closed its side before sending the whole request".into())
                 }
                 Ok(ReadStep::Eof) => return Next::Close,
-                Ok(ReadStep::Direct(Some(payload))) => return Next::Request(payload),
+                Ok(ReadStep::Direct(Some(payload))) => return Next::Request(payload.into()),
                 Ok(ReadStep::Direct(None)) => continue,
                 Ok(ReadStep::Scratch(n)) => n,
                 Err(e) => return Next::Gone(e),
@@ -165,7 +209,7 @@ impl<R: AsRef<[u8]>> Connection<R> {
                     self.trailing = n - consumed;
                     // A short read emptied the socket.
                     self.input_drained = n < scratch.len();
-                    return Next::Request(payload);
+                    return Next::Request(payload.into());
                 }
                 Ok(Decoded::Extension { consumed }) => {
                     let limit = decoder.limit();
@@ -276,7 +320,11 @@ impl<R: AsRef<[u8]>> Connection<R> {
     /// the workers have, the reply being written.
     fn holds(&self) -> usize {
         match &self.state {
-            State::Reading(decoder) if decoder.body_missing().is_some() => self.admitted,
+            State::Reading(decoder)
+                if decoder.body_missing().is_some() || self.into_area.is_some() =>
+            {
+                self.admitted
+            }
             State::Reading(_) => 0,
             State::Waiting(_) => self.request_len,
             State::Writing { reply, .. } => reply.as_ref().len(),
@@ -531,7 +579,7 @@ mod tests {
         let (mut conn, mut client) = accepted(&request);
         let mut scratch = vec![0; 64 * 1024];
         assert!(matches!(
-            conn.on_readable(&mut scratch, &mut budget),
+            conn.on_readable(&mut scratch, &mut budget, &mut |_| None),
             Next::Parked
         ));
         assert!(conn.is_parked());
@@ -541,7 +589,7 @@ mod tests {
         budget.release(900 << 10);
         client.write_all(&[7; 1000]).unwrap();
         assert!(matches!(
-            conn.on_readable(&mut scratch, &mut budget),
+            conn.on_readable(&mut scratch, &mut budget, &mut |_| None),
             Next::Wait
         ));
         assert!(conn.is_parked());
@@ -550,7 +598,7 @@ mod tests {
         conn.unpark(Instant::now());
         assert!(conn.deadline().is_some());
         assert!(matches!(
-            conn.on_readable(&mut scratch, &mut budget),
+            conn.on_readable(&mut scratch, &mut budget, &mut |_| None),
             Next::Wait
         ));
         assert!(!conn.is_parked());
@@ -572,7 +620,7 @@ mod tests {
         let (mut conn, mut client) = accepted(&stream);
         let mut scratch = vec![0; 64 * 1024];
         assert!(matches!(
-            conn.on_readable(&mut scratch, &mut budget),
+            conn.on_readable(&mut scratch, &mut budget, &mut |_| None),
             Next::Parked
         ));
         assert!(conn.is_pipelined() && conn.is_parked());
@@ -583,6 +631,64 @@ mod tests {
         assert!(matches!(conn.on_writable(), Next::Wait));
         conn.refresh_session_deadline(Instant::now());
         assert_eq!(conn.deadline(), None, "the stall is the daemon's");
+    }
+
+    #[test]
+    fn a_large_body_is_read_into_the_place_found_for_it_with_what_came_first() {
+        use crate::workers::areas::RequestArea;
+        use crate::workers::claims::{area_len_for, Claims};
+        let (claims, _fd) = Claims::create(area_len_for(1 << 20)).unwrap();
+        let claims = std::rc::Rc::new(claims);
+        let mut area = RequestArea::default();
+        let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let mut request = (body.len() as u32).to_be_bytes().to_vec();
+        request.extend_from_slice(&body[..60_000]);
+        let (mut conn, mut client) = accepted(&request);
+        let mut budget = Budget::new(1 << 20, Arc::new(Metrics::default()));
+        // The first read takes the header and part of the body through the
+        // scratch buffer; the rest is large enough to read in place.
+        let mut scratch = vec![0; 16 * 1024];
+        let mut asked = Vec::new();
+        let mut place = |len| {
+            asked.push(len);
+            area.place(&claims, 0, len)
+        };
+        assert!(matches!(
+            conn.on_readable(&mut scratch, &mut budget, &mut place),
+            Next::Wait
+        ));
+        assert_eq!(conn.holds(), 100_000 - (16 * 1024 - 4), "admitted");
+        client.write_all(&body[60_000..]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let Next::Request(got) = conn.on_readable(&mut scratch, &mut budget, &mut place) else {
+            panic!("the whole request");
+        };
+        assert_eq!(asked, [100_000], "asked once, for the whole body");
+        assert_eq!(got.area_slot(), Some(0), "read in place");
+        assert_eq!(&got[..], &body[..]);
+    }
+
+    #[test]
+    fn a_client_that_stops_mid_body_read_in_place_is_reset() {
+        use crate::workers::areas::RequestArea;
+        use crate::workers::claims::{area_len_for, Claims};
+        let (claims, _fd) = Claims::create(area_len_for(1 << 20)).unwrap();
+        let claims = std::rc::Rc::new(claims);
+        let mut area = RequestArea::default();
+        let mut request = 100_000u32.to_be_bytes().to_vec();
+        request.extend_from_slice(&[3; 50_000]);
+        let (mut conn, client) = accepted(&request);
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut budget = Budget::new(1 << 20, Arc::new(Metrics::default()));
+        let mut scratch = vec![0; 16 * 1024];
+        let next = conn.on_readable(&mut scratch, &mut budget, &mut |len| {
+            area.place(&claims, 0, len)
+        });
+        assert!(matches!(next, Next::Reset(_)), "{next:?}");
+        assert!(conn.sent_anything());
+        assert!(area.holds_any(), "it was being read in place");
+        drop(conn);
+        assert!(!area.holds_any(), "its place is given back");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use crate::buffers::read_appending;
 use crate::protocol::RequestDecoder;
+use crate::workers::RequestBody;
 use mio::net::TcpStream;
 use std::io::{self, Read};
 
@@ -14,7 +15,7 @@ pub(crate) enum Next {
     Wait,
     /// A whole request arrived (one-shot connections only: a session keeps
     /// what arrives until the loop takes it).
-    Request(Vec<u8>),
+    Request(RequestBody),
     /// Close cleanly: the reply is written, or the request was empty.
     Close,
     /// A body is to be read and the budget of bytes in flight

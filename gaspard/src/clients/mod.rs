@@ -575,7 +575,9 @@ impl Clients {
         };
         let mut next = Next::Wait;
         if readable {
-            next = conn.on_readable(&mut self.scratch, &mut self.budget);
+            next = conn.on_readable(&mut self.scratch, &mut self.budget, &mut |len| {
+                work.place_body(len)
+            });
         }
         if matches!(next, Next::Wait) && writable {
             next = conn.on_writable();
@@ -587,7 +589,9 @@ impl Clients {
             // the socket must be read now, or no event would say so again.
             match self.conns.get_mut(key) {
                 Some(conn) if was_request && conn.may_have_input() => {
-                    next = conn.on_readable(&mut self.scratch, &mut self.budget)
+                    next = conn.on_readable(&mut self.scratch, &mut self.budget, &mut |len| {
+                        work.place_body(len)
+                    })
                 }
                 Some(conn) if conn.is_pipelined() => return self.pump_session(key, work),
                 Some(conn) => return conn.settle(&mut self.budget),
@@ -639,7 +643,7 @@ impl Clients {
             let now = Instant::now();
             for payload in session.take_arrived() {
                 let len = payload.len();
-                match work.submit(key, payload) {
+                match work.submit(key, payload.into()) {
                     Ok(id) => session.submitted(id, len, now),
                     Err(refusal) => {
                         self.metrics.request_ended(Outcome::refused);
@@ -653,7 +657,9 @@ impl Clients {
                 return self.advance(key, next, work);
             }
             if conn.session().is_some_and(|s| s.should_resume()) {
-                let next = conn.on_readable(&mut self.scratch, &mut self.budget);
+                let next = conn.on_readable(&mut self.scratch, &mut self.budget, &mut |len| {
+                    work.place_body(len)
+                });
                 match next {
                     Next::Wait => continue, // submit what that read brought
                     // The requests that came before the body still go.

@@ -965,7 +965,7 @@ impl Host {
         let refused = if matches!(self.phase, Phase::Serving | Phase::Draining) {
             let client = self.next_client;
             self.next_client += 1;
-            match self.workers.submit(client, payload) {
+            match self.workers.submit(client, payload.into()) {
                 Ok(request) => {
                     let since = Instant::now();
                     self.held.insert(client, Held { id, request, since });

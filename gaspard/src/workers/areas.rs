@@ -5,12 +5,13 @@
 //! quarter of `--max-buffered`: [`area_len`]) but taking pages only where
 //! written:
 //!
-//! - the *request area*, which only the daemon writes: it copies a request
-//!   body of [`MIN_BODY`] to [`MAX_COPIED_BODY`] bytes there and sends a small
-//!   [`Kind::RequestInArea`] frame that says where; the handler reads it in
+//! - the *request area*, which only the daemon writes: a request body of
+//!   [`MIN_BODY`] to [`MAX_COPIED_BODY`] bytes is read there straight from
+//!   its client ([`AreaBody`]) or copied there, and a small
+//!   [`Kind::RequestInArea`] frame says where; the handler reads it in
 //!   place. The daemon gives the bytes back to itself when the request is
-//!   answered or taken back ([`RequestArea`]), never while the worker may
-//!   still read them.
+//!   answered or taken back, or the body read in place is dropped
+//!   ([`RequestArea`]), never while the worker may still read them.
 //! - the *reply area*, which only the worker writes: the buffer a handler
 //!   asks for a large reply is there ([`ReplyArea`]), and a small
 //!   [`Kind::ReplyInArea`] frame says where it is. The daemon writes the
@@ -34,8 +35,9 @@
 //!
 //! Why shared memory rather than the socket: a megabyte through a socket
 //! pair is copied into and out of the kernel in socket-buffer-sized
-//! pieces, each a wake-up on both sides; here a request is one `memcpy`, a
-//! reply none, and only a 32-byte frame wakes the other side.
+//! pieces, each a wake-up on both sides; here a request is no copy at all
+//! (read in place) or one `memcpy`, a reply none, and only a 32-byte frame
+//! wakes the other side.
 //!
 //! [`Kind::RequestInArea`]: super::link::Kind::RequestInArea
 //! [`Kind::ReplyInArea`]: super::link::Kind::ReplyInArea
@@ -290,16 +292,92 @@ impl InOrder {
             .filter(|placed| !placed.given)
             .map(|placed| (placed.at, placed.end))
     }
+
+    /// The keys of the bodies still held.
+    fn held_keys(&self) -> impl Iterator<Item = u64> + '_ {
+        self.out
+            .iter()
+            .filter(|placed| !placed.given)
+            .map(|placed| placed.key)
+    }
+
+    /// Counts the bodies whose key is `forgotten` as given back.
+    fn forget(&mut self, forgotten: impl Fn(u64) -> bool) {
+        for placed in &mut self.out {
+            placed.given |= forgotten(placed.key);
+        }
+        while self.out.front().is_some_and(|placed| placed.given) {
+            self.out.pop_front();
+        }
+    }
 }
 
-/// The daemon's side of a worker's request area: where each body it copied
-/// there lies, until its request is answered or taken back.
+/// Gives back the pages of an area of `len` bytes at `area` but those of
+/// the bodies `held` (positions from, to).
+fn remove_pages_around(area: *mut u8, len: usize, held: impl Iterator<Item = (u64, u64)>) {
+    if len == 0 {
+        return;
+    }
+    let mut held: Vec<(usize, usize)> = held
+        .map(|(at, end)| (offset(at, len), offset(at, len) + (end - at) as usize))
+        .collect();
+    held.sort_unstable();
+    let mut from = 0;
+    for (start, end) in held {
+        remove_pages(area, from, start);
+        from = from.max(end);
+    }
+    remove_pages(area, from, len);
+}
+
+/// The daemon's side of a worker's request area: where each body lies
+/// that it copied there (until its request is answered or taken back) or
+/// read there straight from its client ([`AreaBody`], until dropped).
 #[derive(Default)]
 pub struct RequestArea {
+    /// Shared with the bodies read into the area, which give their place
+    /// back when dropped.
+    bodies: Rc<RefCell<RequestBodies>>,
+}
+
+#[derive(Default)]
+struct RequestBodies {
     head: u64,
-    /// Keyed by request id.
+    /// Copied bodies keyed by request id; bodies read in place by
+    /// [`READ_IN_PLACE`] and a number of their own.
     held: InOrder,
+    /// The last number given to a body read in place.
+    read_in_place: u64,
     trim: Trim,
+}
+
+/// The key bit of a body read in place (request ids never reach it).
+const READ_IN_PLACE: u64 = 1 << 63;
+
+impl RequestBodies {
+    /// Room for `len` bytes in an area of `area` bytes, held under `key`:
+    /// the position and its offset in the area.
+    fn reserve(&mut self, key: u64, len: usize, area: usize) -> Option<(u64, usize)> {
+        if self.held.is_empty() {
+            // Empty: begin at the area's start, so that the pages in use stay
+            // those of the largest body.
+            self.head = self.head.div_ceil(area as u64) * area as u64;
+        }
+        let tail = self.held.first_held().unwrap_or(self.head);
+        let at = place(self.head, tail, len, area)?;
+        let end = at + len as u64;
+        self.held.push(key, at, end);
+        self.head = end;
+        self.trim.used(offset(at, area) + len);
+        Some((at, offset(at, area)))
+    }
+
+    fn give_back(&mut self, key: u64, now: Instant) {
+        self.held.give_back(key);
+        if self.held.is_empty() {
+            self.trim.emptied(now);
+        }
+    }
 }
 
 impl RequestArea {
@@ -311,61 +389,96 @@ impl RequestArea {
         if body.len() < MIN_BODY || body.len() > MAX_COPIED_BODY || area == 0 {
             return None;
         }
-        if self.held.is_empty() {
-            // Empty: begin at the area's start, so that the pages in use stay
-            // those of the largest body.
-            self.head = self.head.div_ceil(area as u64) * area as u64;
-        }
-        let tail = self.held.first_held().unwrap_or(self.head);
-        let at = place(self.head, tail, body.len(), area)?;
-        let start = offset(at, area);
-        // SAFETY: `place` keeps start + len within the area, which lies
+        let (at, start) = self.bodies.borrow_mut().reserve(id, body.len(), area)?;
+        // SAFETY: `reserve` keeps start + len within the area, which lies
         // inside the mapping; only the daemon writes the request area, and
         // the worker reads these bytes only once the frame below tells it.
         unsafe {
             std::ptr::copy_nonoverlapping(body.as_ptr(), claims.area(true).add(start), body.len());
         }
-        let end = at + body.len() as u64;
-        self.held.push(id, at, end);
-        self.head = end;
-        self.trim.used(start + body.len());
         Some(at)
+    }
+
+    /// Room for a request body of `len` bytes, to be read there straight
+    /// from its client (see [`AreaBody`]); `None` if it is too small to be
+    /// worth it, too large to copy should it go to another worker, or does
+    /// not fit. `slot` is the worker's, for the dispatcher's choice.
+    pub fn place(&mut self, claims: &Rc<Claims>, slot: usize, len: usize) -> Option<AreaBody> {
+        let area = claims.area_len();
+        if !(MIN_BODY..=MAX_COPIED_BODY).contains(&len) || area == 0 {
+            return None;
+        }
+        let mut bodies = self.bodies.borrow_mut();
+        let key = READ_IN_PLACE | (bodies.read_in_place + 1);
+        let (at, start) = bodies.reserve(key, len, area)?;
+        bodies.read_in_place += 1;
+        Some(AreaBody {
+            bodies: Rc::clone(&self.bodies),
+            claims: Rc::clone(claims),
+            slot,
+            key,
+            at,
+            start,
+            len,
+            filled: 0,
+        })
+    }
+
+    /// Where `body` lies if it was read into this very area: it is sent as
+    /// it is, and its place is given back when it is dropped.
+    pub fn position_of(&self, body: &RequestBody) -> Option<u64> {
+        match body {
+            RequestBody::Area(body) if Rc::ptr_eq(&body.bodies, &self.bodies) => Some(body.at),
+            _ => None,
+        }
     }
 
     /// Request `id` is answered or taken back: the worker will not read its
     /// body again (a worker reads a request only before it replies, and
     /// never one it could not claim).
     pub fn release(&mut self, id: u64, now: Instant) {
-        self.held.give_back(id);
-        if self.held.is_empty() {
-            self.trim.emptied(now);
-        }
+        self.bodies.borrow_mut().give_back(id, now);
     }
 
     /// Whether any body is in the area.
     pub fn holds_any(&self) -> bool {
-        !self.held.is_empty()
+        !self.bodies.borrow().held.is_empty()
     }
 
-    /// The worker is dead: nobody reads the area any more (the daemon keeps
-    /// its own copy of every body), so all its pages are given back.
+    /// Bodies read into the area and not yet given back: how busy the
+    /// worker is about to be.
+    pub fn read_in_place(&self) -> usize {
+        let bodies = self.bodies.borrow();
+        bodies
+            .held
+            .held_keys()
+            .filter(|key| key & READ_IN_PLACE != 0)
+            .count()
+    }
+
+    /// The worker is dead: nobody reads the area any more, so its pages are
+    /// given back, but for the bodies read in place, which are the daemon's
+    /// only copy (kept for another worker, or until their client goes).
+    /// Copied bodies the daemon has in its own memory.
     pub fn worker_gone(&mut self, claims: &Claims) {
-        remove_pages(claims.area(true), 0, claims.area_len());
-        self.held = InOrder::default();
-        self.trim.high = 0;
+        let mut bodies = self.bodies.borrow_mut();
+        bodies.held.forget(|key| key & READ_IN_PLACE == 0);
+        remove_pages_around(claims.area(true), claims.area_len(), bodies.held.held());
+        bodies.trim.high = 0;
     }
 
     /// Whether the area holds pages [`Self::trim`] would give back once it
     /// has been empty for [`TRIM_AFTER`].
     pub fn holds_pages(&self) -> bool {
-        self.trim.holding()
+        self.bodies.borrow().trim.holding()
     }
 
     /// Gives back the area's pages past [`KEEP`] if it has been empty for
     /// [`TRIM_AFTER`].
     pub fn trim(&mut self, claims: &Claims, now: Instant) {
-        if self.held.is_empty() {
-            self.trim.trim(claims.area(true), now);
+        let mut bodies = self.bodies.borrow_mut();
+        if bodies.held.is_empty() {
+            bodies.trim.trim(claims.area(true), now);
         }
     }
 
@@ -373,7 +486,114 @@ impl RequestArea {
     /// that is not), for tests.
     #[cfg(test)]
     fn held(&self) -> usize {
-        self.held.out.len()
+        self.bodies.borrow().held.out.len()
+    }
+}
+
+/// A request body read straight from its client into a worker's request
+/// area: no copy on the loop when that worker runs it, one `memcpy` (as for
+/// any body) when another does. Its place is the daemon's until this is
+/// dropped: the request is answered or failed, or its client went away
+/// mid-body. The worker maps the area read-only, so the bytes stay the
+/// client's whatever the worker does, and outlive its death for a retry.
+pub struct AreaBody {
+    bodies: Rc<RefCell<RequestBodies>>,
+    /// Keeps the area mapped even once the worker's endpoint is gone.
+    claims: Rc<Claims>,
+    slot: usize,
+    key: u64,
+    at: u64,
+    /// Its offset in the area.
+    start: usize,
+    len: usize,
+    /// Bytes read into it so far.
+    filled: usize,
+}
+
+impl AreaBody {
+    /// The bytes still to read from the client.
+    pub fn unfilled(&mut self) -> &mut [u8] {
+        // SAFETY: `place` reserved `start..start + len` inside the request
+        // area, inside the mapping `claims` keeps; only the daemon writes
+        // the request area, and no worker is told of these bytes before the
+        // body is whole. `&mut self` keeps this the only reference.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.claims.area(true).add(self.start + self.filled),
+                self.len - self.filled,
+            )
+        }
+    }
+
+    /// `n` more bytes were read into [`Self::unfilled`].
+    pub fn filled(&mut self, n: usize) {
+        self.filled = (self.filled + n).min(self.len);
+    }
+
+    /// Whether the whole body has been read.
+    pub fn is_whole(&self) -> bool {
+        self.filled == self.len
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: as in `unfilled`; the worker maps the area read-only, so
+        // nothing else writes these bytes while this lives.
+        unsafe { std::slice::from_raw_parts(self.claims.area(true).add(self.start), self.filled) }
+    }
+}
+
+impl Drop for AreaBody {
+    fn drop(&mut self) {
+        self.bodies.borrow_mut().give_back(self.key, Instant::now());
+    }
+}
+
+/// A request's bytes in the daemon: its own, or read straight into a
+/// worker's request area.
+pub enum RequestBody {
+    Own(Vec<u8>),
+    Area(AreaBody),
+}
+
+impl std::ops::Deref for RequestBody {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            RequestBody::Own(bytes) => bytes,
+            RequestBody::Area(body) => body.bytes(),
+        }
+    }
+}
+
+impl RequestBody {
+    /// The worker slot whose request area it was read into, if it was.
+    pub fn area_slot(&self) -> Option<usize> {
+        match self {
+            RequestBody::Own(_) => None,
+            RequestBody::Area(body) => Some(body.slot),
+        }
+    }
+}
+
+impl From<Vec<u8>> for RequestBody {
+    fn from(bytes: Vec<u8>) -> RequestBody {
+        RequestBody::Own(bytes)
+    }
+}
+
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequestBody::Own(bytes) => write!(f, "Own({} bytes)", bytes.len()),
+            RequestBody::Area(body) => {
+                write!(
+                    f,
+                    "Area({} of {} bytes at {})",
+                    body.filled, body.len, body.at
+                )
+            }
+        }
     }
 }
 
@@ -489,23 +709,8 @@ impl ReplyAreaReader {
     /// The worker is dead: of its reply area only the replies still held
     /// for clients are kept; the pages around them are given back.
     pub fn worker_gone(&self, claims: &Claims) {
-        let area = claims.area_len();
-        if area == 0 {
-            return;
-        }
         let taken = self.taken.borrow();
-        let mut held: Vec<(usize, usize)> = taken
-            .out
-            .held()
-            .map(|(at, end)| (offset(at, area), offset(at, area) + (end - at) as usize))
-            .collect();
-        held.sort_unstable();
-        let mut from = 0;
-        for (start, end) in held {
-            remove_pages(claims.area(false), from, start);
-            from = from.max(end);
-        }
-        remove_pages(claims.area(false), from, area);
+        remove_pages_around(claims.area(false), claims.area_len(), taken.out.held());
     }
 
     /// Takes the reply a [`Kind::ReplyInArea`] frame's `body` points to: its
@@ -768,6 +973,81 @@ mod tests {
         area.release(3, now);
         assert_eq!(area.held(), 2);
         area.release(2, now);
+        assert_eq!(area.held(), 0);
+    }
+
+    /// A body of `len` bytes read into `area` in place, its bytes `byte`.
+    fn read_in_place(
+        area: &mut RequestArea,
+        claims: &Rc<Claims>,
+        len: usize,
+        byte: u8,
+    ) -> AreaBody {
+        let mut body = area.place(claims, 0, len).expect("room for it");
+        // Two reads, as from a socket.
+        let half = len / 2;
+        body.unfilled()[..half].fill(byte);
+        body.filled(half);
+        assert!(!body.is_whole());
+        body.unfilled().fill(byte);
+        body.filled(len - half);
+        assert!(body.is_whole());
+        body
+    }
+
+    #[test]
+    fn a_body_read_in_place_is_sent_from_where_it_lies_and_freed_when_dropped() {
+        let (daemon, worker) = shared(128 * 1024);
+        let daemon = Rc::new(daemon);
+        let mut area = RequestArea::default();
+        assert!(
+            area.place(&daemon, 0, 100).is_none(),
+            "small: its own memory"
+        );
+        let body = RequestBody::Area(read_in_place(&mut area, &daemon, 40_000, 4));
+        assert_eq!(&body[..], &[4; 40_000][..]);
+        let at = area.position_of(&body).expect("it lies in this area");
+        assert_eq!(read_request(&worker, at, 40_000), vec![4; 40_000]);
+        // Answered: nothing to give back by id; the place is held until the
+        // body is dropped, and the next body goes after it.
+        area.release(1, Instant::now());
+        assert_eq!(area.held(), 1);
+        let next = area.put(&daemon, 2, &[5; 40_000]).unwrap();
+        assert!(next >= at + 40_000);
+        drop(body);
+        area.release(2, Instant::now());
+        assert_eq!(area.held(), 0);
+        assert!(!area.holds_any());
+    }
+
+    #[test]
+    fn a_body_read_into_one_workers_area_is_copied_for_another() {
+        let (first, _) = shared(128 * 1024);
+        let (second, worker) = shared(128 * 1024);
+        let (first, second) = (Rc::new(first), Rc::new(second));
+        let mut home = RequestArea::default();
+        let mut other = RequestArea::default();
+        let body = RequestBody::Area(read_in_place(&mut home, &first, 30_000, 6));
+        assert_eq!(body.area_slot(), Some(0));
+        assert_eq!(other.position_of(&body), None);
+        let at = other.put(&second, 7, &body).unwrap();
+        assert_eq!(read_request(&worker, at, 30_000), vec![6; 30_000]);
+    }
+
+    #[test]
+    fn a_dead_workers_area_keeps_only_the_bodies_read_in_place() {
+        let (daemon, _worker) = shared(1 << 20);
+        let daemon = Rc::new(daemon);
+        let mut area = RequestArea::default();
+        let copied = area.put(&daemon, 1, &[1; 5 * PAGE]).unwrap();
+        let body = RequestBody::Area(read_in_place(&mut area, &daemon, 6 * PAGE, 2));
+        area.worker_gone(&daemon);
+        assert_eq!(area.held(), 1, "the copied body is forgotten");
+        // The daemon has its own copy of the copied one: its pages are gone.
+        assert_eq!(read_request(&daemon, copied, 5 * PAGE), vec![0; 5 * PAGE]);
+        // The body read in place is the only copy: kept for a retry.
+        assert_eq!(&body[..], &[2; 6 * PAGE][..]);
+        drop(body);
         assert_eq!(area.held(), 0);
     }
 

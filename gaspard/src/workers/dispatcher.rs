@@ -12,6 +12,7 @@
 //! The dispatcher knows connections only by an opaque key and workers only by
 //! slot number; it does no I/O.
 
+use super::areas::RequestBody;
 use super::claims::{Ticket, ENTRIES};
 use super::ClientKey;
 use crate::config::Credit;
@@ -25,7 +26,7 @@ pub(crate) type RequestId = u64;
 /// A request's bytes, shared with the link that sends them: kept until the
 /// reply, so that a request staged at a worker that dies before starting it
 /// can go to another.
-pub(crate) type Payload = Rc<Vec<u8>>;
+pub(crate) type Payload = Rc<RequestBody>;
 
 /// Hashes request ids for the request map. They are the daemon's own
 /// sequential numbers, never chosen by a client, so they need no defence
@@ -221,7 +222,7 @@ impl Dispatcher {
     }
 
     /// Queues a client's request.
-    pub(crate) fn submit(&mut self, client: ClientKey, payload: Vec<u8>) -> RequestId {
+    pub(crate) fn submit(&mut self, client: ClientKey, payload: RequestBody) -> RequestId {
         let id = self.next_id;
         self.next_id += 1;
         self.requests.insert(
@@ -256,7 +257,19 @@ impl Dispatcher {
     /// queued and a worker has credit. The caller must either send it or give
     /// it back with [`Self::unassign`].
     pub(crate) fn next_assignment(&mut self, now: Instant) -> Option<Assignment> {
-        let slot = self.idle_worker(now)?;
+        let mut slot = self.idle_worker(now)?;
+        // A body read into a worker's area goes to that worker if it is as
+        // free as the one chosen: no copy then.
+        if let Some(home) = self.first_queued_area_slot() {
+            let held = self.workers[slot].held.len();
+            if home != slot
+                && self.workers.get(home).is_some_and(|load| {
+                    load.open && load.held.len() == held && held < self.credit_of(load, now)
+                })
+            {
+                slot = home;
+            }
+        }
         if self.credit == Credit::Auto
             && !self.workers[slot].held.is_empty()
             && self.workers[slot].remote_credit.is_none()
@@ -334,6 +347,16 @@ impl Dispatcher {
         first.is_some_and(|request| {
             matches!(&request.place, Place::Queued(payload) if payload.len() >= UNSTAGED_BODY)
         })
+    }
+
+    /// The worker whose request area the body of the request at the head
+    /// of the queue was read into, if it was.
+    fn first_queued_area_slot(&self) -> Option<usize> {
+        let first = self.queue.front().and_then(|id| self.requests.get(id))?;
+        match &first.place {
+            Place::Queued(payload) => payload.area_slot(),
+            Place::Running { .. } => None,
+        }
     }
 
     fn idle_worker(&self, now: Instant) -> Option<usize> {
@@ -475,6 +498,11 @@ impl Dispatcher {
         if let Some(load) = self.workers.get_mut(slot) {
             load.open = false;
         }
+    }
+
+    /// Whether the worker in `slot` takes new requests.
+    pub(crate) fn is_open(&self, slot: usize) -> bool {
+        self.workers.get(slot).is_some_and(|load| load.open)
     }
 
     /// How many requests the worker in `slot` holds.
@@ -780,9 +808,9 @@ mod tests {
         d.open_worker(0);
         d.open_worker(1);
         let now = Instant::now();
-        let a = d.submit(10, b"a".to_vec());
-        let b = d.submit(11, b"b".to_vec());
-        let c = d.submit(12, b"c".to_vec());
+        let a = d.submit(10, b"a".to_vec().into());
+        let b = d.submit(11, b"b".to_vec().into());
+        let c = d.submit(12, b"c".to_vec().into());
         let first = d.next_assignment(now).unwrap();
         let second = d.next_assignment(now).unwrap();
         assert_eq!((first.id, second.id), (a, b));
@@ -803,7 +831,7 @@ mod tests {
         d.open_worker(1);
         let now = Instant::now();
         for client in 0..5 {
-            d.submit(client, vec![]);
+            d.submit(client, vec![].into());
         }
         let slots: Vec<usize> = (0..4)
             .map(|_| d.next_assignment(now).unwrap().slot)
@@ -819,7 +847,7 @@ mod tests {
     fn assign(d: &mut Dispatcher, n: usize, now: Instant) -> Vec<Assignment> {
         (0..n)
             .map(|client| {
-                let id = d.submit(client, vec![]);
+                let id = d.submit(client, vec![].into());
                 let assignment = d.next_assignment(now).unwrap();
                 assert_eq!(assignment.id, id);
                 assignment
@@ -828,7 +856,7 @@ mod tests {
     }
 
     fn timed(d: &mut Dispatcher, micros: u32, now: Instant) {
-        let id = d.submit(99, vec![]);
+        let id = d.submit(99, vec![].into());
         let assignment = d.next_assignment(now).unwrap();
         assert_eq!(assignment.id, id);
         d.complete(assignment.slot, id, micros).unwrap();
@@ -840,7 +868,7 @@ mod tests {
         d.open_worker(0);
         let now = Instant::now();
         for client in 0..100 {
-            d.submit(client, vec![]);
+            d.submit(client, vec![].into());
         }
         d.next_assignment(now).unwrap();
         assert!(
@@ -851,7 +879,7 @@ mod tests {
         d.open_worker(0);
         timed(&mut d, 100, now);
         for client in 0..100 {
-            d.submit(client, vec![]);
+            d.submit(client, vec![].into());
         }
         let mut taken = 0;
         while d.next_assignment(now).is_some() {
@@ -871,14 +899,14 @@ mod tests {
         timed(&mut d, 100, now);
         timed(&mut d, 100, now);
         let large = vec![0; UNSTAGED_BODY];
-        let [first, second, third] = [1, 2, 3].map(|client| d.submit(client, large.clone()));
+        let [first, second, third] = [1, 2, 3].map(|client| d.submit(client, large.clone().into()));
         let one = d.next_assignment(now).unwrap();
         let two = d.next_assignment(now).unwrap();
         assert_eq!((one.id, two.id), (first, second));
         assert_ne!(one.slot, two.slot);
         assert!(d.next_assignment(now).is_none(), "both busy: it waits");
         // A small request behind it waits too: the queue keeps its order.
-        let small = d.submit(4, vec![1; 16]);
+        let small = d.submit(4, vec![1; 16].into());
         assert!(d.next_assignment(now).is_none());
         d.complete(two.slot, second, 100).unwrap();
         let next = d.next_assignment(now).unwrap();
@@ -892,8 +920,8 @@ mod tests {
         // And a fixed credit stages whatever the size.
         let mut d = Dispatcher::new(Credit::Fixed(2), None);
         d.open_worker(0);
-        d.submit(1, large.clone());
-        d.submit(2, large);
+        d.submit(1, large.clone().into());
+        d.submit(2, large.into());
         assert!(d.next_assignment(now).is_some() && d.next_assignment(now).is_some());
     }
 
@@ -905,8 +933,8 @@ mod tests {
         timed(&mut d, 10, now);
         // One slow call is enough to stop staging at once...
         timed(&mut d, 5_000, now);
-        d.submit(1, vec![]);
-        d.submit(2, vec![]);
+        d.submit(1, vec![].into());
+        d.submit(2, vec![].into());
         d.next_assignment(now).unwrap();
         assert!(
             d.next_assignment(now).is_none(),
@@ -918,8 +946,8 @@ mod tests {
         let mut d = Dispatcher::new(Credit::Auto, Some(Duration::from_secs(30)));
         d.open_worker(0);
         timed(&mut d, 10, now);
-        d.submit(1, vec![]);
-        d.submit(2, vec![]);
+        d.submit(1, vec![].into());
+        d.submit(2, vec![].into());
         d.next_assignment(now).unwrap();
         assert!(d.next_assignment(now + SLOW_CALL).is_none());
         assert!(d.next_assignment(now + SLOW_CALL / 2).is_some());
@@ -928,8 +956,8 @@ mod tests {
         let mut d = Dispatcher::new(Credit::Auto, Some(Duration::from_secs(30)));
         d.open_worker(0);
         timed(&mut d, 1_000, now);
-        d.submit(1, vec![]);
-        d.submit(2, vec![]);
+        d.submit(1, vec![].into());
+        d.submit(2, vec![].into());
         d.next_assignment(now).unwrap();
         assert!(d.next_assignment(now + STAGE_BUDGET).is_none());
         assert!(d.next_assignment(now + STAGE_BUDGET / 2).is_some());
@@ -941,8 +969,8 @@ mod tests {
         let mut d = Dispatcher::new(Credit::Fixed(2), Some(timeout));
         d.open_worker(0);
         let start = Instant::now();
-        let first = d.submit(1, vec![]);
-        let second = d.submit(2, vec![]);
+        let first = d.submit(1, vec![].into());
+        let second = d.submit(2, vec![].into());
         d.next_assignment(start).unwrap();
         d.next_assignment(start).unwrap();
         assert_eq!(
@@ -963,10 +991,10 @@ mod tests {
         d.open_worker(0);
         d.open_worker(1);
         let now = Instant::now();
-        let [on0, on1] = [d.submit(1, vec![]), d.submit(2, vec![])];
+        let [on0, on1] = [d.submit(1, vec![].into()), d.submit(2, vec![].into())];
         d.next_assignment(now).unwrap();
         d.next_assignment(now).unwrap();
-        let queued = d.submit(3, vec![]);
+        let queued = d.submit(3, vec![].into());
         assert_eq!(d.complete(1, on0, 5), Err(NotHeld::ByOther));
         assert_eq!(d.complete(0, queued, 5), Err(NotHeld::ByOther));
         assert_eq!(d.complete(0, 999, 5), Err(NotHeld::Settled));
@@ -989,9 +1017,9 @@ mod tests {
         d.open_worker(0);
         d.open_worker(1);
         let now = Instant::now();
-        d.submit(1, vec![]);
-        d.submit(2, vec![]);
-        d.submit(3, vec![]);
+        d.submit(1, vec![].into());
+        d.submit(2, vec![].into());
+        d.submit(3, vec![].into());
         let on0 = d.next_assignment(now).unwrap();
         let _on1 = d.next_assignment(now).unwrap();
         assert_eq!(d.worker_lost(on0.slot), vec![(on0.id, 1)]);
@@ -1013,7 +1041,7 @@ mod tests {
         d.open_worker(0);
         let now = Instant::now();
         let ids: Vec<RequestId> = (0..4)
-            .map(|client| d.submit(client, vec![client as u8]))
+            .map(|client| d.submit(client, vec![client as u8].into()))
             .collect();
         for _ in 0..3 {
             d.next_assignment(now).unwrap();
@@ -1059,10 +1087,12 @@ mod tests {
         let now = Instant::now();
         timed(&mut d, 10, now);
         // Worker 1 is busy too, so three go to worker 0: one runs, two wait.
-        let other = d.submit(9, vec![]);
+        let other = d.submit(9, vec![].into());
         let on1 = d.next_assignment(now).unwrap();
         assert_eq!((on1.id, on1.slot), (other, 1));
-        let ids: Vec<RequestId> = (0..3).map(|client| d.submit(client, vec![])).collect();
+        let ids: Vec<RequestId> = (0..3)
+            .map(|client| d.submit(client, vec![].into()))
+            .collect();
         let mut on0 = Vec::new();
         while let Some(assignment) = d.next_assignment(now) {
             if assignment.slot == 0 {
@@ -1111,14 +1141,14 @@ mod tests {
         d.open_worker(1);
         let later = now + SLOW_CALL;
         for client in 3..5 {
-            d.submit(client, vec![]);
+            d.submit(client, vec![].into());
             assert_eq!(d.next_assignment(later).unwrap().slot, 1);
         }
         assert_eq!(d.stuck(later), vec![(0, on0[1].id, on0[1].ticket)]);
         assert_eq!(d.next_stuck(later), Some(later));
         // Nobody can take any: nothing is taken back, and the loop is not
         // woken for it (a reply will wake it).
-        d.submit(5, vec![]);
+        d.submit(5, vec![].into());
         assert_eq!(d.next_assignment(later).unwrap().slot, 1);
         assert_eq!(d.stuck(later), vec![]);
         assert_eq!(
@@ -1152,7 +1182,7 @@ mod tests {
         assert_eq!(d.queued(), 0);
         // Entries come back with a new generation each time they are used.
         d.close_worker(1);
-        let again = d.submit(7, vec![]);
+        let again = d.submit(7, vec![].into());
         let assignment = d.next_assignment(Instant::now()).unwrap();
         assert_eq!(assignment.id, again);
         // Entry 0, freed by the reply, is the lowest free one.
@@ -1167,9 +1197,9 @@ mod tests {
         d.open_worker(0);
         d.open_worker(1);
         let now = Instant::now();
-        let slow = d.submit(1, vec![]);
-        let other = d.submit(2, vec![]);
-        let staged = d.submit(3, vec![]);
+        let slow = d.submit(1, vec![].into());
+        let other = d.submit(2, vec![].into());
+        let staged = d.submit(3, vec![].into());
         let on0 = d.next_assignment(now).unwrap();
         let on1 = d.next_assignment(now).unwrap();
         let behind = d.next_assignment(now).unwrap();
@@ -1179,7 +1209,7 @@ mod tests {
         let late = now + timeout * 2;
         assert_eq!(d.expire(late), vec![(on0.slot, slow, Some(1))]);
         assert_eq!(d.expire(late), vec![], "failed once");
-        let next = d.submit(4, vec![]);
+        let next = d.submit(4, vec![].into());
         let assignment = d.next_assignment(late).unwrap();
         assert_eq!(
             (assignment.id, assignment.slot),
@@ -1202,7 +1232,7 @@ mod tests {
         d.open_remote(0, 3);
         let now = Instant::now();
         let sent = assign(&mut d, 3, now);
-        d.submit(3, vec![]);
+        d.submit(3, vec![].into());
         assert!(
             d.next_assignment(now).is_none(),
             "its credit, 3, is used up"
@@ -1241,8 +1271,8 @@ mod tests {
         let mut d = Dispatcher::new(Credit::Fixed(1), Some(Duration::from_secs(1)));
         d.open_worker(0);
         let now = Instant::now();
-        let running = d.submit(1, vec![]);
-        let queued = d.submit(2, vec![]);
+        let running = d.submit(1, vec![].into());
+        let queued = d.submit(2, vec![].into());
         let assignment = d.next_assignment(now).unwrap();
         d.client_gone(queued);
         d.client_gone(running);

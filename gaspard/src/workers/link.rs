@@ -40,7 +40,7 @@
 //! are written back to back, so one `read` can bring many and one `writev`
 //! can send many.
 
-use super::areas::{self, ReplyAreaReader, ReplyBody, RequestArea};
+use super::areas::{self, AreaBody, ReplyAreaReader, ReplyBody, RequestArea, RequestBody};
 use super::claims::{Claims, Ring, RING_LEN};
 use crate::buffers::{gather, read_appending};
 use std::collections::VecDeque;
@@ -270,12 +270,12 @@ struct Outgoing {
     header_len: usize,
     /// Shared with the dispatcher, which keeps a request until its reply
     /// (`None`: the body is in the request area).
-    body: Option<Rc<Vec<u8>>>,
+    body: Option<Rc<RequestBody>>,
 }
 
 impl Outgoing {
     fn parts(&self) -> [&[u8]; 2] {
-        let body = self.body.as_deref().map_or(&[][..], Vec::as_slice);
+        let body = self.body.as_deref().map_or(&[][..], |body| &body[..]);
         [&self.header[..self.header_len], body]
     }
 
@@ -431,10 +431,13 @@ impl Link {
         &mut self,
         id: u64,
         ticket: u32,
-        body: Rc<Vec<u8>>,
+        body: Rc<RequestBody>,
         claims: Option<&Claims>,
     ) {
-        let in_area = claims.and_then(|claims| self.request_area.put(claims, id, &body));
+        let in_area = self
+            .request_area
+            .position_of(&body)
+            .or_else(|| claims.and_then(|claims| self.request_area.put(claims, id, &body)));
         if let Some(at) = in_area {
             self.out.push_back(Outgoing {
                 header: area_frame(Kind::RequestInArea, ticket, id, at, body.len()),
@@ -451,6 +454,17 @@ impl Link {
             header_len: HEADER_LEN,
             body: Some(body),
         });
+    }
+
+    /// Room in the worker's request area for a body of `len` bytes to be
+    /// read there from its client (see [`AreaBody`]).
+    pub fn place_body(&mut self, claims: &Rc<Claims>, slot: usize, len: usize) -> Option<AreaBody> {
+        self.request_area.place(claims, slot, len)
+    }
+
+    /// Bodies read into the worker's request area and not yet given back.
+    pub fn bodies_read_in_place(&self) -> usize {
+        self.request_area.read_in_place()
     }
 
     /// Request `id` is answered or taken back: its body's place in the
@@ -950,9 +964,9 @@ mod tests {
     fn large_bodies_cross_in_the_areas_and_only_frames_take_the_link() {
         let (mut link, mut worker) = linked();
         let (daemon, claims) = shared_areas(1 << 20);
-        let big = Rc::new(vec![5u8; 300_000]);
+        let big = Rc::new(RequestBody::from(vec![5u8; 300_000]));
         link.queue_request(1, 3, Rc::clone(&big), Some(&daemon));
-        link.queue_request(2, 4, Rc::new(b"small".to_vec()), Some(&daemon));
+        link.queue_request(2, 4, Rc::new(b"small".to_vec().into()), Some(&daemon));
         link.flush().unwrap();
         // The worker reads two frames: the first says where its body is.
         let mut got = vec![0; 2 * HEADER_LEN + areas::FRAME_BODY + 5];
@@ -1012,8 +1026,8 @@ mod tests {
     fn a_body_that_does_not_fit_its_area_takes_the_socket() {
         let (mut link, mut worker) = linked();
         let (daemon, _claims) = shared_areas(100_000);
-        link.queue_request(1, 0, Rc::new(vec![1; 80_000]), Some(&daemon));
-        link.queue_request(2, 0, Rc::new(vec![2; 80_000]), Some(&daemon));
+        link.queue_request(1, 0, Rc::new(vec![1; 80_000].into()), Some(&daemon));
+        link.queue_request(2, 0, Rc::new(vec![2; 80_000].into()), Some(&daemon));
         link.flush().unwrap();
         let mut got = vec![0; 2 * HEADER_LEN + areas::FRAME_BODY + 80_000];
         worker.socket.read_exact(&mut got).unwrap();
@@ -1024,7 +1038,7 @@ mod tests {
         // Once the first is answered, its place is free again.
         worker.send(&frame(Kind::Reply, 1, b"done"));
         assert_eq!(receive_all(&mut link, &daemon).len(), 1);
-        link.queue_request(3, 0, Rc::new(vec![3; 80_000]), Some(&daemon));
+        link.queue_request(3, 0, Rc::new(vec![3; 80_000].into()), Some(&daemon));
         link.flush().unwrap();
         let mut head = [0; HEADER_LEN];
         worker.socket.read_exact(&mut head).unwrap();
@@ -1035,8 +1049,8 @@ mod tests {
     fn queued_frames_are_written_whole_even_when_the_socket_fills() {
         let (mut link, mut worker) = linked();
         let big = vec![7u8; 16 << 20];
-        link.queue_request(1, 0, Rc::new(big.clone()), None);
-        link.queue_request(2, 1, Rc::new(b"small".to_vec()), None);
+        link.queue_request(1, 0, Rc::new(big.clone().into()), None);
+        link.queue_request(2, 1, Rc::new(b"small".to_vec().into()), None);
         link.flush().unwrap();
         assert!(
             link.has_output(),
@@ -1268,7 +1282,7 @@ mod tests {
         // The worker died with a request unread: its replies are still all
         // there, and then the stream simply ends.
         let (mut link, mut worker) = linked();
-        link.queue_request(9, 0, Rc::new(b"never read".to_vec()), None);
+        link.queue_request(9, 0, Rc::new(b"never read".to_vec().into()), None);
         link.flush().unwrap();
         worker.send(&frame(Kind::Reply, 8, b"done"));
         drop(worker);
@@ -1292,7 +1306,7 @@ mod tests {
         // dropped too, even though the pipe had its whole header.
         for read_before_death in [false, true] {
             let (mut link, mut worker) = linked();
-            link.queue_request(9, 0, Rc::new(b"never read".to_vec()), None);
+            link.queue_request(9, 0, Rc::new(b"never read".to_vec().into()), None);
             link.flush().unwrap();
             let large = frame(Kind::Reply, 2, &[5; MAX_PIPED_BODY + 1]);
             worker.pipe.write_all(&large[..HEADER_LEN]).unwrap();

@@ -22,7 +22,7 @@ pub(crate) mod zmq_link;
 
 use crate::metrics::{Metrics, Outcome};
 use crate::pool::server::{PoolConfig, PoolEvent, PoolServer};
-pub(crate) use areas::ReplyBody;
+pub(crate) use areas::{AreaBody, ReplyBody, RequestBody};
 use claims::Claims;
 use dispatcher::Dispatcher;
 use endpoint::{Carrier, Endpoint, Linking};
@@ -84,7 +84,11 @@ pub(crate) trait Requests {
     /// Queues a request of `client`, or says why it cannot be taken now
     /// (the queue is full, or no worker can run it): refusing at once beats
     /// queueing without end.
-    fn submit(&mut self, client: ClientKey, payload: Vec<u8>) -> Result<RequestId, String>;
+    fn submit(&mut self, client: ClientKey, payload: RequestBody) -> Result<RequestId, String>;
+    /// Room in some worker's request area for a body of `len` bytes, to be
+    /// read there straight from its client; `None`: read it into memory of
+    /// its own.
+    fn place_body(&mut self, len: usize) -> Option<AreaBody>;
     /// Hands queued requests to workers with credit.
     fn dispatch(&mut self);
     /// The client of `id` went away: a queued request is dropped, a running
@@ -188,6 +192,8 @@ pub(crate) struct Workers {
     /// When to look next for request areas to trim (`areas.rs`); `None`
     /// while none holds pages to give back.
     trim_check: Option<Instant>,
+    /// Where the search for a worker area to read a body into starts.
+    place_cursor: usize,
     /// --max-request-size and --max-buffered, which size the body areas of
     /// the workers started from now on (`areas::area_len`).
     area_limits: (usize, usize),
@@ -267,6 +273,7 @@ impl Workers {
             notices: Vec::new(),
             metrics,
             trim_check: None,
+            place_cursor: 0,
             area_limits: (config.max_request_size, config.max_buffered),
         })
     }
@@ -916,7 +923,7 @@ fn never_preempt_on_wake_up(pid: u32) {
 }
 
 impl Requests for Workers {
-    fn submit(&mut self, client: ClientKey, payload: Vec<u8>) -> Result<RequestId, String> {
+    fn submit(&mut self, client: ClientKey, payload: RequestBody) -> Result<RequestId, String> {
         // Never the case with --max-request-size's limit; checked so that
         // no length is ever cut short on the link.
         if payload.len() > link::MAX_BODY {
@@ -971,6 +978,46 @@ impl Requests for Workers {
             self.flush_endpoint(slot);
         }
         self.update_gauges();
+    }
+
+    /// In the area of the open local worker likeliest to run it: the one
+    /// with the fewest requests held and bodies read in place, ties going
+    /// round the workers. The dispatcher then prefers that worker when it
+    /// is as free as any (`Dispatcher::next_assignment`); when another
+    /// runs it, the body is copied as any other.
+    fn place_body(&mut self, len: usize) -> Option<AreaBody> {
+        let n = self.endpoints.len();
+        let mut best: Option<(usize, usize)> = None;
+        for slot in (0..n).map(|i| (self.place_cursor + i) % n) {
+            let Some(Endpoint {
+                carrier: Carrier::Local(link),
+                claims: Some(_),
+            }) = &self.endpoints[slot]
+            else {
+                continue;
+            };
+            if !self.dispatcher.is_open(slot) {
+                continue;
+            }
+            let load = self.dispatcher.held(slot) + link.bodies_read_in_place();
+            if !matches!(best, Some((_, least)) if least <= load) {
+                best = Some((slot, load));
+            }
+        }
+        let (slot, _) = best?;
+        self.place_cursor = (slot + 1) % n;
+        let Some(Endpoint {
+            carrier: Carrier::Local(link),
+            claims: Some(claims),
+        }) = &mut self.endpoints[slot]
+        else {
+            return None;
+        };
+        let body = link.place_body(claims, slot, len)?;
+        if self.trim_check.is_none() && link.area_holds_pages() {
+            self.trim_check = Some(Instant::now() + areas::TRIM_AFTER);
+        }
+        Some(body)
     }
 
     fn cancel(&mut self, id: RequestId) {

@@ -24,6 +24,7 @@
 //! libzmq's `ZMQ_FD` is edge-triggered and also signals commands, so the
 //! replies socket is read until `EAGAIN` every time it is read at all.
 
+use super::areas::RequestBody;
 use super::args::LinkArgs;
 use super::link::{self, Kind, Message, HEADER_LEN};
 use std::collections::VecDeque;
@@ -223,7 +224,7 @@ pub(super) struct ZmqLink {
 
 impl ZmqLink {
     /// Queues request `id` (sent by [`Self::flush`]).
-    pub(super) fn queue_request(&mut self, id: u64, ticket: u32, body: Rc<Vec<u8>>) {
+    pub(super) fn queue_request(&mut self, id: u64, ticket: u32, body: Rc<RequestBody>) {
         // Checked by Workers::submit.
         let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
         let mut message = Vec::with_capacity(HEADER_LEN + body.len());
@@ -416,7 +417,7 @@ mod tests {
         let hub = ZmqHub::bind(dir.path()).unwrap();
         let (mut link, args) = hub.open(9).unwrap();
         // Queued before the worker has bound: it must wait, not fail.
-        link.queue_request(5, 1, Rc::new(b"hello".to_vec()));
+        link.queue_request(5, 1, Rc::new(b"hello".to_vec().into()));
         link.flush().unwrap();
         let LinkArgs::Zmq { requests, replies } = args else {
             panic!("{args:?}")

@@ -461,3 +461,52 @@ fn slow_reply(addr: std::net::SocketAddr, len: usize) -> std::net::TcpStream {
     assert_eq!(first, *b"0");
     stream
 }
+
+#[test]
+fn a_client_stalling_mid_body_read_in_place_holds_up_nobody_and_gives_its_place_back() {
+    use std::io::{Read, Write};
+    // A quarter of 96 MiB for one worker's two areas: 12 MiB each.
+    let daemon = start(
+        "echo",
+        &[
+            "--workers",
+            "1",
+            "--max-buffered",
+            "96M",
+            "--read-timeout",
+            "2",
+        ],
+    );
+    // Announces 8 MiB, sends 3 and stops: read into the request area as it
+    // comes, it holds most of the area.
+    let mut stalled = gaspard_tests::connect(daemon.addr).unwrap();
+    stalled.write_all(&(8u32 << 20).to_be_bytes()).unwrap();
+    stalled.write_all(&body(30, 3 << 20)).unwrap();
+    let resident = |pid| claims_mappings(pid).iter().map(|m| m.1).sum::<u64>();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while resident(daemon.pid()) < 3 << 10 {
+        assert!(Instant::now() < deadline, "{} KiB", resident(daemon.pid()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Others are served whole meanwhile, in the room left or in memory of
+    // their own.
+    for seed in 0..6 {
+        let sent = body(40 + seed, 3 << 20);
+        assert!(request(daemon.addr, &sent).unwrap() == sent, "echo {seed}");
+    }
+    // Cut off by --read-timeout...
+    let mut rest = Vec::new();
+    assert!(stalled.read_to_end(&mut rest).is_err() || rest.is_empty());
+    daemon.expect_log("did not send its whole request within --read-timeout");
+    // ...its place is given back, and the area shrinks once idle.
+    let small = 2 * 1024 + 132;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while resident(daemon.pid()) > small {
+        assert!(
+            Instant::now() < deadline,
+            "still {} KiB in the daemon",
+            resident(daemon.pid())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
