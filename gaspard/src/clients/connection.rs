@@ -5,7 +5,7 @@
 //! workers or their links.
 
 use super::budget::{Account, Budget};
-use super::io::{read_step, Next, ReadStep};
+use super::io::{read_in_place, read_step, Next, ReadStep};
 use super::session::Session;
 use crate::metrics::Outcome;
 use crate::protocol::{Decoded, RequestDecoder};
@@ -140,28 +140,6 @@ impl<R: AsRef<[u8]>> Connection<R> {
                 }
                 _ => return self.discard_trailing(scratch),
             };
-            if let Some(body) = &mut self.into_area {
-                self.input_drained = false;
-                match self.stream.read(body.unfilled()) {
-                    Ok(0) => {
-                        return Next::Reset(
-                            "closed its side before sending the whole request".into(),
-                        )
-                    }
-                    Ok(n) => body.filled(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.input_drained = true;
-                        return Next::Wait;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Next::Gone(e),
-                }
-                if body.is_whole() {
-                    let body = self.into_area.take().expect("matched above");
-                    return Next::Request(RequestBody::Area(body));
-                }
-                continue;
-            }
             if let Some(missing) = decoder.body_missing() {
                 if self.admitted == 0 {
                     if !account.admit(missing) {
@@ -188,7 +166,11 @@ impl<R: AsRef<[u8]>> Connection<R> {
                 }
             }
             self.input_drained = false;
-            let n = match read_step(&mut self.stream, decoder, scratch) {
+            let step = match &mut self.into_area {
+                Some(body) => read_in_place(&mut self.stream, body),
+                None => read_step(&mut self.stream, decoder, scratch),
+            };
+            let n = match step {
                 Ok(ReadStep::WouldBlock) => {
                     self.input_drained = true;
                     return Next::Wait;
@@ -198,6 +180,12 @@ impl<R: AsRef<[u8]>> Connection<R> {
                 }
                 Ok(ReadStep::Eof) => return Next::Close,
                 Ok(ReadStep::Direct(Some(payload))) => return Next::Request(payload.into()),
+                Ok(ReadStep::Direct(None))
+                    if self.into_area.as_ref().is_some_and(AreaBody::is_whole) =>
+                {
+                    let body = self.into_area.take().expect("whole");
+                    return Next::Request(RequestBody::Area(body));
+                }
                 Ok(ReadStep::Direct(None)) => continue,
                 Ok(ReadStep::Scratch(n)) => n,
                 Err(e) => return Next::Gone(e),

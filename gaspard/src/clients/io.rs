@@ -1,10 +1,11 @@
 //! What reading and writing a client socket shares between a one-shot
 //! connection and a persistent session: the step a socket asks for next, and
-//! the reads that go straight into a large body.
+//! the reads that go straight into a large body (its own buffer, or a
+//! worker's request area).
 
 use crate::buffers::read_appending;
 use crate::protocol::RequestDecoder;
-use crate::workers::RequestBody;
+use crate::workers::{AreaBody, RequestBody};
 use mio::net::TcpStream;
 use std::io::{self, Read};
 
@@ -79,6 +80,24 @@ pub(crate) fn read_step(
         return match stream.read(scratch) {
             Ok(0) => Ok(ReadStep::Eof),
             Ok(n) => Ok(ReadStep::Scratch(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(ReadStep::WouldBlock),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => Err(e),
+        };
+    }
+}
+
+/// One read straight into a body read in place (a one-shot connection's,
+/// see [`AreaBody`]): [`ReadStep::Direct`] with nothing once bytes came
+/// (whether the body is whole, it says itself).
+pub(crate) fn read_in_place(stream: &mut TcpStream, body: &mut AreaBody) -> io::Result<ReadStep> {
+    loop {
+        return match stream.read(body.unfilled()) {
+            Ok(0) => Ok(ReadStep::Eof),
+            Ok(n) => {
+                body.filled(n);
+                Ok(ReadStep::Direct(None))
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(ReadStep::WouldBlock),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => Err(e),

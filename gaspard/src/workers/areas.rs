@@ -22,12 +22,14 @@
 //!   reply holds its part of the area meanwhile, and later large replies
 //!   take the sockets until it is free again.
 //!
-//! Both are rings of positions counted in bytes since the start, like the
-//! reply ring; a body never wraps (it skips to the next lap instead), so a
-//! handler sees one slice. When the body does not fit (the area is full of
-//! others, or it is larger than the area), it takes the link's sockets as
-//! before: the areas make large bodies cheaper, never a condition for
-//! serving them.
+//! The reply area is a ring of positions counted in bytes since the start,
+//! like the reply ring, since both sides must agree on what is free; a body
+//! never wraps (it skips to the next lap instead), so a handler sees one
+//! slice. The request area, which only the daemon allocates, takes each body
+//! in the first gap that fits, so that one body held long holds up only its
+//! own bytes. When the body does not fit (the area is full of others, or it
+//! is larger than the area), it takes the link's sockets as before: the
+//! areas make large bodies cheaper, never a condition for serving them.
 //!
 //! Memory stays bounded: an area takes pages up to the largest body seen,
 //! and once it has been empty for [`TRIM_AFTER`] the side that writes it
@@ -236,39 +238,32 @@ fn protect(area: *mut u8, from: usize, to: usize, writable: bool) -> io::Result<
     unsafe { mprotect(start.cast(), to - from, flags) }.map_err(io::Error::from)
 }
 
-/// Bodies placed one after another in an area and given back in any
-/// order: the area is free up to the first one still held. Each is named by
-/// a key (a request's id, a reply's position) and spans `at..end`.
+/// Replies placed one after another in the reply area and given back in
+/// any order: the area is free up to the first one still held. Each is
+/// named by its position and spans `at..end`.
 #[derive(Default)]
 struct InOrder {
     out: VecDeque<Placed>,
 }
 
 struct Placed {
-    key: u64,
     at: u64,
     end: u64,
     given: bool,
 }
 
 impl InOrder {
-    fn push(&mut self, key: u64, at: u64, end: u64) {
+    fn push(&mut self, at: u64, end: u64) {
         self.out.push_back(Placed {
-            key,
             at,
             end,
             given: false,
         });
     }
 
-    /// Gives back the first body named `key` not given back yet (a request
-    /// taken back and sent to the same worker again is there twice).
-    fn give_back(&mut self, key: u64) {
-        if let Some(placed) = self
-            .out
-            .iter_mut()
-            .find(|placed| placed.key == key && !placed.given)
-        {
+    /// Gives back the reply at `at`.
+    fn give_back(&mut self, at: u64) {
+        if let Some(placed) = self.out.iter_mut().find(|placed| placed.at == at) {
             placed.given = true;
         }
         while self.out.front().is_some_and(|placed| placed.given) {
@@ -281,34 +276,12 @@ impl InOrder {
         self.out.front().map(|placed| placed.at)
     }
 
-    fn is_empty(&self) -> bool {
-        self.out.is_empty()
-    }
-
     /// The bodies still held: where each begins and ends.
     fn held(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.out
             .iter()
             .filter(|placed| !placed.given)
             .map(|placed| (placed.at, placed.end))
-    }
-
-    /// The keys of the bodies still held.
-    fn held_keys(&self) -> impl Iterator<Item = u64> + '_ {
-        self.out
-            .iter()
-            .filter(|placed| !placed.given)
-            .map(|placed| placed.key)
-    }
-
-    /// Counts the bodies whose key is `forgotten` as given back.
-    fn forget(&mut self, forgotten: impl Fn(u64) -> bool) {
-        for placed in &mut self.out {
-            placed.given |= forgotten(placed.key);
-        }
-        while self.out.front().is_some_and(|placed| placed.given) {
-            self.out.pop_front();
-        }
     }
 }
 
@@ -342,38 +315,62 @@ pub struct RequestArea {
 
 #[derive(Default)]
 struct RequestBodies {
-    head: u64,
-    /// Copied bodies keyed by request id; bodies read in place by
-    /// [`READ_IN_PLACE`] and a number of their own.
-    held: InOrder,
+    /// The bodies in the area, by offset. Copied bodies are keyed by
+    /// request id; bodies read in place by [`READ_IN_PLACE`] and a number of
+    /// their own.
+    held: Vec<HeldBody>,
     /// The last number given to a body read in place.
     read_in_place: u64,
     trim: Trim,
+    /// The worker is gone: a body read in place gives its pages back when
+    /// dropped, since nothing will use them again.
+    detached: bool,
+}
+
+struct HeldBody {
+    key: u64,
+    start: usize,
+    end: usize,
 }
 
 /// The key bit of a body read in place (request ids never reach it).
 const READ_IN_PLACE: u64 = 1 << 63;
 
+/// Where bodies begin in the request area: a cache line.
+const BODY_ALIGN: usize = 64;
+
 impl RequestBodies {
     /// Room for `len` bytes in an area of `area` bytes, held under `key`:
-    /// the position and its offset in the area.
-    fn reserve(&mut self, key: u64, len: usize, area: usize) -> Option<(u64, usize)> {
-        if self.held.is_empty() {
-            // Empty: begin at the area's start, so that the pages in use stay
-            // those of the largest body.
-            self.head = self.head.div_ceil(area as u64) * area as u64;
+    /// the first gap large enough, from the area's start. Not a ring, as the
+    /// reply area is: only the daemon allocates here and the worker reads
+    /// only where a frame says, so a body held long (a slow client's, or one
+    /// another worker runs) keeps only its own bytes from use. From the
+    /// start: the pages in use stay those of the largest bodies.
+    fn reserve(&mut self, key: u64, len: usize, area: usize) -> Option<usize> {
+        let mut start = 0;
+        let mut index = self.held.len();
+        for (i, held) in self.held.iter().enumerate() {
+            if held.start >= start + len {
+                index = i;
+                break;
+            }
+            start = held.end.next_multiple_of(BODY_ALIGN);
         }
-        let tail = self.held.first_held().unwrap_or(self.head);
-        let at = place(self.head, tail, len, area)?;
-        let end = at + len as u64;
-        self.held.push(key, at, end);
-        self.head = end;
-        self.trim.used(offset(at, area) + len);
-        Some((at, offset(at, area)))
+        if start + len > area {
+            return None;
+        }
+        let end = start + len;
+        self.held.insert(index, HeldBody { key, start, end });
+        self.trim.used(end);
+        Some(start)
     }
 
+    /// Gives back the body held under `key` (a request taken back and sent
+    /// to the same worker again is there once per sending).
     fn give_back(&mut self, key: u64, now: Instant) {
-        self.held.give_back(key);
+        if let Some(i) = self.held.iter().position(|held| held.key == key) {
+            self.held.remove(i);
+        }
         if self.held.is_empty() {
             self.trim.emptied(now);
         }
@@ -389,14 +386,14 @@ impl RequestArea {
         if body.len() < MIN_BODY || body.len() > MAX_COPIED_BODY || area == 0 {
             return None;
         }
-        let (at, start) = self.bodies.borrow_mut().reserve(id, body.len(), area)?;
+        let start = self.bodies.borrow_mut().reserve(id, body.len(), area)?;
         // SAFETY: `reserve` keeps start + len within the area, which lies
         // inside the mapping; only the daemon writes the request area, and
         // the worker reads these bytes only once the frame below tells it.
         unsafe {
             std::ptr::copy_nonoverlapping(body.as_ptr(), claims.area(true).add(start), body.len());
         }
-        Some(at)
+        Some(start as u64)
     }
 
     /// Room for a request body of `len` bytes, to be read there straight
@@ -410,14 +407,13 @@ impl RequestArea {
         }
         let mut bodies = self.bodies.borrow_mut();
         let key = READ_IN_PLACE | (bodies.read_in_place + 1);
-        let (at, start) = bodies.reserve(key, len, area)?;
+        let start = bodies.reserve(key, len, area)?;
         bodies.read_in_place += 1;
         Some(AreaBody {
             bodies: Rc::clone(&self.bodies),
             claims: Rc::clone(claims),
             slot,
             key,
-            at,
             start,
             len,
             filled: 0,
@@ -428,7 +424,9 @@ impl RequestArea {
     /// it is, and its place is given back when it is dropped.
     pub fn position_of(&self, body: &RequestBody) -> Option<u64> {
         match body {
-            RequestBody::Area(body) if Rc::ptr_eq(&body.bodies, &self.bodies) => Some(body.at),
+            RequestBody::Area(body) if Rc::ptr_eq(&body.bodies, &self.bodies) => {
+                Some(body.start as u64)
+            }
             _ => None,
         }
     }
@@ -449,11 +447,11 @@ impl RequestArea {
     /// worker is about to be.
     pub fn read_in_place(&self) -> usize {
         let bodies = self.bodies.borrow();
-        bodies
+        let in_place = bodies
             .held
-            .held_keys()
-            .filter(|key| key & READ_IN_PLACE != 0)
-            .count()
+            .iter()
+            .filter(|held| held.key & READ_IN_PLACE != 0);
+        in_place.count()
     }
 
     /// The worker is dead: nobody reads the area any more, so its pages are
@@ -462,9 +460,14 @@ impl RequestArea {
     /// Copied bodies the daemon has in its own memory.
     pub fn worker_gone(&mut self, claims: &Claims) {
         let mut bodies = self.bodies.borrow_mut();
-        bodies.held.forget(|key| key & READ_IN_PLACE == 0);
-        remove_pages_around(claims.area(true), claims.area_len(), bodies.held.held());
+        bodies.held.retain(|held| held.key & READ_IN_PLACE != 0);
+        let kept = bodies
+            .held
+            .iter()
+            .map(|held| (held.start as u64, held.end as u64));
+        remove_pages_around(claims.area(true), claims.area_len(), kept);
         bodies.trim.high = 0;
+        bodies.detached = true;
     }
 
     /// Whether the area holds pages [`Self::trim`] would give back once it
@@ -486,7 +489,7 @@ impl RequestArea {
     /// that is not), for tests.
     #[cfg(test)]
     fn held(&self) -> usize {
-        self.bodies.borrow().held.out.len()
+        self.bodies.borrow().held.len()
     }
 }
 
@@ -494,16 +497,15 @@ impl RequestArea {
 /// area: no copy on the loop when that worker runs it, one `memcpy` (as for
 /// any body) when another does. Its place is the daemon's until this is
 /// dropped: the request is answered or failed, or its client went away
-/// mid-body. The worker maps the area read-only, so the bytes stay the
-/// client's whatever the worker does, and outlive its death for a retry.
+/// mid-body. The worker maps the area read-only (against a handler's stray
+/// writes), and the bytes outlive its death for a retry.
 pub struct AreaBody {
     bodies: Rc<RefCell<RequestBodies>>,
     /// Keeps the area mapped even once the worker's endpoint is gone.
     claims: Rc<Claims>,
     slot: usize,
     key: u64,
-    at: u64,
-    /// Its offset in the area.
+    /// Its offset in the area (and its position in frames).
     start: usize,
     len: usize,
     /// Bytes read into it so far.
@@ -536,15 +538,23 @@ impl AreaBody {
     }
 
     fn bytes(&self) -> &[u8] {
-        // SAFETY: as in `unfilled`; the worker maps the area read-only, so
-        // nothing else writes these bytes while this lives.
+        // SAFETY: as in `unfilled`, and nothing in the daemon writes these
+        // bytes while this lives. The worker maps the area read-only; one
+        // whose handler defeats that on purpose could change them meanwhile
+        // (the same formal race as `AreaReply::bytes`), and they only go,
+        // as they are, to a worker or into another area.
         unsafe { std::slice::from_raw_parts(self.claims.area(true).add(self.start), self.filled) }
     }
 }
 
 impl Drop for AreaBody {
     fn drop(&mut self) {
-        self.bodies.borrow_mut().give_back(self.key, Instant::now());
+        let mut bodies = self.bodies.borrow_mut();
+        bodies.give_back(self.key, Instant::now());
+        if bodies.detached {
+            let area = self.claims.area(true);
+            remove_pages(area, self.start, self.start + self.len);
+        }
     }
 }
 
@@ -590,7 +600,7 @@ impl std::fmt::Debug for RequestBody {
                 write!(
                     f,
                     "Area({} of {} bytes at {})",
-                    body.filled, body.len, body.at
+                    body.filled, body.len, body.start
                 )
             }
         }
@@ -736,7 +746,7 @@ impl ReplyAreaReader {
         }
         let before = taken.free_until();
         taken.until = at + len;
-        taken.out.push(at, at, at + len);
+        taken.out.push(at, at + len);
         if taken.free_until() != before {
             // Nothing was held: all before this reply is free, the bytes a
             // new lap skipped too. Else the worker would count them as held
@@ -969,11 +979,34 @@ mod tests {
         let c = area.put(&daemon, 3, &[3; 20_000]).unwrap();
         assert_eq!(read_request(&worker, b, 40_000), vec![2; 40_000]);
         assert_eq!(read_request(&worker, c, 20_000), vec![3; 20_000]);
-        // Answered out of order: the space comes back in order.
-        area.release(3, now);
-        assert_eq!(area.held(), 2);
+        // Answered out of order: each place is free at once, and the first
+        // gap that fits takes the next body.
         area.release(2, now);
+        assert_eq!(area.held(), 1);
+        let d = area.put(&daemon, 4, &[4; 30_000]).unwrap();
+        assert_eq!(d, b, "in the gap 2 left, before 3");
+        assert_eq!(read_request(&worker, c, 20_000), vec![3; 20_000]);
+        area.release(3, now);
+        area.release(4, now);
         assert_eq!(area.held(), 0);
+    }
+
+    #[test]
+    fn a_body_held_long_keeps_only_its_own_bytes_from_use() {
+        let (daemon, _worker) = shared(1 << 20);
+        let daemon = Rc::new(daemon);
+        let mut area = RequestArea::default();
+        let now = Instant::now();
+        // A slow client's body, or one another worker runs, held all along.
+        let held = read_in_place(&mut area, &daemon, 20_000, 1);
+        for id in 0..200 {
+            let at = area
+                .put(&daemon, id, &[2; 40_000])
+                .unwrap_or_else(|| panic!("body {id} found no room"));
+            assert!(at >= 20_000, "never over the held body");
+            area.release(id, now);
+        }
+        assert_eq!(&RequestBody::Area(held)[..], &[1; 20_000][..]);
     }
 
     /// A body of `len` bytes read into `area` in place, its bytes `byte`.
@@ -1047,8 +1080,11 @@ mod tests {
         assert_eq!(read_request(&daemon, copied, 5 * PAGE), vec![0; 5 * PAGE]);
         // The body read in place is the only copy: kept for a retry.
         assert_eq!(&body[..], &[2; 6 * PAGE][..]);
+        let at = area.position_of(&body).unwrap();
         drop(body);
         assert_eq!(area.held(), 0);
+        // Dropped, it gives its own pages back: nothing will use them again.
+        assert_eq!(read_request(&daemon, at, 6 * PAGE), vec![0; 6 * PAGE]);
     }
 
     #[test]

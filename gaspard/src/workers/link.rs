@@ -422,9 +422,10 @@ impl Link {
     }
 
     /// Queues request `id` with its encoded claim ticket; [`Link::flush`]
-    /// sends it. A large body is copied into the worker's request area in
-    /// `claims` if it fits there (`areas.rs`), and only a frame that says
-    /// where is sent; else the body is sent from where it is, without a
+    /// sends it. A large body already read into this worker's request area
+    /// is sent as a frame that says where it lies; another is copied into
+    /// that area in `claims` if it fits there (`areas.rs`), and likewise
+    /// sent as a frame; else the body is sent from where it is, without a
     /// copy. The body is at most [`MAX_BODY`] bytes: the workers part
     /// refuses larger requests.
     pub fn queue_request(

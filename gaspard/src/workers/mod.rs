@@ -982,42 +982,46 @@ impl Requests for Workers {
 
     /// In the area of the open local worker likeliest to run it: the one
     /// with the fewest requests held and bodies read in place, ties going
-    /// round the workers. The dispatcher then prefers that worker when it
-    /// is as free as any (`Dispatcher::next_assignment`); when another
-    /// runs it, the body is copied as any other.
+    /// round the workers (the next one if its area has no room). The
+    /// dispatcher then prefers that worker when it is as free as any
+    /// (`Dispatcher::next_assignment`); when another runs it, the body is
+    /// copied as any other.
     fn place_body(&mut self, len: usize) -> Option<AreaBody> {
         let n = self.endpoints.len();
-        let mut best: Option<(usize, usize)> = None;
-        for slot in (0..n).map(|i| (self.place_cursor + i) % n) {
+        let mut candidates: Vec<(usize, usize)> = (0..n)
+            .map(|i| (self.place_cursor + i) % n)
+            .filter(|&slot| self.dispatcher.is_open(slot))
+            .filter_map(|slot| match &self.endpoints[slot] {
+                Some(Endpoint {
+                    carrier: Carrier::Local(link),
+                    claims: Some(_),
+                }) => Some((
+                    slot,
+                    self.dispatcher.held(slot) + link.bodies_read_in_place(),
+                )),
+                _ => None,
+            })
+            .collect();
+        // Stable: equal loads keep the round's order.
+        candidates.sort_by_key(|&(_, load)| load);
+        for (slot, _) in candidates {
             let Some(Endpoint {
                 carrier: Carrier::Local(link),
-                claims: Some(_),
-            }) = &self.endpoints[slot]
+                claims: Some(claims),
+            }) = &mut self.endpoints[slot]
             else {
                 continue;
             };
-            if !self.dispatcher.is_open(slot) {
+            let Some(body) = link.place_body(claims, slot, len) else {
                 continue;
+            };
+            self.place_cursor = (slot + 1) % n;
+            if self.trim_check.is_none() && link.area_holds_pages() {
+                self.trim_check = Some(Instant::now() + areas::TRIM_AFTER);
             }
-            let load = self.dispatcher.held(slot) + link.bodies_read_in_place();
-            if !matches!(best, Some((_, least)) if least <= load) {
-                best = Some((slot, load));
-            }
+            return Some(body);
         }
-        let (slot, _) = best?;
-        self.place_cursor = (slot + 1) % n;
-        let Some(Endpoint {
-            carrier: Carrier::Local(link),
-            claims: Some(claims),
-        }) = &mut self.endpoints[slot]
-        else {
-            return None;
-        };
-        let body = link.place_body(claims, slot, len)?;
-        if self.trim_check.is_none() && link.area_holds_pages() {
-            self.trim_check = Some(Instant::now() + areas::TRIM_AFTER);
-        }
-        Some(body)
+        None
     }
 
     fn cancel(&mut self, id: RequestId) {
