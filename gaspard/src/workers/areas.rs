@@ -536,6 +536,12 @@ impl AreaBody {
     pub fn is_whole(&self) -> bool {
         self.filled == self.len
     }
+}
+
+impl InArea for AreaBody {
+    fn position(&self) -> usize {
+        self.start
+    }
 
     fn bytes(&self) -> &[u8] {
         // SAFETY: as in `unfilled`, and nothing in the daemon writes these
@@ -558,20 +564,57 @@ impl Drop for AreaBody {
     }
 }
 
-/// A request's bytes in the daemon: its own, or read straight into a
-/// worker's request area.
-pub enum RequestBody {
+/// A body's bytes in the daemon: its own, or in one of a worker's body
+/// areas ([`AreaBody`] for a request, [`AreaReply`] for a reply), whose
+/// place is given back when this is dropped.
+pub enum Body<A> {
     Own(Vec<u8>),
-    Area(AreaBody),
+    Area(A),
 }
 
-impl std::ops::Deref for RequestBody {
+/// A request's bytes: its own, or read straight into a worker's request area.
+pub type RequestBody = Body<AreaBody>;
+/// A reply's bytes: its own, or where the worker wrote them in its reply area.
+pub type ReplyBody = Body<AreaReply>;
+
+/// Bytes that lie in a body area.
+pub trait InArea {
+    fn bytes(&self) -> &[u8];
+    /// Where they lie, for `Debug`.
+    fn position(&self) -> usize;
+}
+
+impl<A: InArea> std::ops::Deref for Body<A> {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
         match self {
-            RequestBody::Own(bytes) => bytes,
-            RequestBody::Area(body) => body.bytes(),
+            Body::Own(bytes) => bytes,
+            Body::Area(body) => body.bytes(),
+        }
+    }
+}
+
+impl<A: InArea> AsRef<[u8]> for Body<A> {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl<A> From<Vec<u8>> for Body<A> {
+    fn from(bytes: Vec<u8>) -> Body<A> {
+        Body::Own(bytes)
+    }
+}
+
+impl<A: InArea> std::fmt::Debug for Body<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Body::Own(bytes) => write!(f, "Own({} bytes)", bytes.len()),
+            Body::Area(body) => {
+                let (len, at) = (body.bytes().len(), body.position());
+                write!(f, "Area({len} bytes at {at})")
+            }
         }
     }
 }
@@ -580,54 +623,9 @@ impl RequestBody {
     /// The worker slot whose request area it was read into, if it was.
     pub fn area_slot(&self) -> Option<usize> {
         match self {
-            RequestBody::Own(_) => None,
-            RequestBody::Area(body) => Some(body.slot),
+            Body::Own(_) => None,
+            Body::Area(body) => Some(body.slot),
         }
-    }
-}
-
-impl From<Vec<u8>> for RequestBody {
-    fn from(bytes: Vec<u8>) -> RequestBody {
-        RequestBody::Own(bytes)
-    }
-}
-
-impl std::fmt::Debug for RequestBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RequestBody::Own(bytes) => write!(f, "Own({} bytes)", bytes.len()),
-            RequestBody::Area(body) => {
-                write!(
-                    f,
-                    "Area({} of {} bytes at {})",
-                    body.filled, body.len, body.start
-                )
-            }
-        }
-    }
-}
-
-/// A reply's bytes in the daemon: its own, or where the worker wrote them
-/// in its reply area, given back when this is dropped.
-pub enum ReplyBody {
-    Own(Vec<u8>),
-    Area(AreaReply),
-}
-
-impl std::ops::Deref for ReplyBody {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        match self {
-            ReplyBody::Own(bytes) => bytes,
-            ReplyBody::Area(reply) => reply.bytes(),
-        }
-    }
-}
-
-impl AsRef<[u8]> for ReplyBody {
-    fn as_ref(&self) -> &[u8] {
-        self
     }
 }
 
@@ -636,23 +634,8 @@ impl ReplyBody {
     /// copied out of the reply area (and given back) if not.
     pub fn into_vec(self) -> Vec<u8> {
         match self {
-            ReplyBody::Own(bytes) => bytes,
-            ReplyBody::Area(reply) => reply.bytes().to_vec(),
-        }
-    }
-}
-
-impl From<Vec<u8>> for ReplyBody {
-    fn from(bytes: Vec<u8>) -> ReplyBody {
-        ReplyBody::Own(bytes)
-    }
-}
-
-impl std::fmt::Debug for ReplyBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ReplyBody::Own(bytes) => write!(f, "Own({} bytes)", bytes.len()),
-            ReplyBody::Area(reply) => write!(f, "Area({} bytes at {})", reply.len, reply.at),
+            Body::Own(bytes) => bytes,
+            Body::Area(reply) => reply.bytes().to_vec(),
         }
     }
 }
@@ -666,7 +649,11 @@ pub struct AreaReply {
     len: usize,
 }
 
-impl AreaReply {
+impl InArea for AreaReply {
+    fn position(&self) -> usize {
+        offset(self.at, self.claims.area_len())
+    }
+
     fn bytes(&self) -> &[u8] {
         let start = offset(self.at, self.claims.area_len());
         // SAFETY: `ReplyAreaReader::take` checked that these `len` bytes lie
