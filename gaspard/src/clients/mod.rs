@@ -414,8 +414,10 @@ impl Clients {
     /// Sessions are moved along once at the end, so that the replies a
     /// session got in one batch leave in one write.
     pub(crate) fn answer_all(&mut self, answers: &mut Vec<Answer>, work: &mut impl Requests) {
+        // One clock read for the batch: they arrived together.
+        let now = Instant::now();
         for answer in answers.drain(..) {
-            self.answer(answer, work);
+            self.answer(answer, now, work);
         }
         let mut sessions = std::mem::take(&mut self.answered_sessions);
         sessions.sort_unstable();
@@ -431,9 +433,9 @@ impl Clients {
     /// The workers are done with a request: its reply, or why it failed, or
     /// that it waits in the queue again. A session's answer only completes
     /// its request: [`Self::answer_all`] then moves the session along.
-    fn answer(&mut self, answer: Answer, work: &mut impl Requests) {
+    fn answer(&mut self, answer: Answer, now: Instant, work: &mut impl Requests) {
         match answer {
-            Answer::Reply { client, id, reply } => self.deliver(client, id, reply, work),
+            Answer::Reply { client, id, reply } => self.deliver(client, id, reply, now, work),
             Answer::Failure {
                 client,
                 id,
@@ -677,12 +679,18 @@ impl Clients {
     }
 
     /// Hands the reply to request `id` to its client, if still connected.
-    fn deliver(&mut self, key: usize, id: RequestId, reply: ReplyBody, work: &mut impl Requests) {
+    fn deliver(
+        &mut self,
+        key: usize,
+        id: RequestId,
+        reply: ReplyBody,
+        now: Instant,
+        work: &mut impl Requests,
+    ) {
         // By id too: the key may be another connection's by now.
         let Some(conn) = self.conns.get_mut(key).filter(|conn| conn.awaits(id)) else {
             return;
         };
-        let now = Instant::now();
         if let Some(session) = conn.session() {
             // A session counts each request as it ends; one-shot connections
             // count at close.

@@ -935,8 +935,12 @@ impl Requests for Workers {
         if let Some(why) = self.none_can_serve() {
             return Err(format!("no worker can take the request: {why}"));
         }
-        // Requests that idle workers are about to take are not waiting.
+        // Requests that idle workers are about to take are not waiting
+        // (asked only when the queue alone could be full: a clock read).
         let queued = self.dispatcher.queued();
+        if queued < self.max_queue {
+            return Ok(self.dispatcher.submit(client, payload));
+        }
         let idle_credit = self.dispatcher.idle_credit(Instant::now());
         let waiting = queued.saturating_sub(idle_credit);
         if queued >= idle_credit && waiting >= self.max_queue {
