@@ -33,6 +33,9 @@ pub(crate) enum Outcome {
     client_gone,
 }
 
+/// How many [`Outcome`]s there are.
+const OUTCOMES: usize = Outcome::client_gone as usize + 1;
+
 /// Why a connection was reset at accept, before any byte of it was read.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -64,6 +67,9 @@ struct CauseLabel {
 pub(crate) struct Metrics {
     registry: Registry,
     requests: Family<OutcomeLabel, Counter>,
+    /// Each outcome's counter in `requests`, once first used: the family's
+    /// lookup (a lock and a hash) once per outcome, not once per request.
+    outcome_counters: [std::sync::OnceLock<Counter>; OUTCOMES],
     pub(crate) in_flight: Gauge,
     pub(crate) queued: Gauge,
     pub(crate) connections: Gauge,
@@ -173,6 +179,7 @@ impl Default for Metrics {
         Metrics {
             registry,
             requests,
+            outcome_counters: Default::default(),
             in_flight,
             queued,
             connections,
@@ -192,7 +199,13 @@ impl Default for Metrics {
 
 impl Metrics {
     pub(crate) fn request_ended(&self, outcome: Outcome) {
-        self.requests.get_or_create(&OutcomeLabel { outcome }).inc();
+        self.outcome_counters[outcome as usize]
+            .get_or_init(|| {
+                self.requests
+                    .get_or_create(&OutcomeLabel { outcome })
+                    .clone()
+            })
+            .inc();
     }
 
     /// A connection reset at accept.
