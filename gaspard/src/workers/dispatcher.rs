@@ -442,6 +442,7 @@ impl Dispatcher {
         slot: usize,
         id: RequestId,
         micros: u32,
+        now: Instant,
     ) -> Result<Option<ClientKey>, NotHeld> {
         let ticket = match self.requests.get(&id).map(|request| &request.place) {
             None => return Err(NotHeld::Settled),
@@ -465,7 +466,6 @@ impl Dispatcher {
             Some(before) if micros < before => before - (before - micros) / 8,
             _ => micros,
         });
-        let now = Instant::now();
         load.busy_since = (!load.held.is_empty()).then_some(now);
         // The worker takes its next request now: start that one's clock
         // (a worker host times its requests itself).
@@ -819,7 +819,7 @@ mod tests {
             d.next_assignment(now).is_none(),
             "both workers hold their credit"
         );
-        assert_eq!(d.complete(second.slot, b, 5), Ok(Some(11)));
+        assert_eq!(d.complete(second.slot, b, 5, Instant::now()), Ok(Some(11)));
         let third = d.next_assignment(now).unwrap();
         assert_eq!((third.id, third.slot), (c, second.slot));
     }
@@ -859,7 +859,8 @@ mod tests {
         let id = d.submit(99, vec![].into());
         let assignment = d.next_assignment(now).unwrap();
         assert_eq!(assignment.id, id);
-        d.complete(assignment.slot, id, micros).unwrap();
+        d.complete(assignment.slot, id, micros, Instant::now())
+            .unwrap();
     }
 
     #[test]
@@ -908,7 +909,7 @@ mod tests {
         // A small request behind it waits too: the queue keeps its order.
         let small = d.submit(4, vec![1; 16].into());
         assert!(d.next_assignment(now).is_none());
-        d.complete(two.slot, second, 100).unwrap();
+        d.complete(two.slot, second, 100, Instant::now()).unwrap();
         let next = d.next_assignment(now).unwrap();
         assert_eq!(
             (next.id, next.slot),
@@ -978,10 +979,10 @@ mod tests {
             Some(start + timeout),
             "only the first runs"
         );
-        d.complete(0, first, 5).unwrap();
+        d.complete(0, first, 5, Instant::now()).unwrap();
         let restarted = d.next_deadline().unwrap();
         assert!(restarted > start + timeout, "the second's clock starts now");
-        d.complete(0, second, 5).unwrap();
+        d.complete(0, second, 5, Instant::now()).unwrap();
         assert_eq!(d.next_deadline(), None);
     }
 
@@ -995,20 +996,23 @@ mod tests {
         d.next_assignment(now).unwrap();
         d.next_assignment(now).unwrap();
         let queued = d.submit(3, vec![].into());
-        assert_eq!(d.complete(1, on0, 5), Err(NotHeld::ByOther));
-        assert_eq!(d.complete(0, queued, 5), Err(NotHeld::ByOther));
-        assert_eq!(d.complete(0, 999, 5), Err(NotHeld::Settled));
+        assert_eq!(d.complete(1, on0, 5, Instant::now()), Err(NotHeld::ByOther));
+        assert_eq!(
+            d.complete(0, queued, 5, Instant::now()),
+            Err(NotHeld::ByOther)
+        );
+        assert_eq!(d.complete(0, 999, 5, Instant::now()), Err(NotHeld::Settled));
         assert_eq!(
             (d.held(0), d.held(1), d.queued()),
             (1, 1, 1),
             "nothing moved"
         );
         assert_eq!(
-            d.complete(0, on0, 5),
+            d.complete(0, on0, 5, Instant::now()),
             Ok(Some(1)),
             "its own worker still can"
         );
-        assert_eq!(d.complete(1, on1, 5), Ok(Some(2)));
+        assert_eq!(d.complete(1, on1, 5, Instant::now()), Ok(Some(2)));
     }
 
     #[test]
@@ -1029,7 +1033,7 @@ mod tests {
             "the lost worker takes nothing"
         );
         assert_eq!(
-            d.complete(on0.slot, on0.id, 5),
+            d.complete(on0.slot, on0.id, 5, Instant::now()),
             Err(NotHeld::Settled),
             "a late reply from the dead worker is ignored"
         );
@@ -1046,7 +1050,7 @@ mod tests {
         for _ in 0..3 {
             d.next_assignment(now).unwrap();
         }
-        assert_eq!(d.complete(0, ids[0], 5), Ok(Some(0)));
+        assert_eq!(d.complete(0, ids[0], 5, Instant::now()), Ok(Some(0)));
         // It died running ids[1] (claimed); ids[2] was staged behind it.
         let ran = ids[1];
         assert_eq!(
@@ -1108,7 +1112,7 @@ mod tests {
             vec![],
             "worker 1's call is as slow: nobody could take them"
         );
-        d.complete(1, other, 10).unwrap();
+        d.complete(1, other, 10, Instant::now()).unwrap();
         let stuck = d.stuck(later);
         let expected: Vec<_> = on0[1..]
             .iter()
@@ -1174,7 +1178,7 @@ mod tests {
         d.take_back_failed(0);
         assert_eq!(d.stuck(later), vec![], "no retry on every loop turn");
         assert_eq!(d.next_stuck(later), None);
-        d.complete(0, ids[0], 5).unwrap();
+        d.complete(0, ids[0], 5, Instant::now()).unwrap();
         assert!(d.next_stuck(later).is_some(), "tried again after a reply");
         // A client gone: taking its request back drops it.
         d.client_gone(ids[2]);
@@ -1205,7 +1209,7 @@ mod tests {
         let behind = d.next_assignment(now).unwrap();
         assert_eq!((on0.id, on1.id, behind.id), (slow, other, staged));
         assert_eq!(behind.slot, on0.slot);
-        d.complete(on1.slot, other, 5).unwrap();
+        d.complete(on1.slot, other, 5, Instant::now()).unwrap();
         let late = now + timeout * 2;
         assert_eq!(d.expire(late), vec![(on0.slot, slow, Some(1))]);
         assert_eq!(d.expire(late), vec![], "failed once");
@@ -1242,7 +1246,7 @@ mod tests {
         assert!(d.stuck(later).is_empty(), "no claims to take back with");
         assert_eq!(d.next_deadline(), None);
         d.set_remote_credit(0, 0);
-        assert_eq!(d.complete(0, sent[0].id, 10), Ok(Some(0)));
+        assert_eq!(d.complete(0, sent[0].id, 10, Instant::now()), Ok(Some(0)));
         assert!(d.next_assignment(later).is_none(), "its credit went to 0");
         let (failed, requeued) = d.worker_died(0, |_, _| true);
         assert_eq!(
@@ -1284,7 +1288,7 @@ mod tests {
             "a stuck worker is killed even if nobody waits for it"
         );
         assert_eq!(
-            d.complete(0, assignment.id, 5),
+            d.complete(0, assignment.id, 5, Instant::now()),
             Ok(None),
             "the reply is discarded"
         );

@@ -235,7 +235,7 @@ impl Workers {
         self.trim_areas(now);
         if let Some(pool) = &mut self.pool {
             let events = pool.on_timers(now);
-            self.on_pool_events(events);
+            self.on_pool_events(events, now);
         }
         // Replies finished before a call that ran past --timeout are not
         // failed with it.

@@ -557,13 +557,14 @@ impl Workers {
     /// What worker hosts sent.
     fn take_pool_events(&mut self) {
         if let Some(pool) = &mut self.pool {
-            let events = pool.take_events(Instant::now());
-            self.on_pool_events(events);
+            let now = Instant::now();
+            let events = pool.take_events(now);
+            self.on_pool_events(events, now);
         }
     }
 
-    /// Acts on what happened in the worker pool.
-    pub(super) fn on_pool_events(&mut self, events: Vec<PoolEvent>) {
+    /// Acts on what happened in the worker pool (taken at `now`).
+    pub(super) fn on_pool_events(&mut self, events: Vec<PoolEvent>, now: Instant) {
         // Only these change who can serve: a reply or a failure does not.
         let hosts_changed = events
             .iter()
@@ -602,7 +603,7 @@ impl Workers {
                         value: id,
                         body: body.into(),
                     };
-                    self.on_reply(slot, reply);
+                    self.on_reply(slot, reply, now);
                     self.forget_host_if_done(slot);
                 }
                 PoolEvent::Failed {
@@ -610,7 +611,7 @@ impl Workers {
                     id,
                     lost,
                     reason,
-                } => self.on_remote_failure(slot, id, lost, reason),
+                } => self.on_remote_failure(slot, id, lost, reason, now),
                 PoolEvent::Leaving { slot } => {
                     self.dispatcher.close_worker(slot);
                     self.forget_host_if_done(slot);
@@ -633,7 +634,14 @@ impl Workers {
 
     /// A request failed on a worker host: its handler's error, or its
     /// worker was lost there (crashed, killed, past --timeout).
-    fn on_remote_failure(&mut self, slot: usize, id: RequestId, lost: bool, reason: String) {
+    fn on_remote_failure(
+        &mut self,
+        slot: usize,
+        id: RequestId,
+        lost: bool,
+        reason: String,
+        now: Instant,
+    ) {
         if !lost {
             let message = Message {
                 kind: Kind::Failed,
@@ -641,10 +649,10 @@ impl Workers {
                 value: id,
                 body: reason.into_bytes().into(),
             };
-            self.on_reply(slot, message);
+            self.on_reply(slot, message, now);
             return self.forget_host_if_done(slot);
         }
-        match self.dispatcher.complete(slot, id, 0) {
+        match self.dispatcher.complete(slot, id, 0, now) {
             Ok(Some(client)) => self.answers.push(Answer::Failure {
                 client,
                 id,
@@ -692,6 +700,8 @@ impl Workers {
     /// A message from a worker that is gone is dropped: its requests were
     /// settled with its death.
     pub(super) fn take_zmq_messages(&mut self, limit: usize) -> Result<(), WorkersError> {
+        // One clock read for the batch.
+        let now = Instant::now();
         for _ in 0..limit {
             let Linking::Zmq(hub) = &self.linking else {
                 return Ok(());
@@ -718,7 +728,7 @@ impl Workers {
                 continue;
             }
             match frame {
-                Ok(message) => self.on_message(slot, message)?,
+                Ok(message) => self.on_message(slot, message, now)?,
                 Err(e) => self.abandon_worker(slot, &format!("sent garbage: {e}")),
             }
         }
@@ -729,12 +739,14 @@ impl Workers {
     /// Takes up to `limit` messages from a worker's link; if more may be
     /// waiting, the slot is marked for the next turn.
     fn take_messages(&mut self, slot: usize, limit: usize) -> Result<(), WorkersError> {
+        // One clock read for the batch.
+        let now = Instant::now();
         for _ in 0..limit {
             let Some(endpoint) = self.endpoints.get_mut(slot).and_then(Option::as_mut) else {
                 return Ok(());
             };
             match endpoint.try_recv() {
-                Ok(Some(message)) => self.on_message(slot, message)?,
+                Ok(Some(message)) => self.on_message(slot, message, now)?,
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     // Anything a worker sends is untrusted: a broken stream
@@ -750,7 +762,13 @@ impl Workers {
         Ok(())
     }
 
-    fn on_message(&mut self, slot: usize, message: Message) -> Result<(), WorkersError> {
+    /// `now`: when the batch it came in was taken.
+    fn on_message(
+        &mut self,
+        slot: usize,
+        message: Message,
+        now: Instant,
+    ) -> Result<(), WorkersError> {
         let incarnation = self.supervisor.incarnation_of(slot).unwrap_or(0);
         let about_itself = matches!(message.kind, Kind::Ready | Kind::InitFailed);
         if about_itself && message.value != incarnation {
@@ -759,7 +777,7 @@ impl Workers {
             return Ok(());
         }
         match message.kind {
-            Kind::Reply | Kind::Failed => self.on_reply(slot, message),
+            Kind::Reply | Kind::Failed => self.on_reply(slot, message, now),
             Kind::Ready => self.on_worker_ready(slot, &message.body),
             Kind::InitFailed => {
                 let reason = String::from_utf8_lossy(&message.body).into_owned();
@@ -784,9 +802,9 @@ impl Workers {
         Ok(())
     }
 
-    fn on_reply(&mut self, slot: usize, message: Message) {
+    fn on_reply(&mut self, slot: usize, message: Message, now: Instant) {
         let id = message.value;
-        let client = match self.dispatcher.complete(slot, id, message.micros) {
+        let client = match self.dispatcher.complete(slot, id, message.micros, now) {
             Ok(client) => client,
             // Its worker was already given up on (timed out): nobody waits.
             Err(dispatcher::NotHeld::Settled) => return,
