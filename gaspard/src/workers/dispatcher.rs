@@ -500,6 +500,11 @@ impl Dispatcher {
         }
     }
 
+    /// When the worker in `slot` started the first request it holds.
+    pub(crate) fn busy_since(&self, slot: usize) -> Option<Instant> {
+        self.workers.get(slot).and_then(|load| load.busy_since)
+    }
+
     /// Whether the worker in `slot` takes new requests.
     pub(crate) fn is_open(&self, slot: usize) -> bool {
         self.workers.get(slot).is_some_and(|load| load.open)

@@ -1003,29 +1003,31 @@ impl Requests for Workers {
     }
 
     /// In the area of the open local worker likeliest to run it: the one
-    /// with the fewest requests held and bodies read in place, ties going
-    /// round the workers (the next one if its area has no room). The
-    /// dispatcher then prefers that worker when it is as free as any
+    /// with the fewest requests held and bodies read in place, and of
+    /// those the one whose call began first, which is likely to finish
+    /// first (the next worker if its area has no room). The dispatcher then
+    /// prefers that worker when it is as free as any
     /// (`Dispatcher::next_assignment`); when another runs it, the body is
     /// copied as any other.
     fn place_body(&mut self, len: usize) -> Option<AreaBody> {
         let n = self.endpoints.len();
-        let mut candidates: Vec<(usize, usize)> = (0..n)
+        let mut candidates: Vec<(usize, (usize, Option<Instant>))> = (0..n)
             .map(|i| (self.place_cursor + i) % n)
             .filter(|&slot| self.dispatcher.is_open(slot))
             .filter_map(|slot| match &self.endpoints[slot] {
                 Some(Endpoint {
                     carrier: Carrier::Local(link),
                     claims: Some(_),
-                }) => Some((
-                    slot,
-                    self.dispatcher.held(slot) + link.bodies_read_in_place(),
-                )),
+                }) => {
+                    let load = self.dispatcher.held(slot) + link.bodies_read_in_place();
+                    Some((slot, (load, self.dispatcher.busy_since(slot))))
+                }
                 _ => None,
             })
             .collect();
-        // Stable: equal loads keep the round's order.
-        candidates.sort_by_key(|&(_, load)| load);
+        // Stable: what is equal keeps the round's order (an idle worker's
+        // `None` comes first).
+        candidates.sort_by_key(|&(_, key)| key);
         for (slot, _) in candidates {
             let Some(Endpoint {
                 carrier: Carrier::Local(link),
