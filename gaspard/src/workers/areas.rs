@@ -341,12 +341,17 @@ const BODY_ALIGN: usize = 64;
 
 impl RequestBodies {
     /// Room for `len` bytes in an area of `area` bytes, held under `key`:
-    /// the first gap large enough, from the area's start. Not a ring, as the
+    /// the first gap large enough, from the area's start; `None` also for a
+    /// body too small to be worth it or too large to copy on the loop
+    /// ([`MIN_BODY`], [`MAX_COPIED_BODY`]). Not a ring, as the
     /// reply area is: only the daemon allocates here and the worker reads
     /// only where a frame says, so a body held long (a slow client's, or one
     /// another worker runs) keeps only its own bytes from use. From the
     /// start: the pages in use stay those of the largest bodies.
     fn reserve(&mut self, key: u64, len: usize, area: usize) -> Option<usize> {
+        if !(MIN_BODY..=MAX_COPIED_BODY).contains(&len) {
+            return None;
+        }
         let mut start = 0;
         let mut index = self.held.len();
         for (i, held) in self.held.iter().enumerate() {
@@ -383,9 +388,6 @@ impl RequestArea {
     /// body takes the socket).
     pub fn put(&mut self, claims: &Claims, id: u64, body: &[u8]) -> Option<u64> {
         let area = claims.area_len();
-        if body.len() < MIN_BODY || body.len() > MAX_COPIED_BODY || area == 0 {
-            return None;
-        }
         let start = self.bodies.borrow_mut().reserve(id, body.len(), area)?;
         // SAFETY: `reserve` keeps start + len within the area, which lies
         // inside the mapping; only the daemon writes the request area, and
@@ -402,9 +404,6 @@ impl RequestArea {
     /// not fit. `slot` is the worker's, for the dispatcher's choice.
     pub fn place(&mut self, claims: &Rc<Claims>, slot: usize, len: usize) -> Option<AreaBody> {
         let area = claims.area_len();
-        if !(MIN_BODY..=MAX_COPIED_BODY).contains(&len) || area == 0 {
-            return None;
-        }
         let mut bodies = self.bodies.borrow_mut();
         let key = READ_IN_PLACE | (bodies.read_in_place + 1);
         let start = bodies.reserve(key, len, area)?;

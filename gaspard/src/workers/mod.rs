@@ -940,6 +940,14 @@ fn never_preempt_on_wake_up(pid: u32) {
     }
 }
 
+/// A request area has come to hold pages to give back once empty: the loop
+/// looks again in a while (`Workers::trim_areas`), unless a look is due.
+fn watch_trim(check: &mut Option<Instant>, holds_pages: impl FnOnce() -> bool) {
+    if check.is_none() && holds_pages() {
+        *check = Some(Instant::now() + areas::TRIM_AFTER);
+    }
+}
+
 impl Requests for Workers {
     fn submit(&mut self, client: ClientKey, payload: RequestBody) -> Result<RequestId, String> {
         // Never the case with --max-request-size's limit; checked so that
@@ -987,9 +995,7 @@ impl Requests for Workers {
                 break;
             };
             endpoint.send(assignment);
-            if self.trim_check.is_none() && endpoint.area_holds_pages() {
-                self.trim_check = Some(now + areas::TRIM_AFTER);
-            }
+            watch_trim(&mut self.trim_check, || endpoint.area_holds_pages());
             if self.dispatcher.held(slot) == 1 {
                 idle.push(slot);
             } else if !idle.contains(&slot) && !self.to_flush.contains(&slot) {
@@ -1040,9 +1046,7 @@ impl Requests for Workers {
                 continue;
             };
             self.place_cursor = (slot + 1) % n;
-            if self.trim_check.is_none() && link.area_holds_pages() {
-                self.trim_check = Some(Instant::now() + areas::TRIM_AFTER);
-            }
+            watch_trim(&mut self.trim_check, || link.area_holds_pages());
             return Some(body);
         }
         None
