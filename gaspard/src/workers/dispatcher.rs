@@ -896,6 +896,34 @@ mod tests {
     }
 
     #[test]
+    fn a_body_read_into_a_workers_area_goes_to_it_when_it_is_as_free_as_any() {
+        use crate::workers::areas::RequestArea;
+        use crate::workers::claims::{area_len_for, Claims};
+        let now = Instant::now();
+        let (claims, _fd) = Claims::create(area_len_for(1 << 20)).unwrap();
+        let claims = Rc::new(claims);
+        let mut area = RequestArea::default();
+        let mut read_into = |slot| {
+            let mut body = area.place(&claims, slot, 20_000).unwrap();
+            body.unfilled().fill(7);
+            body.filled(20_000);
+            RequestBody::Area(body)
+        };
+        let mut d = Dispatcher::new(Credit::Fixed(1), None);
+        d.open_worker(0);
+        d.open_worker(1);
+        // Both idle: the cursor would pick 0, the body's area is 1's.
+        let at1 = d.submit(1, read_into(1));
+        let first = d.next_assignment(now).unwrap();
+        assert_eq!((first.id, first.slot), (at1, 1));
+        // Worker 1 busy, 0 idle: it goes to 0 (and is copied there) rather
+        // than wait.
+        let also_at1 = d.submit(2, read_into(1));
+        let second = d.next_assignment(now).unwrap();
+        assert_eq!((second.id, second.slot), (also_at1, 0));
+    }
+
+    #[test]
     fn auto_credit_never_stages_a_large_body_but_waits_for_a_free_worker() {
         let now = Instant::now();
         let mut d = Dispatcher::new(Credit::Auto, Some(Duration::from_secs(30)));
