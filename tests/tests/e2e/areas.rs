@@ -205,9 +205,14 @@ fn repeating(len: usize) -> Vec<u8> {
 /// Opens a connection asking for `big:len` and reads the reply's first
 /// byte: the daemon holds the rest (in the worker's reply area).
 fn begin_big_reply(addr: std::net::SocketAddr, len: usize) -> std::net::TcpStream {
+    begin_reply(addr, &format!("big:{len}"))
+}
+
+/// Sends `payload`, whose reply is a repeating `0123456789`, and reads the
+/// reply's first byte only.
+fn begin_reply(addr: std::net::SocketAddr, payload: &str) -> std::net::TcpStream {
     use std::io::{Read, Write};
     let mut stream = gaspard_tests::connect(addr).unwrap();
-    let payload = format!("big:{len}");
     stream
         .write_all(&gaspard_tests::pack(payload.as_bytes()))
         .unwrap();
@@ -451,15 +456,7 @@ fn a_handler_writing_past_its_reply_buffer_faults_and_leaves_a_held_reply_intact
 
 /// Asks the scribbler for `len` bytes and reads the first.
 fn slow_reply(addr: std::net::SocketAddr, len: usize) -> std::net::TcpStream {
-    use std::io::{Read, Write};
-    let mut stream = gaspard_tests::connect(addr).unwrap();
-    stream
-        .write_all(&gaspard_tests::pack(format!("b{len}").as_bytes()))
-        .unwrap();
-    let mut first = [0; 1];
-    stream.read_exact(&mut first).unwrap();
-    assert_eq!(first, *b"0");
-    stream
+    begin_reply(addr, &format!("b{len}"))
 }
 
 #[test]
