@@ -16,6 +16,7 @@ use super::areas::RequestBody;
 use super::claims::{Ticket, ENTRIES};
 use super::ClientKey;
 use crate::config::Credit;
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
@@ -83,7 +84,9 @@ struct Request {
 struct WorkerLoad {
     /// It takes new requests: ready, and not being retired or killed.
     open: bool,
-    held: Vec<RequestId>,
+    /// The requests it holds, oldest (the one it runs) first. Replies come
+    /// back mostly in order, so one leaves from the front.
+    held: VecDeque<RequestId>,
     /// The claim entries its requests are in (a bit each; `claims.rs`).
     entries: u64,
     /// Each entry's last generation.
@@ -123,6 +126,13 @@ impl WorkerLoad {
 
     fn free_entry(&mut self, ticket: Ticket) {
         self.entries &= !(1 << ticket.entry);
+    }
+
+    /// Forgets a request it held.
+    fn release(&mut self, id: RequestId) {
+        if let Some(at) = self.held.iter().position(|&held| held == id) {
+            self.held.remove(at);
+        }
     }
 }
 
@@ -309,7 +319,7 @@ impl Dispatcher {
             if load.held.is_empty() {
                 load.busy_since = Some(now);
             }
-            load.held.push(id);
+            load.held.push_back(id);
             self.cursor = (slot + 1) % self.workers.len();
             return Some(Assignment {
                 slot,
@@ -329,7 +339,7 @@ impl Dispatcher {
             payload,
         } = assignment;
         let load = &mut self.workers[slot];
-        load.held.retain(|&held| held != id);
+        load.release(id);
         load.free_entry(ticket);
         if load.held.is_empty() {
             load.busy_since = None;
@@ -444,20 +454,20 @@ impl Dispatcher {
         micros: u32,
         now: Instant,
     ) -> Result<Option<ClientKey>, NotHeld> {
-        let ticket = match self.requests.get(&id).map(|request| &request.place) {
-            None => return Err(NotHeld::Settled),
-            Some(Place::Running {
+        let Entry::Occupied(held) = self.requests.entry(id) else {
+            return Err(NotHeld::Settled);
+        };
+        let ticket = match held.get().place {
+            Place::Running {
                 slot: held_by,
                 ticket,
                 ..
-            }) if *held_by == slot => *ticket,
-            Some(_) => return Err(NotHeld::ByOther),
+            } if held_by == slot => ticket,
+            _ => return Err(NotHeld::ByOther),
         };
-        let Some(request) = self.requests.remove(&id) else {
-            return Err(NotHeld::Settled);
-        };
+        let request = held.remove();
         let load = &mut self.workers[slot];
-        load.held.retain(|&held| held != id);
+        load.release(id);
         load.free_entry(ticket);
         load.take_back_failed = false;
         // Up at once, down slowly: one slow call stops staging at once, and
@@ -470,7 +480,7 @@ impl Dispatcher {
         // The worker takes its next request now: start that one's clock
         // (a worker host times its requests itself).
         let timed = self.workers[slot].remote_credit.is_none();
-        if let Some(&next) = self.workers[slot].held.first().filter(|_| timed) {
+        if let Some(&next) = self.workers[slot].held.front().filter(|_| timed) {
             if let Some(Request {
                 place: Place::Running { deadline, .. },
                 ..
@@ -590,7 +600,7 @@ impl Dispatcher {
             if !is_stuck(load, now) {
                 continue;
             }
-            for &id in &load.held[1..] {
+            for &id in load.held.iter().skip(1) {
                 if room == 0 {
                     return stuck;
                 }
@@ -626,7 +636,7 @@ impl Dispatcher {
                         .is_some_and(|since| now >= since + SLOW_CALL);
                 let overdue = || {
                     deadlines
-                        && load.held.first().is_some_and(|id| {
+                        && load.held.front().is_some_and(|id| {
                             matches!(
                                 self.requests.get(id).map(|request| &request.place),
                                 Some(Place::Running { deadline: Some(at), .. }) if *at <= now
@@ -683,7 +693,7 @@ impl Dispatcher {
         };
         let (slot, ticket, payload, client) = (*slot, *ticket, Rc::clone(payload), *client);
         let load = &mut self.workers[slot];
-        load.held.retain(|&held| held != id);
+        load.release(id);
         load.free_entry(ticket);
         if client.is_none() {
             self.requests.remove(&id);
@@ -710,7 +720,7 @@ impl Dispatcher {
         let mut expired = Vec::new();
         // Only the first request a worker holds runs, so only it has a deadline.
         for (slot, load) in self.workers.iter_mut().enumerate() {
-            let Some(request) = load.held.first().and_then(|id| self.requests.get_mut(id)) else {
+            let Some(request) = load.held.front().and_then(|id| self.requests.get_mut(id)) else {
                 continue;
             };
             if let Place::Running { deadline, .. } = &mut request.place {
@@ -779,7 +789,7 @@ impl Dispatcher {
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.workers
             .iter()
-            .filter_map(|load| load.held.first())
+            .filter_map(|load| load.held.front())
             .filter_map(|id| match self.requests.get(id)?.place {
                 Place::Running { deadline, .. } => deadline,
                 Place::Queued(_) => None,
