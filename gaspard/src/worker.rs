@@ -314,13 +314,13 @@ fn serve_on(
         if !claims.start(ticket, id) {
             continue;
         }
+        if let Some(area) = &mut reply_area {
+            area.start_call();
+        }
         let started = Instant::now();
         let outcome = plugin.handle(payload, |len| {
             reply_buffer(&mut spare, reply_area.as_mut(), len)
         });
-        if let Some(area) = &mut reply_area {
-            area.close();
-        }
         let now = Instant::now();
         let micros = u32::try_from((now - started).as_micros()).unwrap_or(u32::MAX);
         // Each reply leaves (or, on the local link, is in the shared reply
