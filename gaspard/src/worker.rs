@@ -298,7 +298,12 @@ fn serve_on(
         }
         let (header, payload) = match link.next()? {
             Incoming::Request(header, payload) => (header, payload),
-            Incoming::Idle => continue,
+            Incoming::Idle => {
+                if let Some(area) = &mut reply_area {
+                    area.protect_held();
+                }
+                continue;
+            }
             // The daemon is gone: nobody is left to answer.
             Incoming::Closed => break,
         };
@@ -315,7 +320,7 @@ fn serve_on(
             continue;
         }
         if let Some(area) = &mut reply_area {
-            area.start_call();
+            area.protect_held();
         }
         let started = Instant::now();
         let outcome = plugin.handle(payload, |len| {

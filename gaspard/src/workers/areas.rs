@@ -759,7 +759,7 @@ pub struct ReplyArea<'a> {
     /// handler writing past its buffer faults instead of changing a reply
     /// the daemon is still writing to another client. They stay writable
     /// after the call while the daemon holds no reply (see
-    /// [`Self::start_call`]).
+    /// [`Self::protect_held`]).
     writable: Option<(usize, usize)>,
 }
 
@@ -839,15 +839,17 @@ impl<'a> ReplyArea<'a> {
         Some(AreaBuffer { at, ptr, len })
     }
 
-    /// A handler call begins. The last buffer's pages are made read-only
-    /// if the daemon holds a reply (that one, or any other, which the
-    /// handler must not reach by writing past a buffer). If it holds none,
-    /// they stay writable: the whole area is free, the next large reply
-    /// begins at its start again, and a reply of the same size then costs
-    /// no `mprotect` (two per reply, 11% of a worker's time for 1 MiB echo
-    /// on one connection, where each reply is taken before the next
-    /// request comes).
-    pub fn start_call(&mut self) {
+    /// Before each handler call, and when the worker has waited
+    /// `worker::STOP_CHECK` for one: the last buffer's pages are
+    /// made read-only if the daemon holds a reply (that one, or any other,
+    /// which the handler must not reach by writing past a buffer). If it
+    /// holds none, they stay writable: the whole area is free, the next
+    /// large reply begins at its start again, and a reply of the same size
+    /// then costs no `mprotect` (two per reply were 11% of a worker's time
+    /// for 1 MiB echo on one connection, where each reply is taken before
+    /// the next request comes). A handler's own threads, writing between
+    /// calls, could reach a held reply until then.
+    pub fn protect_held(&mut self) {
         if self.claims.area_tail() != self.head {
             self.make_read_only();
         }
@@ -1140,7 +1142,7 @@ mod tests {
         let writable = mapping_perms(start);
         assert!(writable.starts_with(&format!("{start:x}-{:x} ", start + 20_480)));
         writer.sent(&one);
-        writer.start_call();
+        writer.protect_held();
         assert!(
             !mapping_perms(start).contains(" rw-s "),
             "read-only while the daemon holds the reply"
@@ -1157,7 +1159,7 @@ mod tests {
             again.ptr as usize,
             again.ptr as usize + 32_768
         )));
-        writer.start_call();
+        writer.protect_held();
         assert!(!mapping_perms(again.ptr as usize).contains(" rw-s "));
     }
 
@@ -1177,7 +1179,7 @@ mod tests {
         drop(reader.take(&daemon, &encode(one.at, 20_000)).unwrap());
         // Taken and given back: the area is free, its pages stay writable,
         // and the next reply of that size goes in the same ones.
-        writer.start_call();
+        writer.protect_held();
         assert!(only(one.ptr, 20_480));
         let two = writer.buffer(20_000).unwrap();
         assert_eq!(two.ptr, one.ptr);
@@ -1187,7 +1189,7 @@ mod tests {
         assert!(only(larger.ptr, 32_768));
         writer.sent(&larger);
         let held = reader.take(&daemon, &encode(larger.at, 30_000)).unwrap();
-        writer.start_call();
+        writer.protect_held();
         assert!(
             !mapping_perms(larger.ptr as usize).contains(" rw-s "),
             "held by the daemon: read-only"

@@ -222,6 +222,39 @@ fn begin_reply(addr: std::net::SocketAddr, payload: &str) -> std::net::TcpStream
     stream
 }
 
+/// The mappings of the claims memfd's body areas in `pid` that it may
+/// write. (The areas lie past its first pages, at offset 0, which a worker
+/// writes: its claims and its reply ring.)
+fn writable_areas(pid: i32) -> Vec<String> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    maps.lines()
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(5) == Some(&"/memfd:gaspard-claims")
+                && fields[1].starts_with("rw")
+                && fields[2] != "00000000"
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_reply_held_for_a_slow_client_turns_read_only_in_an_idle_worker() {
+    let daemon = start("fault", &["--workers", "1"]);
+    let worker = daemon.workers()[0];
+    let len = 8 << 20;
+    let mut slow = begin_big_reply(daemon.addr, len);
+    // No next call comes to make the reply's pages read-only: waiting for
+    // one (250 ms at a time) does.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !writable_areas(worker).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(writable_areas(worker), Vec::<String>::new());
+    let rest = gaspard_tests::read_reply(&mut slow).unwrap();
+    assert!(rest == repeating(len)[1..], "{} bytes came", rest.len());
+}
+
 #[test]
 fn a_reply_in_the_area_is_written_whole_after_its_worker_is_gone() {
     let daemon = start("fault", &["--workers", "1"]);
