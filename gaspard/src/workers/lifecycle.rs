@@ -203,7 +203,7 @@ impl Workers {
         let line = death_line(&death, &how, failed, requeued);
         match death.killed_because {
             // Its cause was logged when it was killed: this is the sequel.
-            _ if death.retired => log::info!("{line}"),
+            _ if death.retired && death.status.success() => log::info!("{line}"),
             Some(_) => log::info!("{line}"),
             None => log::warn!("{line}"),
         }
@@ -471,7 +471,11 @@ fn death_line(death: &Death, how: &str, failed: usize, requeued: usize) -> Strin
         } else {
             "recycled after reaching --max-requests"
         };
-        return format!("worker {incarnation} (slot {slot}) {why}");
+        // Its handler's shutdown may still have crashed on the way out.
+        if death.status.success() {
+            return format!("worker {incarnation} (slot {slot}) {why}");
+        }
+        return format!("worker {incarnation} (slot {slot}) {why}, and {how} on its way out");
     }
     let stage = if death.before_ready {
         " before it was ready"
