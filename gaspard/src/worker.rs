@@ -366,6 +366,11 @@ fn serve_on(
     }
     log::debug!("worker {}: stopping", args.incarnation);
     link.flush()?;
+    // The handler's shutdown runs next: a reply still held must not be
+    // within its reach.
+    if let Some(area) = &mut reply_area {
+        area.protect_held();
+    }
     drop(plugin);
     Ok(())
 }

@@ -827,7 +827,9 @@ impl<'a> ReplyArea<'a> {
             (offset(at, area) + len).next_multiple_of(PAGE),
         );
         if self.writable != Some((from, to)) {
-            self.make_read_only();
+            if !self.make_read_only() {
+                return None;
+            }
             if let Err(e) = protect(self.claims.area(false), from, to, true) {
                 log::debug!("cannot open the reply area for a buffer: {e}");
                 return None;
@@ -855,12 +857,18 @@ impl<'a> ReplyArea<'a> {
         }
     }
 
-    fn make_read_only(&mut self) {
-        if let Some((from, to)) = self.writable.take() {
-            if let Err(e) = protect(self.claims.area(false), from, to, false) {
-                log::warn!("cannot make a reply buffer read-only again: {e}");
-            }
+    /// Makes the writable pages read-only; false if they could not be
+    /// (they stay on record, to be tried again).
+    fn make_read_only(&mut self) -> bool {
+        let Some((from, to)) = self.writable else {
+            return true;
+        };
+        if let Err(e) = protect(self.claims.area(false), from, to, false) {
+            log::warn!("cannot make a reply buffer read-only again: {e}");
+            return false;
         }
+        self.writable = None;
+        true
     }
 
     /// The reply in `buffer` is sent: its bytes are the daemon's until it
@@ -887,12 +895,10 @@ impl<'a> ReplyArea<'a> {
             }
             // MADV_REMOVE wants a writable mapping.
             let (area, len) = (self.claims.area(false), self.claims.area_len());
-            self.writable = None;
             if protect(area, 0, len, true).is_ok() {
                 self.trim.trim(area, now);
-                if let Err(e) = protect(area, 0, len, false) {
-                    log::warn!("cannot make the reply area read-only again: {e}");
-                }
+                self.writable = Some((0, len));
+                self.make_read_only();
             }
         }
     }
@@ -1131,7 +1137,7 @@ mod tests {
     }
 
     #[test]
-    fn a_reply_buffer_is_writable_only_while_handed_out_and_begins_a_page() {
+    fn a_reply_buffer_is_writable_only_while_no_held_reply_lies_there_and_begins_a_page() {
         use crate::workers::claims::tests::mapping_perms;
         let (_daemon, worker) = shared(64 * 1024);
         let mut writer = ReplyArea::new(&worker);
@@ -1150,7 +1156,8 @@ mod tests {
         // The next begins on the page after the last byte of the first.
         let two = writer.buffer(20_000).unwrap();
         assert_eq!(two.at, 20_480);
-        // Asking again gives the same place; the first ask's pages close.
+        // Asking again gives the same place; only the second ask's pages
+        // are writable.
         let again = writer.buffer(30_000).unwrap();
         assert_eq!(again.at, two.at);
         let writable = mapping_perms(again.ptr as usize);

@@ -125,7 +125,8 @@ impl Claims {
     /// read-only: a handler that writes through a stray pointer faults
     /// rather than change a request staged behind the one it runs, or a
     /// reply the daemon still writes to a client (`ReplyArea` makes the
-    /// buffer it hands out writable, for the call).
+    /// buffer it hands out writable, until a call or the handler's shutdown
+    /// finds the daemon holding a reply).
     pub fn open(fd: OwnedFd) -> io::Result<Claims> {
         let size = std::fs::File::from(fd.try_clone()?).metadata()?.len();
         let areas = usize::try_from(size)

@@ -242,8 +242,11 @@ fn writable_areas(pid: i32) -> Vec<String> {
 fn a_reply_held_for_a_slow_client_turns_read_only_in_an_idle_worker() {
     let daemon = start("fault", &["--workers", "1"]);
     let worker = daemon.workers()[0];
-    let len = 8 << 20;
+    // More than the sockets take: most of it stays held in the area.
+    let len = 24 << 20;
     let mut slow = begin_big_reply(daemon.addr, len);
+    let in_area: u64 = claims_mappings(worker).iter().map(|(_, kib)| kib).sum();
+    assert!(in_area >= 16 << 10, "{in_area} KiB in the worker's areas");
     // No next call comes to make the reply's pages read-only: waiting for
     // one (250 ms at a time) does.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -481,6 +484,59 @@ fn a_handler_writing_past_its_reply_buffer_faults_and_leaves_a_held_reply_intact
     let rest = gaspard_tests::read_reply(&mut slow).unwrap();
     assert!(
         rest == repeating(held_len)[1..],
+        "{} bytes came, {} of them changed",
+        rest.len(),
+        rest.iter().filter(|&&b| b == b'X').count()
+    );
+}
+
+/// A handler that keeps a pointer to its last reply buffer and writes
+/// through it in its shutdown: a use after the call, which must not reach
+/// a reply the daemon still holds.
+const KEEPER: &str = r#"
+#include "gaspar.h"
+#include <stdlib.h>
+#include <string.h>
+static volatile uint8_t *kept;
+static unsigned long kept_len;
+static int handle(void *s, const uint8_t *r, size_t n, const gaspar_host *h) {
+    char text[64];
+    size_t k = n < 63 ? n : 63;
+    (void)s;
+    memcpy(text, r, k);
+    text[k] = 0;
+    unsigned long len = strtoul(text + 1, NULL, 10);
+    volatile uint8_t *out = h->reply_buffer(h->ctx, len);
+    if (!out) return GASPAR_ERROR;
+    for (unsigned long i = 0; i < len; i++) out[i] = '0' + i % 10;
+    kept = out;
+    kept_len = len;
+    return GASPAR_OK;
+}
+static void shutdown(void *s) {
+    (void)s;
+    for (unsigned long i = 0; kept && i < kept_len; i++) kept[i] = 'X';
+}
+static const gaspar_handler_v1 table = { GASPAR_ABI_VERSION, "keeper", 0, handle, shutdown };
+const gaspar_handler_v1 *gaspar_handler_entry(void) { return &table; }
+"#;
+
+#[test]
+fn a_handler_shutdown_writing_to_its_last_reply_faults_while_the_reply_is_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let library = gaspard_tests::compile_c_library(dir.path(), "keeper", KEEPER);
+    // One request per worker: it stops, and its handler's shutdown runs,
+    // while a slow client still holds that request's reply.
+    let daemon = gaspard_tests::launch(&library, &["--workers", "1", "--max-requests", "1"], &[])
+        .unwrap_or_else(|(_, log)| panic!("{}", log.lines().join("\n")));
+    let worker = daemon.workers()[0];
+    let len = 24 << 20;
+    let mut slow = begin_reply(daemon.addr, &format!("b{len}"));
+    daemon.wait_for_workers(1, &[worker], Duration::from_secs(10));
+    daemon.expect_log("recycled after reaching --max-requests, and was killed by SIGSEGV");
+    let rest = gaspard_tests::read_reply(&mut slow).unwrap();
+    assert!(
+        rest == repeating(len)[1..],
         "{} bytes came, {} of them changed",
         rest.len(),
         rest.iter().filter(|&&b| b == b'X').count()
