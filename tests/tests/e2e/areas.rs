@@ -208,6 +208,19 @@ fn begin_big_reply(addr: std::net::SocketAddr, len: usize) -> std::net::TcpStrea
     begin_reply(addr, &format!("big:{len}"))
 }
 
+/// Reads the rest of a reply begun by [`begin_reply`]: it must be the
+/// rest of `len` repeating bytes, none of them changed (to the `X` the test
+/// handlers scribble).
+fn expect_rest_of_reply(stream: &mut std::net::TcpStream, len: usize) {
+    let rest = gaspard_tests::read_reply(stream).unwrap();
+    assert!(
+        rest == repeating(len)[1..],
+        "{} bytes came, {} of them X",
+        rest.len(),
+        rest.iter().filter(|&&b| b == b'X').count()
+    );
+}
+
 /// Sends `payload`, whose reply is a repeating `0123456789`, and reads the
 /// reply's first byte only.
 fn begin_reply(addr: std::net::SocketAddr, payload: &str) -> std::net::TcpStream {
@@ -254,8 +267,7 @@ fn a_reply_held_for_a_slow_client_turns_read_only_in_an_idle_worker() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(writable_areas(worker), Vec::<String>::new());
-    let rest = gaspard_tests::read_reply(&mut slow).unwrap();
-    assert!(rest == repeating(len)[1..], "{} bytes came", rest.len());
+    expect_rest_of_reply(&mut slow, len);
 }
 
 #[test]
@@ -272,8 +284,7 @@ fn a_reply_in_the_area_is_written_whole_after_its_worker_is_gone() {
     let mut with_echo = b"echo:".to_vec();
     with_echo.extend_from_slice(&again);
     assert!(request(daemon.addr, &with_echo).unwrap() == again);
-    let rest = gaspard_tests::read_reply(&mut stream).unwrap();
-    assert!(rest == repeating(len)[1..], "{} bytes came", rest.len());
+    expect_rest_of_reply(&mut stream, len);
     assert_eq!(daemon.workers(), next);
 }
 
@@ -345,12 +356,7 @@ fn held_reply_keeps_only_its_own_pages(end: impl Fn(&Daemon, i32)) {
         claims_mappings(daemon.pid())
     );
     // The pages given back were around the held reply, not under it.
-    let rest = gaspard_tests::read_reply(&mut slow).unwrap();
-    assert!(
-        rest == repeating(16 << 20)[1..],
-        "{} bytes came",
-        rest.len()
-    );
+    expect_rest_of_reply(&mut slow, 16 << 20);
 }
 
 /// The bytes of the claims memfd `pid` maps, all its mappings together.
@@ -465,8 +471,7 @@ fn a_handler_writing_past_its_reply_buffer_faults_and_leaves_a_held_reply_intact
     let held_len = 14 << 20;
     let mut slow = slow_reply(daemon.addr, held_len);
     // ...then the first is read and given back.
-    let rest = gaspard_tests::read_reply(&mut first).unwrap();
-    assert!(rest == repeating(8 << 20)[1..]);
+    expect_rest_of_reply(&mut first, 8 << 20);
     // A 4 MiB buffer does not fit after the held reply: it begins the next
     // lap, just before it. Writing 14 MiB past its end would run over the
     // held reply's bytes that have not left yet; the pages past the buffer
@@ -481,13 +486,7 @@ fn a_handler_writing_past_its_reply_buffer_faults_and_leaves_a_held_reply_intact
     let log = daemon.log.lines().join("\n");
     assert!(log.contains("SIGSEGV"), "{log}");
     // The held reply arrives whole and unchanged.
-    let rest = gaspard_tests::read_reply(&mut slow).unwrap();
-    assert!(
-        rest == repeating(held_len)[1..],
-        "{} bytes came, {} of them changed",
-        rest.len(),
-        rest.iter().filter(|&&b| b == b'X').count()
-    );
+    expect_rest_of_reply(&mut slow, held_len);
 }
 
 /// A handler that keeps a pointer to its last reply buffer and writes
@@ -534,13 +533,7 @@ fn a_handler_shutdown_writing_to_its_last_reply_faults_while_the_reply_is_held()
     let mut slow = begin_reply(daemon.addr, &format!("b{len}"));
     daemon.wait_for_workers(1, &[worker], Duration::from_secs(10));
     daemon.expect_log("recycled after reaching --max-requests, and was killed by SIGSEGV");
-    let rest = gaspard_tests::read_reply(&mut slow).unwrap();
-    assert!(
-        rest == repeating(len)[1..],
-        "{} bytes came, {} of them changed",
-        rest.len(),
-        rest.iter().filter(|&&b| b == b'X').count()
-    );
+    expect_rest_of_reply(&mut slow, len);
 }
 
 /// Asks the scribbler for `len` bytes and reads the first.
