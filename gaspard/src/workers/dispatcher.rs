@@ -268,9 +268,12 @@ impl Dispatcher {
     /// it back with [`Self::unassign`].
     pub(crate) fn next_assignment(&mut self, now: Instant) -> Option<Assignment> {
         let mut slot = self.idle_worker(now)?;
+        let (home, large) = self.first_queued().map_or((None, false), |payload| {
+            (payload.area_slot(), payload.len() >= UNSTAGED_BODY)
+        });
         // A body read into a worker's area goes to that worker if it is as
         // free as the one chosen: no copy then.
-        if let Some(home) = self.first_queued_area_slot() {
+        if let Some(home) = home {
             let held = self.workers[slot].held.len();
             if home != slot
                 && self.workers.get(home).is_some_and(|load| {
@@ -283,7 +286,7 @@ impl Dispatcher {
         if self.credit == Credit::Auto
             && !self.workers[slot].held.is_empty()
             && self.workers[slot].remote_credit.is_none()
-            && self.first_queued_is_large()
+            && large
         {
             return None;
         }
@@ -350,21 +353,11 @@ impl Dispatcher {
         }
     }
 
-    /// Whether the request at the head of the queue has a body of
-    /// [`UNSTAGED_BODY`] bytes or more.
-    fn first_queued_is_large(&self) -> bool {
-        let first = self.queue.front().and_then(|id| self.requests.get(id));
-        first.is_some_and(|request| {
-            matches!(&request.place, Place::Queued(payload) if payload.len() >= UNSTAGED_BODY)
-        })
-    }
-
-    /// The worker whose request area the body of the request at the head
-    /// of the queue was read into, if it was.
-    fn first_queued_area_slot(&self) -> Option<usize> {
+    /// The body of the request at the head of the queue.
+    fn first_queued(&self) -> Option<&Payload> {
         let first = self.queue.front().and_then(|id| self.requests.get(id))?;
         match &first.place {
-            Place::Queued(payload) => payload.area_slot(),
+            Place::Queued(payload) => Some(payload),
             Place::Running { .. } => None,
         }
     }
