@@ -319,8 +319,9 @@ struct RequestBodies {
     /// request id; bodies read in place by [`READ_IN_PLACE`] and a number of
     /// their own.
     held: Vec<HeldBody>,
-    /// The last number given to a body read in place.
-    read_in_place: u64,
+    /// The last number given to a body read in place (its key, with
+    /// [`READ_IN_PLACE`]).
+    last_in_place: u64,
     trim: Trim,
     /// The worker is gone: a body read in place gives its pages back when
     /// dropped, since nothing will use them again.
@@ -405,9 +406,9 @@ impl RequestArea {
     pub fn place(&mut self, claims: &Rc<Claims>, slot: usize, len: usize) -> Option<AreaBody> {
         let area = claims.area_len();
         let mut bodies = self.bodies.borrow_mut();
-        let key = READ_IN_PLACE | (bodies.read_in_place + 1);
+        let key = READ_IN_PLACE | (bodies.last_in_place + 1);
         let start = bodies.reserve(key, len, area)?;
-        bodies.read_in_place += 1;
+        bodies.last_in_place += 1;
         Some(AreaBody {
             bodies: Rc::clone(&self.bodies),
             claims: Rc::clone(claims),
