@@ -31,9 +31,11 @@
 //! is larger than the area), it takes the link's sockets as before: the
 //! areas make large bodies cheaper, never a condition for serving them.
 //!
-//! Memory stays bounded: an area takes pages up to the largest body seen,
-//! and once it has been empty for [`TRIM_AFTER`] the side that writes it
-//! gives back what lies beyond [`KEEP`] (`madvise(MADV_REMOVE)`).
+//! Memory stays bounded: an area takes pages up to the largest body seen;
+//! while in use, the side that writes it gives back its pages more than
+//! [`SPARE`] past the bodies it holds as they leave (the reply ring begins
+//! a new lap early, so that they stay low), and once it has been empty for
+//! [`TRIM_AFTER`], what lies beyond [`KEEP`] (`madvise(MADV_REMOVE)`).
 //!
 //! Why shared memory rather than the socket: a megabyte through a socket
 //! pair is copied into and out of the kernel in socket-buffer-sized
@@ -64,6 +66,12 @@ pub const MAX_COPIED_BODY: usize = 16 << 20;
 pub const FRAME_BODY: usize = 16;
 /// What an area keeps of its pages when trimmed.
 pub const KEEP: usize = 1 << 20;
+/// What an area keeps of its free pages past the bodies it holds while in
+/// use: room for one more of the largest bodies copied on the loop, so that
+/// a steady load of them faults no page in again. Past that its pages go
+/// back as bodies leave, so that the daemon's memory follows the bodies in
+/// flight rather than the most the area ever held.
+pub const SPARE: usize = MAX_COPIED_BODY;
 /// How long an area must have been empty before it is trimmed.
 pub const TRIM_AFTER: Duration = Duration::from_secs(1);
 
@@ -135,6 +143,21 @@ fn place(head: u64, tail: u64, len: usize, area: usize) -> Option<u64> {
     (at + len - tail <= area).then_some(at)
 }
 
+/// The start of the next lap, for a body of `len` bytes in an area of
+/// `area` bytes free before `tail`, once `head` is more than [`SPARE`]
+/// into its lap and the body fits there: a ring that begins again early
+/// keeps its pages in use few, where one that runs its whole lap first
+/// would take every page of the area (and [`ReplyArea::idle`] gives back
+/// those more than [`SPARE`] past the replies held).
+fn next_lap_past_spare(head: u64, tail: u64, len: usize, area: usize) -> Option<u64> {
+    let into_lap = head % area as u64;
+    if into_lap <= SPARE as u64 {
+        return None;
+    }
+    let next = head + (area as u64 - into_lap);
+    place(next, tail, len, area)
+}
+
 /// Whether a body of `len` bytes at position `at` lies whole in one lap of
 /// an area of `area` bytes, between `tail` and `tail + area`.
 fn fits(at: u64, len: u64, tail: u64, area: usize) -> bool {
@@ -188,8 +211,29 @@ impl Trim {
         }
         // Nobody reads it while it is empty: the other side only reads bytes
         // it was told of, and all those were given back.
-        remove_pages(start, KEEP, self.high);
-        self.high = KEEP;
+        self.cut(start, KEEP);
+    }
+
+    /// Whether pages lie more than [`SPARE`] past `top`, where the bodies
+    /// held end.
+    fn spares_past(&self, top: usize) -> bool {
+        self.high > top.saturating_add(SPARE)
+    }
+
+    /// Gives back the pages more than [`SPARE`] past `top`, where the
+    /// bodies held end: nobody reads bytes past them.
+    fn cap(&mut self, start: *mut u8, top: usize) {
+        if self.spares_past(top) {
+            self.cut(start, top + SPARE);
+        }
+    }
+
+    /// Gives back the pages from `keep` (rounded up to a page) to `high`:
+    /// the whole last page too, since nothing past `high` is used.
+    fn cut(&mut self, start: *mut u8, keep: usize) {
+        let keep = keep.next_multiple_of(PAGE);
+        remove_pages(start, keep, self.high.next_multiple_of(PAGE));
+        self.high = self.high.min(keep);
     }
 }
 
@@ -372,14 +416,18 @@ impl RequestBodies {
     }
 
     /// Gives back the body held under `key` (a request taken back and sent
-    /// to the same worker again is there once per sending).
-    fn give_back(&mut self, key: u64, now: Instant) {
+    /// to the same worker again is there once per sending), and the pages
+    /// of the area at `area` more than [`SPARE`] past the bodies still held.
+    fn give_back(&mut self, key: u64, area: *mut u8, now: Instant) {
         if let Some(i) = self.held.iter().position(|held| held.key == key) {
             self.held.remove(i);
         }
         if self.held.is_empty() {
             self.trim.emptied(now);
         }
+        // Held bodies lie in order of place: the last ends highest.
+        let top = self.held.last().map_or(0, |held| held.end);
+        self.trim.cap(area, top);
     }
 }
 
@@ -433,9 +481,11 @@ impl RequestArea {
 
     /// Request `id` is answered or taken back: the worker will not read its
     /// body again (a worker reads a request only before it replies, and
-    /// never one it could not claim).
-    pub fn release(&mut self, id: u64, now: Instant) {
-        self.bodies.borrow_mut().give_back(id, now);
+    /// never one it could not claim). `claims` are the worker's.
+    pub fn release(&mut self, claims: &Claims, id: u64, now: Instant) {
+        self.bodies
+            .borrow_mut()
+            .give_back(id, claims.area(true), now);
     }
 
     /// Whether any body is in the area.
@@ -556,9 +606,9 @@ impl InArea for AreaBody {
 impl Drop for AreaBody {
     fn drop(&mut self) {
         let mut bodies = self.bodies.borrow_mut();
-        bodies.give_back(self.key, Instant::now());
+        let area = self.claims.area(true);
+        bodies.give_back(self.key, area, Instant::now());
         if bodies.detached {
-            let area = self.claims.area(true);
             remove_pages(area, self.start, self.start + self.len);
         }
     }
@@ -822,7 +872,9 @@ impl<'a> ReplyArea<'a> {
         };
         // Each buffer begins a page, so that the pages made writable for it
         // hold no byte of another reply.
-        let at = place(head.next_multiple_of(PAGE as u64), tail, len, area)?;
+        let head = head.next_multiple_of(PAGE as u64);
+        let at =
+            next_lap_past_spare(head, tail, len, area).or_else(|| place(head, tail, len, area))?;
         let (from, to) = (
             offset(at, area),
             (offset(at, area) + len).next_multiple_of(PAGE),
@@ -886,22 +938,53 @@ impl<'a> ReplyArea<'a> {
     }
 
     /// Between requests (and while waiting for one): gives back the area's
-    /// pages past [`KEEP`] once the daemon has given back every reply and
-    /// the area has been empty for [`TRIM_AFTER`].
+    /// pages more than [`SPARE`] past the replies the daemon holds, and past
+    /// [`KEEP`] once it has given back every reply and the area has been
+    /// empty for [`TRIM_AFTER`].
     pub fn idle(&mut self, now: Instant) {
-        if self.claims.area_tail() == self.head && self.trim.holding() {
+        if !self.trim.holding() {
+            return;
+        }
+        let (tail, area) = (self.claims.area_tail(), self.claims.area_len() as u64);
+        let top = if tail == self.head {
             self.trim.emptied(now);
-            if !self.trim.due(now) {
+            if self.trim.due(now) {
+                // MADV_REMOVE wants a writable mapping.
+                let (start, len) = (self.claims.area(false), self.claims.area_len());
+                if protect(start, 0, len, true).is_ok() {
+                    self.trim.trim(start, now);
+                    self.writable = Some((0, len));
+                    self.make_read_only();
+                }
                 return;
             }
-            // MADV_REMOVE wants a writable mapping.
-            let (area, len) = (self.claims.area(false), self.claims.area_len());
-            if protect(area, 0, len, true).is_ok() {
-                self.trim.trim(area, now);
-                self.writable = Some((0, len));
-                self.make_read_only();
-            }
+            0
+        } else if tail / area == (self.head - 1) / area {
+            // The replies held lie in one lap, and nothing past them.
+            offset(self.head - 1, self.claims.area_len()) + 1
+        } else {
+            // They wrap round: what lies between waits until they do not.
+            return;
+        };
+        if self.trim.spares_past(top) {
+            self.give_back_past(top);
         }
+    }
+
+    /// Gives back the pages more than [`SPARE`] past `top`, where the
+    /// replies held end.
+    fn give_back_past(&mut self, top: usize) {
+        let (start, len) = (self.claims.area(false), self.claims.area_len());
+        let from = (top + SPARE).next_multiple_of(PAGE);
+        let to = self.trim.high.next_multiple_of(PAGE).min(len);
+        // MADV_REMOVE wants a writable mapping; the last buffer's pages,
+        // which may lie there, are made read-only first.
+        if from >= to || !self.make_read_only() || protect(start, from, to, true).is_err() {
+            return;
+        }
+        self.trim.cap(start, top);
+        self.writable = Some((from, to));
+        self.make_read_only();
     }
 }
 
@@ -985,7 +1068,7 @@ mod tests {
         let a = area.put(&daemon, 1, &[1; 40_000]).unwrap();
         assert_eq!(area.put(&daemon, 2, &[2; 40_000]), None, "full");
         assert_eq!(read_request(&worker, a, 40_000), vec![1; 40_000]);
-        area.release(1, now);
+        area.release(&daemon, 1, now);
         assert_eq!(area.held(), 0);
         let b = area.put(&daemon, 2, &[2; 40_000]).unwrap();
         let c = area.put(&daemon, 3, &[3; 20_000]).unwrap();
@@ -993,13 +1076,13 @@ mod tests {
         assert_eq!(read_request(&worker, c, 20_000), vec![3; 20_000]);
         // Answered out of order: each place is free at once, and the first
         // gap that fits takes the next body.
-        area.release(2, now);
+        area.release(&daemon, 2, now);
         assert_eq!(area.held(), 1);
         let d = area.put(&daemon, 4, &[4; 30_000]).unwrap();
         assert_eq!(d, b, "in the gap 2 left, before 3");
         assert_eq!(read_request(&worker, c, 20_000), vec![3; 20_000]);
-        area.release(3, now);
-        area.release(4, now);
+        area.release(&daemon, 3, now);
+        area.release(&daemon, 4, now);
         assert_eq!(area.held(), 0);
     }
 
@@ -1016,7 +1099,7 @@ mod tests {
                 .put(&daemon, id, &[2; 40_000])
                 .unwrap_or_else(|| panic!("body {id} found no room"));
             assert!(at >= 20_000, "never over the held body");
-            area.release(id, now);
+            area.release(&daemon, id, now);
         }
         assert_eq!(&RequestBody::Area(held)[..], &[1; 20_000][..]);
     }
@@ -1055,12 +1138,12 @@ mod tests {
         assert_eq!(read_request(&worker, at, 40_000), vec![4; 40_000]);
         // Answered: nothing to give back by id; the place is held until the
         // body is dropped, and the next body goes after it.
-        area.release(1, Instant::now());
+        area.release(&daemon, 1, Instant::now());
         assert_eq!(area.held(), 1);
         let next = area.put(&daemon, 2, &[5; 40_000]).unwrap();
         assert!(next >= at + 40_000);
         drop(body);
-        area.release(2, Instant::now());
+        area.release(&daemon, 2, Instant::now());
         assert_eq!(area.held(), 0);
         assert!(!area.holds_any());
     }
@@ -1106,10 +1189,10 @@ mod tests {
         let now = Instant::now();
         area.put(&daemon, 1, &[1; 20_000]).unwrap();
         area.put(&daemon, 2, &[2; 20_000]).unwrap();
-        area.release(2, now); // taken back: 1 still runs
+        area.release(&daemon, 2, now); // taken back: 1 still runs
         area.put(&daemon, 2, &[2; 20_000]).unwrap(); // the same worker again
-        area.release(2, now);
-        area.release(1, now);
+        area.release(&daemon, 2, now);
+        area.release(&daemon, 1, now);
         assert_eq!(area.held(), 0, "nothing is held for good");
     }
 
@@ -1255,7 +1338,7 @@ mod tests {
         assert!(area.holds_pages());
         area.trim(&daemon, start + 2 * TRIM_AFTER);
         assert_eq!(read_request(&worker, KEEP as u64, 16)[0], 9, "in use");
-        area.release(1, start);
+        area.release(&daemon, 1, start);
         area.trim(&daemon, start);
         assert_eq!(read_request(&worker, KEEP as u64, 16)[0], 9, "not yet");
         area.trim(&daemon, start + TRIM_AFTER);
@@ -1266,6 +1349,93 @@ mod tests {
             "given back"
         );
         assert_eq!(read_request(&worker, 0, 16), vec![9; 16], "kept");
+    }
+
+    #[test]
+    fn a_request_area_in_use_keeps_no_more_than_a_spare_past_the_bodies_it_holds() {
+        const MIB: usize = 1 << 20;
+        let (daemon, worker) = shared(64 * MIB);
+        let mut area = RequestArea::default();
+        let now = Instant::now();
+        for id in 1..=3 {
+            let at = area.put(&daemon, id, &vec![id as u8; 16 * MIB]).unwrap();
+            assert_eq!(at, (id - 1) * 16 * MIB as u64);
+        }
+        area.release(&daemon, 3, now);
+        assert_eq!(
+            read_request(&worker, 40 * MIB as u64, 16),
+            vec![3; 16],
+            "a spare past 32 MiB"
+        );
+        area.release(&daemon, 2, now);
+        // Body 1 is still held: the area is not empty, yet the pages more
+        // than a spare past it go back at once.
+        assert_eq!(
+            read_request(&worker, 40 * MIB as u64, 16),
+            vec![0; 16],
+            "given back"
+        );
+        assert_eq!(
+            read_request(&worker, 20 * MIB as u64, 16),
+            vec![2; 16],
+            "the spare"
+        );
+        assert_eq!(read_request(&worker, 0, 16), vec![1; 16], "held");
+    }
+
+    #[test]
+    fn a_reply_area_in_use_begins_again_early_and_keeps_no_more_than_a_spare_past_the_replies_held()
+    {
+        const MIB: usize = 1 << 20;
+        let (daemon, worker) = shared(64 * MIB);
+        let daemon = Rc::new(daemon);
+        let mut writer = ReplyArea::new(&worker);
+        let mut reader = ReplyAreaReader::default();
+        let mut reply = |writer: &mut ReplyArea, fill: u8| {
+            let mut buffer = writer.buffer(16 * MIB).unwrap();
+            buffer.as_mut().fill(fill);
+            writer.sent(&buffer);
+            reader
+                .take(&daemon, &encode(buffer.at, buffer.len()))
+                .unwrap()
+        };
+        let (first, second, third) = (
+            reply(&mut writer, 1),
+            reply(&mut writer, 2),
+            reply(&mut writer, 3),
+        );
+        let at = |body: &ReplyBody| match body {
+            Body::Area(reply) => reply.at,
+            Body::Own(_) => panic!("not in the area"),
+        };
+        assert_eq!(
+            (at(&first), at(&second), at(&third)),
+            (0, 16 << 20, 32 << 20),
+            "the first still held"
+        );
+        drop((first, second));
+        let fourth = reply(&mut writer, 4);
+        assert_eq!(
+            at(&fourth),
+            64 << 20,
+            "past the spare and with room: a new lap"
+        );
+        let read = |offset: usize| {
+            // SAFETY: inside the reply area; nothing writes it now.
+            unsafe { std::slice::from_raw_parts(daemon.area(false).add(offset), 16) }.to_vec()
+        };
+        writer.idle(Instant::now());
+        assert_eq!(read(40 * MIB), vec![3; 16], "the third is still held");
+        drop(third);
+        writer.idle(Instant::now());
+        assert_eq!(
+            read(40 * MIB),
+            vec![0; 16],
+            "more than a spare past the fourth: given back"
+        );
+        assert_eq!(read(20 * MIB), vec![2; 16], "the spare is kept");
+        assert_eq!(read(0), vec![4; 16]);
+        drop(fourth);
     }
 
     #[test]

@@ -132,13 +132,13 @@ impl Endpoint {
 
     /// Takes back request `id` if the worker has not started it.
     pub(super) fn withdraw(&mut self, ticket: Ticket, id: RequestId) -> bool {
-        let withdrawn = self
-            .claims
-            .as_ref()
-            .is_some_and(|claims| claims.withdraw(ticket, id));
+        let Some(claims) = self.claims.as_ref() else {
+            return false;
+        };
+        let withdrawn = claims.withdraw(ticket, id);
         if let (true, Carrier::Local(link)) = (withdrawn, &mut self.carrier) {
             // The worker will never read it: its body's place is free.
-            link.release_request(id);
+            link.release_request(claims, id);
         }
         withdrawn
     }

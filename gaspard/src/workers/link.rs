@@ -469,11 +469,12 @@ impl Link {
     }
 
     /// Request `id` is answered or taken back: its body's place in the
-    /// request area (if it had one) may be used again.
-    pub fn release_request(&mut self, id: u64) {
+    /// request area (if it had one) may be used again. `claims` are the
+    /// worker's, where the area is.
+    pub fn release_request(&mut self, claims: &Claims, id: u64) {
         // Most requests never were in the area: no clock read for them.
         if self.request_area.holds_any() {
-            self.request_area.release(id, Instant::now());
+            self.request_area.release(claims, id, Instant::now());
         }
     }
 
@@ -558,9 +559,13 @@ impl Link {
                 };
                 message.body = self.reply_area.take(claims, &message.body)?;
                 message.kind = Kind::Reply;
-                self.release_request(message.value);
+                self.release_request(claims, message.value);
             }
-            Kind::Reply | Kind::Failed => self.release_request(message.value),
+            Kind::Reply | Kind::Failed => {
+                if let Some(claims) = claims {
+                    self.release_request(claims, message.value);
+                }
+            }
             _ => {}
         }
         Ok(Some(message))
