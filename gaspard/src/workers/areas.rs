@@ -378,8 +378,13 @@ struct HeldBody {
     end: usize,
 }
 
-/// The key bit of a body read in place (request ids never reach it).
+/// The key bit of a body read in place (request ids never reach it), or
+/// moved in ([`RequestArea::move_in`]): the daemon's only copy, given back
+/// when dropped.
 const READ_IN_PLACE: u64 = 1 << 63;
+/// The key bit of a body moved in, with [`READ_IN_PLACE`]: it was already
+/// sent to the worker, so it does not count as work about to come.
+const MOVED_IN: u64 = 1 << 62;
 
 /// Where bodies begin in the request area: a cache line.
 const BODY_ALIGN: usize = 64;
@@ -452,9 +457,35 @@ impl RequestArea {
     /// worth it, too large to copy should it go to another worker, or does
     /// not fit. `slot` is the worker's, for the dispatcher's choice.
     pub fn place(&mut self, claims: &Rc<Claims>, slot: usize, len: usize) -> Option<AreaBody> {
+        self.place_as(claims, slot, len, READ_IN_PLACE)
+    }
+
+    /// Moves `body`, the daemon's own bytes, into the area for this worker
+    /// (in `slot`) to run: it lies there from now on, as a body read in
+    /// place does, and the caller drops its own copy. `None` if it is too
+    /// small to be worth it, too large to copy on the loop, or does not fit.
+    /// A body copied into an area kept its first copy in the daemon's heap
+    /// until answered: two copies of each queued large body, up to a whole
+    /// area of them per worker.
+    pub fn move_in(&mut self, claims: &Rc<Claims>, slot: usize, body: &[u8]) -> Option<AreaBody> {
+        let mut moved = self.place_as(claims, slot, body.len(), READ_IN_PLACE | MOVED_IN)?;
+        moved.unfilled().copy_from_slice(body);
+        moved.filled(body.len());
+        Some(moved)
+    }
+
+    /// Room for `len` bytes held under a new key of the `kind` of
+    /// [`READ_IN_PLACE`] or [`MOVED_IN`] bodies.
+    fn place_as(
+        &mut self,
+        claims: &Rc<Claims>,
+        slot: usize,
+        len: usize,
+        kind: u64,
+    ) -> Option<AreaBody> {
         let area = claims.area_len();
         let mut bodies = self.bodies.borrow_mut();
-        let key = READ_IN_PLACE | (bodies.last_in_place + 1);
+        let key = kind | (bodies.last_in_place + 1);
         let start = bodies.reserve(key, len, area)?;
         bodies.last_in_place += 1;
         Some(AreaBody {
@@ -500,14 +531,14 @@ impl RequestArea {
         let in_place = bodies
             .held
             .iter()
-            .filter(|held| held.key & READ_IN_PLACE != 0);
+            .filter(|held| held.key & (READ_IN_PLACE | MOVED_IN) == READ_IN_PLACE);
         in_place.count()
     }
 
     /// The worker is dead: nobody reads the area any more, so its pages are
-    /// given back, but for the bodies read in place, which are the daemon's
-    /// only copy (kept for another worker, or until their client goes).
-    /// Copied bodies the daemon has in its own memory.
+    /// given back, but for the bodies read in place or moved in, which are
+    /// the daemon's only copy (kept for another worker, or until their
+    /// client goes). Copied bodies the daemon has in its own memory.
     pub fn worker_gone(&mut self, claims: &Claims) {
         let mut bodies = self.bodies.borrow_mut();
         bodies.held.retain(|held| held.key & READ_IN_PLACE != 0);

@@ -333,6 +333,19 @@ impl Dispatcher {
         }
     }
 
+    /// Request `id`'s body now lies in its worker's request area
+    /// (`Link::queue_request`): that is the body kept from now on, for the
+    /// request to be sent again if need be, and the one it replaces goes.
+    pub(crate) fn body_moved(&mut self, id: RequestId, moved: Payload) {
+        if let Some(Request {
+            place: Place::Running { payload, .. },
+            ..
+        }) = self.requests.get_mut(&id)
+        {
+            *payload = moved;
+        }
+    }
+
     /// Puts back an assignment that could not be sent, at the head of the queue.
     pub(crate) fn unassign(&mut self, assignment: Assignment) {
         let Assignment {

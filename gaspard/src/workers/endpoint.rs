@@ -102,24 +102,27 @@ impl Linking {
 impl Endpoint {
     /// Stages request `id` in its claim entry before the worker can see it,
     /// then queues it; the payload is shared with the dispatcher, not copied
-    /// (the zmq link copies it into its message).
-    pub(super) fn send(&mut self, assignment: Assignment) {
+    /// (the zmq link copies it into its message). Returns the payload as it
+    /// now lies in the worker's request area, if it was moved there: the
+    /// dispatcher keeps that instead (`Link::queue_request`).
+    pub(super) fn send(&mut self, assignment: Assignment) -> Option<Payload> {
         let Assignment {
+            slot,
             id,
             ticket,
             payload,
-            ..
         } = assignment;
         if let Some(claims) = &self.claims {
             claims.stage(ticket, id);
         }
         match &mut self.carrier {
             Carrier::Local(link) => {
-                link.queue_request(id, ticket.encode(), payload, self.claims.as_deref())
+                return link.queue_request(id, ticket.encode(), payload, slot, self.claims.as_ref())
             }
             Carrier::Zmq(link) => link.queue_request(id, ticket.encode(), payload),
             Carrier::Remote(link) => link.outgoing.push((id, payload)),
         }
+        None
     }
 
     /// Whether the worker had started request `id` (it may have run; with

@@ -421,31 +421,44 @@ impl Link {
         Ok(())
     }
 
-    /// Queues request `id` with its encoded claim ticket; [`Link::flush`]
-    /// sends it. A large body already read into this worker's request area
-    /// is sent as a frame that says where it lies; another is copied into
-    /// that area in `claims` if it fits there (`areas.rs`), and likewise
-    /// sent as a frame; else the body is sent from where it is, without a
-    /// copy. The body is at most [`MAX_BODY`] bytes: the workers part
-    /// refuses larger requests.
+    /// Queues request `id` with its encoded claim ticket for the worker in
+    /// `slot`; [`Link::flush`] sends it. A large body already read into
+    /// this worker's request area is sent as a frame that says where it
+    /// lies; another is moved (the daemon's own bytes) or copied (another
+    /// worker's area's) into that area in `claims` if it fits there
+    /// (`areas.rs`), and likewise sent as a frame; else the body is sent
+    /// from where it is, without a copy. The body is at most [`MAX_BODY`]
+    /// bytes: the workers part refuses larger requests. Returns the body as
+    /// it lies in the area if it was moved there: the caller keeps that
+    /// instead, and the daemon's own copy goes.
     pub fn queue_request(
         &mut self,
         id: u64,
         ticket: u32,
         body: Rc<RequestBody>,
-        claims: Option<&Claims>,
-    ) {
-        let in_area = self
-            .request_area
-            .position_of(&body)
-            .or_else(|| claims.and_then(|claims| self.request_area.put(claims, id, &body)));
+        slot: usize,
+        claims: Option<&Rc<Claims>>,
+    ) -> Option<Rc<RequestBody>> {
+        let mut moved = None;
+        let in_area = match (self.request_area.position_of(&body), claims, &*body) {
+            (Some(at), _, _) => Some(at),
+            (None, Some(claims), RequestBody::Own(bytes)) => {
+                let area_body = self.request_area.move_in(claims, slot, bytes);
+                moved = area_body.map(|area_body| Rc::new(RequestBody::Area(area_body)));
+                moved
+                    .as_ref()
+                    .and_then(|moved| self.request_area.position_of(moved))
+            }
+            (None, Some(claims), RequestBody::Area(_)) => self.request_area.put(claims, id, &body),
+            (None, None, _) => None,
+        };
         if let Some(at) = in_area {
             self.out.push_back(Outgoing {
                 header: area_frame(Kind::RequestInArea, ticket, id, at, body.len()),
                 header_len: HEADER_LEN + areas::FRAME_BODY,
                 body: None,
             });
-            return;
+            return moved;
         }
         let len = u32::try_from(body.len()).expect("requests over MAX_BODY are refused");
         let mut header = [0; HEADER_LEN + areas::FRAME_BODY];
@@ -455,6 +468,7 @@ impl Link {
             header_len: HEADER_LEN,
             body: Some(body),
         });
+        None
     }
 
     /// Room in the worker's request area for a body of `len` bytes to be
@@ -971,8 +985,8 @@ mod tests {
         let (mut link, mut worker) = linked();
         let (daemon, claims) = shared_areas(1 << 20);
         let big = Rc::new(RequestBody::from(vec![5u8; 300_000]));
-        link.queue_request(1, 3, Rc::clone(&big), Some(&daemon));
-        link.queue_request(2, 4, Rc::new(b"small".to_vec().into()), Some(&daemon));
+        link.queue_request(1, 3, Rc::clone(&big), 0, Some(&daemon));
+        link.queue_request(2, 4, Rc::new(b"small".to_vec().into()), 0, Some(&daemon));
         link.flush().unwrap();
         // The worker reads two frames: the first says where its body is.
         let mut got = vec![0; 2 * HEADER_LEN + areas::FRAME_BODY + 5];
@@ -1032,8 +1046,23 @@ mod tests {
     fn a_body_that_does_not_fit_its_area_takes_the_socket() {
         let (mut link, mut worker) = linked();
         let (daemon, _claims) = shared_areas(100_000);
-        link.queue_request(1, 0, Rc::new(vec![1; 80_000].into()), Some(&daemon));
-        link.queue_request(2, 0, Rc::new(vec![2; 80_000].into()), Some(&daemon));
+        // The first moves into the area: the dispatcher keeps it as it lies
+        // there, and the daemon's own copy goes.
+        let own = Rc::new(vec![1; 80_000].into());
+        let own_copy = Rc::downgrade(&own);
+        let first = link.queue_request(1, 0, own, 0, Some(&daemon));
+        assert!(
+            first
+                .as_ref()
+                .is_some_and(|body| body.area_slot() == Some(0)),
+            "moved in"
+        );
+        assert!(
+            own_copy.upgrade().is_none(),
+            "the daemon's own copy is freed"
+        );
+        let second = link.queue_request(2, 0, Rc::new(vec![2; 80_000].into()), 0, Some(&daemon));
+        assert!(second.is_none(), "no room: it stays where it is");
         link.flush().unwrap();
         let mut got = vec![0; 2 * HEADER_LEN + areas::FRAME_BODY + 80_000];
         worker.socket.read_exact(&mut got).unwrap();
@@ -1041,10 +1070,12 @@ mod tests {
         let header = parse_header(second[..HEADER_LEN].try_into().unwrap()).unwrap();
         assert_eq!((header.kind, header.len), (Kind::Request, 80_000));
         assert!(second[HEADER_LEN..].iter().all(|&b| b == 2));
-        // Once the first is answered, its place is free again.
+        // Once the first is answered (and the dispatcher drops it), its
+        // place is free again.
         worker.send(&frame(Kind::Reply, 1, b"done"));
         assert_eq!(receive_all(&mut link, &daemon).len(), 1);
-        link.queue_request(3, 0, Rc::new(vec![3; 80_000].into()), Some(&daemon));
+        drop(first);
+        link.queue_request(3, 0, Rc::new(vec![3; 80_000].into()), 0, Some(&daemon));
         link.flush().unwrap();
         let mut head = [0; HEADER_LEN];
         worker.socket.read_exact(&mut head).unwrap();
@@ -1055,8 +1086,8 @@ mod tests {
     fn queued_frames_are_written_whole_even_when_the_socket_fills() {
         let (mut link, mut worker) = linked();
         let big = vec![7u8; 16 << 20];
-        link.queue_request(1, 0, Rc::new(big.clone().into()), None);
-        link.queue_request(2, 1, Rc::new(b"small".to_vec().into()), None);
+        link.queue_request(1, 0, Rc::new(big.clone().into()), 0, None);
+        link.queue_request(2, 1, Rc::new(b"small".to_vec().into()), 0, None);
         link.flush().unwrap();
         assert!(
             link.has_output(),
@@ -1288,7 +1319,7 @@ mod tests {
         // The worker died with a request unread: its replies are still all
         // there, and then the stream simply ends.
         let (mut link, mut worker) = linked();
-        link.queue_request(9, 0, Rc::new(b"never read".to_vec().into()), None);
+        link.queue_request(9, 0, Rc::new(b"never read".to_vec().into()), 0, None);
         link.flush().unwrap();
         worker.send(&frame(Kind::Reply, 8, b"done"));
         drop(worker);
@@ -1312,7 +1343,7 @@ mod tests {
         // dropped too, even though the pipe had its whole header.
         for read_before_death in [false, true] {
             let (mut link, mut worker) = linked();
-            link.queue_request(9, 0, Rc::new(b"never read".to_vec().into()), None);
+            link.queue_request(9, 0, Rc::new(b"never read".to_vec().into()), 0, None);
             link.flush().unwrap();
             let large = frame(Kind::Reply, 2, &[5; MAX_PIPED_BODY + 1]);
             worker.pipe.write_all(&large[..HEADER_LEN]).unwrap();

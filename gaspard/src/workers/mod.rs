@@ -994,7 +994,10 @@ impl Requests for Workers {
                 self.dispatcher.unassign(assignment);
                 break;
             };
-            endpoint.send(assignment);
+            let id = assignment.id;
+            if let Some(moved) = endpoint.send(assignment) {
+                self.dispatcher.body_moved(id, moved);
+            }
             watch_trim(&mut self.trim_check, || endpoint.area_holds_pages());
             if self.dispatcher.held(slot) == 1 {
                 idle.push(slot);
