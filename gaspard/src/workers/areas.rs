@@ -66,11 +66,13 @@ pub const MAX_COPIED_BODY: usize = 16 << 20;
 pub const FRAME_BODY: usize = 16;
 /// What an area keeps of its pages when trimmed.
 pub const KEEP: usize = 1 << 20;
-/// What an area keeps of its free pages past the bodies it holds while in
-/// use: room for one more of the largest bodies copied on the loop, so that
-/// a steady load of them faults no page in again. Past that its pages go
-/// back as bodies leave, so that the daemon's memory follows the bodies in
-/// flight rather than the most the area ever held.
+/// What an area keeps at least of its free pages past the bodies it holds
+/// while in use: room for one more of the largest bodies copied on the
+/// loop, or of the largest body it has held, if larger (a reply may be),
+/// so that a steady load of them, given back in order, faults no page in
+/// again. Past that its pages go back as bodies leave, so that the daemon's
+/// memory follows the bodies in flight rather than the most the area ever
+/// held.
 pub const SPARE: usize = MAX_COPIED_BODY;
 /// How long an area must have been empty before it is trimmed.
 pub const TRIM_AFTER: Duration = Duration::from_secs(1);
@@ -179,13 +181,22 @@ fn offset(at: u64, area: usize) -> usize {
 #[derive(Default)]
 struct Trim {
     high: usize,
+    /// The largest body placed since the last trim.
+    largest: usize,
     empty_since: Option<Instant>,
 }
 
 impl Trim {
-    fn used(&mut self, end: usize) {
+    /// A body of `len` bytes ending at `end` is placed.
+    fn used(&mut self, end: usize, len: usize) {
         self.high = self.high.max(end);
+        self.largest = self.largest.max(len);
         self.empty_since = None;
+    }
+
+    /// What the area keeps of its free pages past the bodies it holds.
+    fn spare(&self) -> usize {
+        SPARE.max(self.largest)
     }
 
     fn emptied(&mut self, now: Instant) {
@@ -212,19 +223,20 @@ impl Trim {
         // Nobody reads it while it is empty: the other side only reads bytes
         // it was told of, and all those were given back.
         self.cut(start, KEEP);
+        self.largest = 0;
     }
 
-    /// Whether pages lie more than [`SPARE`] past `top`, where the bodies
-    /// held end.
+    /// Whether pages lie more than [`Self::spare`] past `top`, where the
+    /// bodies held end.
     fn spares_past(&self, top: usize) -> bool {
-        self.high > top.saturating_add(SPARE)
+        self.high > top.saturating_add(self.spare())
     }
 
-    /// Gives back the pages more than [`SPARE`] past `top`, where the
+    /// Gives back the pages more than [`Self::spare`] past `top`, where the
     /// bodies held end: nobody reads bytes past them.
     fn cap(&mut self, start: *mut u8, top: usize) {
         if self.spares_past(top) {
-            self.cut(start, top + SPARE);
+            self.cut(start, top + self.spare());
         }
     }
 
@@ -416,13 +428,14 @@ impl RequestBodies {
         }
         let end = start + len;
         self.held.insert(index, HeldBody { key, start, end });
-        self.trim.used(end);
+        self.trim.used(end, len);
         Some(start)
     }
 
     /// Gives back the body held under `key` (a request taken back and sent
     /// to the same worker again is there once per sending), and the pages
-    /// of the area at `area` more than [`SPARE`] past the bodies still held.
+    /// of the area at `area` more than a spare (see [`SPARE`]) past the
+    /// bodies still held.
     fn give_back(&mut self, key: u64, area: *mut u8, now: Instant) {
         if let Some(i) = self.held.iter().position(|held| held.key == key) {
             self.held.remove(i);
@@ -959,8 +972,8 @@ impl<'a> ReplyArea<'a> {
     /// takes them.
     pub fn sent(&mut self, buffer: &AreaBuffer) {
         self.head = buffer.at + buffer.len as u64;
-        self.trim
-            .used(offset(buffer.at, self.claims.area_len()) + buffer.len);
+        let start = offset(buffer.at, self.claims.area_len());
+        self.trim.used(start + buffer.len, buffer.len);
     }
 
     /// Whether the area holds pages [`Self::idle`] may give back.
@@ -969,7 +982,7 @@ impl<'a> ReplyArea<'a> {
     }
 
     /// Between requests (and while waiting for one): gives back the area's
-    /// pages more than [`SPARE`] past the replies the daemon holds, and past
+    /// pages more than a spare (see [`SPARE`]) past the replies the daemon holds, and past
     /// [`KEEP`] once it has given back every reply and the area has been
     /// empty for [`TRIM_AFTER`].
     pub fn idle(&mut self, now: Instant) {
@@ -1002,11 +1015,11 @@ impl<'a> ReplyArea<'a> {
         }
     }
 
-    /// Gives back the pages more than [`SPARE`] past `top`, where the
-    /// replies held end.
+    /// Gives back the pages more than a spare (see [`SPARE`]) past `top`,
+    /// where the replies held end.
     fn give_back_past(&mut self, top: usize) {
         let (start, len) = (self.claims.area(false), self.claims.area_len());
-        let from = (top + SPARE).next_multiple_of(PAGE);
+        let from = (top + self.trim.spare()).next_multiple_of(PAGE);
         let to = self.trim.high.next_multiple_of(PAGE).min(len);
         // MADV_REMOVE wants a writable mapping; the last buffer's pages,
         // which may lie there, are made read-only first.
@@ -1467,6 +1480,38 @@ mod tests {
         assert_eq!(read(20 * MIB), vec![2; 16], "the spare is kept");
         assert_eq!(read(0), vec![4; 16]);
         drop(fourth);
+    }
+
+    #[test]
+    fn replies_larger_than_the_spare_keep_their_pages_from_one_call_to_the_next() {
+        const MIB: usize = 1 << 20;
+        let (daemon, worker) = shared(64 * MIB);
+        let daemon = Rc::new(daemon);
+        let mut writer = ReplyArea::new(&worker);
+        let mut reader = ReplyAreaReader::default();
+        for fill in 1..=2 {
+            let mut buffer = writer.buffer(2 * SPARE).unwrap();
+            assert_eq!(
+                buffer.at % (64 * MIB) as u64,
+                0,
+                "an empty area: from its start"
+            );
+            buffer.as_mut().fill(fill);
+            writer.sent(&buffer);
+            drop(
+                reader
+                    .take(&daemon, &encode(buffer.at, buffer.len()))
+                    .unwrap(),
+            );
+            writer.idle(Instant::now());
+            // SAFETY: inside the reply area; nothing writes it now.
+            let past_spare =
+                unsafe { std::slice::from_raw_parts(daemon.area(false).add(SPARE + MIB), 16) };
+            assert_eq!(
+                past_spare, &[fill; 16],
+                "the pages of the largest reply stay for the next"
+            );
+        }
     }
 
     #[test]

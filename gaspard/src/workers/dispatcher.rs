@@ -337,12 +337,15 @@ impl Dispatcher {
     /// (`Link::queue_request`): that is the body kept from now on, for the
     /// request to be sent again if need be, and the one it replaces goes.
     pub(crate) fn body_moved(&mut self, id: RequestId, moved: Payload) {
-        if let Some(Request {
-            place: Place::Running { payload, .. },
-            ..
-        }) = self.requests.get_mut(&id)
-        {
-            *payload = moved;
+        match self.requests.get_mut(&id) {
+            Some(Request {
+                place: Place::Running { payload, .. },
+                ..
+            }) => *payload = moved,
+            // `next_assignment` has just made it Running: the body moved is
+            // its only copy, and dropping it would free bytes the worker is
+            // about to read.
+            _ => debug_assert!(false, "request {id} moved its body but is not running"),
         }
     }
 

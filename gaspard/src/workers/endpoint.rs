@@ -105,6 +105,7 @@ impl Endpoint {
     /// (the zmq link copies it into its message). Returns the payload as it
     /// now lies in the worker's request area, if it was moved there: the
     /// dispatcher keeps that instead (`Link::queue_request`).
+    #[must_use = "a payload moved into the area is freed with it: the dispatcher must keep it"]
     pub(super) fn send(&mut self, assignment: Assignment) -> Option<Payload> {
         let Assignment {
             slot,

@@ -431,6 +431,7 @@ impl Link {
     /// bytes: the workers part refuses larger requests. Returns the body as
     /// it lies in the area if it was moved there: the caller keeps that
     /// instead, and the daemon's own copy goes.
+    #[must_use = "a body moved into the area is freed with it: keep it until answered"]
     pub fn queue_request(
         &mut self,
         id: u64,
@@ -985,8 +986,8 @@ mod tests {
         let (mut link, mut worker) = linked();
         let (daemon, claims) = shared_areas(1 << 20);
         let big = Rc::new(RequestBody::from(vec![5u8; 300_000]));
-        link.queue_request(1, 3, Rc::clone(&big), 0, Some(&daemon));
-        link.queue_request(2, 4, Rc::new(b"small".to_vec().into()), 0, Some(&daemon));
+        let _kept = link.queue_request(1, 3, Rc::clone(&big), 0, Some(&daemon));
+        let _kept = link.queue_request(2, 4, Rc::new(b"small".to_vec().into()), 0, Some(&daemon));
         link.flush().unwrap();
         // The worker reads two frames: the first says where its body is.
         let mut got = vec![0; 2 * HEADER_LEN + areas::FRAME_BODY + 5];
@@ -1075,7 +1076,7 @@ mod tests {
         worker.send(&frame(Kind::Reply, 1, b"done"));
         assert_eq!(receive_all(&mut link, &daemon).len(), 1);
         drop(first);
-        link.queue_request(3, 0, Rc::new(vec![3; 80_000].into()), 0, Some(&daemon));
+        let _kept = link.queue_request(3, 0, Rc::new(vec![3; 80_000].into()), 0, Some(&daemon));
         link.flush().unwrap();
         let mut head = [0; HEADER_LEN];
         worker.socket.read_exact(&mut head).unwrap();
@@ -1086,8 +1087,8 @@ mod tests {
     fn queued_frames_are_written_whole_even_when_the_socket_fills() {
         let (mut link, mut worker) = linked();
         let big = vec![7u8; 16 << 20];
-        link.queue_request(1, 0, Rc::new(big.clone().into()), 0, None);
-        link.queue_request(2, 1, Rc::new(b"small".to_vec().into()), 0, None);
+        let _kept = link.queue_request(1, 0, Rc::new(big.clone().into()), 0, None);
+        let _kept = link.queue_request(2, 1, Rc::new(b"small".to_vec().into()), 0, None);
         link.flush().unwrap();
         assert!(
             link.has_output(),
@@ -1319,7 +1320,7 @@ mod tests {
         // The worker died with a request unread: its replies are still all
         // there, and then the stream simply ends.
         let (mut link, mut worker) = linked();
-        link.queue_request(9, 0, Rc::new(b"never read".to_vec().into()), 0, None);
+        let _kept = link.queue_request(9, 0, Rc::new(b"never read".to_vec().into()), 0, None);
         link.flush().unwrap();
         worker.send(&frame(Kind::Reply, 8, b"done"));
         drop(worker);
@@ -1343,7 +1344,7 @@ mod tests {
         // dropped too, even though the pipe had its whole header.
         for read_before_death in [false, true] {
             let (mut link, mut worker) = linked();
-            link.queue_request(9, 0, Rc::new(b"never read".to_vec().into()), 0, None);
+            let _kept = link.queue_request(9, 0, Rc::new(b"never read".to_vec().into()), 0, None);
             link.flush().unwrap();
             let large = frame(Kind::Reply, 2, &[5; MAX_PIPED_BODY + 1]);
             worker.pipe.write_all(&large[..HEADER_LEN]).unwrap();
