@@ -7,11 +7,13 @@
 //!
 //! - the *request area*, which only the daemon writes: a request body of
 //!   [`MIN_BODY`] to [`MAX_COPIED_BODY`] bytes is read there straight from
-//!   its client ([`AreaBody`]) or copied there, and a small
-//!   [`Kind::RequestInArea`] frame says where; the handler reads it in
-//!   place. The daemon gives the bytes back to itself when the request is
-//!   answered or taken back, or the body read in place is dropped
-//!   ([`RequestArea`]), never while the worker may still read them.
+//!   its client ([`AreaBody`]), moved there from the daemon's memory when
+//!   sent ([`RequestArea::move_in`]), or copied there from another
+//!   worker's area, and a small [`Kind::RequestInArea`] frame says where;
+//!   the handler reads it in place. The daemon gives the bytes back to
+//!   itself when a copied body's request is answered or taken back, or when
+//!   a body read in place or moved in is dropped ([`RequestArea`]), never
+//!   while the worker may still read them.
 //! - the *reply area*, which only the worker writes: the buffer a handler
 //!   asks for a large reply is there ([`ReplyArea`]), and a small
 //!   [`Kind::ReplyInArea`] frame says where it is. The daemon writes the
@@ -477,9 +479,9 @@ impl RequestArea {
     /// (in `slot`) to run: it lies there from now on, as a body read in
     /// place does, and the caller drops its own copy. `None` if it is too
     /// small to be worth it, too large to copy on the loop, or does not fit.
-    /// A body copied into an area kept its first copy in the daemon's heap
-    /// until answered: two copies of each queued large body, up to a whole
-    /// area of them per worker.
+    /// Moved rather than copied: a copy kept beside the daemon's own until
+    /// the answer would hold each such body twice, up to a whole area of
+    /// them per worker.
     pub fn move_in(&mut self, claims: &Rc<Claims>, slot: usize, body: &[u8]) -> Option<AreaBody> {
         let mut moved = self.place_as(claims, slot, body.len(), READ_IN_PLACE | MOVED_IN)?;
         moved.unfilled().copy_from_slice(body);
