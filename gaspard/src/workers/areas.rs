@@ -7,13 +7,13 @@
 //!
 //! - the *request area*, which only the daemon writes: a request body of
 //!   [`MIN_BODY`] to [`MAX_COPIED_BODY`] bytes is read there straight from
-//!   its client ([`AreaBody`]), moved there from the daemon's memory when
-//!   sent ([`RequestArea::move_in`]), or copied there from another
-//!   worker's area, and a small [`Kind::RequestInArea`] frame says where;
-//!   the handler reads it in place. The daemon gives the bytes back to
-//!   itself when a copied body's request is answered or taken back, or when
-//!   a body read in place or moved in is dropped ([`RequestArea`]), never
-//!   while the worker may still read them.
+//!   its client, or moved there when sent from the daemon's memory or from
+//!   another worker's area ([`RequestArea::move_in`]), and a small
+//!   [`Kind::RequestInArea`] frame says where; the handler reads it in
+//!   place. Either way it is an [`AreaBody`], the daemon's only copy of the
+//!   body, whose place the daemon gives back to itself when it is dropped
+//!   (the request is answered, or its client gone), never while the worker
+//!   may still read it.
 //! - the *reply area*, which only the worker writes: the buffer a handler
 //!   asks for a large reply is there ([`ReplyArea`]), and a small
 //!   [`Kind::ReplyInArea`] frame says where it is. The daemon writes the
@@ -361,9 +361,9 @@ fn remove_pages_around(area: *mut u8, len: usize, held: impl Iterator<Item = (u6
     remove_pages(area, from, len);
 }
 
-/// The daemon's side of a worker's request area: where each body lies
-/// that it copied there (until its request is answered or taken back) or
-/// read there straight from its client ([`AreaBody`], until dropped).
+/// The daemon's side of a worker's request area: where each body lies that
+/// it read there straight from its client or moved there ([`AreaBody`],
+/// until dropped).
 #[derive(Default)]
 pub struct RequestArea {
     /// Shared with the bodies read into the area, which give their place
@@ -373,16 +373,13 @@ pub struct RequestArea {
 
 #[derive(Default)]
 struct RequestBodies {
-    /// The bodies in the area, by offset. Copied bodies are keyed by
-    /// request id; bodies read in place by [`READ_IN_PLACE`] and a number of
-    /// their own.
+    /// The bodies in the area, by offset, each under a number of its own.
     held: Vec<HeldBody>,
-    /// The last number given to a body read in place (its key, with
-    /// [`READ_IN_PLACE`]).
-    last_in_place: u64,
+    /// The last number given to a body.
+    last_key: u64,
     trim: Trim,
-    /// The worker is gone: a body read in place gives its pages back when
-    /// dropped, since nothing will use them again.
+    /// The worker is gone: a body gives its pages back when dropped, since
+    /// nothing will use them again.
     detached: bool,
 }
 
@@ -390,15 +387,10 @@ struct HeldBody {
     key: u64,
     start: usize,
     end: usize,
+    /// Moved in when sent ([`RequestArea::move_in`]), not read in place:
+    /// it does not count as work about to come.
+    moved: bool,
 }
-
-/// The key bit of a body read in place (request ids never reach it), or
-/// moved in ([`RequestArea::move_in`]): the daemon's only copy, given back
-/// when dropped.
-const READ_IN_PLACE: u64 = 1 << 63;
-/// The key bit of a body moved in, with [`READ_IN_PLACE`]: it was already
-/// sent to the worker, so it does not count as work about to come.
-const MOVED_IN: u64 = 1 << 62;
 
 /// Where bodies begin in the request area: a cache line.
 const BODY_ALIGN: usize = 64;
@@ -412,7 +404,7 @@ impl RequestBodies {
     /// only where a frame says, so a body held long (a slow client's, or one
     /// another worker runs) keeps only its own bytes from use. From the
     /// start: the pages in use stay those of the largest bodies.
-    fn reserve(&mut self, key: u64, len: usize, area: usize) -> Option<usize> {
+    fn reserve(&mut self, len: usize, area: usize, moved: bool) -> Option<(u64, usize)> {
         if !(MIN_BODY..=MAX_COPIED_BODY).contains(&len) {
             return None;
         }
@@ -429,15 +421,23 @@ impl RequestBodies {
             return None;
         }
         let end = start + len;
-        self.held.insert(index, HeldBody { key, start, end });
+        self.last_key += 1;
+        let key = self.last_key;
+        self.held.insert(
+            index,
+            HeldBody {
+                key,
+                start,
+                end,
+                moved,
+            },
+        );
         self.trim.used(end, len);
-        Some(start)
+        Some((key, start))
     }
 
-    /// Gives back the body held under `key` (a request taken back and sent
-    /// to the same worker again is there once per sending), and the pages
-    /// of the area at `area` more than a spare (see [`SPARE`]) past the
-    /// bodies still held.
+    /// Gives back the body held under `key`, and the pages of the area at
+    /// `area` more than a spare (see [`SPARE`]) past the bodies still held.
     fn give_back(&mut self, key: u64, area: *mut u8, now: Instant) {
         if let Some(i) = self.held.iter().position(|held| held.key == key) {
             self.held.remove(i);
@@ -452,57 +452,38 @@ impl RequestBodies {
 }
 
 impl RequestArea {
-    /// Copies request `id`'s `body` into the area of `claims`, if it is
-    /// large enough to be worth it and fits; returns its position (else the
-    /// body takes the socket).
-    pub fn put(&mut self, claims: &Claims, id: u64, body: &[u8]) -> Option<u64> {
-        let area = claims.area_len();
-        let start = self.bodies.borrow_mut().reserve(id, body.len(), area)?;
-        // SAFETY: `reserve` keeps start + len within the area, which lies
-        // inside the mapping; only the daemon writes the request area, and
-        // the worker reads these bytes only once the frame below tells it.
-        unsafe {
-            std::ptr::copy_nonoverlapping(body.as_ptr(), claims.area(true).add(start), body.len());
-        }
-        Some(start as u64)
-    }
-
     /// Room for a request body of `len` bytes, to be read there straight
     /// from its client (see [`AreaBody`]); `None` if it is too small to be
     /// worth it, too large to copy should it go to another worker, or does
     /// not fit. `slot` is the worker's, for the dispatcher's choice.
     pub fn place(&mut self, claims: &Rc<Claims>, slot: usize, len: usize) -> Option<AreaBody> {
-        self.place_as(claims, slot, len, READ_IN_PLACE)
+        self.place_as(claims, slot, len, false)
     }
 
-    /// Moves `body`, the daemon's own bytes, into the area for this worker
-    /// (in `slot`) to run: it lies there from now on, as a body read in
-    /// place does, and the caller drops its own copy. `None` if it is too
-    /// small to be worth it, too large to copy on the loop, or does not fit.
-    /// Moved rather than copied: a copy kept beside the daemon's own until
-    /// the answer would hold each such body twice, up to a whole area of
-    /// them per worker.
+    /// Moves `body` (the daemon's own bytes, or a body in another worker's
+    /// area) into the area for this worker (in `slot`) to run: it lies there
+    /// from now on, as a body read in place does, and the caller drops the
+    /// body it had. `None` if it is too small to be worth it, too large to
+    /// copy on the loop, or does not fit. Moved rather than copied: a copy
+    /// kept beside the body it came from until the answer would hold each
+    /// such body twice, up to a whole area of them per worker.
     pub fn move_in(&mut self, claims: &Rc<Claims>, slot: usize, body: &[u8]) -> Option<AreaBody> {
-        let mut moved = self.place_as(claims, slot, body.len(), READ_IN_PLACE | MOVED_IN)?;
+        let mut moved = self.place_as(claims, slot, body.len(), true)?;
         moved.unfilled().copy_from_slice(body);
         moved.filled(body.len());
         Some(moved)
     }
 
-    /// Room for `len` bytes held under a new key of the `kind` of
-    /// [`READ_IN_PLACE`] or [`MOVED_IN`] bodies.
+    /// Room for `len` bytes, for a body read in place or `moved` in.
     fn place_as(
         &mut self,
         claims: &Rc<Claims>,
         slot: usize,
         len: usize,
-        kind: u64,
+        moved: bool,
     ) -> Option<AreaBody> {
         let area = claims.area_len();
-        let mut bodies = self.bodies.borrow_mut();
-        let key = kind | (bodies.last_in_place + 1);
-        let start = bodies.reserve(key, len, area)?;
-        bodies.last_in_place += 1;
+        let (key, start) = self.bodies.borrow_mut().reserve(len, area, moved)?;
         Some(AreaBody {
             bodies: Rc::clone(&self.bodies),
             claims: Rc::clone(claims),
@@ -525,38 +506,19 @@ impl RequestArea {
         }
     }
 
-    /// Request `id` is answered or taken back: the worker will not read its
-    /// body again (a worker reads a request only before it replies, and
-    /// never one it could not claim). `claims` are the worker's.
-    pub fn release(&mut self, claims: &Claims, id: u64, now: Instant) {
-        self.bodies
-            .borrow_mut()
-            .give_back(id, claims.area(true), now);
-    }
-
-    /// Whether any body is in the area.
-    pub fn holds_any(&self) -> bool {
-        !self.bodies.borrow().held.is_empty()
-    }
-
     /// Bodies read into the area and not yet given back: how busy the
     /// worker is about to be.
     pub fn read_in_place(&self) -> usize {
         let bodies = self.bodies.borrow();
-        let in_place = bodies
-            .held
-            .iter()
-            .filter(|held| held.key & (READ_IN_PLACE | MOVED_IN) == READ_IN_PLACE);
+        let in_place = bodies.held.iter().filter(|held| !held.moved);
         in_place.count()
     }
 
     /// The worker is dead: nobody reads the area any more, so its pages are
-    /// given back, but for the bodies read in place or moved in, which are
-    /// the daemon's only copy (kept for another worker, or until their
-    /// client goes). Copied bodies the daemon has in its own memory.
+    /// given back, but for the bodies in it, which are the daemon's only
+    /// copy (kept for another worker, or until their client goes).
     pub fn worker_gone(&mut self, claims: &Claims) {
         let mut bodies = self.bodies.borrow_mut();
-        bodies.held.retain(|held| held.key & READ_IN_PLACE != 0);
         let kept = bodies
             .held
             .iter()
@@ -581,19 +543,18 @@ impl RequestArea {
         }
     }
 
-    /// Bodies whose place is not free yet (answered ones too, behind one
-    /// that is not), for tests.
+    /// Bodies whose place is not free yet, for tests.
     #[cfg(test)]
     fn held(&self) -> usize {
         self.bodies.borrow().held.len()
     }
 }
 
-/// A request body read straight from its client into a worker's request
-/// area: no copy on the loop when that worker runs it, one `memcpy` (as for
-/// any body) when another does. Its place is the daemon's until this is
-/// dropped: the request is answered or failed, or its client went away
-/// mid-body. The worker maps the area read-only (against a handler's stray
+/// A request body in a worker's request area, read there straight from its
+/// client (no copy on the loop when that worker runs it, one `memcpy` into
+/// its area when another does) or moved there when sent. Its place is the
+/// daemon's until this is dropped: the request is answered or failed, or
+/// its client went away mid-body. The worker maps the area read-only (against a handler's stray
 /// writes), and the bytes outlive its death for a retry.
 pub struct AreaBody {
     bodies: Rc<RefCell<RequestBodies>>,
@@ -1095,40 +1056,54 @@ mod tests {
         assert!(unsafe { request_body(&none, &encode(0, 1)) }.is_none());
     }
 
+    /// `len` bytes of `byte` moved into `area`, as a body is when sent,
+    /// and where they lie; `None` if they take the socket.
+    fn moved(
+        area: &mut RequestArea,
+        claims: &Rc<Claims>,
+        len: usize,
+        byte: u8,
+    ) -> Option<(AreaBody, u64)> {
+        let body = area.move_in(claims, 0, &vec![byte; len])?;
+        let at = body.start as u64;
+        Some((body, at))
+    }
+
     #[test]
     fn a_request_body_too_long_to_copy_on_the_loop_takes_the_socket() {
         let (daemon, _worker) = shared(64 << 20);
+        let daemon = Rc::new(daemon);
         let mut area = RequestArea::default();
-        assert!(area
-            .put(&daemon, 1, &vec![1; MAX_COPIED_BODY + 1])
-            .is_none());
-        assert!(area.put(&daemon, 2, &vec![2; MAX_COPIED_BODY]).is_some());
+        assert!(moved(&mut area, &daemon, MAX_COPIED_BODY + 1, 1).is_none());
+        assert!(moved(&mut area, &daemon, MAX_COPIED_BODY, 2).is_some());
     }
 
     #[test]
     fn a_request_body_crosses_and_its_bytes_are_reused_once_answered() {
         let (daemon, worker) = shared(64 * 1024);
+        let daemon = Rc::new(daemon);
         let mut area = RequestArea::default();
-        let now = Instant::now();
-        assert_eq!(area.put(&daemon, 1, &[7; 100]), None, "small: the socket");
-        let a = area.put(&daemon, 1, &[1; 40_000]).unwrap();
-        assert_eq!(area.put(&daemon, 2, &[2; 40_000]), None, "full");
+        assert!(
+            moved(&mut area, &daemon, 100, 7).is_none(),
+            "small: the socket"
+        );
+        let (one, a) = moved(&mut area, &daemon, 40_000, 1).unwrap();
+        assert!(moved(&mut area, &daemon, 40_000, 2).is_none(), "full");
         assert_eq!(read_request(&worker, a, 40_000), vec![1; 40_000]);
-        area.release(&daemon, 1, now);
+        drop(one); // answered
         assert_eq!(area.held(), 0);
-        let b = area.put(&daemon, 2, &[2; 40_000]).unwrap();
-        let c = area.put(&daemon, 3, &[3; 20_000]).unwrap();
+        let (two, b) = moved(&mut area, &daemon, 40_000, 2).unwrap();
+        let (three, c) = moved(&mut area, &daemon, 20_000, 3).unwrap();
         assert_eq!(read_request(&worker, b, 40_000), vec![2; 40_000]);
         assert_eq!(read_request(&worker, c, 20_000), vec![3; 20_000]);
         // Answered out of order: each place is free at once, and the first
         // gap that fits takes the next body.
-        area.release(&daemon, 2, now);
+        drop(two);
         assert_eq!(area.held(), 1);
-        let d = area.put(&daemon, 4, &[4; 30_000]).unwrap();
+        let (four, d) = moved(&mut area, &daemon, 30_000, 4).unwrap();
         assert_eq!(d, b, "in the gap 2 left, before 3");
         assert_eq!(read_request(&worker, c, 20_000), vec![3; 20_000]);
-        area.release(&daemon, 3, now);
-        area.release(&daemon, 4, now);
+        drop((three, four));
         assert_eq!(area.held(), 0);
     }
 
@@ -1137,15 +1112,13 @@ mod tests {
         let (daemon, _worker) = shared(1 << 20);
         let daemon = Rc::new(daemon);
         let mut area = RequestArea::default();
-        let now = Instant::now();
         // A slow client's body, or one another worker runs, held all along.
         let held = read_in_place(&mut area, &daemon, 20_000, 1);
-        for id in 0..200 {
-            let at = area
-                .put(&daemon, id, &[2; 40_000])
-                .unwrap_or_else(|| panic!("body {id} found no room"));
+        for n in 0..200 {
+            let (body, at) = moved(&mut area, &daemon, 40_000, 2)
+                .unwrap_or_else(|| panic!("body {n} found no room"));
             assert!(at >= 20_000, "never over the held body");
-            area.release(&daemon, id, now);
+            drop(body);
         }
         assert_eq!(&RequestBody::Area(held)[..], &[1; 20_000][..]);
     }
@@ -1182,20 +1155,18 @@ mod tests {
         assert_eq!(&body[..], &[4; 40_000][..]);
         let at = area.position_of(&body).expect("it lies in this area");
         assert_eq!(read_request(&worker, at, 40_000), vec![4; 40_000]);
-        // Answered: nothing to give back by id; the place is held until the
-        // body is dropped, and the next body goes after it.
-        area.release(&daemon, 1, Instant::now());
+        // Answered or not, the place is held until the body is dropped, and
+        // the next body goes after it.
         assert_eq!(area.held(), 1);
-        let next = area.put(&daemon, 2, &[5; 40_000]).unwrap();
-        assert!(next >= at + 40_000);
-        drop(body);
-        area.release(&daemon, 2, Instant::now());
+        let (next, after) = moved(&mut area, &daemon, 40_000, 5).unwrap();
+        assert!(after >= at + 40_000);
+        assert_eq!(area.read_in_place(), 1, "a body moved in is already sent");
+        drop((body, next));
         assert_eq!(area.held(), 0);
-        assert!(!area.holds_any());
     }
 
     #[test]
-    fn a_body_read_into_one_workers_area_is_copied_for_another() {
+    fn a_body_read_into_one_workers_area_moves_to_another_that_runs_it() {
         let (first, _) = shared(128 * 1024);
         let (second, worker) = shared(128 * 1024);
         let (first, second) = (Rc::new(first), Rc::new(second));
@@ -1204,42 +1175,38 @@ mod tests {
         let body = RequestBody::Area(read_in_place(&mut home, &first, 30_000, 6));
         assert_eq!(body.area_slot(), Some(0));
         assert_eq!(other.position_of(&body), None);
-        let at = other.put(&second, 7, &body).unwrap();
+        let there = RequestBody::Area(other.move_in(&second, 1, &body).unwrap());
+        let at = other.position_of(&there).unwrap();
         assert_eq!(read_request(&worker, at, 30_000), vec![6; 30_000]);
+        assert_eq!(there.area_slot(), Some(1));
+        // The dispatcher keeps the body where it now lies: its first place
+        // is free.
+        drop(body);
+        assert_eq!((home.held(), other.held()), (0, 1));
     }
 
     #[test]
-    fn a_dead_workers_area_keeps_only_the_bodies_read_in_place() {
+    fn a_dead_workers_area_keeps_the_bodies_the_daemon_holds_until_dropped() {
         let (daemon, _worker) = shared(1 << 20);
         let daemon = Rc::new(daemon);
         let mut area = RequestArea::default();
-        let copied = area.put(&daemon, 1, &[1; 5 * PAGE]).unwrap();
+        let (moved_in, first) = moved(&mut area, &daemon, 5 * PAGE, 1).unwrap();
         let body = RequestBody::Area(read_in_place(&mut area, &daemon, 6 * PAGE, 2));
+        let (gone, between) = moved(&mut area, &daemon, 4 * PAGE, 3).unwrap();
+        drop(gone);
         area.worker_gone(&daemon);
-        assert_eq!(area.held(), 1, "the copied body is forgotten");
-        // The daemon has its own copy of the copied one: its pages are gone.
-        assert_eq!(read_request(&daemon, copied, 5 * PAGE), vec![0; 5 * PAGE]);
-        // The body read in place is the only copy: kept for a retry.
+        // Each body is the daemon's only copy: kept for a retry. The pages
+        // around them go.
+        assert_eq!(area.held(), 2);
+        assert_eq!(read_request(&daemon, first, 5 * PAGE), vec![1; 5 * PAGE]);
         assert_eq!(&body[..], &[2; 6 * PAGE][..]);
+        assert_eq!(read_request(&daemon, between, 4 * PAGE), vec![0; 4 * PAGE]);
         let at = area.position_of(&body).unwrap();
-        drop(body);
+        drop((body, moved_in));
         assert_eq!(area.held(), 0);
-        // Dropped, it gives its own pages back: nothing will use them again.
+        // Dropped, each gives its own pages back: nothing will use them again.
         assert_eq!(read_request(&daemon, at, 6 * PAGE), vec![0; 6 * PAGE]);
-    }
-
-    #[test]
-    fn a_request_taken_back_and_sent_again_is_released_each_time() {
-        let (daemon, _worker) = shared(256 * 1024);
-        let mut area = RequestArea::default();
-        let now = Instant::now();
-        area.put(&daemon, 1, &[1; 20_000]).unwrap();
-        area.put(&daemon, 2, &[2; 20_000]).unwrap();
-        area.release(&daemon, 2, now); // taken back: 1 still runs
-        area.put(&daemon, 2, &[2; 20_000]).unwrap(); // the same worker again
-        area.release(&daemon, 2, now);
-        area.release(&daemon, 1, now);
-        assert_eq!(area.held(), 0, "nothing is held for good");
+        assert_eq!(read_request(&daemon, first, 5 * PAGE), vec![0; 5 * PAGE]);
     }
 
     #[test]
@@ -1378,13 +1345,14 @@ mod tests {
     #[test]
     fn an_area_gives_back_its_pages_once_empty_for_a_while() {
         let (daemon, worker) = shared(8 << 20);
+        let daemon = Rc::new(daemon);
         let mut area = RequestArea::default();
-        let start = Instant::now();
-        area.put(&daemon, 1, &vec![9; 4 << 20]).unwrap();
+        let (body, _) = moved(&mut area, &daemon, 4 << 20, 9).unwrap();
         assert!(area.holds_pages());
-        area.trim(&daemon, start + 2 * TRIM_AFTER);
+        area.trim(&daemon, Instant::now() + 2 * TRIM_AFTER);
         assert_eq!(read_request(&worker, KEEP as u64, 16)[0], 9, "in use");
-        area.release(&daemon, 1, start);
+        drop(body);
+        let start = Instant::now();
         area.trim(&daemon, start);
         assert_eq!(read_request(&worker, KEEP as u64, 16)[0], 9, "not yet");
         area.trim(&daemon, start + TRIM_AFTER);
@@ -1401,19 +1369,21 @@ mod tests {
     fn a_request_area_in_use_keeps_no_more_than_a_spare_past_the_bodies_it_holds() {
         const MIB: usize = 1 << 20;
         let (daemon, worker) = shared(64 * MIB);
+        let daemon = Rc::new(daemon);
         let mut area = RequestArea::default();
-        let now = Instant::now();
-        for id in 1..=3 {
-            let at = area.put(&daemon, id, &vec![id as u8; 16 * MIB]).unwrap();
-            assert_eq!(at, (id - 1) * 16 * MIB as u64);
+        let mut bodies = Vec::new();
+        for n in 1..=3 {
+            let (body, at) = moved(&mut area, &daemon, 16 * MIB, n).unwrap();
+            assert_eq!(at, u64::from(n - 1) * 16 * MIB as u64);
+            bodies.push(body);
         }
-        area.release(&daemon, 3, now);
+        drop(bodies.pop());
         assert_eq!(
             read_request(&worker, 40 * MIB as u64, 16),
             vec![3; 16],
             "a spare past 32 MiB"
         );
-        area.release(&daemon, 2, now);
+        drop(bodies.pop());
         // Body 1 is still held: the area is not empty, yet the pages more
         // than a spare past it go back at once.
         assert_eq!(

@@ -136,15 +136,11 @@ impl Endpoint {
 
     /// Takes back request `id` if the worker has not started it.
     pub(super) fn withdraw(&mut self, ticket: Ticket, id: RequestId) -> bool {
-        let Some(claims) = self.claims.as_ref() else {
-            return false;
-        };
-        let withdrawn = claims.withdraw(ticket, id);
-        if let (true, Carrier::Local(link)) = (withdrawn, &mut self.carrier) {
-            // The worker will never read it: its body's place is free.
-            link.release_request(claims, id);
-        }
-        withdrawn
+        // Its body, if in the area, stays there: the request waits in the
+        // queue with it, and goes as it is should this worker take it again.
+        self.claims
+            .as_ref()
+            .is_some_and(|claims| claims.withdraw(ticket, id))
     }
 
     /// Whether the worker's request area holds pages to give back once it

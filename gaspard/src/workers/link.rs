@@ -424,8 +424,7 @@ impl Link {
     /// Queues request `id` with its encoded claim ticket for the worker in
     /// `slot`; [`Link::flush`] sends it. A large body already read into
     /// this worker's request area is sent as a frame that says where it
-    /// lies; another is moved (the daemon's own bytes) or copied (another
-    /// worker's area's) into that area in `claims` if it fits there
+    /// lies; another is moved into that area in `claims` if it fits there
     /// (`areas.rs`), and likewise sent as a frame; else the body is sent
     /// from where it is, without a copy. The body is at most [`MAX_BODY`]
     /// bytes: the workers part refuses larger requests. Returns the body as
@@ -441,18 +440,14 @@ impl Link {
         claims: Option<&Rc<Claims>>,
     ) -> Option<Rc<RequestBody>> {
         let mut moved = None;
-        let in_area = match (self.request_area.position_of(&body), claims, &*body) {
-            (Some(at), _, _) => Some(at),
-            (None, Some(claims), RequestBody::Own(bytes)) => {
-                let area_body = self.request_area.move_in(claims, slot, bytes);
-                moved = area_body.map(|area_body| Rc::new(RequestBody::Area(area_body)));
-                moved
-                    .as_ref()
-                    .and_then(|moved| self.request_area.position_of(moved))
-            }
-            (None, Some(claims), RequestBody::Area(_)) => self.request_area.put(claims, id, &body),
-            (None, None, _) => None,
-        };
+        let mut in_area = self.request_area.position_of(&body);
+        if let (None, Some(claims)) = (in_area, claims) {
+            let area_body = self.request_area.move_in(claims, slot, &body);
+            moved = area_body.map(|area_body| Rc::new(RequestBody::Area(area_body)));
+            in_area = moved
+                .as_ref()
+                .and_then(|moved| self.request_area.position_of(moved));
+        }
         if let Some(at) = in_area {
             self.out.push_back(Outgoing {
                 header: area_frame(Kind::RequestInArea, ticket, id, at, body.len()),
@@ -481,16 +476,6 @@ impl Link {
     /// Bodies read into the worker's request area and not yet given back.
     pub fn bodies_read_in_place(&self) -> usize {
         self.request_area.read_in_place()
-    }
-
-    /// Request `id` is answered or taken back: its body's place in the
-    /// request area (if it had one) may be used again. `claims` are the
-    /// worker's, where the area is.
-    pub fn release_request(&mut self, claims: &Claims, id: u64) {
-        // Most requests never were in the area: no clock read for them.
-        if self.request_area.holds_any() {
-            self.request_area.release(claims, id, Instant::now());
-        }
     }
 
     /// Whether the request area holds pages [`Self::trim`] may give back.
@@ -567,21 +552,12 @@ impl Link {
         let Some(mut message) = self.next_frame(claims.map(|claims| claims.ring()))? else {
             return Ok(None);
         };
-        match message.kind {
-            Kind::ReplyInArea => {
-                let Some(claims) = claims else {
-                    return Err(garbage("a reply in an area it does not have"));
-                };
-                message.body = self.reply_area.take(claims, &message.body)?;
-                message.kind = Kind::Reply;
-                self.release_request(claims, message.value);
-            }
-            Kind::Reply | Kind::Failed => {
-                if let Some(claims) = claims {
-                    self.release_request(claims, message.value);
-                }
-            }
-            _ => {}
+        if message.kind == Kind::ReplyInArea {
+            let Some(claims) = claims else {
+                return Err(garbage("a reply in an area it does not have"));
+            };
+            message.body = self.reply_area.take(claims, &message.body)?;
+            message.kind = Kind::Reply;
         }
         Ok(Some(message))
     }
