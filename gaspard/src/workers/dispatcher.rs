@@ -1121,6 +1121,26 @@ mod tests {
     }
 
     #[test]
+    fn a_body_moved_into_an_area_is_the_one_kept_and_sent_again() {
+        let mut d = Dispatcher::new(Credit::Fixed(2), None);
+        d.open_worker(0);
+        let now = Instant::now();
+        let id = d.submit(7, vec![1; 32].into());
+        let sent = d.next_assignment(now).unwrap();
+        let first = Rc::downgrade(&sent.payload);
+        drop(sent);
+        // The link moved it: the dispatcher keeps that one, and the body it
+        // came from goes.
+        let moved: Payload = Rc::new(vec![2; 32].into());
+        d.body_moved(id, Rc::clone(&moved));
+        assert!(first.upgrade().is_none(), "the first body is freed");
+        // Taken back (or left by a dead worker), it goes again as it lies.
+        assert_eq!(d.taken_back(id), Some(7));
+        let again = d.next_assignment(now).unwrap();
+        assert!(Rc::ptr_eq(&again.payload, &moved));
+    }
+
+    #[test]
     fn a_worker_that_started_none_of_its_requests_gives_all_of_them_back() {
         let mut d = Dispatcher::new(Credit::Fixed(3), None);
         d.open_worker(0);
