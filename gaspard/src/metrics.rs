@@ -33,8 +33,19 @@ pub(crate) enum Outcome {
     client_gone,
 }
 
-/// How many [`Outcome`]s there are.
-const OUTCOMES: usize = Outcome::client_gone as usize + 1;
+/// How many [`Outcome`]s there are (the index of `Metrics::outcome_counters`).
+/// The match names each one, so that a new outcome fails to build until it
+/// is counted here, rather than index past the array.
+const OUTCOMES: usize = match Outcome::ok {
+    Outcome::ok
+    | Outcome::empty
+    | Outcome::handler_error
+    | Outcome::worker_lost
+    | Outcome::timeout
+    | Outcome::refused
+    | Outcome::bad_request
+    | Outcome::client_gone => 8,
+};
 
 /// Why a connection was reset at accept, before any byte of it was read.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
